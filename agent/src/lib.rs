@@ -1,0 +1,10 @@
+//! draingate: proves that a rolling update lost no request.
+//!
+//! The library holds everything; `main.rs` only parses the command line. Modules:
+//! - [`tracefs`]: tracepoint record layouts of the running kernel;
+//! - [`loader`]: loads and attaches the eBPF programs, typed access to their maps;
+//! - [`telemetry`]: logging set up from the environment.
+
+pub mod loader;
+pub mod telemetry;
+pub mod tracefs;

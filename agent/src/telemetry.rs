@@ -1,0 +1,15 @@
+//! Logging: `tracing`, configured from `RUST_LOG` (default `info`), with `log` records (aya's)
+//! forwarded into it.
+
+use tracing_subscriber::{EnvFilter, fmt};
+
+/// Installs the global subscriber. Call once, early in `main`; a second call is a no-op.
+pub fn init() {
+    // `log` records from aya reach tracing through the LogTracer; ignore "already set".
+    let _ = tracing_log::LogTracer::init();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

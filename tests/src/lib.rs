@@ -1,0 +1,167 @@
+//! Test support shared by the end-to-end tests: network namespaces that clean up after themselves,
+//! addresses from the benchmarking ranges that no two tests share, and the root check.
+//!
+//! Only 198.18.0.0/15 (RFC 2544) and 2001:2::/48 (RFC 5180), and only inside namespaces a test
+//! made itself: tests never touch the host's own network.
+
+use std::{
+    fs::File,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use nix::sched::{CloneFlags, setns};
+
+/// Panics, with the reason and the fix, unless the test runs as root. Kernel tests never skip
+/// silently: a run without root fails loudly.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "kernel tests load eBPF programs and create network namespaces: they need root; \
+         run them with `sudo cargo xtask test`"
+    );
+}
+
+/// A sequence number unique within this process, combined with the pid for names and addresses
+/// that no two concurrently running tests share.
+fn next_id() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A network namespace made for one test, removed on drop (also when the test panics).
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates a uniquely named namespace `dg-<prefix>-<pid>-<n>` with loopback up.
+    pub fn new(prefix: &str) -> Self {
+        let name = format!("dg-{prefix}-{}-{}", std::process::id(), next_id());
+        run("ip", &["netns", "add", &name]);
+        let netns = Self { name };
+        netns.ip(&["link", "set", "lo", "up"]);
+        netns
+    }
+
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `ip -n <this namespace> ARGS`, panicking with its output when it fails.
+    pub fn ip(&self, args: &[&str]) {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        run("ip", &full);
+    }
+
+    /// Runs `f` on a thread that has entered this namespace, and returns its result. Sockets made
+    /// inside keep belonging to the namespace wherever they are used afterwards.
+    pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let file = File::open(&path).unwrap_or_else(|err| panic!("open {path}: {err}"));
+                    setns(&file, CloneFlags::CLONE_NEWNET)
+                        .unwrap_or_else(|err| panic!("setns {path}: {err}"));
+                    f()
+                })
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting a namespace also deletes the veth ends inside it and their peers.
+        let status = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+        if !matches!(status, Ok(s) if s.success()) {
+            eprintln!("warning: could not delete network namespace {}", self.name);
+        }
+    }
+}
+
+/// Two namespaces joined by a veth pair (`eth0` in each), with one address each.
+#[derive(Debug)]
+pub struct Link {
+    pub a: Netns,
+    pub b: Netns,
+    pub a_addr: IpAddr,
+    pub b_addr: IpAddr,
+}
+
+/// Address family of a [`Link`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Link {
+    pub fn new(prefix: &str, family: Family) -> Self {
+        let a = Netns::new(&format!("{prefix}a"));
+        let b = Netns::new(&format!("{prefix}b"));
+        a.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", b.name()]);
+        let (a_addr, b_addr, prefix_len) = unique_pair(family);
+        for (ns, addr) in [(&a, a_addr), (&b, b_addr)] {
+            let cidr = format!("{addr}/{prefix_len}");
+            match family {
+                // No duplicate address detection: the address is usable at once.
+                Family::V6 => ns.ip(&["addr", "add", &cidr, "dev", "eth0", "nodad"]),
+                Family::V4 => ns.ip(&["addr", "add", &cidr, "dev", "eth0"]),
+            }
+            ns.ip(&["link", "set", "eth0", "up"]);
+        }
+        Self {
+            a,
+            b,
+            a_addr,
+            b_addr,
+        }
+    }
+}
+
+/// A point-to-point pair of addresses that no other link of any running test uses: a /30 out of
+/// 198.18.0.0/15 or a /64 out of 2001:2::/48, chosen by pid and sequence number.
+fn unique_pair(family: Family) -> (IpAddr, IpAddr, u8) {
+    // 15 bits of pid and sequence: 2^15 /30 subnets fill the /15 exactly.
+    let id = (std::process::id() << 7 | (next_id() & 0x7f)) & 0x7fff;
+    match family {
+        Family::V4 => {
+            let base = u32::from(Ipv4Addr::new(198, 18, 0, 0)) | (id << 2);
+            (
+                IpAddr::V4(Ipv4Addr::from(base + 1)),
+                IpAddr::V4(Ipv4Addr::from(base + 2)),
+                30,
+            )
+        }
+        Family::V6 => {
+            let subnet = u16::try_from(id).expect("15 bits");
+            (
+                IpAddr::V6(Ipv6Addr::new(0x2001, 2, 0, subnet, 0, 0, 0, 1)),
+                IpAddr::V6(Ipv6Addr::new(0x2001, 2, 0, subnet, 0, 0, 0, 2)),
+                64,
+            )
+        }
+    }
+}
+
+fn run(program: &str, args: &[&str]) {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run {program}: {err}"));
+    assert!(
+        output.status.success(),
+        "{program} {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+}
