@@ -1,5 +1,5 @@
 //! Builds the eBPF programs (crate `draingate-ebpf`) with the nightly toolchain through aya-build;
-//! the object lands in OUT_DIR and is embedded in the binary by `loader`.
+//! the object lands in `OUT_DIR` and is embedded in the binary by `loader`.
 
 use anyhow::{Context as _, anyhow};
 use cargo_metadata::MetadataCommand;

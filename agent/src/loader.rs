@@ -104,9 +104,9 @@ impl KernelProbes {
         for (global, offset) in &offsets {
             loader.override_global(global, offset, true);
         }
-        let mut ebpf = loader.load(EBPF_OBJECT).map_err(|err| {
-            classify(err, "create eBPF maps", LoaderError::Load)
-        })?;
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .map_err(|err| classify(err, "create eBPF maps", LoaderError::Load))?;
 
         for hook in HOOKS {
             let program: &mut TracePoint = ebpf
@@ -114,14 +114,16 @@ impl KernelProbes {
                 .ok_or(LoaderError::MissingProgram(hook.program))?
                 .try_into()
                 .map_err(|source| attach_error(hook, source))?;
-            program
-                .load()
-                .map_err(|err| classify(err, "load eBPF programs", |source| attach_error(hook, source)))?;
-            program
-                .attach(hook.category, hook.name)
-                .map_err(|err| {
-                    classify(err, "attach to tracepoints", |source| attach_error(hook, source))
-                })?;
+            program.load().map_err(|err| {
+                classify(err, "load eBPF programs", |source| {
+                    attach_error(hook, source)
+                })
+            })?;
+            program.attach(hook.category, hook.name).map_err(|err| {
+                classify(err, "attach to tracepoints", |source| {
+                    attach_error(hook, source)
+                })
+            })?;
         }
 
         Ok(Self {

@@ -64,9 +64,13 @@ fn run_agent(args: &AgentArgs) -> anyhow::Result<()> {
         for (slot, addr) in (0..).zip(&args.watch) {
             probes.watch(*addr, slot)?;
         }
-        tracing::info!(addresses = args.watch.len(), "eBPF programs attached; counting");
-        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("installing the SIGTERM handler")?;
+        tracing::info!(
+            addresses = args.watch.len(),
+            "eBPF programs attached; counting"
+        );
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("installing the SIGTERM handler")?;
         let mut ticker = tokio::time::interval(args.interval);
         ticker.tick().await;
         loop {
@@ -105,7 +109,10 @@ fn print_totals(probes: &KernelProbes, watched: &[IpAddr]) -> anyhow::Result<()>
     }
     let loss = probes.loss()?;
     if loss.read_errors > 0 {
-        println!("WARNING: {} tracepoint reads failed; counts are incomplete", loss.read_errors);
+        println!(
+            "WARNING: {} tracepoint reads failed; counts are incomplete",
+            loss.read_errors
+        );
     }
     Ok(())
 }

@@ -6,6 +6,7 @@ pub mod v1 {
     #![allow(
         clippy::all,
         clippy::pedantic,
+        clippy::allow_attributes_without_reason,
         unreachable_pub,
         missing_debug_implementations,
         unused_qualifications,

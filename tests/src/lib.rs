@@ -1,7 +1,7 @@
 //! Test support shared by the end-to-end tests: network namespaces that clean up after themselves,
 //! addresses from the benchmarking ranges that no two tests share, and the root check.
 //!
-//! Only 198.18.0.0/15 (RFC 2544) and 2001:2::/48 (RFC 5180), and only inside namespaces a test
+//! Only 198.18.0.0/15 (RFC 2544) and `2001:2::/48` (RFC 5180), and only inside namespaces a test
 //! made itself: tests never touch the host's own network.
 
 use std::{
@@ -38,6 +38,7 @@ pub struct Netns {
 
 impl Netns {
     /// Creates a uniquely named namespace `dg-<prefix>-<pid>-<n>` with loopback up.
+    #[must_use]
     pub fn new(prefix: &str) -> Self {
         let name = format!("dg-{prefix}-{}-{}", std::process::id(), next_id());
         run("ip", &["netns", "add", &name]);
@@ -105,10 +106,22 @@ pub enum Family {
 }
 
 impl Link {
+    #[must_use]
     pub fn new(prefix: &str, family: Family) -> Self {
         let a = Netns::new(&format!("{prefix}a"));
         let b = Netns::new(&format!("{prefix}b"));
-        a.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", b.name()]);
+        a.ip(&[
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            b.name(),
+        ]);
         let (a_addr, b_addr, prefix_len) = unique_pair(family);
         for (ns, addr) in [(&a, a_addr), (&b, b_addr)] {
             let cidr = format!("{addr}/{prefix_len}");
@@ -129,7 +142,7 @@ impl Link {
 }
 
 /// A point-to-point pair of addresses that no other link of any running test uses: a /30 out of
-/// 198.18.0.0/15 or a /64 out of 2001:2::/48, chosen by pid and sequence number.
+/// 198.18.0.0/15 or a /64 out of `2001:2::/48`, chosen by pid and sequence number.
 fn unique_pair(family: Family) -> (IpAddr, IpAddr, u8) {
     // 15 bits of pid and sequence: 2^15 /30 subnets fill the /15 exactly.
     let id = (std::process::id() << 7 | (next_id() & 0x7f)) & 0x7fff;

@@ -1,1 +1,47 @@
-fn main() {}
+//! draingate's developer commands. `cargo xtask setup` prepares a fresh machine; the others call
+//! it first, so each works from a clean clone.
+
+mod command;
+mod setup;
+mod test;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Developer commands for draingate. Every command runs `setup` first.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install what builds and tests need, when missing: nightly's rust-src, rustfmt and clippy,
+    /// bpf-linker built against nightly's own LLVM, Debian packages, tracefs and bpffs mounts.
+    /// Idempotent: a second run changes nothing.
+    Setup,
+    /// Setup, then formatting, clippy (user space and eBPF), unit tests and the kernel tests
+    /// (root). Ends with a one-line summary; exits non-zero on the first failure.
+    Test,
+    /// Setup, then formatting and clippy only.
+    Lint,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup => setup::run().map(|_| ()),
+        Command::Test => test::run(test::Scope::All),
+        Command::Lint => test::run(test::Scope::LintOnly),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
