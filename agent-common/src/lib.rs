@@ -1,20 +1,30 @@
 //! `#[repr(C)]` types shared by the eBPF programs and user space.
 //!
-//! Every type here crosses the kernel boundary through a map, so its layout is part of the
-//! contract between the two sides: fields are ordered to leave no implicit padding, and sizes are
-//! checked at compile time.
+//! Every type here crosses the kernel boundary through a map or the ring buffer, so its layout is
+//! part of the contract between the two sides: fields are ordered to leave no implicit padding,
+//! and sizes are checked at compile time.
 #![no_std]
 
 /// Most pod slots tracked at once. Kubernetes allows 110 pods per node by default; the rest is
-/// room for recently deleted pods, which keep their slot while their termination window lingers.
-pub const MAX_SLOTS: u32 = 1024;
+/// room for deleted pods, which keep their slot while their termination window lingers. Per-CPU
+/// arrays are sized slots × CPUs, so this is kept modest.
+pub const MAX_SLOTS: u32 = 512;
 
 /// Most addresses mapped to pods at once (a pod usually has one IPv4 and maybe one IPv6 address).
 pub const MAX_ADDRS: u32 = 4 * MAX_SLOTS;
 
-/// Number of TCP states counted: the kernel's `TCP_ESTABLISHED` (1) .. `TCP_NEW_SYN_RECV` (12),
-/// rounded up to a power of two so that the index can be masked, which the verifier accepts.
-pub const TCP_STATE_COUNT: usize = 16;
+/// Most pod processes tracked for exit events.
+pub const MAX_TASKS: u32 = 16_384;
+
+/// Most TCP sockets of pods tracked at once (the open-connection gauge). When it is full, new
+/// sockets are not tracked and `LossCounters::socket_table_full` says so.
+pub const MAX_SOCKETS: u32 = 262_144;
+
+/// Ring buffer size for notable events, in bytes (a power of two, a multiple of the page size).
+pub const EVENTS_RING_BYTES: u32 = 1 << 20;
+
+/// Where the maps are pinned so that an agent restart loses no counts and no socket state.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/draingate";
 
 /// An IP address as the kernel programs see it: IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`), so
 /// one map serves both families and a dual-stack socket's IPv4-mapped address matches its pod.
@@ -62,12 +72,28 @@ impl From<AddrKey> for core::net::IpAddr {
     }
 }
 
-/// Per pod slot, per CPU: how many times a TCP socket whose local address belongs to the pod
-/// entered each state (`inet_sock_set_state` tracepoint), indexed by the kernel's TCP state number.
+/// Per pod slot, per CPU. User space sums over CPUs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SlotCounters {
-    pub state_entered: [u64; TCP_STATE_COUNT],
+    /// Connections the pod accepted (`SYN_RECV` → `ESTABLISHED`).
+    pub accepted: u64,
+    /// Connections the pod opened (`SYN_SENT` → `ESTABLISHED`).
+    pub opened: u64,
+    /// Resets the pod sent on its connections.
+    pub resets_sent: u64,
+    /// Resets the pod received on established connections.
+    pub resets_received: u64,
+    /// Resets the pod sent for a segment that matched no socket: a SYN to a port nobody listens
+    /// on (a refused connection), or a segment of a connection the pod no longer has.
+    pub refused: u64,
+    /// Connects by the pod that never got established (`SYN_SENT` → `CLOSE`).
+    pub failed_connects: u64,
+    /// Sockets that started being tracked minus those that closed; summed over CPUs it is the
+    /// open-connection gauge (a CPU's share alone may be negative, hence wrapping arithmetic).
+    pub open_delta: u64,
+    /// Kernel time (`bpf_ktime_get_boot_ns`) of the last accepted connection.
+    pub last_accept_ns: u64,
 }
 
 /// Per CPU: events the kernel programs could not account for. Any non-zero field means counts
@@ -77,6 +103,61 @@ pub struct SlotCounters {
 pub struct LossCounters {
     /// A tracepoint field could not be read (`bpf_probe_read_kernel` failed).
     pub read_errors: u64,
+    /// A pod socket could not be tracked because the socket table was full.
+    pub socket_table_full: u64,
+    /// A notable event was dropped because the ring buffer was full.
+    pub ring_full: u64,
+}
+
+/// What the socket table remembers of a pod's socket, keyed by the socket's kernel address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SocketEntry {
+    pub slot: u32,
+    /// The TCP state it last entered.
+    pub state: u32,
+    /// When it started being tracked (`bpf_ktime_get_boot_ns`).
+    pub since_ns: u64,
+}
+
+/// Kinds of [`NotableEvent`].
+pub mod event_kind {
+    pub const RESET_SENT: u8 = 1;
+    pub const RESET_RECEIVED: u8 = 2;
+    pub const REFUSED: u8 = 3;
+    pub const CONNECT_FAILED: u8 = 4;
+    /// SIGTERM or SIGKILL generated for a process (`signal` holds which); `slot` is unknown
+    /// (`NO_SLOT`) unless the process was known, user space resolves `pid`.
+    pub const SIGNAL: u8 = 5;
+    /// The last thread of a known pod process exited.
+    pub const EXIT: u8 = 6;
+}
+
+/// `slot` of an event that the kernel could not attribute to a pod.
+pub const NO_SLOT: u32 = u32::MAX;
+
+/// A notable event, sent through the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NotableEvent {
+    /// `bpf_ktime_get_boot_ns` when it happened.
+    pub time_ns: u64,
+    pub slot: u32,
+    /// Process id (tgid) for SIGNAL and EXIT events.
+    pub pid: u32,
+    /// `sk_rst_reason` of a reset sent, where the kernel gives one (6.10+); 0 otherwise.
+    pub reason: u32,
+    pub kind: u8,
+    /// TCP state of the socket at the time, 0 when there was no socket.
+    pub tcp_state: u8,
+    /// Signal number for SIGNAL events.
+    pub signal: u8,
+    pub pad: u8,
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub pad2: u32,
+    pub local: AddrKey,
+    pub remote: AddrKey,
 }
 
 /// Kernel TCP state numbers (`include/net/tcp_states.h`), stable kernel ABI.
@@ -93,9 +174,33 @@ pub mod tcp_state {
     pub const LISTEN: u32 = 10;
     pub const CLOSING: u32 = 11;
     pub const NEW_SYN_RECV: u32 = 12;
+
+    /// The kernel's name of a state, as `ss` prints it.
+    #[must_use]
+    pub const fn name(state: u32) -> &'static str {
+        match state {
+            ESTABLISHED => "ESTABLISHED",
+            SYN_SENT => "SYN_SENT",
+            SYN_RECV => "SYN_RECV",
+            FIN_WAIT1 => "FIN_WAIT1",
+            FIN_WAIT2 => "FIN_WAIT2",
+            TIME_WAIT => "TIME_WAIT",
+            CLOSE => "CLOSE",
+            CLOSE_WAIT => "CLOSE_WAIT",
+            LAST_ACK => "LAST_ACK",
+            LISTEN => "LISTEN",
+            CLOSING => "CLOSING",
+            NEW_SYN_RECV => "NEW_SYN_RECV",
+            _ => "NONE",
+        }
+    }
 }
 
 const _: () = assert!(size_of::<AddrKey>() == 16);
+const _: () = assert!(size_of::<SlotCounters>() == 64);
+const _: () = assert!(size_of::<LossCounters>() == 24);
+const _: () = assert!(size_of::<SocketEntry>() == 16);
+const _: () = assert!(size_of::<NotableEvent>() == 64);
 
 #[cfg(test)]
 mod tests {
@@ -120,15 +225,18 @@ mod tests {
         assert_eq!(IpAddr::from(AddrKey::from(ip)), ip);
     }
 }
-const _: () = assert!(size_of::<SlotCounters>() == 8 * TCP_STATE_COUNT);
-const _: () = assert!(size_of::<LossCounters>() == 8);
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: plain `#[repr(C)]` data without padding; every bit pattern is a valid value.
+    // SAFETY: plain `#[repr(C)]` data without implicit padding; every bit pattern is a valid
+    // value. The same holds for every type below.
     unsafe impl aya::Pod for super::AddrKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SlotCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::LossCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SocketEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NotableEvent {}
 }

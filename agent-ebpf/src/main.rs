@@ -2,47 +2,101 @@
 //!
 //! Tracepoint record layouts change between kernels, so no field offset is compiled in: user space
 //! reads each from tracefs (`events/<category>/<name>/format`) and sets the globals below before
-//! loading. Identity is by address (a map kept by user space), never by the current task: state
-//! changes often run in softirq context.
+//! loading. Identity is by address (a map kept by user space) or by socket (the socket table),
+//! never by the current task: state changes and resets often run in softirq context. The one
+//! exception is process exit, which runs in the exiting task.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_boot_ns},
     macros::{map, tracepoint},
-    maps::{HashMap, PerCpuArray},
+    maps::{HashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use draingate_common::{
-    AddrKey, LossCounters, MAX_ADDRS, MAX_SLOTS, SlotCounters, TCP_STATE_COUNT,
+    AddrKey, EVENTS_RING_BYTES, LossCounters, MAX_ADDRS, MAX_SLOTS, MAX_SOCKETS, MAX_TASKS,
+    NO_SLOT, NotableEvent, SlotCounters, SocketEntry, event_kind, tcp_state,
 };
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const IPPROTO_TCP: u16 = 6;
+const SIGKILL: u32 = 9;
+const SIGTERM: u32 = 15;
+/// `BPF_NOEXIST`: insert only, never overwrite.
+const NOEXIST: u64 = 1;
+/// Offset global value of a field this kernel does not have.
+const ABSENT: u64 = u64::MAX;
 
-// Offsets of the fields of `sock:inet_sock_set_state`, set by user space at load time.
-#[unsafe(no_mangle)]
-static SSS_NEWSTATE: u64 = 0;
-#[unsafe(no_mangle)]
-static SSS_FAMILY: u64 = 0;
-#[unsafe(no_mangle)]
-static SSS_PROTOCOL: u64 = 0;
-#[unsafe(no_mangle)]
-static SSS_SADDR: u64 = 0;
-#[unsafe(no_mangle)]
-static SSS_SADDR_V6: u64 = 0;
+/// Field offsets, set by user space at load time from tracefs.
+macro_rules! offsets {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[unsafe(no_mangle)]
+            static $name: u64 = 0;
+        )*
+    };
+}
+
+offsets!(
+    // sock:inet_sock_set_state
+    SSS_SKADDR,
+    SSS_OLDSTATE,
+    SSS_NEWSTATE,
+    SSS_SPORT,
+    SSS_DPORT,
+    SSS_FAMILY,
+    SSS_PROTOCOL,
+    SSS_SADDR,
+    SSS_DADDR,
+    SSS_SADDR_V6,
+    SSS_DADDR_V6,
+    // tcp:tcp_send_reset (saddr and daddr are sockaddr_in6-sized unions)
+    RST_SKADDR,
+    RST_STATE,
+    RST_REASON,
+    RST_SADDR,
+    RST_DADDR,
+    // tcp:tcp_receive_reset
+    RCV_SKADDR,
+    RCV_SPORT,
+    RCV_DPORT,
+    RCV_FAMILY,
+    RCV_SADDR,
+    RCV_DADDR,
+    RCV_SADDR_V6,
+    RCV_DADDR_V6,
+    // signal:signal_generate
+    SIG_SIG,
+    SIG_PID,
+    // sched:sched_process_exit
+    EXIT_GROUP_DEAD,
+);
 
 /// Address → pod slot, kept by user space.
 #[map]
-static POD_ADDRS: HashMap<AddrKey, u32> = HashMap::with_max_entries(MAX_ADDRS, 0);
+static POD_ADDRS: HashMap<AddrKey, u32> = HashMap::pinned(MAX_ADDRS, 0);
+
+/// Process (tgid) → pod slot, kept by user space, for exit events.
+#[map]
+static POD_TASKS: HashMap<u32, u32> = HashMap::pinned(MAX_TASKS, 0);
+
+/// Pod sockets not yet closed, by kernel socket address: the open-connection gauge.
+#[map]
+static SOCKETS: HashMap<u64, SocketEntry> = HashMap::pinned(MAX_SOCKETS, 0);
 
 /// Per pod slot, per CPU counters.
 #[map]
-static SLOT_COUNTERS: PerCpuArray<SlotCounters> = PerCpuArray::with_max_entries(MAX_SLOTS, 0);
+static SLOT_COUNTERS: PerCpuArray<SlotCounters> = PerCpuArray::pinned(MAX_SLOTS, 0);
 
 /// What could not be counted, per CPU (one entry).
 #[map]
-static LOSS: PerCpuArray<LossCounters> = PerCpuArray::with_max_entries(1, 0);
+static LOSS: PerCpuArray<LossCounters> = PerCpuArray::pinned(1, 0);
+
+/// Notable events for user space.
+#[map]
+static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
 
 /// A global set by user space. The volatile read keeps the compiler from folding the zero
 /// initialiser into the code; the loader rewrites `.rodata` before the verifier sees it.
@@ -50,9 +104,58 @@ static LOSS: PerCpuArray<LossCounters> = PerCpuArray::with_max_entries(1, 0);
     clippy::trivially_copy_pass_by_ref,
     reason = "the reference is what makes the read volatile"
 )]
-fn global(value: &'static u64) -> usize {
+fn global(value: &'static u64) -> u64 {
     // SAFETY: `value` is a valid, aligned static.
-    unsafe { core::ptr::read_volatile(value) as usize }
+    unsafe { core::ptr::read_volatile(value) }
+}
+
+/// Reads a field of the tracepoint record at the offset in `offset`.
+#[expect(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "the reference to the global is read volatile in `global`"
+)]
+fn field<T>(ctx: &TracePointContext, offset: &'static u64) -> Result<T, i32> {
+    // SAFETY: the offset comes from the tracepoint's own format description, and the read goes
+    // through bpf_probe_read_kernel, which fails cleanly on a bad address.
+    unsafe { ctx.read_at(global(offset) as usize) }
+}
+
+fn now() -> u64 {
+    // SAFETY: no preconditions. Boot time keeps counting during suspend, like wall time.
+    unsafe { bpf_ktime_get_boot_ns() }
+}
+
+fn loss(update: impl FnOnce(&mut LossCounters)) {
+    if let Some(loss) = LOSS.get_ptr_mut(0) {
+        // SAFETY: per-CPU entry, and programs do not migrate between CPUs while running.
+        update(unsafe { &mut *loss });
+    }
+}
+
+fn count(slot: u32, update: impl FnOnce(&mut SlotCounters)) {
+    if let Some(counters) = SLOT_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU entry, and programs do not migrate between CPUs while running.
+        update(unsafe { &mut *counters });
+    }
+}
+
+fn pod_of(addr: &AddrKey) -> Option<u32> {
+    // SAFETY: the value is copied out at once; user space replaces entries atomically.
+    unsafe { POD_ADDRS.get(addr) }.copied()
+}
+
+fn emit(event: &NotableEvent) {
+    if EVENTS.output::<NotableEvent>(event, 0).is_err() {
+        loss(|l| l.ring_full += 1);
+    }
+}
+
+/// Runs a program body; a failed field read is counted, never silent.
+fn run(result: Result<(), i32>) -> u32 {
+    if result.is_err() {
+        loss(|l| l.read_errors += 1);
+    }
+    0
 }
 
 #[tracepoint]
@@ -61,48 +164,285 @@ fn global(value: &'static u64) -> usize {
     reason = "the tracepoint macro fixes the signature"
 )]
 fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    if try_inet_sock_set_state(&ctx).is_err() {
-        count_read_error();
-    }
-    0
-}
-
-fn count_read_error() {
-    if let Some(loss) = LOSS.get_ptr_mut(0) {
-        // SAFETY: per-CPU entry, and programs do not migrate between CPUs while running.
-        unsafe { (*loss).read_errors += 1 };
-    }
+    run(try_inet_sock_set_state(&ctx))
 }
 
 fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
-    // SAFETY: offsets come from the tracepoint's own format description.
-    let protocol: u16 = unsafe { ctx.read_at(global(&SSS_PROTOCOL))? };
-    if protocol != IPPROTO_TCP {
+    if field::<u16>(ctx, &SSS_PROTOCOL)? != IPPROTO_TCP {
         return Ok(());
     }
-    // SAFETY: as above.
-    let family: u16 = unsafe { ctx.read_at(global(&SSS_FAMILY))? };
-    let local = match family {
+    let sk: u64 = field(ctx, &SSS_SKADDR)?;
+    let old: u32 = field(ctx, &SSS_OLDSTATE)?;
+    let new: u32 = field(ctx, &SSS_NEWSTATE)?;
+    let time_ns = now();
+
+    let tracked = SOCKETS.get_ptr_mut(sk);
+    let slot = if let Some(entry) = tracked {
+        // SAFETY: entries are only written by these programs; a racing update of the state
+        // field is harmless (the last transition wins).
+        unsafe { (*entry).slot }
+    } else {
+        // Listeners and closed sockets are not connections; nothing to start tracking.
+        if new == tcp_state::CLOSE || new == tcp_state::LISTEN {
+            return Ok(());
+        }
+        let family: u16 = field(ctx, &SSS_FAMILY)?;
+        let local = match family {
+            AF_INET => AddrKey::v4(field(ctx, &SSS_SADDR)?),
+            AF_INET6 => AddrKey::v6(field(ctx, &SSS_SADDR_V6)?),
+            _ => return Ok(()),
+        };
+        let Some(slot) = pod_of(&local) else {
+            return Ok(());
+        };
+        let entry = SocketEntry {
+            slot,
+            state: new,
+            since_ns: time_ns,
+        };
+        if SOCKETS.insert(sk, entry, NOEXIST).is_ok() {
+            count(slot, |c| c.open_delta = c.open_delta.wrapping_add(1));
+        } else {
+            loss(|l| l.socket_table_full += 1);
+        }
+        slot
+    };
+
+    match (old, new) {
+        (tcp_state::SYN_RECV, tcp_state::ESTABLISHED) => count(slot, |c| {
+            c.accepted += 1;
+            c.last_accept_ns = time_ns;
+        }),
+        (tcp_state::SYN_SENT, tcp_state::ESTABLISHED) => count(slot, |c| c.opened += 1),
+        (tcp_state::SYN_SENT, tcp_state::CLOSE) => {
+            count(slot, |c| c.failed_connects += 1);
+            emit_set_state_event(ctx, slot, old, time_ns)?;
+        }
+        _ => {}
+    }
+
+    if new == tcp_state::CLOSE {
+        if SOCKETS.remove(sk).is_ok() {
+            count(slot, |c| c.open_delta = c.open_delta.wrapping_sub(1));
+        }
+    } else if let Some(entry) = SOCKETS.get_ptr_mut(sk) {
         // SAFETY: as above.
-        AF_INET => AddrKey::v4(unsafe { ctx.read_at(global(&SSS_SADDR))? }),
-        // SAFETY: as above.
-        AF_INET6 => AddrKey::v6(unsafe { ctx.read_at(global(&SSS_SADDR_V6))? }),
+        unsafe { (*entry).state = new };
+    }
+    Ok(())
+}
+
+fn emit_set_state_event(
+    ctx: &TracePointContext,
+    slot: u32,
+    old: u32,
+    time_ns: u64,
+) -> Result<(), i32> {
+    let family: u16 = field(ctx, &SSS_FAMILY)?;
+    let (local, remote) = match family {
+        AF_INET => (
+            AddrKey::v4(field(ctx, &SSS_SADDR)?),
+            AddrKey::v4(field(ctx, &SSS_DADDR)?),
+        ),
+        _ => (
+            AddrKey::v6(field(ctx, &SSS_SADDR_V6)?),
+            AddrKey::v6(field(ctx, &SSS_DADDR_V6)?),
+        ),
+    };
+    emit(&NotableEvent {
+        time_ns,
+        slot,
+        kind: event_kind::CONNECT_FAILED,
+        tcp_state: old as u8,
+        local_port: field(ctx, &SSS_SPORT)?,
+        remote_port: field(ctx, &SSS_DPORT)?,
+        local,
+        remote,
+        ..NotableEvent::default()
+    });
+    Ok(())
+}
+
+/// Address and port of a `sockaddr_in` / `sockaddr_in6` as the reset tracepoints store them.
+fn sockaddr(raw: &[u8; 28]) -> Option<(AddrKey, u16)> {
+    let family = u16::from_ne_bytes([raw[0], raw[1]]);
+    let port = u16::from_be_bytes([raw[2], raw[3]]);
+    match family {
+        AF_INET => Some((AddrKey::v4([raw[4], raw[5], raw[6], raw[7]]), port)),
+        AF_INET6 => {
+            let mut addr = [0u8; 16];
+            addr.copy_from_slice(&raw[8..24]);
+            Some((AddrKey::v6(addr), port))
+        }
+        _ => None,
+    }
+}
+
+#[tracepoint]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the tracepoint macro fixes the signature"
+)]
+fn tcp_send_reset(ctx: TracePointContext) -> u32 {
+    run(try_tcp_send_reset(&ctx))
+}
+
+fn try_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
+    let sk: u64 = field(ctx, &RST_SKADDR)?;
+    // `saddr` is the side that sends the reset in both cases: the socket's own address, or,
+    // without a socket, the destination of the segment being answered.
+    let Some((local, local_port)) = sockaddr(&field(ctx, &RST_SADDR)?) else {
+        return Ok(());
+    };
+    let Some((remote, remote_port)) = sockaddr(&field(ctx, &RST_DADDR)?) else {
+        return Ok(());
+    };
+    let state: u32 = if sk == 0 { 0 } else { field(ctx, &RST_STATE)? };
+    // SAFETY: the value is copied out at once.
+    let slot = match unsafe { SOCKETS.get(sk) } {
+        Some(entry) => entry.slot,
+        None => match pod_of(&local) {
+            Some(slot) => slot,
+            None => return Ok(()),
+        },
+    };
+    // No socket, or a listener: the segment matched no connection; for a SYN, that is a refused
+    // connection.
+    let refused = sk == 0 || state == tcp_state::LISTEN;
+    if refused {
+        count(slot, |c| c.refused += 1);
+    } else {
+        count(slot, |c| c.resets_sent += 1);
+    }
+    let reason = if global(&RST_REASON) == ABSENT {
+        0
+    } else {
+        field(ctx, &RST_REASON)?
+    };
+    emit(&NotableEvent {
+        time_ns: now(),
+        slot,
+        reason,
+        kind: if refused {
+            event_kind::REFUSED
+        } else {
+            event_kind::RESET_SENT
+        },
+        tcp_state: state as u8,
+        local_port,
+        remote_port,
+        local,
+        remote,
+        ..NotableEvent::default()
+    });
+    Ok(())
+}
+
+#[tracepoint]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the tracepoint macro fixes the signature"
+)]
+fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
+    run(try_tcp_receive_reset(&ctx))
+}
+
+fn try_tcp_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
+    let sk: u64 = field(ctx, &RCV_SKADDR)?;
+    let family: u16 = field(ctx, &RCV_FAMILY)?;
+    let (local, remote) = match family {
+        AF_INET => (
+            AddrKey::v4(field(ctx, &RCV_SADDR)?),
+            AddrKey::v4(field(ctx, &RCV_DADDR)?),
+        ),
+        AF_INET6 => (
+            AddrKey::v6(field(ctx, &RCV_SADDR_V6)?),
+            AddrKey::v6(field(ctx, &RCV_DADDR_V6)?),
+        ),
         _ => return Ok(()),
     };
-    // SAFETY: the map is only read here; a concurrent update by user space is atomic per entry.
-    let Some(&slot) = (unsafe { POD_ADDRS.get(local) }) else {
+    // SAFETY: the value is copied out at once.
+    let (slot, state) = match unsafe { SOCKETS.get(sk) } {
+        Some(entry) => (entry.slot, entry.state),
+        None => match pod_of(&local) {
+            Some(slot) => (slot, 0),
+            None => return Ok(()),
+        },
+    };
+    // A reset answering our SYN is a failed connect, counted once when the socket closes.
+    if state == tcp_state::SYN_SENT {
+        return Ok(());
+    }
+    count(slot, |c| c.resets_received += 1);
+    emit(&NotableEvent {
+        time_ns: now(),
+        slot,
+        kind: event_kind::RESET_RECEIVED,
+        tcp_state: state as u8,
+        local_port: field(ctx, &RCV_SPORT)?,
+        remote_port: field(ctx, &RCV_DPORT)?,
+        local,
+        remote,
+        ..NotableEvent::default()
+    });
+    Ok(())
+}
+
+#[tracepoint]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the tracepoint macro fixes the signature"
+)]
+fn signal_generate(ctx: TracePointContext) -> u32 {
+    run(try_signal_generate(&ctx))
+}
+
+fn try_signal_generate(ctx: &TracePointContext) -> Result<(), i32> {
+    let signal: u32 = field(ctx, &SIG_SIG)?;
+    if signal != SIGTERM && signal != SIGKILL {
+        return Ok(());
+    }
+    let pid: u32 = field(ctx, &SIG_PID)?;
+    // SAFETY: the value is copied out at once.
+    let slot = unsafe { POD_TASKS.get(pid) }.copied().unwrap_or(NO_SLOT);
+    // Sent for every SIGTERM/SIGKILL (rare): user space resolves processes it did not know yet.
+    emit(&NotableEvent {
+        time_ns: now(),
+        slot,
+        pid,
+        kind: event_kind::SIGNAL,
+        signal: signal as u8,
+        ..NotableEvent::default()
+    });
+    Ok(())
+}
+
+#[tracepoint]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the tracepoint macro fixes the signature"
+)]
+fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    run(try_sched_process_exit(&ctx))
+}
+
+fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i32> {
+    // Only the last thread of a process matters.
+    if field::<u8>(ctx, &EXIT_GROUP_DEAD)? == 0 {
+        return Ok(());
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: the value is copied out at once.
+    let Some(&slot) = (unsafe { POD_TASKS.get(tgid) }) else {
         return Ok(());
     };
-    // SAFETY: as above.
-    // `int newstate`, read unsigned: real states are small and positive, and the mask below bounds
-    // anything else.
-    let new_state: u32 = unsafe { ctx.read_at(global(&SSS_NEWSTATE))? };
-    if let Some(counters) = SLOT_COUNTERS.get_ptr_mut(slot) {
-        // The mask bounds the index for the verifier; real states are 1..=12.
-        let index = new_state as usize & (TCP_STATE_COUNT - 1);
-        // SAFETY: per-CPU entry, and programs do not migrate between CPUs while running.
-        unsafe { (*counters).state_entered[index] += 1 };
-    }
+    emit(&NotableEvent {
+        time_ns: now(),
+        slot,
+        pid: tgid,
+        kind: event_kind::EXIT,
+        ..NotableEvent::default()
+    });
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 //! - [`loader`]: loads and attaches the eBPF programs, typed access to their maps;
 //! - [`telemetry`]: logging set up from the environment.
 
+pub mod events;
 pub mod loader;
 pub mod telemetry;
 pub mod tracefs;

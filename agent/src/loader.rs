@@ -1,12 +1,24 @@
 //! Loads the kernel programs, hands them the tracepoint offsets of this kernel, attaches them, and
 //! gives typed access to their maps.
+//!
+//! Maps and links are pinned under a bpffs directory (default `/sys/fs/bpf/draingate`): when the
+//! agent stops, the programs keep counting into the pinned maps, and the next agent picks both up,
+//! so a restart loses no counts and no open-connection state.
 
-use std::{io, net::IpAddr};
+use std::{
+    io,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError, PerCpuArray},
-    programs::{ProgramError, TracePoint},
+    maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf},
+    programs::{
+        ProgramError, TracePoint,
+        links::{FdLink, PinnedLink},
+    },
+    util::nr_cpus,
 };
 use draingate_common::{AddrKey, LossCounters, MAX_SLOTS, SlotCounters};
 
@@ -15,43 +27,116 @@ use crate::tracefs::{self, TracefsError, TracepointFormat};
 /// The eBPF object built by `build.rs`, embedded so the binary is self-contained.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/draingate"));
 
+/// Offset value the programs read as "this kernel has no such field".
+const ABSENT: u64 = u64::MAX;
+
+/// Whether a tracepoint field must exist on this kernel.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Need {
+    Required,
+    /// Newer kernels only (e.g. `tcp_send_reset.reason`, 6.10+); absent means unknown.
+    Optional,
+}
+
 /// A kernel program and the tracepoint it attaches to, with the record fields it reads: each
 /// field's offset becomes the program global of the given name.
 struct Hook {
     program: &'static str,
     category: &'static str,
     name: &'static str,
-    globals: &'static [(&'static str, &'static str)],
+    globals: &'static [(&'static str, &'static str, Need)],
 }
 
-const HOOKS: &[Hook] = &[Hook {
-    program: "inet_sock_set_state",
-    category: "sock",
-    name: "inet_sock_set_state",
-    globals: &[
-        ("SSS_NEWSTATE", "newstate"),
-        ("SSS_FAMILY", "family"),
-        ("SSS_PROTOCOL", "protocol"),
-        ("SSS_SADDR", "saddr"),
-        ("SSS_SADDR_V6", "saddr_v6"),
-    ],
-}];
+use Need::{Optional, Required};
+
+const HOOKS: &[Hook] = &[
+    Hook {
+        program: "inet_sock_set_state",
+        category: "sock",
+        name: "inet_sock_set_state",
+        globals: &[
+            ("SSS_SKADDR", "skaddr", Required),
+            ("SSS_OLDSTATE", "oldstate", Required),
+            ("SSS_NEWSTATE", "newstate", Required),
+            ("SSS_SPORT", "sport", Required),
+            ("SSS_DPORT", "dport", Required),
+            ("SSS_FAMILY", "family", Required),
+            ("SSS_PROTOCOL", "protocol", Required),
+            ("SSS_SADDR", "saddr", Required),
+            ("SSS_DADDR", "daddr", Required),
+            ("SSS_SADDR_V6", "saddr_v6", Required),
+            ("SSS_DADDR_V6", "daddr_v6", Required),
+        ],
+    },
+    Hook {
+        program: "tcp_send_reset",
+        category: "tcp",
+        name: "tcp_send_reset",
+        globals: &[
+            ("RST_SKADDR", "skaddr", Required),
+            ("RST_STATE", "state", Required),
+            ("RST_REASON", "reason", Optional),
+            ("RST_SADDR", "saddr", Required),
+            ("RST_DADDR", "daddr", Required),
+        ],
+    },
+    Hook {
+        program: "tcp_receive_reset",
+        category: "tcp",
+        name: "tcp_receive_reset",
+        globals: &[
+            ("RCV_SKADDR", "skaddr", Required),
+            ("RCV_SPORT", "sport", Required),
+            ("RCV_DPORT", "dport", Required),
+            ("RCV_FAMILY", "family", Required),
+            ("RCV_SADDR", "saddr", Required),
+            ("RCV_DADDR", "daddr", Required),
+            ("RCV_SADDR_V6", "saddr_v6", Required),
+            ("RCV_DADDR_V6", "daddr_v6", Required),
+        ],
+    },
+    Hook {
+        program: "signal_generate",
+        category: "signal",
+        name: "signal_generate",
+        globals: &[("SIG_SIG", "sig", Required), ("SIG_PID", "pid", Required)],
+    },
+    Hook {
+        program: "sched_process_exit",
+        category: "sched",
+        name: "sched_process_exit",
+        globals: &[("EXIT_GROUP_DEAD", "group_dead", Required)],
+    },
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
     #[error(transparent)]
     Tracefs(#[from] TracefsError),
     #[error(
-        "not permitted to {action}: the agent needs CAP_BPF and CAP_PERFMON (or root) to load \
-         and attach tracepoint programs"
+        "not permitted to {action}: the agent needs CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN (or \
+         root) to load, attach and pin its tracepoint programs"
     )]
     PermissionDenied {
         action: &'static str,
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error("loading the eBPF object failed")]
-    Load(#[source] aya::EbpfError),
+    #[error("cannot prepare the pin directory {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "loading the eBPF object failed; if maps pinned by another draingate version are in the \
+         way, remove them with `rm -r {pin_dir}`"
+    )]
+    Load {
+        pin_dir: PathBuf,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
     #[error("eBPF program `{0}` is missing from the object (build mismatch)")]
     MissingProgram(&'static str),
     #[error("eBPF map `{0}` is missing from the object (build mismatch)")]
@@ -61,54 +146,160 @@ pub enum LoaderError {
         program: &'static str,
         tracepoint: String,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
+    },
+    #[error("pinning the link of {program} at {path} failed: {message}")]
+    PinLink {
+        program: &'static str,
+        path: PathBuf,
+        message: String,
     },
     #[error("eBPF map {map}: {source}")]
     Map {
         map: &'static str,
         #[source]
-        source: MapError,
+        source: Box<MapError>,
     },
     #[error("pod slot {slot} is out of range (at most {max})", max = MAX_SLOTS - 1)]
     SlotOutOfRange { slot: u32 },
 }
 
-/// The loaded and attached kernel programs and their maps. Dropping it detaches the programs.
+/// A pod slot's counters summed over CPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SlotTotals {
+    pub accepted: u64,
+    pub opened: u64,
+    pub resets_sent: u64,
+    pub resets_received: u64,
+    pub refused: u64,
+    pub failed_connects: u64,
+    /// Connections in any state but LISTEN and CLOSE, now.
+    pub open: u64,
+    /// Boot-clock time of the last accepted connection, 0 when none.
+    pub last_accept_ns: u64,
+}
+
+impl SlotTotals {
+    fn sum(per_cpu: &PerCpuValues<SlotCounters>) -> Self {
+        let mut totals = Self::default();
+        let mut open_delta = 0u64;
+        for cpu in per_cpu.iter() {
+            totals.accepted += cpu.accepted;
+            totals.opened += cpu.opened;
+            totals.resets_sent += cpu.resets_sent;
+            totals.resets_received += cpu.resets_received;
+            totals.refused += cpu.refused;
+            totals.failed_connects += cpu.failed_connects;
+            open_delta = open_delta.wrapping_add(cpu.open_delta);
+            totals.last_accept_ns = totals.last_accept_ns.max(cpu.last_accept_ns);
+        }
+        // Per-CPU shares may be negative; their sum never is, except for a transient read.
+        totals.open = u64::try_from(open_delta.cast_signed().max(0)).unwrap_or(0);
+        totals
+    }
+}
+
+/// Where the probes keep their pinned maps and links.
+#[derive(Debug, Clone)]
+pub struct ProbeConfig {
+    pub pin_dir: PathBuf,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        Self {
+            pin_dir: PathBuf::from(draingate_common::DEFAULT_PIN_DIR),
+        }
+    }
+}
+
+/// The loaded and attached kernel programs and their maps. Dropping it leaves the programs
+/// attached and the maps pinned (see the module documentation); [`KernelProbes::remove_pins`]
+/// detaches and frees them.
 pub struct KernelProbes {
-    // Owns the programs and their links; the maps were taken out of it below.
+    // Owns the programs; the maps were taken out of it below.
     _ebpf: Ebpf,
+    _links: Vec<PinnedLink>,
     pod_addrs: HashMap<MapData, AddrKey, u32>,
+    pod_tasks: HashMap<MapData, u32, u32>,
     slot_counters: PerCpuArray<MapData, SlotCounters>,
     loss: PerCpuArray<MapData, LossCounters>,
+    events: Option<RingBuf<MapData>>,
+    /// Whether the programs were already attached by an earlier agent (a restart).
+    pub resumed: bool,
 }
 
 impl std::fmt::Debug for KernelProbes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KernelProbes").finish_non_exhaustive()
+        f.debug_struct("KernelProbes")
+            .field("resumed", &self.resumed)
+            .finish_non_exhaustive()
+    }
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(MapError) -> LoaderError {
+    move |source| LoaderError::Map {
+        map,
+        source: Box::new(source),
     }
 }
 
 impl KernelProbes {
-    /// Reads this kernel's tracepoint layouts, loads the programs with them and attaches them.
-    pub fn load() -> Result<Self, LoaderError> {
+    /// Reads this kernel's tracepoint layouts, loads the programs with them, and attaches them,
+    /// or takes over the programs, links and maps that an earlier agent pinned.
+    pub fn load(config: &ProbeConfig) -> Result<Self, LoaderError> {
         let root = tracefs::root()?;
         let mut offsets = Vec::new();
         for hook in HOOKS {
             let format = TracepointFormat::read(&root, hook.category, hook.name)?;
-            for &(global, field) in hook.globals {
-                offsets.push((global, format.offset(field)?));
+            for &(global, field, need) in hook.globals {
+                let offset = match (format.offset(field), need) {
+                    (Ok(offset), _) => offset,
+                    (Err(_), Optional) => ABSENT,
+                    (Err(err), Required) => return Err(err.into()),
+                };
+                offsets.push((global, offset));
             }
         }
 
+        let links_dir = config.pin_dir.join("links");
+        std::fs::create_dir_all(&links_dir).map_err(|source| {
+            if source.kind() == io::ErrorKind::PermissionDenied {
+                LoaderError::PermissionDenied {
+                    action: "create the pin directory",
+                    source: Box::new(source),
+                }
+            } else {
+                LoaderError::PinDir {
+                    path: links_dir.clone(),
+                    source,
+                }
+            }
+        })?;
+
         let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(&config.pin_dir);
         for (global, offset) in &offsets {
             loader.override_global(global, offset, true);
         }
-        let mut ebpf = loader
-            .load(EBPF_OBJECT)
-            .map_err(|err| classify(err, "create eBPF maps", LoaderError::Load))?;
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(|err| {
+            classify(err, "create eBPF maps", |source| LoaderError::Load {
+                pin_dir: config.pin_dir.clone(),
+                source: Box::new(source),
+            })
+        })?;
 
+        let mut links = Vec::new();
+        let mut resumed = 0;
         for hook in HOOKS {
+            let pin = links_dir.join(hook.program);
+            if let Ok(link) = PinnedLink::from_pin(&pin) {
+                // An earlier agent's program is still attached and counting into the same pinned
+                // maps: keep it, so that no event is missed or counted twice.
+                links.push(link);
+                resumed += 1;
+                continue;
+            }
             let program: &mut TracePoint = ebpf
                 .program_mut(hook.program)
                 .ok_or(LoaderError::MissingProgram(hook.program))?
@@ -119,76 +310,152 @@ impl KernelProbes {
                     attach_error(hook, source)
                 })
             })?;
-            program.attach(hook.category, hook.name).map_err(|err| {
+            let link_id = program.attach(hook.category, hook.name).map_err(|err| {
                 classify(err, "attach to tracepoints", |source| {
                     attach_error(hook, source)
                 })
             })?;
+            let link = program
+                .take_link(link_id)
+                .map_err(|source| attach_error(hook, source))?;
+            let pin_error = |message: String| LoaderError::PinLink {
+                program: hook.program,
+                path: pin.clone(),
+                message,
+            };
+            let fd_link = FdLink::try_from(link).map_err(|err| pin_error(err.to_string()))?;
+            links.push(
+                fd_link
+                    .pin(&pin)
+                    .map_err(|err| pin_error(err.to_string()))?,
+            );
         }
 
         Ok(Self {
             pod_addrs: take_map(&mut ebpf, "POD_ADDRS")?,
+            pod_tasks: take_map(&mut ebpf, "POD_TASKS")?,
             slot_counters: take_map(&mut ebpf, "SLOT_COUNTERS")?,
             loss: take_map(&mut ebpf, "LOSS")?,
+            events: Some(take_map(&mut ebpf, "EVENTS")?),
             _ebpf: ebpf,
+            _links: links,
+            resumed: resumed == HOOKS.len(),
         })
+    }
+
+    /// Detaches the programs and frees the maps pinned under `pin_dir` (once no agent holds
+    /// them). Missing pins are not an error.
+    pub fn remove_pins(pin_dir: &Path) -> io::Result<()> {
+        match std::fs::remove_dir_all(pin_dir) {
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
     }
 
     /// Counts sockets whose local address is `addr` under pod `slot` from now on.
     pub fn watch(&mut self, addr: IpAddr, slot: u32) -> Result<(), LoaderError> {
-        if slot >= MAX_SLOTS {
-            return Err(LoaderError::SlotOutOfRange { slot });
-        }
+        check_slot(slot)?;
         self.pod_addrs
             .insert(AddrKey::from(addr), slot, 0)
-            .map_err(|source| LoaderError::Map {
-                map: "POD_ADDRS",
-                source,
-            })
+            .map_err(map_err("POD_ADDRS"))
     }
 
-    /// Stops counting `addr`. An address that was not watched is not an error.
+    /// Stops counting new sockets of `addr`. An address that was not watched is not an error.
     pub fn unwatch(&mut self, addr: IpAddr) -> Result<(), LoaderError> {
         match self.pod_addrs.remove(&AddrKey::from(addr)) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(LoaderError::Map {
-                map: "POD_ADDRS",
-                source,
-            }),
+            Err(source) => Err(map_err("POD_ADDRS")(source)),
         }
     }
 
-    /// The counters of pod `slot`, summed over CPUs.
-    pub fn slot_counters(&self, slot: u32) -> Result<SlotCounters, LoaderError> {
-        if slot >= MAX_SLOTS {
-            return Err(LoaderError::SlotOutOfRange { slot });
+    /// The watched addresses and their slots (after a restart: what the last agent set).
+    pub fn watched(&self) -> Result<Vec<(IpAddr, u32)>, LoaderError> {
+        self.pod_addrs
+            .iter()
+            .map(|entry| {
+                entry
+                    .map(|(key, slot)| (IpAddr::from(key), slot))
+                    .map_err(map_err("POD_ADDRS"))
+            })
+            .collect()
+    }
+
+    /// Reports the exit of process `pid` (a tgid) as pod `slot`'s.
+    pub fn track_task(&mut self, pid: u32, slot: u32) -> Result<(), LoaderError> {
+        check_slot(slot)?;
+        self.pod_tasks
+            .insert(pid, slot, 0)
+            .map_err(map_err("POD_TASKS"))
+    }
+
+    /// Forgets process `pid`. A process that was not tracked is not an error.
+    pub fn untrack_task(&mut self, pid: u32) -> Result<(), LoaderError> {
+        match self.pod_tasks.remove(&pid) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(map_err("POD_TASKS")(source)),
         }
+    }
+
+    /// The tracked processes and their slots.
+    pub fn tracked_tasks(&self) -> Result<Vec<(u32, u32)>, LoaderError> {
+        self.pod_tasks
+            .iter()
+            .map(|entry| entry.map_err(map_err("POD_TASKS")))
+            .collect()
+    }
+
+    /// The counters of pod `slot`, summed over CPUs.
+    pub fn slot_totals(&self, slot: u32) -> Result<SlotTotals, LoaderError> {
+        check_slot(slot)?;
         let per_cpu = self
             .slot_counters
             .get(&slot, 0)
-            .map_err(|source| LoaderError::Map {
-                map: "SLOT_COUNTERS",
-                source,
-            })?;
-        let mut total = SlotCounters::default();
-        for cpu in per_cpu.iter() {
-            for (sum, value) in total.state_entered.iter_mut().zip(cpu.state_entered) {
-                *sum += value;
+            .map_err(map_err("SLOT_COUNTERS"))?;
+        Ok(SlotTotals::sum(&per_cpu))
+    }
+
+    /// Zeroes pod `slot`'s counters, before the slot is given to a new pod.
+    pub fn reset_slot(&mut self, slot: u32) -> Result<(), LoaderError> {
+        check_slot(slot)?;
+        let syscall = |call: &'static str| {
+            move |io_error| {
+                map_err("SLOT_COUNTERS")(MapError::SyscallError(aya::sys::SyscallError {
+                    call,
+                    io_error,
+                }))
             }
-        }
-        Ok(total)
+        };
+        let cpus = nr_cpus().map_err(|(_, err)| syscall("nr_cpus")(err))?;
+        let zeros = PerCpuValues::try_from(vec![SlotCounters::default(); cpus])
+            .map_err(syscall("per-cpu values"))?;
+        self.slot_counters
+            .set(slot, zeros, 0)
+            .map_err(map_err("SLOT_COUNTERS"))
     }
 
     /// What the kernel programs could not count, summed over CPUs.
     pub fn loss(&self) -> Result<LossCounters, LoaderError> {
-        let per_cpu = self.loss.get(&0, 0).map_err(|source| LoaderError::Map {
-            map: "LOSS",
-            source,
-        })?;
-        Ok(LossCounters {
-            read_errors: per_cpu.iter().map(|cpu| cpu.read_errors).sum(),
-        })
+        let per_cpu = self.loss.get(&0, 0).map_err(map_err("LOSS"))?;
+        let mut total = LossCounters::default();
+        for cpu in per_cpu.iter() {
+            total.read_errors += cpu.read_errors;
+            total.socket_table_full += cpu.socket_table_full;
+            total.ring_full += cpu.ring_full;
+        }
+        Ok(total)
     }
+
+    /// The ring buffer of notable events, for one reader. `None` after the first call.
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+}
+
+fn check_slot(slot: u32) -> Result<(), LoaderError> {
+    if slot >= MAX_SLOTS {
+        return Err(LoaderError::SlotOutOfRange { slot });
+    }
+    Ok(())
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoaderError>
@@ -196,14 +463,14 @@ where
     T: TryFrom<aya::maps::Map, Error = MapError>,
 {
     let map = ebpf.take_map(name).ok_or(LoaderError::MissingMap(name))?;
-    T::try_from(map).map_err(|source| LoaderError::Map { map: name, source })
+    T::try_from(map).map_err(map_err(name))
 }
 
 fn attach_error(hook: &Hook, source: ProgramError) -> LoaderError {
     LoaderError::Attach {
         program: hook.program,
         tracepoint: format!("{}:{}", hook.category, hook.name),
-        source,
+        source: Box::new(source),
     }
 }
 

@@ -4,8 +4,10 @@ use std::{net::IpAddr, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use draingate::{loader::KernelProbes, telemetry};
-use draingate_common::{TCP_STATE_COUNT, tcp_state};
+use draingate::{
+    loader::{KernelProbes, ProbeConfig},
+    telemetry,
+};
 
 /// draingate proves that a rolling update lost no request: it counts, per pod, the TCP
 /// connections still open and every reset and refused connection while the pod terminates.
@@ -60,7 +62,7 @@ fn run_agent(args: &AgentArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
-        let mut probes = KernelProbes::load()?;
+        let mut probes = KernelProbes::load(&ProbeConfig::default())?;
         for (slot, addr) in (0..).zip(&args.watch) {
             probes.watch(*addr, slot)?;
         }
@@ -87,32 +89,22 @@ fn run_agent(args: &AgentArgs) -> anyhow::Result<()> {
 }
 
 fn print_totals(probes: &KernelProbes, watched: &[IpAddr]) -> anyhow::Result<()> {
-    const NAMES: [(u32, &str); 6] = [
-        (tcp_state::SYN_SENT, "syn_sent"),
-        (tcp_state::SYN_RECV, "syn_recv"),
-        (tcp_state::ESTABLISHED, "established"),
-        (tcp_state::FIN_WAIT1, "fin_wait1"),
-        (tcp_state::CLOSE_WAIT, "close_wait"),
-        (tcp_state::CLOSE, "close"),
-    ];
     for (slot, addr) in (0..).zip(watched) {
-        let counters = probes.slot_counters(slot)?;
-        let total: u64 = counters.state_entered.iter().sum();
-        let by_state: Vec<String> = NAMES
-            .iter()
-            .map(|&(state, name)| {
-                let index = state as usize % TCP_STATE_COUNT;
-                format!("{name}={}", counters.state_entered[index])
-            })
-            .collect();
-        println!("{addr}\tchanges={total}\t{}", by_state.join(" "));
+        let t = probes.slot_totals(slot)?;
+        println!(
+            "{addr}\topen={} accepted={} opened={} resets_sent={} resets_received={} refused={} failed_connects={}",
+            t.open,
+            t.accepted,
+            t.opened,
+            t.resets_sent,
+            t.resets_received,
+            t.refused,
+            t.failed_connects
+        );
     }
     let loss = probes.loss()?;
-    if loss.read_errors > 0 {
-        println!(
-            "WARNING: {} tracepoint reads failed; counts are incomplete",
-            loss.read_errors
-        );
+    if loss != draingate_common::LossCounters::default() {
+        println!("WARNING: counts are incomplete: {loss:?}");
     }
     Ok(())
 }

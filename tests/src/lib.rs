@@ -178,3 +178,41 @@ fn run(program: &str, args: &[&str]) {
         String::from_utf8_lossy(&output.stderr).trim()
     );
 }
+
+/// A bpffs pin directory of one test, whose pinned programs and maps are removed on drop, so
+/// tests neither share counts with each other nor leave programs attached.
+#[derive(Debug)]
+pub struct PinDir {
+    pub config: draingate::loader::ProbeConfig,
+}
+
+impl PinDir {
+    #[must_use]
+    pub fn new() -> Self {
+        let pin_dir = std::path::PathBuf::from(format!(
+            "/sys/fs/bpf/draingate-test-{}-{}",
+            std::process::id(),
+            next_id()
+        ));
+        Self {
+            config: draingate::loader::ProbeConfig { pin_dir },
+        }
+    }
+}
+
+impl Default for PinDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        if let Err(err) = draingate::loader::KernelProbes::remove_pins(&self.config.pin_dir) {
+            eprintln!(
+                "warning: could not remove {}: {err}",
+                self.config.pin_dir.display()
+            );
+        }
+    }
+}

@@ -1,6 +1,6 @@
-//! Kernel smoke test: the real programs in the real kernel count, per local address, exactly the
-//! TCP state changes that the test's own connections made, IPv4 and IPv6, and nothing for
-//! addresses nobody asked about.
+//! Kernel tests of the counting itself: the real programs in the real kernel count, per pod
+//! address, exactly the connections, refusals and open connections that the test made, IPv4 and
+//! IPv6, nothing for addresses nobody asked about, and nothing is lost across an agent restart.
 
 use std::{
     io::{Read as _, Write as _},
@@ -8,36 +8,36 @@ use std::{
     time::{Duration, Instant},
 };
 
-use draingate::loader::KernelProbes;
-use draingate_common::{SlotCounters, TCP_STATE_COUNT, tcp_state};
-use draingate_tests::{Family, Link, require_root};
+use draingate::{
+    events,
+    loader::{KernelProbes, SlotTotals},
+};
+use draingate_common::{NotableEvent, event_kind};
+use draingate_tests::{Family, Link, PinDir, require_root};
 
 const CONNECTIONS: u64 = 7;
 const PORT: u16 = 8080;
+const CLOSED_PORT: u16 = 8081;
 const SERVER_SLOT: u32 = 11;
 const CLIENT_SLOT: u32 = 12;
 
-fn entered(counters: &SlotCounters, state: u32) -> u64 {
-    counters.state_entered[state as usize % TCP_STATE_COUNT]
-}
-
-/// Server in namespace `b`, client in namespace `a`: `CONNECTIONS` request/response exchanges,
-/// each on a new connection that the server closes first.
-fn exchange(link: &Link) {
+/// Server in namespace `b`, client in namespace `a`: `n` request/response exchanges, each on a
+/// new connection that the server closes first.
+fn exchange(link: &Link, n: u64) {
     let listen = SocketAddr::new(link.b_addr, PORT);
     let listener = link
         .b
         .run(|| TcpListener::bind(listen).expect("bind in server namespace"));
     std::thread::scope(|scope| {
         scope.spawn(|| {
-            for _ in 0..CONNECTIONS {
+            for _ in 0..n {
                 let (mut conn, _) = listener.accept().expect("accept");
                 let mut byte = [0u8; 1];
                 conn.read_exact(&mut byte).expect("read request");
                 conn.write_all(b"ok").expect("write response");
             }
         });
-        for _ in 0..CONNECTIONS {
+        for _ in 0..n {
             let mut conn = link.a.run(|| TcpStream::connect(listen).expect("connect"));
             conn.write_all(b"?").expect("write request");
             let mut reply = Vec::new();
@@ -45,135 +45,221 @@ fn exchange(link: &Link) {
             assert_eq!(reply, b"ok");
         }
     });
-    drop(listener);
 }
 
-/// Polls until `done` holds: state changes of the closing handshake finish in softirq context
-/// shortly after the sockets are dropped. The deadline only bounds a failing run.
-fn wait_for(
-    probes: &KernelProbes,
-    slot: u32,
-    done: impl Fn(&SlotCounters) -> bool,
-) -> SlotCounters {
+/// Polls until `done` holds: the closing handshake finishes in softirq context shortly after
+/// the sockets are dropped. The deadline only bounds a failing run.
+fn wait_for(probes: &KernelProbes, slot: u32, done: impl Fn(&SlotTotals) -> bool) -> SlotTotals {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let counters = probes.slot_counters(slot).expect("read counters");
-        if done(&counters) || Instant::now() > deadline {
-            return counters;
+        let totals = probes.slot_totals(slot).expect("read counters");
+        if done(&totals) || Instant::now() > deadline {
+            return totals;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
-fn counts_state_changes_per_local_address(family: Family) {
+fn drain_events(probes: &mut KernelProbes) -> Vec<NotableEvent> {
+    let mut ring = probes.take_events().expect("events reader");
+    let mut events = Vec::new();
+    while let Some(record) = ring.next() {
+        events.push(events::decode(&record).expect("well-formed event"));
+    }
+    events
+}
+
+fn counts_connections_per_pod_address(family: Family) {
     require_root();
-    let mut probes = KernelProbes::load().expect("load and attach the eBPF programs");
+    let pins = PinDir::new();
+    let mut probes = KernelProbes::load(&pins.config).expect("load and attach the programs");
+    assert!(!probes.resumed);
     let watched = Link::new("smoke", family);
-    // A second link with the same traffic whose addresses are not watched: it must count nowhere.
+    // A second link with the same traffic whose addresses are not watched: it counts nowhere.
     let unwatched = Link::new("other", family);
     probes
         .watch(watched.b_addr, SERVER_SLOT)
-        .expect("watch server address");
+        .expect("watch server");
     probes
         .watch(watched.a_addr, CLIENT_SLOT)
-        .expect("watch client address");
+        .expect("watch client");
 
-    exchange(&watched);
-    exchange(&unwatched);
+    // Open connections are counted while open, on both sides; the listener is not a connection.
+    let listen = SocketAddr::new(watched.b_addr, PORT);
+    let listener = watched.b.run(|| TcpListener::bind(listen).expect("bind"));
+    let held: Vec<_> = (0..3)
+        .map(|_| {
+            let client = watched
+                .a
+                .run(|| TcpStream::connect(listen).expect("connect"));
+            let server = listener.accept().expect("accept").0;
+            (client, server)
+        })
+        .collect();
+    let server = wait_for(&probes, SERVER_SLOT, |t| t.open == 3);
+    assert_eq!((server.open, server.accepted), (3, 3), "{server:?}");
+    let client = wait_for(&probes, CLIENT_SLOT, |t| t.open == 3);
+    assert_eq!((client.open, client.opened), (3, 3), "{client:?}");
+    assert_ne!(server.last_accept_ns, 0);
+    drop(held);
+    drop(listener);
 
-    // The listener is bound to the server address too: it enters LISTEN, and CLOSE when dropped.
-    let server = wait_for(&probes, SERVER_SLOT, |c| {
-        entered(c, tcp_state::CLOSE) > CONNECTIONS
-    });
-    let client = wait_for(&probes, CLIENT_SLOT, |c| {
-        entered(c, tcp_state::CLOSE) >= CONNECTIONS
-    });
+    exchange(&watched, CONNECTIONS);
+    exchange(&unwatched, CONNECTIONS);
 
-    // Passive side: each connection was born in SYN_RECV, established, closed first by the server
-    // (FIN_WAIT1 → FIN_WAIT2 → CLOSE when it enters TIME_WAIT). Nothing was opened from here.
+    let server = wait_for(&probes, SERVER_SLOT, |t| t.open == 0);
+    let client = wait_for(&probes, CLIENT_SLOT, |t| t.open == 0);
+    let total = CONNECTIONS + 3;
     assert_eq!(
-        entered(&server, tcp_state::SYN_RECV),
-        CONNECTIONS,
-        "{server:?}"
+        server,
+        SlotTotals {
+            accepted: total,
+            last_accept_ns: server.last_accept_ns,
+            ..SlotTotals::default()
+        }
     );
     assert_eq!(
-        entered(&server, tcp_state::ESTABLISHED),
-        CONNECTIONS,
-        "{server:?}"
+        client,
+        SlotTotals {
+            opened: total,
+            ..SlotTotals::default()
+        }
     );
-    assert_eq!(
-        entered(&server, tcp_state::FIN_WAIT1),
-        CONNECTIONS,
-        "{server:?}"
-    );
-    assert_eq!(
-        entered(&server, tcp_state::CLOSE),
-        CONNECTIONS + 1,
-        "{server:?}"
-    );
-    assert_eq!(entered(&server, tcp_state::LISTEN), 1, "{server:?}");
-    assert_eq!(entered(&server, tcp_state::SYN_SENT), 0, "{server:?}");
-    assert_eq!(entered(&server, tcp_state::CLOSE_WAIT), 0, "{server:?}");
-
-    // Active side: SYN_SENT → ESTABLISHED, then the server's FIN: CLOSE_WAIT → LAST_ACK → CLOSE.
-    assert_eq!(
-        entered(&client, tcp_state::SYN_SENT),
-        CONNECTIONS,
-        "{client:?}"
-    );
-    assert_eq!(
-        entered(&client, tcp_state::ESTABLISHED),
-        CONNECTIONS,
-        "{client:?}"
-    );
-    assert_eq!(
-        entered(&client, tcp_state::CLOSE_WAIT),
-        CONNECTIONS,
-        "{client:?}"
-    );
-    assert_eq!(
-        entered(&client, tcp_state::LAST_ACK),
-        CONNECTIONS,
-        "{client:?}"
-    );
-    assert_eq!(
-        entered(&client, tcp_state::CLOSE),
-        CONNECTIONS,
-        "{client:?}"
-    );
-    assert_eq!(entered(&client, tcp_state::SYN_RECV), 0, "{client:?}");
-
     // Every other slot stayed at zero: the unwatched link's identical traffic counted nowhere.
     for slot in (0..draingate_common::MAX_SLOTS).filter(|s| ![SERVER_SLOT, CLIENT_SLOT].contains(s))
     {
-        let counters = probes.slot_counters(slot).expect("read counters");
-        assert_eq!(
-            counters,
-            SlotCounters::default(),
-            "slot {slot} counted traffic"
-        );
+        let totals = probes.slot_totals(slot).expect("read counters");
+        assert_eq!(totals, SlotTotals::default(), "slot {slot} counted traffic");
     }
-    assert_eq!(probes.loss().expect("read loss").read_errors, 0);
-
-    // After unwatch, new connections are no longer counted.
-    probes.unwatch(watched.b_addr).expect("unwatch");
-    let before = probes.slot_counters(SERVER_SLOT).expect("read counters");
-    exchange(&watched);
-    let _ = wait_for(&probes, CLIENT_SLOT, |c| {
-        entered(c, tcp_state::CLOSE) >= 2 * CONNECTIONS
-    });
     assert_eq!(
-        probes.slot_counters(SERVER_SLOT).expect("read counters"),
-        before
+        probes.loss().expect("loss"),
+        draingate_common::LossCounters::default()
+    );
+    assert!(
+        drain_events(&mut probes).is_empty(),
+        "clean traffic made events"
+    );
+
+    // After unwatch, new connections are no longer counted for that address.
+    probes.unwatch(watched.b_addr).expect("unwatch");
+    exchange(&watched, CONNECTIONS);
+    let client = wait_for(&probes, CLIENT_SLOT, |t| t.opened == total + CONNECTIONS);
+    assert_eq!(client.opened, total + CONNECTIONS);
+    assert_eq!(
+        probes.slot_totals(SERVER_SLOT).expect("read").accepted,
+        total
     );
 }
 
 #[test]
-fn counts_ipv4_state_changes_per_local_address() {
-    counts_state_changes_per_local_address(Family::V4);
+fn counts_ipv4_connections_per_pod_address() {
+    counts_connections_per_pod_address(Family::V4);
 }
 
 #[test]
-fn counts_ipv6_state_changes_per_local_address() {
-    counts_state_changes_per_local_address(Family::V6);
+fn counts_ipv6_connections_per_pod_address() {
+    counts_connections_per_pod_address(Family::V6);
+}
+
+fn counts_refused_connections(family: Family) {
+    require_root();
+    let pins = PinDir::new();
+    let mut probes = KernelProbes::load(&pins.config).expect("load and attach the programs");
+    let link = Link::new("refuse", family);
+    probes
+        .watch(link.b_addr, SERVER_SLOT)
+        .expect("watch server");
+    probes
+        .watch(link.a_addr, CLIENT_SLOT)
+        .expect("watch client");
+
+    let target = SocketAddr::new(link.b_addr, CLOSED_PORT);
+    for _ in 0..CONNECTIONS {
+        let err = link
+            .a
+            .run(|| TcpStream::connect(target))
+            .expect_err("nobody listens on the closed port");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    }
+
+    let server = wait_for(&probes, SERVER_SLOT, |t| t.refused == CONNECTIONS);
+    assert_eq!(
+        server,
+        SlotTotals {
+            refused: CONNECTIONS,
+            ..SlotTotals::default()
+        }
+    );
+    let client = wait_for(&probes, CLIENT_SLOT, |t| t.failed_connects == CONNECTIONS);
+    assert_eq!(
+        client,
+        SlotTotals {
+            failed_connects: CONNECTIONS,
+            ..SlotTotals::default()
+        }
+    );
+
+    let events = drain_events(&mut probes);
+    let refusals: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == event_kind::REFUSED)
+        .collect();
+    assert_eq!(refusals.len() as u64, CONNECTIONS, "{events:?}");
+    for event in &refusals {
+        assert_eq!(event.slot, SERVER_SLOT);
+        assert_eq!(std::net::IpAddr::from(event.local), link.b_addr);
+        assert_eq!(event.local_port, CLOSED_PORT);
+        assert_eq!(std::net::IpAddr::from(event.remote), link.a_addr);
+    }
+    let failed = events
+        .iter()
+        .filter(|e| e.kind == event_kind::CONNECT_FAILED && e.slot == CLIENT_SLOT)
+        .count();
+    assert_eq!(failed as u64, CONNECTIONS, "{events:?}");
+    assert_eq!(events.len() as u64, 2 * CONNECTIONS, "{events:?}");
+}
+
+#[test]
+fn counts_ipv4_refused_connections_with_events() {
+    counts_refused_connections(Family::V4);
+}
+
+#[test]
+fn counts_ipv6_refused_connections_with_events() {
+    counts_refused_connections(Family::V6);
+}
+
+#[test]
+fn an_agent_restart_loses_no_counts_and_no_open_connections() {
+    require_root();
+    let pins = PinDir::new();
+    let link = Link::new("restart", Family::V4);
+    let listen = SocketAddr::new(link.b_addr, PORT);
+    let listener = link.b.run(|| TcpListener::bind(listen).expect("bind"));
+
+    let mut first = KernelProbes::load(&pins.config).expect("first agent");
+    first.watch(link.b_addr, SERVER_SLOT).expect("watch");
+    let before = link.a.run(|| TcpStream::connect(listen).expect("connect"));
+    let accepted_before = listener.accept().expect("accept");
+    wait_for(&first, SERVER_SLOT, |t| t.open == 1);
+    drop(first);
+
+    // The agent is down: the pinned programs keep counting.
+    let during = link.a.run(|| TcpStream::connect(listen).expect("connect"));
+    let accepted_during = listener.accept().expect("accept");
+
+    let second = KernelProbes::load(&pins.config).expect("second agent");
+    assert!(
+        second.resumed,
+        "the second agent took over the pinned programs"
+    );
+    assert_eq!(
+        second.watched().expect("watched"),
+        vec![(link.b_addr, SERVER_SLOT)]
+    );
+    let totals = wait_for(&second, SERVER_SLOT, |t| t.open == 2);
+    assert_eq!((totals.accepted, totals.open), (2, 2), "{totals:?}");
+    drop((before, during, accepted_before, accepted_during));
+    let totals = wait_for(&second, SERVER_SLOT, |t| t.open == 0);
+    assert_eq!((totals.accepted, totals.open), (2, 0), "{totals:?}");
 }
