@@ -5,7 +5,9 @@
 //! - [`loader`]: loads and attaches the eBPF programs, typed access to their maps;
 //! - [`telemetry`]: logging set up from the environment.
 
+pub mod drain;
 pub mod events;
+pub mod inventory;
 pub mod loader;
 pub mod telemetry;
 pub mod tracefs;

@@ -1,0 +1,280 @@
+//! A pod's termination window, timeline and verdict, exactly as DESIGN.md (Verdict) defines them.
+//! Pure bookkeeping: the agent feeds it counters, processes and events; nothing here touches the
+//! kernel, so every rule is unit-tested.
+
+use std::{collections::VecDeque, net::IpAddr, time::SystemTime};
+
+use crate::{inventory::PodId, loader::SlotTotals};
+
+/// Most events kept per pod; older ones are dropped first and counted in `events_dropped`.
+pub const EVENTS_PER_POD: usize = 1000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Running,
+    Terminating,
+    Exited,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Verdict {
+    /// Not terminating: no window has opened.
+    None,
+    Pending,
+    Pass,
+    Fail,
+    /// Data was lost while the window was open; never counts as pass.
+    Unknown,
+}
+
+impl Verdict {
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Pending => "pending",
+            Self::Pass => "pass",
+            Self::Fail => "fail",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+impl Phase {
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Terminating => "terminating",
+            Self::Exited => "exited",
+        }
+    }
+}
+
+/// When things happened to the pod.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Timeline {
+    pub first_seen: Option<SystemTime>,
+    /// The window opened: first SIGTERM (or SIGKILL) to one of its processes.
+    pub terminating_since: Option<SystemTime>,
+    pub last_accepted: Option<SystemTime>,
+    /// Open connections reached zero inside the window.
+    pub drained_at: Option<SystemTime>,
+    /// Its last process exited.
+    pub exited_at: Option<SystemTime>,
+    pub sigkill_at: Option<SystemTime>,
+    /// Its addresses (namespace) disappeared; the window closes a linger later.
+    pub gone_at: Option<SystemTime>,
+}
+
+/// What kind of failure an event is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    ResetSent,
+    ResetReceived,
+    Refused,
+    ConnectFailed,
+}
+
+impl EventKind {
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::ResetSent => "reset_sent",
+            Self::ResetReceived => "reset_received",
+            Self::Refused => "refused",
+            Self::ConnectFailed => "connect_failed",
+        }
+    }
+}
+
+/// One notable event of a pod, with its 5-tuple.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodEvent {
+    pub pod: PodId,
+    pub kind: EventKind,
+    pub time: SystemTime,
+    pub local: IpAddr,
+    pub local_port: u16,
+    pub remote: IpAddr,
+    pub remote_port: u16,
+    pub tcp_state: &'static str,
+    /// Kernel reset reason number (6.10+), 0 when unknown.
+    pub reason: u32,
+    /// Inside the termination window: counts as an error (for kinds that are errors).
+    pub in_window: bool,
+}
+
+/// Everything the agent knows of one pod.
+#[derive(Debug, Clone)]
+pub struct PodDrain {
+    pub id: PodId,
+    pub slot: u32,
+    pub addresses: Vec<IpAddr>,
+    pub pids: Vec<u32>,
+    /// Counters over the pod's life (while the agent watched it), frozen when the window closes.
+    pub totals: SlotTotals,
+    /// Counters when the window opened.
+    pub window_base: Option<SlotTotals>,
+    pub timeline: Timeline,
+    /// `open` when its last process exited.
+    pub open_at_exit: Option<u64>,
+    /// Why the counts are incomplete, when they are.
+    pub lost: Option<String>,
+    pub window_closed: bool,
+    pub events: VecDeque<PodEvent>,
+    pub events_dropped: u64,
+}
+
+impl PodDrain {
+    #[must_use]
+    pub fn new(id: PodId, slot: u32, now: SystemTime) -> Self {
+        Self {
+            id,
+            slot,
+            addresses: Vec::new(),
+            pids: Vec::new(),
+            totals: SlotTotals::default(),
+            window_base: None,
+            timeline: Timeline {
+                first_seen: Some(now),
+                ..Timeline::default()
+            },
+            open_at_exit: None,
+            lost: None,
+            window_closed: false,
+            events: VecDeque::new(),
+            events_dropped: 0,
+        }
+    }
+
+    /// Opens the termination window at `at`, if not open yet.
+    pub fn open_window(&mut self, at: SystemTime) {
+        if self.timeline.terminating_since.is_none() {
+            self.timeline.terminating_since = Some(at);
+            self.window_base = Some(self.totals);
+        }
+    }
+
+    /// New counters from the kernel. Ignored once the window closed (final totals).
+    pub fn update_totals(&mut self, totals: SlotTotals, now: SystemTime) {
+        if self.window_closed {
+            return;
+        }
+        self.totals = totals;
+        if self.timeline.terminating_since.is_some()
+            && totals.open == 0
+            && self.timeline.drained_at.is_none()
+        {
+            self.timeline.drained_at = Some(now);
+        }
+    }
+
+    /// The last process exited at `at`.
+    pub fn exited(&mut self, at: SystemTime) {
+        if self.timeline.exited_at.is_none() {
+            self.timeline.exited_at = Some(at);
+            self.open_at_exit = Some(self.totals.open);
+        }
+    }
+
+    /// Counters inside the window (all zero when no window opened).
+    #[must_use]
+    pub fn window(&self) -> SlotTotals {
+        let Some(base) = self.window_base else {
+            return SlotTotals::default();
+        };
+        let t = self.totals;
+        SlotTotals {
+            accepted: t.accepted.saturating_sub(base.accepted),
+            opened: t.opened.saturating_sub(base.opened),
+            resets_sent: t.resets_sent.saturating_sub(base.resets_sent),
+            resets_received: t.resets_received.saturating_sub(base.resets_received),
+            refused: t.refused.saturating_sub(base.refused),
+            failed_connects: t.failed_connects.saturating_sub(base.failed_connects),
+            open: t.open,
+            last_accept_ns: t.last_accept_ns,
+        }
+    }
+
+    /// Failures inside the window: resets the pod sent or received on its connections and
+    /// connections it refused. Its own failed connects to others are shown but are not its
+    /// drain's failures.
+    #[must_use]
+    pub fn errors(&self) -> u64 {
+        let w = self.window();
+        w.resets_sent + w.resets_received + w.refused
+    }
+
+    #[must_use]
+    pub fn phase(&self) -> Phase {
+        if self.timeline.exited_at.is_some() {
+            Phase::Exited
+        } else if self.timeline.terminating_since.is_some() {
+            Phase::Terminating
+        } else {
+            Phase::Running
+        }
+    }
+
+    #[must_use]
+    pub fn verdict(&self) -> Verdict {
+        self.verdict_and_reason().0
+    }
+
+    /// The verdict and why, for people.
+    #[must_use]
+    pub fn verdict_and_reason(&self) -> (Verdict, String) {
+        if self.timeline.terminating_since.is_none() {
+            return (Verdict::None, "not terminating".into());
+        }
+        if let Some(lost) = &self.lost {
+            return (Verdict::Unknown, format!("counts incomplete: {lost}"));
+        }
+        let errors = self.errors();
+        if errors > 0 {
+            let w = self.window();
+            return (
+                Verdict::Fail,
+                format!(
+                    "{errors} errors while terminating: {} resets sent, {} received, {} refused",
+                    w.resets_sent, w.resets_received, w.refused
+                ),
+            );
+        }
+        if let Some(open) = self.open_at_exit.filter(|&open| open > 0) {
+            return (
+                Verdict::Fail,
+                format!("{open} connections still open when the last process exited"),
+            );
+        }
+        if self.totals.open > 0 {
+            return (
+                Verdict::Pending,
+                format!("{} connections still open", self.totals.open),
+            );
+        }
+        if !self.pids.is_empty() && self.timeline.exited_at.is_none() {
+            return (
+                Verdict::Pending,
+                "drained; waiting for its processes to exit".into(),
+            );
+        }
+        (
+            Verdict::Pass,
+            "drained with zero errors before exiting".into(),
+        )
+    }
+
+    /// Adds an event, dropping the oldest beyond [`EVENTS_PER_POD`].
+    pub fn push_event(&mut self, event: PodEvent) {
+        if self.events.len() == EVENTS_PER_POD {
+            self.events.pop_front();
+            self.events_dropped += 1;
+        }
+        self.events.push_back(event);
+    }
+}
+
+#[cfg(test)]
+mod tests;

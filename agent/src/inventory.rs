@@ -1,0 +1,203 @@
+//! What pods exist on this node. A source produces snapshots; the agent diffs them. `local` (this
+//! module) treats every network namespace on the host as a pod; a `kubernetes` source will be a
+//! second implementation of [`InventorySource`], not a rewrite.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs,
+    net::IpAddr,
+    os::unix::fs::MetadataExt as _,
+    path::Path,
+};
+
+/// The identity of a pod as people and scripts name it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodId {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+/// One pod as a source sees it now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObservedPod {
+    pub id: PodId,
+    /// Addresses other pods reach it by: no loopback, no link-local.
+    pub addresses: Vec<IpAddr>,
+    /// Processes (tgids) inside the pod; empty when none are left.
+    pub pids: Vec<u32>,
+}
+
+/// A source of pods.
+pub trait InventorySource: Send {
+    /// The pods that exist now.
+    fn snapshot(&mut self) -> Result<Vec<ObservedPod>, InventoryError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InventoryError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The `namespace` every local pod is reported in.
+pub const LOCAL_NAMESPACE: &str = "local";
+
+/// Every network namespace on the host but the host's own: named ones (`ip netns`, under
+/// `/run/netns`) by their name, others by the process that holds them (`<comm>-<pid>`).
+#[derive(Debug)]
+pub struct LocalSource {
+    netns_dir: std::path::PathBuf,
+    proc_dir: std::path::PathBuf,
+}
+
+impl Default for LocalSource {
+    fn default() -> Self {
+        Self {
+            netns_dir: "/run/netns".into(),
+            proc_dir: "/proc".into(),
+        }
+    }
+}
+
+impl InventorySource for LocalSource {
+    fn snapshot(&mut self) -> Result<Vec<ObservedPod>, InventoryError> {
+        let host = netns_inode(&self.proc_dir.join("1/ns/net"));
+        // Processes by network namespace inode.
+        let mut pids_by_ns: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
+        let proc_entries = fs::read_dir(&self.proc_dir).map_err(|source| InventoryError::Read {
+            path: self.proc_dir.display().to_string(),
+            source,
+        })?;
+        for entry in proc_entries.filter_map(Result::ok) {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            // Kernel threads and processes that exited meanwhile have no readable namespace.
+            if let Some(inode) = netns_inode(&entry.path().join("ns/net"))
+                && Some(inode) != host
+            {
+                pids_by_ns.entry(inode).or_default().push(pid);
+            }
+        }
+
+        let mut named: HashMap<u64, String> = HashMap::new();
+        if let Ok(entries) = fs::read_dir(&self.netns_dir) {
+            for entry in entries.filter_map(Result::ok) {
+                if let (Ok(meta), Some(name)) = (entry.metadata(), entry.file_name().to_str()) {
+                    named.insert(meta.ino(), name.to_owned());
+                }
+            }
+        }
+
+        let mut pods = Vec::new();
+        let mut inodes: Vec<u64> = named.keys().copied().collect();
+        inodes.extend(
+            pids_by_ns
+                .keys()
+                .copied()
+                .filter(|i| !named.contains_key(i)),
+        );
+        inodes.sort_unstable();
+        for inode in inodes {
+            let pids = pids_by_ns.remove(&inode).unwrap_or_default();
+            let (name, path) = if let Some(name) = named.get(&inode) {
+                (name.clone(), self.netns_dir.join(name))
+            } else {
+                let Some(&first) = pids.first() else { continue };
+                let comm = fs::read_to_string(self.proc_dir.join(format!("{first}/comm")))
+                    .map(|c| c.trim().to_owned())
+                    .unwrap_or_else(|_| "process".into());
+                (
+                    format!("{comm}-{first}"),
+                    self.proc_dir.join(format!("{first}/ns/net")),
+                )
+            };
+            // A namespace that vanished between listing and reading simply is not reported.
+            let Ok(addresses) = addresses_in(&path) else {
+                continue;
+            };
+            pods.push(ObservedPod {
+                id: PodId {
+                    namespace: LOCAL_NAMESPACE.into(),
+                    name,
+                    uid: format!("netns-{inode}"),
+                },
+                addresses,
+                pids,
+            });
+        }
+        Ok(pods)
+    }
+}
+
+/// The inode that identifies the network namespace behind `path` (`/proc/<pid>/ns/net`).
+fn netns_inode(path: &Path) -> Option<u64> {
+    fs::metadata(path).ok().map(|m| m.ino())
+}
+
+/// The addresses of the namespace behind `path`, read through netlink (glibc's `getifaddrs`) on
+/// a thread that entered it; the agent's own threads stay in the host namespace.
+pub fn addresses_in(path: &Path) -> std::io::Result<Vec<IpAddr>> {
+    let file = fs::File::open(path)?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                let mut addresses: Vec<IpAddr> = nix::ifaddrs::getifaddrs()?
+                    .filter_map(|ifaddr| ifaddr.address)
+                    .filter_map(|addr| {
+                        if let Some(v4) = addr.as_sockaddr_in() {
+                            Some(IpAddr::V4(v4.ip()))
+                        } else {
+                            addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+                        }
+                    })
+                    .filter(is_pod_address)
+                    .collect();
+                addresses.sort_unstable();
+                addresses.dedup();
+                Ok(addresses)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("address reader panicked")))
+    })
+}
+
+/// Loopback and link-local addresses are not how other pods reach a pod.
+fn is_pod_address(addr: &IpAddr) -> bool {
+    match addr {
+        IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local() && !v4.is_unspecified(),
+        IpAddr::V6(v6) => !v6.is_loopback() && !v6.is_unicast_link_local() && !v6.is_unspecified(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::is_pod_address;
+
+    #[test]
+    fn loopback_and_link_local_are_not_pod_addresses() {
+        for (addr, expected) in [
+            ("198.18.0.1", true),
+            ("2001:2::1", true),
+            ("127.0.0.1", false),
+            ("::1", false),
+            ("fe80::1", false),
+            ("169.254.1.1", false),
+        ] {
+            let ip: IpAddr = addr.parse().unwrap();
+            assert_eq!(is_pod_address(&ip), expected, "{addr}");
+        }
+    }
+}
