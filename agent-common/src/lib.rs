@@ -120,6 +120,20 @@ pub struct SocketEntry {
     pub since_ns: u64,
 }
 
+/// A connection by its 4-tuple, as the pod sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ConnKey {
+    pub local: AddrKey,
+    pub remote: AddrKey,
+    pub local_port: u16,
+    pub remote_port: u16,
+}
+
+/// Connections recently reset, remembered so that later resets of the same connection (the peer
+/// still sending, or closing, after the first reset destroyed the socket) count once.
+pub const MAX_RESET_CONNS: u32 = 16_384;
+
 /// Kinds of [`NotableEvent`].
 pub mod event_kind {
     pub const RESET_SENT: u8 = 1;
@@ -201,6 +215,7 @@ const _: () = assert!(size_of::<SlotCounters>() == 64);
 const _: () = assert!(size_of::<LossCounters>() == 24);
 const _: () = assert!(size_of::<SocketEntry>() == 16);
 const _: () = assert!(size_of::<NotableEvent>() == 64);
+const _: () = assert!(size_of::<ConnKey>() == 36);
 
 #[cfg(test)]
 mod tests {
@@ -239,4 +254,6 @@ mod user {
     unsafe impl aya::Pod for super::SocketEntry {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::NotableEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ConnKey {}
 }

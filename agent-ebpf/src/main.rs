@@ -11,11 +11,11 @@
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_boot_ns},
     macros::{map, tracepoint},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use draingate_common::{
-    AddrKey, EVENTS_RING_BYTES, LossCounters, MAX_ADDRS, MAX_SLOTS, MAX_SOCKETS, MAX_TASKS,
+    AddrKey, ConnKey, EVENTS_RING_BYTES, MAX_RESET_CONNS, LossCounters, MAX_ADDRS, MAX_SLOTS, MAX_SOCKETS, MAX_TASKS,
     NO_SLOT, NotableEvent, SlotCounters, SocketEntry, event_kind, tcp_state,
 };
 
@@ -85,6 +85,11 @@ static POD_TASKS: HashMap<u32, u32> = HashMap::pinned(MAX_TASKS, 0);
 /// Pod sockets not yet closed, by kernel socket address: the open-connection gauge.
 #[map]
 static SOCKETS: HashMap<u64, SocketEntry> = HashMap::pinned(MAX_SOCKETS, 0);
+
+/// Connections already counted as reset. An LRU: forgetting an old one only risks counting a
+/// late repeat, never losing a first reset.
+#[map]
+static RESET_CONNS: LruHashMap<ConnKey, u8> = LruHashMap::pinned(MAX_RESET_CONNS, 0);
 
 /// Per pod slot, per CPU counters.
 #[map]
@@ -306,9 +311,23 @@ fn try_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
             None => return Ok(()),
         },
     };
+    let conn = ConnKey {
+        local,
+        remote,
+        local_port,
+        remote_port,
+    };
     // No socket, or a listener: the segment matched no connection; for a SYN, that is a refused
-    // connection.
+    // connection, unless the connection was reset already and this answers the peer's late
+    // segments (its request, its FIN), which is the same failure again.
     let refused = sk == 0 || state == tcp_state::LISTEN;
+    // SAFETY: only presence is checked.
+    if refused && unsafe { RESET_CONNS.get(conn) }.is_some() {
+        return Ok(());
+    }
+    if !refused {
+        let _ = RESET_CONNS.insert(conn, 1, 0);
+    }
     if refused {
         count(slot, |c| c.refused += 1);
     } else {
@@ -373,14 +392,23 @@ fn try_tcp_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
     if state == tcp_state::SYN_SENT {
         return Ok(());
     }
+    let local_port: u16 = field(ctx, &RCV_SPORT)?;
+    let remote_port: u16 = field(ctx, &RCV_DPORT)?;
+    let conn = ConnKey {
+        local,
+        remote,
+        local_port,
+        remote_port,
+    };
+    let _ = RESET_CONNS.insert(conn, 1, 0);
     count(slot, |c| c.resets_received += 1);
     emit(&NotableEvent {
         time_ns: now(),
         slot,
         kind: event_kind::RESET_RECEIVED,
         tcp_state: state as u8,
-        local_port: field(ctx, &RCV_SPORT)?,
-        remote_port: field(ctx, &RCV_DPORT)?,
+        local_port,
+        remote_port,
         local,
         remote,
         ..NotableEvent::default()

@@ -66,7 +66,8 @@ impl Default for LocalSource {
 
 impl InventorySource for LocalSource {
     fn snapshot(&mut self) -> Result<Vec<ObservedPod>, InventoryError> {
-        let host = netns_inode(&self.proc_dir.join("1/ns/net"));
+        // The agent runs in the host network namespace (hostNetwork); that one is not a pod.
+        let host = netns_inode(&self.proc_dir.join("self/ns/net"));
         // Processes by network namespace inode.
         let mut pids_by_ns: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
         let proc_entries = fs::read_dir(&self.proc_dir).map_err(|source| InventoryError::Read {

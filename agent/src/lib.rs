@@ -5,6 +5,9 @@
 //! - [`loader`]: loads and attaches the eBPF programs, typed access to their maps;
 //! - [`telemetry`]: logging set up from the environment.
 
+pub mod agent;
+pub mod api;
+pub mod cli;
 pub mod drain;
 pub mod events;
 pub mod inventory;

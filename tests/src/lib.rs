@@ -216,3 +216,169 @@ impl Drop for PinDir {
         }
     }
 }
+
+/// A draingate agent running in this test process on its own pins, socket and port, with the
+/// `local` inventory and a fast resync. Stops (and removes its pins) on drop.
+pub struct TestAgent {
+    pub socket: std::path::PathBuf,
+    runtime: Option<tokio::runtime::Runtime>,
+    stop: tokio::sync::watch::Sender<bool>,
+    _pins: PinDir,
+}
+
+impl std::fmt::Debug for TestAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestAgent")
+            .field("socket", &self.socket)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TestAgent {
+    #[must_use]
+    pub fn start() -> Self {
+        let pins = PinDir::new();
+        let socket = std::env::temp_dir().join(format!(
+            "draingate-test-{}-{}.sock",
+            std::process::id(),
+            next_id()
+        ));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let config = draingate::agent::AgentConfig {
+            probes: pins.config.clone(),
+            resync: std::time::Duration::from_millis(200),
+            ..Default::default()
+        };
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let listen = draingate::api::ListenConfig {
+            grpc_addr: "127.0.0.1:0".parse().expect("address"),
+            socket: socket.clone(),
+        };
+        runtime.block_on(async {
+            let (agent, handle) = draingate::agent::Agent::new(
+                config,
+                Box::new(draingate::inventory::LocalSource::default()),
+            )
+            .expect("start the agent");
+            let mut agent_stop = stop_rx.clone();
+            tokio::spawn(agent.run(async move {
+                let _ = agent_stop.wait_for(|s| *s).await;
+            }));
+            let mut api_stop = stop_rx;
+            tokio::spawn(async move {
+                draingate::api::serve(handle, &listen, async move {
+                    let _ = api_stop.wait_for(|s| *s).await;
+                })
+                .await
+                .expect("serve the API");
+            });
+        });
+        Self {
+            socket,
+            runtime: Some(runtime),
+            stop,
+            _pins: pins,
+        }
+    }
+
+    /// Runs `f` with a gRPC client connected over the agent's unix socket, as the CLI does.
+    pub fn with_client<R>(
+        &self,
+        f: impl AsyncFnOnce(
+            &mut draingate_proto::v1::agent_client::AgentClient<tonic::transport::Channel>,
+        ) -> R,
+    ) -> R {
+        let runtime = self.runtime.as_ref().expect("running");
+        runtime.block_on(async {
+            let addr = draingate::cli::AgentAddr::Unix(self.socket.clone());
+            let mut client = loop {
+                match draingate::cli::connect(&addr).await {
+                    Ok(client) => break client,
+                    Err(_) if !self.socket.exists() => {
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    }
+                    Err(err) => panic!("connect to the test agent: {err}"),
+                }
+            };
+            f(&mut client).await
+        })
+    }
+
+    /// Polls the pod named `name` until `done` holds (the deadline only bounds a failing run),
+    /// and returns it as the API shows it.
+    #[must_use]
+    pub fn wait_for_pod(
+        &self,
+        name: &str,
+        done: impl Fn(&draingate_proto::v1::Pod) -> bool,
+    ) -> draingate_proto::v1::Pod {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            let pod = self.with_client(async |client| {
+                client
+                    .get_pod(draingate_proto::v1::GetPodRequest {
+                        pod: Some(draingate_proto::v1::PodRef {
+                            name: name.to_owned(),
+                            ..Default::default()
+                        }),
+                    })
+                    .await
+                    .map(tonic::Response::into_inner)
+            });
+            match pod {
+                Ok(pod) if done(&pod) || std::time::Instant::now() > deadline => return pod,
+                Err(status) if std::time::Instant::now() > deadline => {
+                    panic!("pod {name} never appeared: {status}")
+                }
+                _ => std::thread::sleep(std::time::Duration::from_millis(50)),
+            }
+        }
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// A child process that is killed (SIGKILL) and reaped on drop, unless it already exited.
+#[derive(Debug)]
+pub struct ChildGuard(pub std::process::Child);
+
+impl ChildGuard {
+    /// Runs `program ARGS` inside namespace `ns` (`ip netns exec` execs it: same pid).
+    #[must_use]
+    pub fn spawn_in(ns: &Netns, program: &str, args: &[&str]) -> Self {
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns.name(), program])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|err| panic!("spawn {program} in {}: {err}", ns.name()));
+        Self(child)
+    }
+
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.0.id()).expect("pid"));
+        nix::sys::signal::kill(pid, signal).expect("signal the child");
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}

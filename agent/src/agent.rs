@@ -1,0 +1,432 @@
+//! The node agent's core: reconciles the inventory with the kernel maps every second, reads
+//! notable events from the ring buffer, and keeps every pod's drain state for the API.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    os::unix::fs::MetadataExt as _,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use draingate_common::{MAX_SLOTS, NO_SLOT, NotableEvent, event_kind, tcp_state};
+use tokio::sync::{broadcast, watch};
+
+use crate::{
+    drain::{EventKind, PodDrain, PodEvent},
+    events,
+    inventory::{InventorySource, ObservedPod, PodId},
+    loader::{KernelProbes, LoaderError, ProbeConfig},
+};
+
+/// How the agent behaves; the defaults are what `draingate agent` uses.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub probes: ProbeConfig,
+    /// How often the inventory is compared with the kernel maps.
+    pub resync: Duration,
+    /// How long a vanished pod's window stays open for peers' late failures.
+    pub linger: Duration,
+    /// How long a finished pod is kept with its final totals.
+    pub retention: Duration,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            probes: ProbeConfig::default(),
+            resync: Duration::from_secs(1),
+            linger: Duration::from_secs(30),
+            retention: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    #[error(transparent)]
+    Inventory(#[from] crate::inventory::InventoryError),
+    #[error("all {MAX_SLOTS} pod slots are in use")]
+    SlotsExhausted,
+}
+
+/// Pods by uid, and what the kernel lost.
+#[derive(Debug, Default)]
+pub struct AgentState {
+    pub pods: BTreeMap<String, PodDrain>,
+    /// Kernel-side losses since the maps were created (overflows, failed reads).
+    pub lost_events: u64,
+}
+
+impl AgentState {
+    /// A pod by uid, or by `namespace/name` (the newest with that name).
+    #[must_use]
+    pub fn find(&self, namespace: &str, name: &str, uid: &str) -> Option<&PodDrain> {
+        if !uid.is_empty() {
+            return self.pods.get(uid);
+        }
+        self.pods
+            .values()
+            .filter(|p| p.id.name == name && (namespace.is_empty() || p.id.namespace == namespace))
+            .max_by_key(|p| p.timeline.first_seen)
+    }
+}
+
+/// Shared handle to a running agent.
+#[derive(Debug, Clone)]
+pub struct AgentHandle {
+    pub state: Arc<Mutex<AgentState>>,
+    /// Bumped after every change of pod state.
+    pub changed: watch::Receiver<u64>,
+    /// Every pod event as it is recorded.
+    pub events: broadcast::Sender<PodEvent>,
+    /// Whether the programs are attached (for /readyz).
+    pub ready: watch::Receiver<bool>,
+}
+
+/// The reconciler: owns the probes and the inventory source.
+pub struct Agent {
+    probes: KernelProbes,
+    source: Box<dyn InventorySource>,
+    config: AgentConfig,
+    state: Arc<Mutex<AgentState>>,
+    changed: watch::Sender<u64>,
+    events: broadcast::Sender<PodEvent>,
+    /// Offset from the kernel's boot clock to wall time.
+    boot_to_wall: Duration,
+    free_slots: BTreeSet<u32>,
+    /// Addresses each pod is watched under, and the slot of each address from a previous agent.
+    watched_by_previous: BTreeMap<IpAddr, u32>,
+    last_loss: u64,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent").finish_non_exhaustive()
+    }
+}
+
+fn boot_to_wall() -> Duration {
+    let boot = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(Duration::from)
+        .unwrap_or_default();
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .saturating_sub(boot)
+}
+
+impl Agent {
+    /// Loads the probes (taking over pinned ones) and prepares the state.
+    pub fn new(
+        config: AgentConfig,
+        source: Box<dyn InventorySource>,
+    ) -> Result<(Self, AgentHandle), AgentError> {
+        let probes = KernelProbes::load(&config.probes)?;
+        let watched_by_previous = probes.watched()?.into_iter().collect();
+        // Processes tracked by a previous agent are re-tracked from the inventory.
+        let state = Arc::new(Mutex::new(AgentState::default()));
+        let (changed, changed_rx) = watch::channel(0);
+        let (events, _) = broadcast::channel(4096);
+        let (_ready_tx, ready) = watch::channel(true);
+        let handle = AgentHandle {
+            state: Arc::clone(&state),
+            changed: changed_rx,
+            events: events.clone(),
+            ready,
+        };
+        let agent = Self {
+            probes,
+            source,
+            config,
+            state,
+            changed,
+            events,
+            boot_to_wall: boot_to_wall(),
+            free_slots: (0..MAX_SLOTS).collect(),
+            watched_by_previous,
+            last_loss: 0,
+        };
+        Ok((agent, handle))
+    }
+
+    fn wall(&self, boot_ns: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + self.boot_to_wall + Duration::from_nanos(boot_ns)
+    }
+
+    /// Runs until `shutdown` resolves: resyncs every `resync`, handles events as they come.
+    pub async fn run(
+        mut self,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), AgentError> {
+        let ring = self.probes.take_events().ok_or(AgentError::Loader(
+            LoaderError::MissingMap("EVENTS"),
+        ))?;
+        // SAFETY: the ring buffer owns its map fd, which stays open and the same for the ring
+        // buffer's whole life, and the AsyncFd owns the ring buffer.
+        let registered = unsafe { tokio::io::unix::AsyncFd::register(ring) };
+        let mut ring = registered.map_err(|source| {
+            AgentError::Loader(LoaderError::PinDir {
+                path: self.config.probes.pin_dir.clone(),
+                source: source.into(),
+            })
+        })?;
+        let mut ticker = tokio::time::interval(self.config.resync);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                _ = ticker.tick() => {
+                    if let Err(err) = self.resync() {
+                        tracing::warn!(error = %err, "resync failed; retrying");
+                    }
+                }
+                guard = ring.readable_mut() => {
+                    let Ok(mut guard) = guard else { continue };
+                    let mut batch = Vec::new();
+                    while let Some(record) = guard.get_inner_mut().next() {
+                        match events::decode(&record[..]) {
+                            Some(event) => batch.push(event),
+                            None => tracing::warn!(len = record.len(), "malformed event record"),
+                        }
+                    }
+                    guard.clear_ready();
+                    for event in batch {
+                        self.handle_event(&event);
+                    }
+                    self.publish();
+                }
+            }
+        }
+        tracing::info!("agent stopping; programs stay attached and maps pinned");
+        Ok(())
+    }
+
+    fn publish(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Compares the inventory with what the kernel watches, and refreshes every pod's counters.
+    pub fn resync(&mut self) -> Result<(), AgentError> {
+        let observed = self.source.snapshot()?;
+        let now = SystemTime::now();
+        let loss = self.probes.loss()?;
+        let lost_total = loss.read_errors + loss.socket_table_full + loss.ring_full;
+        let shared = Arc::clone(&self.state);
+        let mut state = shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        state.lost_events = lost_total;
+        let new_loss = lost_total > self.last_loss;
+        if new_loss {
+            tracing::warn!(?loss, "the kernel programs lost events");
+        }
+
+        let mut seen = BTreeSet::new();
+        for pod in observed {
+            seen.insert(pod.id.uid.clone());
+            if !state.pods.contains_key(&pod.id.uid) {
+                let slot = self.allocate_slot(&pod)?;
+                tracing::info!(pod = %pod.id.name, uid = %pod.id.uid, slot, addresses = ?pod.addresses, "new pod");
+                state
+                    .pods
+                    .insert(pod.id.uid.clone(), PodDrain::new(pod.id.clone(), slot, now));
+            }
+            let drain = state.pods.get_mut(&pod.id.uid).expect("inserted above");
+            self.sync_pod(drain, &pod, now)?;
+        }
+
+        let linger = self.config.linger;
+        let retention = self.config.retention;
+        let mut expired = Vec::new();
+        for (uid, drain) in &mut state.pods {
+            if !seen.contains(uid) && drain.timeline.gone_at.is_none() {
+                tracing::info!(pod = %drain.id.name, uid, "pod gone");
+                drain.timeline.gone_at = Some(now);
+                for addr in std::mem::take(&mut drain.addresses) {
+                    self.probes.unwatch(addr)?;
+                }
+                for pid in std::mem::take(&mut drain.pids) {
+                    self.probes.untrack_task(pid)?;
+                }
+                drain.exited(now);
+            }
+            if !drain.window_closed {
+                let totals = self.probes.slot_totals(drain.slot)?;
+                drain.update_totals(totals, now);
+                if totals.last_accept_ns != 0 {
+                    drain.timeline.last_accepted = Some(self.wall(totals.last_accept_ns));
+                }
+                if new_loss && drain.timeline.terminating_since.is_some() {
+                    drain.lost = Some(format!(
+                        "the kernel lost events while the pod terminated ({loss:?})"
+                    ));
+                }
+            }
+            if let Some(gone) = drain.timeline.gone_at {
+                let since = now.duration_since(gone).unwrap_or_default();
+                if since >= linger {
+                    drain.window_closed = true;
+                }
+                if since >= linger + retention {
+                    expired.push(uid.clone());
+                }
+            }
+        }
+        for uid in expired {
+            if let Some(drain) = state.pods.remove(&uid) {
+                self.free_slots.insert(drain.slot);
+            }
+        }
+        self.last_loss = lost_total;
+        drop(state);
+        self.publish();
+        Ok(())
+    }
+
+    fn allocate_slot(&mut self, pod: &ObservedPod) -> Result<u32, AgentError> {
+        // After a restart, a pod keeps the slot the previous agent gave its address: its counts
+        // and open sockets are there.
+        if let Some(slot) = pod
+            .addresses
+            .iter()
+            .find_map(|addr| self.watched_by_previous.remove(addr))
+            && self.free_slots.remove(&slot)
+        {
+            return Ok(slot);
+        }
+        let slot = self.free_slots.pop_first().ok_or(AgentError::SlotsExhausted)?;
+        self.probes.reset_slot(slot)?;
+        Ok(slot)
+    }
+
+    fn sync_pod(
+        &mut self,
+        drain: &mut PodDrain,
+        pod: &ObservedPod,
+        now: SystemTime,
+    ) -> Result<(), AgentError> {
+        for addr in &pod.addresses {
+            if !drain.addresses.contains(addr) {
+                self.probes.watch(*addr, drain.slot)?;
+            }
+        }
+        for addr in &drain.addresses {
+            if !pod.addresses.contains(addr) {
+                self.probes.unwatch(*addr)?;
+            }
+        }
+        drain.addresses.clone_from(&pod.addresses);
+        for pid in &pod.pids {
+            if !drain.pids.contains(pid) {
+                self.probes.track_task(*pid, drain.slot)?;
+            }
+        }
+        for pid in &drain.pids {
+            if !pod.pids.contains(pid) {
+                self.probes.untrack_task(*pid)?;
+            }
+        }
+        let had_processes = !drain.pids.is_empty();
+        drain.pids.clone_from(&pod.pids);
+        if had_processes && drain.pids.is_empty() {
+            drain.exited(now);
+        }
+        Ok(())
+    }
+
+    /// The pod a SIGNAL or EXIT event is about.
+    fn pod_of_process(state: &AgentState, slot: u32, pid: u32) -> Option<String> {
+        if slot != NO_SLOT
+            && let Some(pod) = state.pods.values().find(|p| p.slot == slot && p.timeline.gone_at.is_none())
+        {
+            return Some(pod.id.uid.clone());
+        }
+        if let Some(pod) = state.pods.values().find(|p| p.pids.contains(&pid)) {
+            return Some(pod.id.uid.clone());
+        }
+        // A process the last resync did not see yet: its namespace says which pod.
+        let inode = std::fs::metadata(format!("/proc/{pid}/ns/net")).ok()?.ino();
+        let uid = format!("netns-{inode}");
+        state.pods.contains_key(&uid).then_some(uid)
+    }
+
+    fn handle_event(&mut self, event: &NotableEvent) {
+        let time = self.wall(event.time_ns);
+        let shared = Arc::clone(&self.state);
+        let mut state = shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match event.kind {
+            event_kind::SIGNAL => {
+                let Some(uid) = Self::pod_of_process(&state, event.slot, event.pid) else {
+                    return;
+                };
+                let Some(pod) = state.pods.get_mut(&uid) else { return };
+                // Totals at the very moment matter for the window's base: read them now.
+                if let Ok(totals) = self.probes.slot_totals(pod.slot) {
+                    pod.update_totals(totals, time);
+                }
+                pod.open_window(time);
+                if u32::from(event.signal) == 9 && pod.timeline.sigkill_at.is_none() {
+                    pod.timeline.sigkill_at = Some(time);
+                }
+                tracing::info!(pod = %pod.id.name, signal = event.signal, pid = event.pid, "termination signal");
+            }
+            event_kind::EXIT => {
+                let Some(uid) = Self::pod_of_process(&state, event.slot, event.pid) else {
+                    return;
+                };
+                let Some(pod) = state.pods.get_mut(&uid) else { return };
+                pod.pids.retain(|&p| p != event.pid);
+                let _ = self.probes.untrack_task(event.pid);
+                if pod.pids.is_empty() {
+                    if let Ok(totals) = self.probes.slot_totals(pod.slot) {
+                        pod.update_totals(totals, time);
+                    }
+                    pod.exited(time);
+                    tracing::info!(pod = %pod.id.name, open_at_exit = ?pod.open_at_exit, "last process exited");
+                }
+            }
+            kind => {
+                let kind = match kind {
+                    event_kind::RESET_SENT => EventKind::ResetSent,
+                    event_kind::RESET_RECEIVED => EventKind::ResetReceived,
+                    event_kind::REFUSED => EventKind::Refused,
+                    event_kind::CONNECT_FAILED => EventKind::ConnectFailed,
+                    _ => return,
+                };
+                let Some(pod) = state
+                    .pods
+                    .values_mut()
+                    .filter(|p| p.slot == event.slot)
+                    .max_by_key(|p| p.timeline.first_seen)
+                else {
+                    return;
+                };
+                let in_window = pod.timeline.terminating_since.is_some_and(|since| time >= since)
+                    && !pod.window_closed;
+                let pod_event = PodEvent {
+                    pod: pod.id.clone(),
+                    kind,
+                    time,
+                    local: IpAddr::from(event.local),
+                    local_port: event.local_port,
+                    remote: IpAddr::from(event.remote),
+                    remote_port: event.remote_port,
+                    tcp_state: tcp_state::name(u32::from(event.tcp_state)),
+                    reason: event.reason,
+                    in_window,
+                };
+                pod.push_event(pod_event.clone());
+                // Nobody following is fine.
+                let _ = self.events.send(pod_event);
+            }
+        }
+    }
+}
+
+/// The identity of a pod as the API names it (for errors).
+#[must_use]
+pub fn describe(id: &PodId) -> String {
+    format!("{}/{}", id.namespace, id.name)
+}

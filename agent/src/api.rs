@@ -1,0 +1,408 @@
+//! gRPC faces of the agent: `draingate.v1.Agent`, grpc.health.v1 and reflection, on TCP and on a
+//! unix socket. The tonic impl only maps domain state to messages and errors to `Status`.
+
+use std::{path::PathBuf, pin::Pin, time::Duration};
+
+use draingate_proto::v1::{
+    self as pb,
+    agent_server::{Agent as AgentService, AgentServer},
+};
+use tokio::sync::mpsc;
+use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    agent::{AgentHandle, AgentState},
+    drain::{EventKind, Phase, PodDrain, PodEvent, Verdict},
+};
+
+/// Default TCP address of the agent's gRPC API.
+pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:9560";
+/// Default unix socket of the agent's gRPC API (what the CLI uses).
+pub const DEFAULT_SOCKET: &str = "/run/draingate/agent.sock";
+/// Longest wait a `WaitDrained` call may ask for.
+pub const MAX_WAIT: Duration = Duration::from_secs(3600);
+
+/// The `draingate.v1.Agent` service over a running agent.
+#[derive(Debug, Clone)]
+pub struct AgentApi {
+    handle: AgentHandle,
+}
+
+impl AgentApi {
+    #[must_use]
+    pub fn new(handle: AgentHandle) -> Self {
+        Self { handle }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, AgentState> {
+        self.handle
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn find(&self, pod: Option<&pb::PodRef>) -> Result<pb::Pod, Status> {
+        let pod = pod.ok_or_else(|| Status::invalid_argument("pod is required"))?;
+        if pod.uid.is_empty() && pod.name.is_empty() {
+            return Err(Status::invalid_argument("pod needs a uid or a name"));
+        }
+        let state = self.state();
+        state
+            .find(&pod.namespace, &pod.name, &pod.uid)
+            .map(pod_message)
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no pod {}{}{} on this node (see `draingate pods`)",
+                    if pod.namespace.is_empty() { "" } else { &pod.namespace },
+                    if pod.namespace.is_empty() { "" } else { "/" },
+                    if pod.uid.is_empty() { &pod.name } else { &pod.uid },
+                ))
+            })
+    }
+}
+
+fn timestamp(time: Option<std::time::SystemTime>) -> Option<prost_types::Timestamp> {
+    time.map(prost_types::Timestamp::from)
+}
+
+fn counters(t: &crate::loader::SlotTotals) -> pb::Counters {
+    pb::Counters {
+        accepted: t.accepted,
+        opened: t.opened,
+        resets_sent: t.resets_sent,
+        resets_received: t.resets_received,
+        refused: t.refused,
+        failed_connects: t.failed_connects,
+    }
+}
+
+/// The API's view of a pod.
+#[must_use]
+pub fn pod_message(pod: &PodDrain) -> pb::Pod {
+    let (verdict, reason) = pod.verdict_and_reason();
+    let t = &pod.timeline;
+    pb::Pod {
+        pod: Some(pb::PodRef {
+            namespace: pod.id.namespace.clone(),
+            name: pod.id.name.clone(),
+            uid: pod.id.uid.clone(),
+        }),
+        addresses: pod.addresses.iter().map(ToString::to_string).collect(),
+        phase: match pod.phase() {
+            Phase::Running => pb::Phase::Running,
+            Phase::Terminating => pb::Phase::Terminating,
+            Phase::Exited => pb::Phase::Exited,
+        }
+        .into(),
+        open: pod.totals.open,
+        total: Some(counters(&pod.totals)),
+        window: Some(counters(&pod.window())),
+        errors: pod.errors(),
+        open_at_exit: pod.open_at_exit.unwrap_or(0),
+        verdict: match verdict {
+            Verdict::None => pb::Verdict::None,
+            Verdict::Pending => pb::Verdict::Pending,
+            Verdict::Pass => pb::Verdict::Pass,
+            Verdict::Fail => pb::Verdict::Fail,
+            Verdict::Unknown => pb::Verdict::Unknown,
+        }
+        .into(),
+        reason,
+        timeline: Some(pb::Timeline {
+            terminating_since: timestamp(t.terminating_since),
+            last_accepted: timestamp(t.last_accepted),
+            left_endpoints: None,
+            drained_at: timestamp(t.drained_at),
+            exited_at: timestamp(t.exited_at),
+            sigkill_at: timestamp(t.sigkill_at),
+        }),
+        ..pb::Pod::default()
+    }
+}
+
+/// The API's view of an event.
+#[must_use]
+pub fn event_message(event: &PodEvent) -> pb::Event {
+    pb::Event {
+        pod: Some(pb::PodRef {
+            namespace: event.pod.namespace.clone(),
+            name: event.pod.name.clone(),
+            uid: event.pod.uid.clone(),
+        }),
+        kind: match event.kind {
+            EventKind::ResetSent => pb::EventKind::ResetSent,
+            EventKind::ResetReceived => pb::EventKind::ResetReceived,
+            EventKind::Refused => pb::EventKind::Refused,
+            EventKind::ConnectFailed => pb::EventKind::ConnectFailed,
+        }
+        .into(),
+        time: Some(prost_types::Timestamp::from(event.time)),
+        local_address: event.local.to_string(),
+        local_port: event.local_port.into(),
+        remote_address: event.remote.to_string(),
+        remote_port: event.remote_port.into(),
+        tcp_state: event.tcp_state.to_owned(),
+        reason: if event.reason == 0 {
+            String::new()
+        } else {
+            event.reason.to_string()
+        },
+        in_window: event.in_window,
+    }
+}
+
+fn matches(filter: Option<&pb::PodRef>, event: &PodEvent) -> bool {
+    filter.is_none_or(|f| {
+        (f.uid.is_empty() || f.uid == event.pod.uid)
+            && (f.name.is_empty() || f.name == event.pod.name)
+            && (f.namespace.is_empty() || f.namespace == event.pod.namespace)
+    })
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    async fn list_pods(
+        &self,
+        _request: Request<pb::ListPodsRequest>,
+    ) -> Result<Response<pb::ListPodsResponse>, Status> {
+        let state = self.state();
+        Ok(Response::new(pb::ListPodsResponse {
+            pods: state.pods.values().map(pod_message).collect(),
+            lost_events: state.lost_events,
+        }))
+    }
+
+    async fn get_pod(&self, request: Request<pb::GetPodRequest>) -> Result<Response<pb::Pod>, Status> {
+        self.find(request.get_ref().pod.as_ref()).map(Response::new)
+    }
+
+    type WatchPodsStream = BoxStream<pb::PodUpdate>;
+
+    async fn watch_pods(
+        &self,
+        _request: Request<pb::WatchPodsRequest>,
+    ) -> Result<Response<Self::WatchPodsStream>, Status> {
+        let (tx, rx) = mpsc::channel(64);
+        let api = self.clone();
+        let mut changed = self.handle.changed.clone();
+        tokio::spawn(async move {
+            let mut sent: std::collections::BTreeMap<String, pb::Pod> = Default::default();
+            loop {
+                let pods: Vec<pb::Pod> = api.state().pods.values().map(pod_message).collect();
+                let mut updates = Vec::new();
+                let current: std::collections::BTreeSet<String> = pods
+                    .iter()
+                    .filter_map(|p| p.pod.as_ref().map(|r| r.uid.clone()))
+                    .collect();
+                for pod in pods {
+                    let uid = pod.pod.as_ref().map(|r| r.uid.clone()).unwrap_or_default();
+                    if sent.get(&uid) != Some(&pod) {
+                        sent.insert(uid, pod.clone());
+                        updates.push(pb::pod_update::Change::Upserted(pod));
+                    }
+                }
+                let removed: Vec<String> = sent.keys().filter(|k| !current.contains(*k)).cloned().collect();
+                for uid in removed {
+                    if let Some(pod) = sent.remove(&uid) {
+                        updates.push(pb::pod_update::Change::Removed(pod.pod.unwrap_or_default()));
+                    }
+                }
+                for change in updates {
+                    if tx.send(Ok(pb::PodUpdate { change: Some(change) })).await.is_err() {
+                        return;
+                    }
+                }
+                if changed.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type StreamEventsStream = BoxStream<pb::Event>;
+
+    async fn stream_events(
+        &self,
+        request: Request<pb::StreamEventsRequest>,
+    ) -> Result<Response<Self::StreamEventsStream>, Status> {
+        let request = request.into_inner();
+        let filter = request.pod.clone();
+        if let Some(pod) = &filter
+            && (!pod.uid.is_empty() || !pod.name.is_empty())
+        {
+            self.find(Some(pod))?;
+        }
+        // Subscribe before reading the backlog, so nothing falls between the two.
+        let mut live = self.handle.events.subscribe();
+        let mut backlog: Vec<PodEvent> = self
+            .state()
+            .pods
+            .values()
+            .flat_map(|p| p.events.iter().cloned())
+            .filter(|e| matches(filter.as_ref(), e))
+            .collect();
+        backlog.sort_by_key(|e| e.time);
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            let last = backlog.last().map(|e| e.time);
+            for event in &backlog {
+                if tx.send(Ok(event_message(event))).await.is_err() {
+                    return;
+                }
+            }
+            if !request.follow {
+                return;
+            }
+            loop {
+                match live.recv().await {
+                    Ok(event) => {
+                        if last.is_some_and(|t| event.time <= t) || !matches(filter.as_ref(), &event) {
+                            continue;
+                        }
+                        if tx.send(Ok(event_message(&event))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let status = Status::data_loss(format!("the client fell behind; {n} events skipped"));
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn wait_drained(
+        &self,
+        request: Request<pb::WaitDrainedRequest>,
+    ) -> Result<Response<pb::WaitDrainedResponse>, Status> {
+        let request = request.into_inner();
+        let timeout = match request.timeout {
+            Some(d) => Duration::try_from(d)
+                .map_err(|_| Status::invalid_argument("timeout must not be negative"))?,
+            None => Duration::from_secs(60),
+        }
+        .min(MAX_WAIT);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut changed = self.handle.changed.clone();
+        loop {
+            let pod = self.find(request.pod.as_ref())?;
+            if pod.open == 0 {
+                let outcome = if pod.errors == 0 && pod.verdict != i32::from(pb::Verdict::Fail) {
+                    pb::DrainOutcome::DrainedClean
+                } else {
+                    pb::DrainOutcome::DrainedDirty
+                };
+                return Ok(Response::new(pb::WaitDrainedResponse {
+                    outcome: outcome.into(),
+                    pod: Some(pod),
+                }));
+            }
+            match tokio::time::timeout_at(deadline, changed.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(Status::unavailable("the agent is shutting down")),
+                Err(_) => {
+                    return Ok(Response::new(pb::WaitDrainedResponse {
+                        outcome: pb::DrainOutcome::TimedOut.into(),
+                        pod: Some(pod),
+                    }));
+                }
+            }
+        }
+    }
+}
+
+/// Where the gRPC API listens.
+#[derive(Debug, Clone)]
+pub struct ListenConfig {
+    pub grpc_addr: std::net::SocketAddr,
+    pub socket: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {what}: {source}")]
+    Listen {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Serves the agent API on TCP and the unix socket until `shutdown` resolves.
+pub async fn serve(
+    handle: AgentHandle,
+    listen: &ListenConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let tcp = tokio::net::TcpListener::bind(listen.grpc_addr)
+        .await
+        .map_err(|source| ServeError::Listen {
+            what: listen.grpc_addr.to_string(),
+            source,
+        })?;
+    if let Some(dir) = listen.socket.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| ServeError::Listen {
+            what: dir.display().to_string(),
+            source,
+        })?;
+    }
+    // A socket left by an agent that died is in the way; a live agent would hold the TCP port.
+    let _ = std::fs::remove_file(&listen.socket);
+    let unix = tokio::net::UnixListener::bind(&listen.socket).map_err(|source| ServeError::Listen {
+        what: listen.socket.display().to_string(),
+        source,
+    })?;
+
+    let (shutdown_tx, _) = tokio::sync::broadcast::channel::<()>(1);
+    let make_router = || -> Result<tonic::transport::server::Router, ServeError> {
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(draingate_proto::v1::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let service = AgentServer::new(AgentApi::new(handle.clone()));
+        tokio::spawn(async move {
+            health_reporter
+                .set_serving::<AgentServer<AgentApi>>()
+                .await;
+        });
+        Ok(tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(service))
+    };
+    let mut tcp_stop = shutdown_tx.subscribe();
+    let mut unix_stop = shutdown_tx.subscribe();
+    let tcp_server = make_router()?.serve_with_incoming_shutdown(
+        tokio_stream::wrappers::TcpListenerStream::new(tcp),
+        async move {
+            let _ = tcp_stop.recv().await;
+        },
+    );
+    let unix_server = make_router()?.serve_with_incoming_shutdown(
+        tokio_stream::wrappers::UnixListenerStream::new(unix),
+        async move {
+            let _ = unix_stop.recv().await;
+        },
+    );
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = shutdown_tx.send(());
+    });
+    let (a, b) = tokio::join!(tcp_server, unix_server);
+    let _ = std::fs::remove_file(&listen.socket);
+    a?;
+    b?;
+    Ok(())
+}

@@ -1,0 +1,199 @@
+//! The agent end to end, on the real kernel: a real server process in its own namespace, real
+//! clients in another, termination by real signals, and the verdict read over gRPC exactly as
+//! `draingate pods` reads it. The clients' own record is the ground truth.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use draingate_proto::v1::{Pod, Verdict};
+use draingate_tests::{ChildGuard, Family, Link, TestAgent, require_root};
+use nix::sys::signal::Signal;
+
+const SERVER: &str = env!("CARGO_BIN_EXE_draingate-test-server");
+const PORT: u16 = 8080;
+const CLIENTS: usize = 4;
+
+/// What one request on a keep-alive connection came to.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    Ok { close: bool },
+    Failed,
+}
+
+/// Sends one GET and reads the response (`Content-Length: 2`).
+fn request(conn: &mut TcpStream) -> Outcome {
+    if conn.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").is_err() {
+        return Outcome::Failed;
+    }
+    let mut response = Vec::new();
+    let mut chunk = [0u8; 512];
+    loop {
+        match conn.read(&mut chunk) {
+            Ok(0) | Err(_) => return Outcome::Failed,
+            Ok(n) => response.extend_from_slice(&chunk[..n]),
+        }
+        if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n")
+            && response.len() >= end + 4 + 2
+        {
+            let head = String::from_utf8_lossy(&response[..end]);
+            return Outcome::Ok {
+                close: head.contains("Connection: close"),
+            };
+        }
+    }
+}
+
+fn connect(link: &Link, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    link.a.run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
+}
+
+/// Starts the test server in namespace `b` and waits until it accepts connections.
+fn start_server(link: &Link, mode: &str) -> (ChildGuard, SocketAddr) {
+    let addr = SocketAddr::new(link.b_addr, PORT);
+    let listen = addr.to_string();
+    let server = ChildGuard::spawn_in(&link.b, SERVER, &["--listen", &listen, "--mode", mode]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while connect(link, addr).is_err() {
+        assert!(Instant::now() < deadline, "the test server never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (server, addr)
+}
+
+fn verdict(pod: &Pod) -> Verdict {
+    Verdict::try_from(pod.verdict).unwrap_or(Verdict::Unspecified)
+}
+
+#[test]
+fn graceful_drain_under_load_passes() {
+    require_root();
+    let link = Link::new("grace", Family::V4);
+    let agent = TestAgent::start();
+    let (mut server, addr) = start_server(&link, "graceful");
+    let pod_name = link.b.name().to_owned();
+    agent.wait_for_pod(&pod_name, |p| !p.addresses.is_empty());
+
+    // Clients send back to back on keep-alive connections until the server says it closes.
+    let (successes, failures) = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|_| {
+                let mut conn = connect(&link, addr).expect("connect");
+                scope.spawn(move || {
+                    let (mut ok, mut failed) = (0u64, 0u64);
+                    loop {
+                        match request(&mut conn) {
+                            Outcome::Ok { close } => {
+                                ok += 1;
+                                if close {
+                                    break;
+                                }
+                            }
+                            Outcome::Failed => {
+                                failed += 1;
+                                break;
+                            }
+                        }
+                    }
+                    (ok, failed)
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        server.signal(Signal::SIGTERM);
+        clients
+            .into_iter()
+            .map(|c| c.join().expect("client"))
+            .fold((0, 0), |(a, b), (ok, failed)| (a + ok, b + failed))
+    });
+    let status = server.0.wait().expect("server exit");
+    assert!(status.success(), "graceful server exit: {status}");
+    assert!(successes > CLIENTS as u64, "the clients made load");
+    assert_eq!(failures, 0, "a graceful drain loses nothing");
+
+    let pod = agent.wait_for_pod(&pod_name, |p| verdict(p) != Verdict::Pending);
+    assert_eq!(verdict(&pod), Verdict::Pass, "{pod:#?}");
+    assert_eq!(pod.errors, 0);
+    assert_eq!(pod.open, 0);
+    assert_eq!(pod.open_at_exit, 0);
+    let timeline = pod.timeline.expect("timeline");
+    let drained = timeline.drained_at.expect("drained_at");
+    let exited = timeline.exited_at.expect("exited_at");
+    assert!(timeline.terminating_since.is_some());
+    assert!(
+        (drained.seconds, drained.nanos) <= (exited.seconds, exited.nanos),
+        "open reached 0 before the exit: {timeline:?}"
+    );
+    assert_eq!(pod.total.expect("totals").accepted, CLIENTS as u64 + 1);
+}
+
+#[test]
+fn abrupt_exit_fails_with_resets_equal_to_client_failures() {
+    require_root();
+    let link = Link::new("abrupt", Family::V4);
+    let agent = TestAgent::start();
+    let (server, addr) = start_server(&link, "abrupt");
+    let pod_name = link.b.name().to_owned();
+    agent.wait_for_pod(&pod_name, |p| !p.addresses.is_empty());
+
+    // Keep-alive clients that have been served, each with its connection open.
+    let mut conns: Vec<TcpStream> = (0..CLIENTS)
+        .map(|_| {
+            let mut conn = connect(&link, addr).expect("connect");
+            for _ in 0..3 {
+                assert_eq!(request(&mut conn), Outcome::Ok { close: false });
+            }
+            conn
+        })
+        .collect();
+    agent.wait_for_pod(&pod_name, |p| p.open == CLIENTS as u64);
+
+    // SIGKILL: no drain at all. Then the clients go on sending, and reconnect once.
+    server.signal(Signal::SIGKILL);
+    let mut server = server;
+    server.0.wait().expect("server exit");
+    let mut failures = 0u64;
+    for conn in &mut conns {
+        if request(conn) == Outcome::Failed {
+            failures += 1;
+        }
+        if connect(&link, addr).is_err() {
+            failures += 1;
+        }
+    }
+    drop(conns);
+    assert_eq!(failures, 2 * CLIENTS as u64, "every client saw its request and reconnect fail");
+
+    let pod = agent.wait_for_pod(&pod_name, |p| p.errors >= failures);
+    assert_eq!(verdict(&pod), Verdict::Fail, "{pod:#?}");
+    assert_eq!(pod.errors, failures, "agent errors == client failures: {pod:#?}");
+    let window = pod.window.expect("window counters");
+    assert_eq!(window.resets_sent, CLIENTS as u64, "{window:?}");
+    assert_eq!(window.refused, CLIENTS as u64, "{window:?}");
+    assert_eq!(pod.open_at_exit, CLIENTS as u64);
+    assert!(pod.timeline.expect("timeline").sigkill_at.is_some());
+
+    // Each error keeps its event.
+    let events = agent.with_client(async |client| {
+        let mut stream = client
+            .stream_events(draingate_proto::v1::StreamEventsRequest {
+                pod: Some(draingate_proto::v1::PodRef {
+                    name: pod_name.clone(),
+                    ..Default::default()
+                }),
+                follow: false,
+            })
+            .await
+            .expect("stream events")
+            .into_inner();
+        let mut events = Vec::new();
+        while let Some(event) = stream.message().await.expect("event") {
+            events.push(event);
+        }
+        events
+    });
+    let in_window = events.iter().filter(|e| e.in_window).count() as u64;
+    assert_eq!(in_window, failures, "{events:#?}");
+}
