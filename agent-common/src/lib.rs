@@ -89,11 +89,17 @@ pub struct SlotCounters {
     pub refused: u64,
     /// Connects by the pod that never got established (`SYN_SENT` → `CLOSE`).
     pub failed_connects: u64,
-    /// Sockets that started being tracked minus those that closed; summed over CPUs it is the
-    /// open-connection gauge (a CPU's share alone may be negative, hence wrapping arithmetic).
-    pub open_delta: u64,
+    /// Reserved (was a per-CPU gauge share; the gauge is the shared `OPEN` array now).
+    pub reserved: u64,
     /// Kernel time (`bpf_ktime_get_boot_ns`) of the last accepted connection.
     pub last_accept_ns: u64,
+    /// The same counts, only while the pod's termination window is open (`WINDOWS`): counted in
+    /// the kernel, so that nothing depends on when user space reads.
+    pub win_accepted: u64,
+    pub win_resets_sent: u64,
+    pub win_resets_received: u64,
+    pub win_refused: u64,
+    pub win_failed_connects: u64,
 }
 
 /// Per CPU: events the kernel programs could not account for. Any non-zero field means counts
@@ -169,7 +175,8 @@ pub struct NotableEvent {
     pub pad: u8,
     pub local_port: u16,
     pub remote_port: u16,
-    pub pad2: u32,
+    /// EXIT: the pod's open connections when its last process exited.
+    pub open: u32,
     pub local: AddrKey,
     pub remote: AddrKey,
 }
@@ -211,7 +218,7 @@ pub mod tcp_state {
 }
 
 const _: () = assert!(size_of::<AddrKey>() == 16);
-const _: () = assert!(size_of::<SlotCounters>() == 64);
+const _: () = assert!(size_of::<SlotCounters>() == 104);
 const _: () = assert!(size_of::<LossCounters>() == 24);
 const _: () = assert!(size_of::<SocketEntry>() == 16);
 const _: () = assert!(size_of::<NotableEvent>() == 64);

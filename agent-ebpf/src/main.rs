@@ -7,16 +7,24 @@
 //! exception is process exit, which runs in the exiting task.
 #![no_std]
 #![no_main]
+// The bpf target has no compare-and-swap, so `AtomicU64::fetch_add` is not offered; the
+// intrinsic lowers to the BPF atomic add instruction that every kernel supports.
+#![feature(core_intrinsics)]
+#![expect(
+    internal_features,
+    reason = "atomic add without compare-and-swap on bpf"
+)]
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_boot_ns},
     macros::{map, tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use draingate_common::{
-    AddrKey, ConnKey, EVENTS_RING_BYTES, MAX_RESET_CONNS, LossCounters, MAX_ADDRS, MAX_SLOTS, MAX_SOCKETS, MAX_TASKS,
-    NO_SLOT, NotableEvent, SlotCounters, SocketEntry, event_kind, tcp_state,
+    AddrKey, ConnKey, EVENTS_RING_BYTES, LossCounters, MAX_ADDRS, MAX_RESET_CONNS, MAX_SLOTS,
+    MAX_SOCKETS, MAX_TASKS, NO_SLOT, NotableEvent, SlotCounters, SocketEntry, event_kind,
+    tcp_state,
 };
 
 const AF_INET: u16 = 2;
@@ -91,6 +99,16 @@ static SOCKETS: HashMap<u64, SocketEntry> = HashMap::pinned(MAX_SOCKETS, 0);
 #[map]
 static RESET_CONNS: LruHashMap<ConnKey, u8> = LruHashMap::pinned(MAX_RESET_CONNS, 0);
 
+/// Per pod slot: when its termination window opened (boot-clock ns), 0 while none is open.
+/// Opened here on SIGTERM/SIGKILL to a known pod process, or by user space.
+#[map]
+static WINDOWS: Array<u64> = Array::pinned(MAX_SLOTS, 0);
+
+/// Per pod slot: its open connections, a gauge shared by all CPUs and updated atomically, so
+/// that a program can read it whole (at process exit).
+#[map]
+static OPEN: Array<u64> = Array::pinned(MAX_SLOTS, 0);
+
 /// Per pod slot, per CPU counters.
 #[map]
 static SLOT_COUNTERS: PerCpuArray<SlotCounters> = PerCpuArray::pinned(MAX_SLOTS, 0);
@@ -137,11 +155,38 @@ fn loss(update: impl FnOnce(&mut LossCounters)) {
     }
 }
 
-fn count(slot: u32, update: impl FnOnce(&mut SlotCounters)) {
+/// Updates `slot`'s counters; `update` learns whether the termination window is open.
+fn count(slot: u32, update: impl FnOnce(&mut SlotCounters, bool)) {
+    let in_window = WINDOWS.get(slot).is_some_and(|&since| since != 0);
     if let Some(counters) = SLOT_COUNTERS.get_ptr_mut(slot) {
         // SAFETY: per-CPU entry, and programs do not migrate between CPUs while running.
-        update(unsafe { &mut *counters });
+        update(unsafe { &mut *counters }, in_window);
     }
+}
+
+/// Adds `delta` (wrapping: `u64::MAX` is -1) to `slot`'s open-connection gauge, atomically.
+fn add_open(slot: u32, delta: u64) {
+    if let Some(open) = OPEN.get_ptr_mut(slot) {
+        // SAFETY: an aligned u64 map value that lives as long as the map; every write to it is
+        // this atomic add.
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                open, delta,
+            );
+        }
+    }
+}
+
+fn open_now(slot: u32) -> u64 {
+    OPEN.get_ptr(slot).map_or(0, |open| {
+        // SAFETY: as in `add_open`; an aligned 64-bit load is not torn.
+        unsafe { core::ptr::read_volatile(open) }
+    })
+}
+
+/// `1` inside the window, `0` outside: added to the window counters.
+fn w(in_window: bool) -> u64 {
+    u64::from(in_window)
 }
 
 fn pod_of(addr: &AddrKey) -> Option<u32> {
@@ -206,7 +251,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             since_ns: time_ns,
         };
         if SOCKETS.insert(sk, entry, NOEXIST).is_ok() {
-            count(slot, |c| c.open_delta = c.open_delta.wrapping_add(1));
+            add_open(slot, 1);
         } else {
             loss(|l| l.socket_table_full += 1);
         }
@@ -214,13 +259,17 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     };
 
     match (old, new) {
-        (tcp_state::SYN_RECV, tcp_state::ESTABLISHED) => count(slot, |c| {
+        (tcp_state::SYN_RECV, tcp_state::ESTABLISHED) => count(slot, |c, win| {
             c.accepted += 1;
+            c.win_accepted += w(win);
             c.last_accept_ns = time_ns;
         }),
-        (tcp_state::SYN_SENT, tcp_state::ESTABLISHED) => count(slot, |c| c.opened += 1),
+        (tcp_state::SYN_SENT, tcp_state::ESTABLISHED) => count(slot, |c, _| c.opened += 1),
         (tcp_state::SYN_SENT, tcp_state::CLOSE) => {
-            count(slot, |c| c.failed_connects += 1);
+            count(slot, |c, win| {
+                c.failed_connects += 1;
+                c.win_failed_connects += w(win);
+            });
             emit_set_state_event(ctx, slot, old, time_ns)?;
         }
         _ => {}
@@ -228,7 +277,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
 
     if new == tcp_state::CLOSE {
         if SOCKETS.remove(sk).is_ok() {
-            count(slot, |c| c.open_delta = c.open_delta.wrapping_sub(1));
+            add_open(slot, u64::MAX);
         }
     } else if let Some(entry) = SOCKETS.get_ptr_mut(sk) {
         // SAFETY: as above.
@@ -329,9 +378,15 @@ fn try_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
         let _ = RESET_CONNS.insert(conn, 1, 0);
     }
     if refused {
-        count(slot, |c| c.refused += 1);
+        count(slot, |c, win| {
+            c.refused += 1;
+            c.win_refused += w(win);
+        });
     } else {
-        count(slot, |c| c.resets_sent += 1);
+        count(slot, |c, win| {
+            c.resets_sent += 1;
+            c.win_resets_sent += w(win);
+        });
     }
     let reason = if global(&RST_REASON) == ABSENT {
         0
@@ -401,7 +456,10 @@ fn try_tcp_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
         remote_port,
     };
     let _ = RESET_CONNS.insert(conn, 1, 0);
-    count(slot, |c| c.resets_received += 1);
+    count(slot, |c, win| {
+        c.resets_received += 1;
+        c.win_resets_received += w(win);
+    });
     emit(&NotableEvent {
         time_ns: now(),
         slot,
@@ -433,9 +491,19 @@ fn try_signal_generate(ctx: &TracePointContext) -> Result<(), i32> {
     let pid: u32 = field(ctx, &SIG_PID)?;
     // SAFETY: the value is copied out at once.
     let slot = unsafe { POD_TASKS.get(pid) }.copied().unwrap_or(NO_SLOT);
+    let time_ns = now();
+    // The window opens right here, so that every failure after the signal counts, whenever
+    // user space reads. A racing second signal at worst moves the start a few ns later.
+    if let Some(since) = WINDOWS.get_ptr_mut(slot)
+        // SAFETY: a plain u64 map value.
+        && unsafe { *since } == 0
+    {
+        // SAFETY: as above.
+        unsafe { *since = time_ns };
+    }
     // Sent for every SIGTERM/SIGKILL (rare): user space resolves processes it did not know yet.
     emit(&NotableEvent {
-        time_ns: now(),
+        time_ns,
         slot,
         pid,
         kind: event_kind::SIGNAL,
@@ -468,6 +536,7 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i32> {
         time_ns: now(),
         slot,
         pid: tgid,
+        open: open_now(slot).min(u64::from(u32::MAX)) as u32,
         kind: event_kind::EXIT,
         ..NotableEvent::default()
     });

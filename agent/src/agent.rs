@@ -157,13 +157,11 @@ impl Agent {
     }
 
     /// Runs until `shutdown` resolves: resyncs every `resync`, handles events as they come.
-    pub async fn run(
-        mut self,
-        shutdown: impl Future<Output = ()>,
-    ) -> Result<(), AgentError> {
-        let ring = self.probes.take_events().ok_or(AgentError::Loader(
-            LoaderError::MissingMap("EVENTS"),
-        ))?;
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+        let ring = self
+            .probes
+            .take_events()
+            .ok_or(AgentError::Loader(LoaderError::MissingMap("EVENTS")))?;
         // SAFETY: the ring buffer owns its map fd, which stays open and the same for the ring
         // buffer's whole life, and the AsyncFd owns the ring buffer.
         let registered = unsafe { tokio::io::unix::AsyncFd::register(ring) };
@@ -216,7 +214,9 @@ impl Agent {
         let loss = self.probes.loss()?;
         let lost_total = loss.read_errors + loss.socket_table_full + loss.ring_full;
         let shared = Arc::clone(&self.state);
-        let mut state = shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut state = shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         state.lost_events = lost_total;
         let new_loss = lost_total > self.last_loss;
         if new_loss {
@@ -253,6 +253,11 @@ impl Agent {
                 drain.exited(now);
             }
             if !drain.window_closed {
+                if drain.timeline.terminating_since.is_none()
+                    && let Some(since) = self.probes.window_since(drain.slot)?
+                {
+                    drain.open_window(self.wall(since));
+                }
                 let totals = self.probes.slot_totals(drain.slot)?;
                 drain.update_totals(totals, now);
                 if totals.last_accept_ns != 0 {
@@ -296,7 +301,10 @@ impl Agent {
         {
             return Ok(slot);
         }
-        let slot = self.free_slots.pop_first().ok_or(AgentError::SlotsExhausted)?;
+        let slot = self
+            .free_slots
+            .pop_first()
+            .ok_or(AgentError::SlotsExhausted)?;
         self.probes.reset_slot(slot)?;
         Ok(slot)
     }
@@ -339,7 +347,10 @@ impl Agent {
     /// The pod a SIGNAL or EXIT event is about.
     fn pod_of_process(state: &AgentState, slot: u32, pid: u32) -> Option<String> {
         if slot != NO_SLOT
-            && let Some(pod) = state.pods.values().find(|p| p.slot == slot && p.timeline.gone_at.is_none())
+            && let Some(pod) = state
+                .pods
+                .values()
+                .find(|p| p.slot == slot && p.timeline.gone_at.is_none())
         {
             return Some(pod.id.uid.clone());
         }
@@ -355,18 +366,29 @@ impl Agent {
     fn handle_event(&mut self, event: &NotableEvent) {
         let time = self.wall(event.time_ns);
         let shared = Arc::clone(&self.state);
-        let mut state = shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut state = shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match event.kind {
             event_kind::SIGNAL => {
                 let Some(uid) = Self::pod_of_process(&state, event.slot, event.pid) else {
                     return;
                 };
-                let Some(pod) = state.pods.get_mut(&uid) else { return };
-                // Totals at the very moment matter for the window's base: read them now.
-                if let Ok(totals) = self.probes.slot_totals(pod.slot) {
-                    pod.update_totals(totals, time);
+                let Some(pod) = state.pods.get_mut(&uid) else {
+                    return;
+                };
+                // The kernel opened the window when it knew the process; otherwise open it now,
+                // at the signal's time.
+                if let Err(err) = self.probes.open_window(pod.slot, event.time_ns) {
+                    tracing::warn!(error = %err, "cannot open the termination window");
                 }
-                pod.open_window(time);
+                let since = self
+                    .probes
+                    .window_since(pod.slot)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(event.time_ns);
+                pod.open_window(self.wall(since));
                 if u32::from(event.signal) == 9 && pod.timeline.sigkill_at.is_none() {
                     pod.timeline.sigkill_at = Some(time);
                 }
@@ -376,14 +398,17 @@ impl Agent {
                 let Some(uid) = Self::pod_of_process(&state, event.slot, event.pid) else {
                     return;
                 };
-                let Some(pod) = state.pods.get_mut(&uid) else { return };
+                let Some(pod) = state.pods.get_mut(&uid) else {
+                    return;
+                };
                 pod.pids.retain(|&p| p != event.pid);
                 let _ = self.probes.untrack_task(event.pid);
                 if pod.pids.is_empty() {
                     if let Ok(totals) = self.probes.slot_totals(pod.slot) {
                         pod.update_totals(totals, time);
                     }
-                    pod.exited(time);
+                    // The kernel read the gauge at the exit itself.
+                    pod.exited_with_open(time, u64::from(event.open));
                     tracing::info!(pod = %pod.id.name, open_at_exit = ?pod.open_at_exit, "last process exited");
                 }
             }
@@ -403,7 +428,10 @@ impl Agent {
                 else {
                     return;
                 };
-                let in_window = pod.timeline.terminating_since.is_some_and(|since| time >= since)
+                let in_window = pod
+                    .timeline
+                    .terminating_since
+                    .is_some_and(|since| time >= since)
                     && !pod.window_closed;
                 let pod_event = PodEvent {
                     pod: pod.id.clone(),

@@ -54,9 +54,17 @@ impl AgentApi {
             .ok_or_else(|| {
                 Status::not_found(format!(
                     "no pod {}{}{} on this node (see `draingate pods`)",
-                    if pod.namespace.is_empty() { "" } else { &pod.namespace },
+                    if pod.namespace.is_empty() {
+                        ""
+                    } else {
+                        &pod.namespace
+                    },
                     if pod.namespace.is_empty() { "" } else { "/" },
-                    if pod.uid.is_empty() { &pod.name } else { &pod.uid },
+                    if pod.uid.is_empty() {
+                        &pod.name
+                    } else {
+                        &pod.uid
+                    },
                 ))
             })
     }
@@ -175,7 +183,10 @@ impl AgentService for AgentApi {
         }))
     }
 
-    async fn get_pod(&self, request: Request<pb::GetPodRequest>) -> Result<Response<pb::Pod>, Status> {
+    async fn get_pod(
+        &self,
+        request: Request<pb::GetPodRequest>,
+    ) -> Result<Response<pb::Pod>, Status> {
         self.find(request.get_ref().pod.as_ref()).map(Response::new)
     }
 
@@ -204,14 +215,24 @@ impl AgentService for AgentApi {
                         updates.push(pb::pod_update::Change::Upserted(pod));
                     }
                 }
-                let removed: Vec<String> = sent.keys().filter(|k| !current.contains(*k)).cloned().collect();
+                let removed: Vec<String> = sent
+                    .keys()
+                    .filter(|k| !current.contains(*k))
+                    .cloned()
+                    .collect();
                 for uid in removed {
                     if let Some(pod) = sent.remove(&uid) {
                         updates.push(pb::pod_update::Change::Removed(pod.pod.unwrap_or_default()));
                     }
                 }
                 for change in updates {
-                    if tx.send(Ok(pb::PodUpdate { change: Some(change) })).await.is_err() {
+                    if tx
+                        .send(Ok(pb::PodUpdate {
+                            change: Some(change),
+                        }))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -260,7 +281,9 @@ impl AgentService for AgentApi {
             loop {
                 match live.recv().await {
                     Ok(event) => {
-                        if last.is_some_and(|t| event.time <= t) || !matches(filter.as_ref(), &event) {
+                        if last.is_some_and(|t| event.time <= t)
+                            || !matches(filter.as_ref(), &event)
+                        {
                             continue;
                         }
                         if tx.send(Ok(event_message(&event))).await.is_err() {
@@ -268,7 +291,9 @@ impl AgentService for AgentApi {
                         }
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        let status = Status::data_loss(format!("the client fell behind; {n} events skipped"));
+                        let status = Status::data_loss(format!(
+                            "the client fell behind; {n} events skipped"
+                        ));
                         let _ = tx.send(Err(status)).await;
                         return;
                     }
@@ -360,10 +385,11 @@ pub async fn serve(
     }
     // A socket left by an agent that died is in the way; a live agent would hold the TCP port.
     let _ = std::fs::remove_file(&listen.socket);
-    let unix = tokio::net::UnixListener::bind(&listen.socket).map_err(|source| ServeError::Listen {
-        what: listen.socket.display().to_string(),
-        source,
-    })?;
+    let unix =
+        tokio::net::UnixListener::bind(&listen.socket).map_err(|source| ServeError::Listen {
+            what: listen.socket.display().to_string(),
+            source,
+        })?;
 
     let (shutdown_tx, _) = tokio::sync::broadcast::channel::<()>(1);
     let make_router = || -> Result<tonic::transport::server::Router, ServeError> {
@@ -373,9 +399,7 @@ pub async fn serve(
             .build_v1()?;
         let service = AgentServer::new(AgentApi::new(handle.clone()));
         tokio::spawn(async move {
-            health_reporter
-                .set_serving::<AgentServer<AgentApi>>()
-                .await;
+            health_reporter.set_serving::<AgentServer<AgentApi>>().await;
         });
         Ok(tonic::transport::Server::builder()
             .add_service(health)

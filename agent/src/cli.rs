@@ -215,17 +215,36 @@ pub fn pods_table(pods: &[pb::Pod], wide: bool) -> String {
     });
     let mut rows = vec![if wide {
         vec![
-            "NAMESPACE", "NAME", "PHASE", "OPEN", "ACCEPTED", "RST_SENT", "RST_RECV", "REFUSED",
-            "FAILED_CONN", "ERRORS", "VERDICT", "ADDRESSES", "UID",
+            "NAMESPACE",
+            "NAME",
+            "PHASE",
+            "OPEN",
+            "ACCEPTED",
+            "RST_SENT",
+            "RST_RECV",
+            "REFUSED",
+            "FAILED_CONN",
+            "ERRORS",
+            "VERDICT",
+            "ADDRESSES",
+            "UID",
         ]
         .into_iter()
         .map(String::from)
         .collect::<Vec<_>>()
     } else {
-        vec!["NAMESPACE", "NAME", "PHASE", "OPEN", "ACCEPTED", "ERRORS", "VERDICT"]
-            .into_iter()
-            .map(String::from)
-            .collect()
+        vec![
+            "NAMESPACE",
+            "NAME",
+            "PHASE",
+            "OPEN",
+            "ACCEPTED",
+            "ERRORS",
+            "VERDICT",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect()
     }];
     for pod in pods {
         let id = pod.pod.clone().unwrap_or_default();
@@ -277,14 +296,24 @@ pub fn event_line(event: &pb::Event) -> String {
         } else {
             format!(" reason={}", event.reason)
         },
-        if event.in_window { "  [terminating]" } else { "" },
+        if event.in_window {
+            "  [terminating]"
+        } else {
+            ""
+        },
     )
 }
 
 fn render(rows: &[Vec<String>]) -> String {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
-        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(String::len).max().unwrap_or(0))
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(String::len)
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for row in rows {

@@ -112,10 +112,9 @@ pub struct PodDrain {
     pub slot: u32,
     pub addresses: Vec<IpAddr>,
     pub pids: Vec<u32>,
-    /// Counters over the pod's life (while the agent watched it), frozen when the window closes.
+    /// Counters over the pod's life (while the agent watched it), frozen when the window closes;
+    /// the kernel also counts the window's share (`win_*`).
     pub totals: SlotTotals,
-    /// Counters when the window opened.
-    pub window_base: Option<SlotTotals>,
     pub timeline: Timeline,
     /// `open` when its last process exited.
     pub open_at_exit: Option<u64>,
@@ -135,7 +134,6 @@ impl PodDrain {
             addresses: Vec::new(),
             pids: Vec::new(),
             totals: SlotTotals::default(),
-            window_base: None,
             timeline: Timeline {
                 first_seen: Some(now),
                 ..Timeline::default()
@@ -148,11 +146,11 @@ impl PodDrain {
         }
     }
 
-    /// Opens the termination window at `at`, if not open yet.
+    /// Records that the termination window opened at `at` (the kernel counts its share from
+    /// then on), if not recorded yet.
     pub fn open_window(&mut self, at: SystemTime) {
         if self.timeline.terminating_since.is_none() {
             self.timeline.terminating_since = Some(at);
-            self.window_base = Some(self.totals);
         }
     }
 
@@ -170,30 +168,36 @@ impl PodDrain {
         }
     }
 
-    /// The last process exited at `at`.
+    /// The last process exited at `at`, noticed late (by a rescan): `open` now stands in for
+    /// the count at the exit.
     pub fn exited(&mut self, at: SystemTime) {
+        self.exited_with_open(at, self.totals.open);
+    }
+
+    /// The last process exited at `at` with `open` connections (as the kernel saw at the exit).
+    pub fn exited_with_open(&mut self, at: SystemTime, open: u64) {
         if self.timeline.exited_at.is_none() {
             self.timeline.exited_at = Some(at);
-            self.open_at_exit = Some(self.totals.open);
+            self.open_at_exit = Some(open);
         }
     }
 
     /// Counters inside the window (all zero when no window opened).
     #[must_use]
     pub fn window(&self) -> SlotTotals {
-        let Some(base) = self.window_base else {
+        if self.timeline.terminating_since.is_none() {
             return SlotTotals::default();
-        };
+        }
         let t = self.totals;
         SlotTotals {
-            accepted: t.accepted.saturating_sub(base.accepted),
-            opened: t.opened.saturating_sub(base.opened),
-            resets_sent: t.resets_sent.saturating_sub(base.resets_sent),
-            resets_received: t.resets_received.saturating_sub(base.resets_received),
-            refused: t.refused.saturating_sub(base.refused),
-            failed_connects: t.failed_connects.saturating_sub(base.failed_connects),
+            accepted: t.win_accepted,
+            resets_sent: t.win_resets_sent,
+            resets_received: t.win_resets_received,
+            refused: t.win_refused,
+            failed_connects: t.win_failed_connects,
             open: t.open,
             last_accept_ns: t.last_accept_ns,
+            ..SlotTotals::default()
         }
     }
 

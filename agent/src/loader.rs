@@ -13,7 +13,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf},
     programs::{
         ProgramError, TracePoint,
         links::{FdLink, PinnedLink},
@@ -177,12 +177,17 @@ pub struct SlotTotals {
     pub open: u64,
     /// Boot-clock time of the last accepted connection, 0 when none.
     pub last_accept_ns: u64,
+    /// Counted by the kernel only while the termination window was open.
+    pub win_accepted: u64,
+    pub win_resets_sent: u64,
+    pub win_resets_received: u64,
+    pub win_refused: u64,
+    pub win_failed_connects: u64,
 }
 
 impl SlotTotals {
     fn sum(per_cpu: &PerCpuValues<SlotCounters>) -> Self {
         let mut totals = Self::default();
-        let mut open_delta = 0u64;
         for cpu in per_cpu.iter() {
             totals.accepted += cpu.accepted;
             totals.opened += cpu.opened;
@@ -190,11 +195,13 @@ impl SlotTotals {
             totals.resets_received += cpu.resets_received;
             totals.refused += cpu.refused;
             totals.failed_connects += cpu.failed_connects;
-            open_delta = open_delta.wrapping_add(cpu.open_delta);
             totals.last_accept_ns = totals.last_accept_ns.max(cpu.last_accept_ns);
+            totals.win_accepted += cpu.win_accepted;
+            totals.win_resets_sent += cpu.win_resets_sent;
+            totals.win_resets_received += cpu.win_resets_received;
+            totals.win_refused += cpu.win_refused;
+            totals.win_failed_connects += cpu.win_failed_connects;
         }
-        // Per-CPU shares may be negative; their sum never is, except for a transient read.
-        totals.open = u64::try_from(open_delta.cast_signed().max(0)).unwrap_or(0);
         totals
     }
 }
@@ -223,6 +230,8 @@ pub struct KernelProbes {
     pod_addrs: HashMap<MapData, AddrKey, u32>,
     pod_tasks: HashMap<MapData, u32, u32>,
     slot_counters: PerCpuArray<MapData, SlotCounters>,
+    windows: Array<MapData, u64>,
+    open: Array<MapData, u64>,
     loss: PerCpuArray<MapData, LossCounters>,
     events: Option<RingBuf<MapData>>,
     /// Whether the programs were already attached by an earlier agent (a restart).
@@ -335,6 +344,8 @@ impl KernelProbes {
             pod_addrs: take_map(&mut ebpf, "POD_ADDRS")?,
             pod_tasks: take_map(&mut ebpf, "POD_TASKS")?,
             slot_counters: take_map(&mut ebpf, "SLOT_COUNTERS")?,
+            windows: take_map(&mut ebpf, "WINDOWS")?,
+            open: take_map(&mut ebpf, "OPEN")?,
             loss: take_map(&mut ebpf, "LOSS")?,
             events: Some(take_map(&mut ebpf, "EVENTS")?),
             _ebpf: ebpf,
@@ -411,7 +422,11 @@ impl KernelProbes {
             .slot_counters
             .get(&slot, 0)
             .map_err(map_err("SLOT_COUNTERS"))?;
-        Ok(SlotTotals::sum(&per_cpu))
+        let mut totals = SlotTotals::sum(&per_cpu);
+        // Never negative unless a close was counted without its open (a bug); show 0 then.
+        let open = self.open.get(&slot, 0).map_err(map_err("OPEN"))?;
+        totals.open = u64::try_from(open.cast_signed().max(0)).unwrap_or(0);
+        Ok(totals)
     }
 
     /// Zeroes pod `slot`'s counters, before the slot is given to a new pod.
@@ -430,7 +445,27 @@ impl KernelProbes {
             .map_err(syscall("per-cpu values"))?;
         self.slot_counters
             .set(slot, zeros, 0)
-            .map_err(map_err("SLOT_COUNTERS"))
+            .map_err(map_err("SLOT_COUNTERS"))?;
+        self.windows.set(slot, 0, 0).map_err(map_err("WINDOWS"))?;
+        self.open.set(slot, 0, 0).map_err(map_err("OPEN"))
+    }
+
+    /// When pod `slot`'s termination window opened (boot clock), if it has.
+    pub fn window_since(&self, slot: u32) -> Result<Option<u64>, LoaderError> {
+        check_slot(slot)?;
+        let since = self.windows.get(&slot, 0).map_err(map_err("WINDOWS"))?;
+        Ok((since != 0).then_some(since))
+    }
+
+    /// Opens pod `slot`'s window at `boot_ns` unless it is open already (the kernel opens it
+    /// itself on a signal to a process it knew; this is for processes it did not know yet).
+    pub fn open_window(&mut self, slot: u32, boot_ns: u64) -> Result<(), LoaderError> {
+        if self.window_since(slot)?.is_none() {
+            self.windows
+                .set(slot, boot_ns.max(1), 0)
+                .map_err(map_err("WINDOWS"))?;
+        }
+        Ok(())
     }
 
     /// What the kernel programs could not count, summed over CPUs.

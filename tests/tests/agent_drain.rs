@@ -25,7 +25,10 @@ enum Outcome {
 
 /// Sends one GET and reads the response (`Content-Length: 2`).
 fn request(conn: &mut TcpStream) -> Outcome {
-    if conn.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").is_err() {
+    if conn
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .is_err()
+    {
         return Outcome::Failed;
     }
     let mut response = Vec::new();
@@ -47,7 +50,8 @@ fn request(conn: &mut TcpStream) -> Outcome {
 }
 
 fn connect(link: &Link, addr: SocketAddr) -> std::io::Result<TcpStream> {
-    link.a.run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
+    link.a
+        .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
 }
 
 /// Starts the test server in namespace `b` and waits until it accepts connections.
@@ -164,11 +168,18 @@ fn abrupt_exit_fails_with_resets_equal_to_client_failures() {
         }
     }
     drop(conns);
-    assert_eq!(failures, 2 * CLIENTS as u64, "every client saw its request and reconnect fail");
+    assert_eq!(
+        failures,
+        2 * CLIENTS as u64,
+        "every client saw its request and reconnect fail"
+    );
 
     let pod = agent.wait_for_pod(&pod_name, |p| p.errors >= failures);
     assert_eq!(verdict(&pod), Verdict::Fail, "{pod:#?}");
-    assert_eq!(pod.errors, failures, "agent errors == client failures: {pod:#?}");
+    assert_eq!(
+        pod.errors, failures,
+        "agent errors == client failures: {pod:#?}"
+    );
     let window = pod.window.expect("window counters");
     assert_eq!(window.resets_sent, CLIENTS as u64, "{window:?}");
     assert_eq!(window.refused, CLIENTS as u64, "{window:?}");

@@ -18,12 +18,16 @@ fn t(secs: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
 }
 
+/// Counters as the kernel reports them: `resets_sent` and `refused` inside the window, on top of
+/// 7 resets before it.
 fn totals(open: u64, resets_sent: u64, refused: u64) -> SlotTotals {
     SlotTotals {
         accepted: 100,
         open,
-        resets_sent,
+        resets_sent: 7 + resets_sent,
         refused,
+        win_resets_sent: resets_sent,
+        win_refused: refused,
         ..SlotTotals::default()
     }
 }
@@ -39,10 +43,10 @@ fn no_window_no_verdict() {
 #[test]
 fn pending_while_open_then_pass_when_drained_and_exited() {
     let mut pod = pod();
-    pod.update_totals(totals(4, 2, 1), t(1));
+    pod.update_totals(totals(4, 0, 0), t(1));
     pod.open_window(t(2));
     assert_eq!(pod.verdict(), Verdict::Pending);
-    pod.update_totals(totals(0, 2, 1), t(3));
+    pod.update_totals(totals(0, 0, 0), t(3));
     assert_eq!(pod.timeline.drained_at, Some(t(3)));
     assert_eq!(pod.verdict(), Verdict::Pending, "process still alive");
     pod.pids.clear();
