@@ -37,7 +37,7 @@ impl Default for AgentConfig {
             probes: ProbeConfig::default(),
             resync: Duration::from_secs(1),
             linger: Duration::from_secs(30),
-            retention: Duration::from_secs(15 * 60),
+            retention: Duration::from_mins(15),
         }
     }
 }
@@ -186,9 +186,10 @@ impl Agent {
                     let Ok(mut guard) = guard else { continue };
                     let mut batch = Vec::new();
                     while let Some(record) = guard.get_inner_mut().next() {
-                        match events::decode(&record[..]) {
-                            Some(event) => batch.push(event),
-                            None => tracing::warn!(len = record.len(), "malformed event record"),
+                        if let Some(event) = events::decode(&record[..]) {
+                            batch.push(event);
+                        } else {
+                            tracing::warn!(len = record.len(), "malformed event record");
                         }
                     }
                     guard.clear_ready();

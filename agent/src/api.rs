@@ -21,7 +21,7 @@ pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:9560";
 /// Default unix socket of the agent's gRPC API (what the CLI uses).
 pub const DEFAULT_SOCKET: &str = "/run/draingate/agent.sock";
 /// Longest wait a `WaitDrained` call may ask for.
-pub const MAX_WAIT: Duration = Duration::from_secs(3600);
+pub const MAX_WAIT: Duration = Duration::from_hours(1);
 
 /// The `draingate.v1.Agent` service over a running agent.
 #[derive(Debug, Clone)]
@@ -200,7 +200,7 @@ impl AgentService for AgentApi {
         let api = self.clone();
         let mut changed = self.handle.changed.clone();
         tokio::spawn(async move {
-            let mut sent: std::collections::BTreeMap<String, pb::Pod> = Default::default();
+            let mut sent = std::collections::BTreeMap::<String, pb::Pod>::new();
             loop {
                 let pods: Vec<pb::Pod> = api.state().pods.values().map(pod_message).collect();
                 let mut updates = Vec::new();
@@ -312,7 +312,7 @@ impl AgentService for AgentApi {
         let timeout = match request.timeout {
             Some(d) => Duration::try_from(d)
                 .map_err(|_| Status::invalid_argument("timeout must not be negative"))?,
-            None => Duration::from_secs(60),
+            None => Duration::from_mins(1),
         }
         .min(MAX_WAIT);
         let deadline = tokio::time::Instant::now() + timeout;

@@ -109,14 +109,15 @@ impl InventorySource for LocalSource {
         );
         inodes.sort_unstable();
         for inode in inodes {
-            let pids = pids_by_ns.remove(&inode).unwrap_or_default();
+            let processes = pids_by_ns.remove(&inode).unwrap_or_default();
             let (name, path) = if let Some(name) = named.get(&inode) {
                 (name.clone(), self.netns_dir.join(name))
             } else {
-                let Some(&first) = pids.first() else { continue };
+                let Some(&first) = processes.first() else {
+                    continue;
+                };
                 let comm = fs::read_to_string(self.proc_dir.join(format!("{first}/comm")))
-                    .map(|c| c.trim().to_owned())
-                    .unwrap_or_else(|_| "process".into());
+                    .map_or_else(|_| "process".into(), |c| c.trim().to_owned());
                 (
                     format!("{comm}-{first}"),
                     self.proc_dir.join(format!("{first}/ns/net")),
@@ -133,7 +134,7 @@ impl InventorySource for LocalSource {
                     uid: format!("netns-{inode}"),
                 },
                 addresses,
-                pids,
+                pids: processes,
             });
         }
         Ok(pods)

@@ -199,7 +199,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         socket: args.socket,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = {
+    let mut server = {
         let handle = handle.clone();
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
@@ -216,7 +216,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     }));
     tokio::select! {
         () = shutdown_signal() => {}
-        done = &mut Box::pin(async { server.await }) => {
+        done = &mut server => {
             let _ = stop_tx.send(true);
             done.context("API task")?.context("serving the API")?;
             anyhow::bail!("the API server stopped unexpectedly");

@@ -308,9 +308,8 @@ impl TestAgent {
         })
     }
 
-    /// Polls the pod named `name` until `done` holds (the deadline only bounds a failing run),
-    /// and returns it as the API shows it.
-    #[must_use]
+    /// Polls the pod named `name` until `done` holds, and returns it as the API shows it; panics
+    /// with the pod's state when it does not within 15 s (the deadline only bounds a failing run).
     pub fn wait_for_pod(
         &self,
         name: &str,
@@ -330,7 +329,10 @@ impl TestAgent {
                     .map(tonic::Response::into_inner)
             });
             match pod {
-                Ok(pod) if done(&pod) || std::time::Instant::now() > deadline => return pod,
+                Ok(pod) if done(&pod) => return pod,
+                Ok(pod) if std::time::Instant::now() > deadline => {
+                    panic!("pod {name} never reached the expected state: {pod:#?}")
+                }
                 Err(status) if std::time::Instant::now() > deadline => {
                     panic!("pod {name} never appeared: {status}")
                 }
