@@ -94,6 +94,7 @@ pub struct Agent {
     state: Arc<Mutex<AgentState>>,
     changed: watch::Sender<u64>,
     events: broadcast::Sender<PodEvent>,
+    ready: watch::Sender<bool>,
     /// Offset from the kernel's boot clock to wall time.
     boot_to_wall: Duration,
     free_slots: BTreeSet<u32>,
@@ -130,7 +131,7 @@ impl Agent {
         let state = Arc::new(Mutex::new(AgentState::default()));
         let (changed, changed_rx) = watch::channel(0);
         let (events, _) = broadcast::channel(4096);
-        let (_ready_tx, ready) = watch::channel(true);
+        let (ready_tx, ready) = watch::channel(false);
         let handle = AgentHandle {
             state: Arc::clone(&state),
             changed: changed_rx,
@@ -144,6 +145,7 @@ impl Agent {
             state,
             changed,
             events,
+            ready: ready_tx,
             boot_to_wall: boot_to_wall(),
             free_slots: (0..MAX_SLOTS).collect(),
             watched_by_previous,
@@ -178,8 +180,9 @@ impl Agent {
             tokio::select! {
                 () = &mut shutdown => break,
                 _ = ticker.tick() => {
-                    if let Err(err) = self.resync() {
-                        tracing::warn!(error = %err, "resync failed; retrying");
+                    match self.resync() {
+                        Ok(()) => { self.ready.send_if_modified(|r| !std::mem::replace(r, true)); }
+                        Err(err) => tracing::warn!(error = %err, "resync failed; retrying"),
                     }
                 }
                 guard = ring.readable_mut() => {

@@ -10,6 +10,7 @@ pub mod api;
 pub mod cli;
 pub mod drain;
 pub mod events;
+pub mod http;
 pub mod inventory;
 pub mod loader;
 pub mod telemetry;

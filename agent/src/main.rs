@@ -105,6 +105,9 @@ struct AgentArgs {
     /// gRPC address (TCP).
     #[arg(long, default_value = api::DEFAULT_GRPC_ADDR)]
     grpc_addr: SocketAddr,
+    /// HTTP address for /metrics (Prometheus), /healthz and /readyz.
+    #[arg(long, default_value = draingate::http::DEFAULT_HTTP_ADDR)]
+    http_addr: SocketAddr,
     /// gRPC unix socket, used by the CLI.
     #[arg(long, default_value = api::DEFAULT_SOCKET)]
     socket: PathBuf,
@@ -199,6 +202,21 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         socket: args.socket,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let http_listener = tokio::net::TcpListener::bind(args.http_addr)
+        .await
+        .with_context(|| format!("cannot listen on {} (HTTP)", args.http_addr))?;
+    {
+        let handle = handle.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(err) = draingate::http::serve(handle, http_listener, shutdown).await {
+                tracing::error!(error = %err, "HTTP server failed");
+            }
+        });
+    }
     let mut server = {
         let handle = handle.clone();
         let mut stop = stop_rx.clone();
@@ -209,7 +227,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             .await
         })
     };
-    tracing::info!(grpc = %args.grpc_addr, "draingate agent running");
+    tracing::info!(grpc = %args.grpc_addr, http = %args.http_addr, "draingate agent running");
     let mut stop = stop_rx;
     let agent_task = tokio::spawn(agent.run(async move {
         let _ = stop.wait_for(|s| *s).await;

@@ -221,6 +221,8 @@ impl Drop for PinDir {
 /// `local` inventory and a fast resync. Stops (and removes its pins) on drop.
 pub struct TestAgent {
     pub socket: std::path::PathBuf,
+    /// Where its HTTP endpoints (/metrics, /healthz, /readyz) listen.
+    pub http: std::net::SocketAddr,
     runtime: Option<tokio::runtime::Runtime>,
     stop: tokio::sync::watch::Sender<bool>,
     _pins: PinDir,
@@ -258,7 +260,7 @@ impl TestAgent {
             grpc_addr: "127.0.0.1:0".parse().expect("address"),
             socket: socket.clone(),
         };
-        runtime.block_on(async {
+        let http = runtime.block_on(async {
             let (agent, handle) = draingate::agent::Agent::new(
                 config,
                 Box::new(draingate::inventory::LocalSource::default()),
@@ -268,6 +270,19 @@ impl TestAgent {
             tokio::spawn(agent.run(async move {
                 let _ = agent_stop.wait_for(|s| *s).await;
             }));
+            let http_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind HTTP");
+            let http = http_listener.local_addr().expect("HTTP address");
+            let mut http_stop = stop_rx.clone();
+            let http_handle = handle.clone();
+            tokio::spawn(async move {
+                draingate::http::serve(http_handle, http_listener, async move {
+                    let _ = http_stop.wait_for(|s| *s).await;
+                })
+                .await
+                .expect("serve HTTP");
+            });
             let mut api_stop = stop_rx;
             tokio::spawn(async move {
                 draingate::api::serve(handle, &listen, async move {
@@ -276,9 +291,11 @@ impl TestAgent {
                 .await
                 .expect("serve the API");
             });
+            http
         });
         Self {
             socket,
+            http,
             runtime: Some(runtime),
             stop,
             _pins: pins,
@@ -306,6 +323,30 @@ impl TestAgent {
             };
             f(&mut client).await
         })
+    }
+
+    /// `GET path` on the agent's HTTP endpoints: status code and body.
+    #[must_use]
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        use std::io::{Read as _, Write as _};
+        let mut conn = std::net::TcpStream::connect(self.http).expect("connect to HTTP");
+        write!(
+            conn,
+            "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
+        )
+        .expect("send request");
+        let mut response = String::new();
+        conn.read_to_string(&mut response).expect("read response");
+        let status = response
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("status code");
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_owned())
+            .unwrap_or_default();
+        (status, body)
     }
 
     /// Polls the pod named `name` until `done` holds, and returns it as the API shows it; panics

@@ -207,4 +207,23 @@ fn abrupt_exit_fails_with_resets_equal_to_client_failures() {
     });
     let in_window = events.iter().filter(|e| e.in_window).count() as u64;
     assert_eq!(in_window, failures, "{events:#?}");
+
+    // And Prometheus sees the same.
+    let (status, metrics) = agent.http_get("/metrics");
+    assert_eq!(status, 200);
+    let uid = pod.pod.expect("pod ref").uid;
+    let labels = format!("{{namespace=\"local\",pod=\"{pod_name}\",uid=\"{uid}\"}}");
+    for expected in [
+        format!("draingate_pod_resets_sent_total{labels} {CLIENTS}"),
+        format!("draingate_pod_refused_total{labels} {CLIENTS}"),
+        format!("draingate_pod_drain_errors{labels} {failures}"),
+        format!("draingate_pod_open_at_exit{labels} {CLIENTS}"),
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == expected),
+            "missing {expected:?} in:\n{metrics}"
+        );
+    }
+    assert_eq!(agent.http_get("/readyz").0, 200);
+    assert_eq!(agent.http_get("/healthz").0, 200);
 }
