@@ -30,6 +30,15 @@ pub enum TracefsError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "not permitted to read {path}: the agent needs CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN (or \
+         root)"
+    )]
+    PermissionDenied {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("tracepoint {tracepoint} has no field `{field}` on this kernel")]
     MissingField { tracepoint: String, field: String },
     #[error("cannot parse line {line} of the format of {tracepoint}: {text:?}")]
@@ -58,11 +67,20 @@ pub struct TracepointFormat {
 
 /// The tracefs mount point, or a clear error that says how to mount it.
 pub fn root() -> Result<PathBuf, TracefsError> {
-    TRACEFS_ROOTS
-        .iter()
-        .map(PathBuf::from)
-        .find(|root| root.join("events").is_dir())
-        .ok_or(TracefsError::NotMounted)
+    for root in TRACEFS_ROOTS.iter().map(PathBuf::from) {
+        let events = root.join("events");
+        match fs::metadata(&events) {
+            Ok(meta) if meta.is_dir() => return Ok(root),
+            Err(source) if source.kind() == io::ErrorKind::PermissionDenied => {
+                return Err(TracefsError::PermissionDenied {
+                    path: events,
+                    source,
+                });
+            }
+            _ => {}
+        }
+    }
+    Err(TracefsError::NotMounted)
 }
 
 impl TracepointFormat {
@@ -70,10 +88,19 @@ impl TracepointFormat {
     pub fn read(root: &Path, category: &str, name: &str) -> Result<Self, TracefsError> {
         let tracepoint = format!("{category}:{name}");
         let path = root.join("events").join(category).join(name).join("format");
-        let text = fs::read_to_string(&path).map_err(|source| TracefsError::MissingTracepoint {
-            tracepoint: tracepoint.clone(),
-            path,
-            source,
+        let text = fs::read_to_string(&path).map_err(|source| {
+            if source.kind() == io::ErrorKind::PermissionDenied {
+                TracefsError::PermissionDenied {
+                    path: path.clone(),
+                    source,
+                }
+            } else {
+                TracefsError::MissingTracepoint {
+                    tracepoint: tracepoint.clone(),
+                    path: path.clone(),
+                    source,
+                }
+            }
         })?;
         Self::parse(tracepoint, &text)
     }

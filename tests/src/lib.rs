@@ -225,7 +225,7 @@ pub struct TestAgent {
     pub http: std::net::SocketAddr,
     runtime: Option<tokio::runtime::Runtime>,
     stop: tokio::sync::watch::Sender<bool>,
-    _pins: PinDir,
+    pins: PinDir,
 }
 
 impl std::fmt::Debug for TestAgent {
@@ -239,7 +239,20 @@ impl std::fmt::Debug for TestAgent {
 impl TestAgent {
     #[must_use]
     pub fn start() -> Self {
-        let pins = PinDir::new();
+        Self::start_with(PinDir::new())
+    }
+
+    /// Stops this agent (its programs stay attached, its maps pinned) and starts a new one on
+    /// the same pins, as a node agent restart does.
+    #[must_use]
+    pub fn restart(mut self) -> Self {
+        // The placeholder's directory never exists, so dropping `self` removes nothing.
+        let pins = std::mem::replace(&mut self.pins, PinDir::new());
+        drop(self);
+        Self::start_with(pins)
+    }
+
+    fn start_with(pins: PinDir) -> Self {
         let socket = std::env::temp_dir().join(format!(
             "draingate-test-{}-{}.sock",
             std::process::id(),
@@ -298,7 +311,7 @@ impl TestAgent {
             http,
             runtime: Some(runtime),
             stop,
-            _pins: pins,
+            pins,
         }
     }
 
@@ -312,13 +325,15 @@ impl TestAgent {
         let runtime = self.runtime.as_ref().expect("running");
         runtime.block_on(async {
             let addr = draingate::cli::AgentAddr::Unix(self.socket.clone());
+            // The API starts serving shortly after the agent: retry for a while.
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
             let mut client = loop {
                 match draingate::cli::connect(&addr).await {
                     Ok(client) => break client,
-                    Err(_) if !self.socket.exists() => {
-                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    Err(err) if tokio::time::Instant::now() > deadline => {
+                        panic!("connect to the test agent: {:?}", anyhow_chain(&err))
                     }
-                    Err(err) => panic!("connect to the test agent: {err}"),
+                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
                 }
             };
             f(&mut client).await
@@ -424,4 +439,34 @@ impl Drop for ChildGuard {
         }
         let _ = self.0.wait();
     }
+}
+
+/// The `draingate` binary of this build (next to the test executables' directory). `cargo xtask
+/// test` builds it before the tests run.
+#[must_use]
+pub fn draingate_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let bin = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("target directory")
+        .join("draingate");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p draingate` (cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// An error and all its sources, for panic messages.
+fn anyhow_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(current) = source {
+        text.push_str(": ");
+        text.push_str(&current.to_string());
+        source = current.source();
+    }
+    text
 }

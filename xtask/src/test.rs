@@ -97,6 +97,18 @@ pub(crate) fn run(scope: Scope) -> anyhow::Result<()> {
             ])
             .map(Some)
         })?;
+        // The kernel tests run the `draingate` binary and the test server as real processes.
+        step("build binaries", &mut || {
+            run_cmd(cargo(None).args([
+                "build",
+                "--locked",
+                "--workspace",
+                "--exclude",
+                "draingate-ebpf",
+                "--bins",
+            ]))
+            .map(|()| None)
+        })?;
         step("kernel tests", &mut || {
             cargo_test(&["--package", "draingate-tests"]).map(Some)
         })?;

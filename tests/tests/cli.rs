@@ -1,0 +1,169 @@
+//! The `draingate` command line as a user meets it: against a live agent, without one, with bad
+//! input and without privileges. Exit codes and messages are part of the interface.
+
+use std::process::{Command, Output};
+
+use draingate_tests::{ChildGuard, Family, Link, TestAgent, draingate_bin, require_root};
+use nix::sys::signal::Signal;
+
+fn draingate(args: &[&str]) -> Output {
+    Command::new(draingate_bin())
+        .args(args)
+        .output()
+        .expect("run draingate")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn without_an_agent_the_cli_says_how_to_start_one() {
+    let output = draingate(&["pods", "--agent", "/nonexistent/agent.sock"]);
+    assert_eq!(output.status.code(), Some(3));
+    let message = stderr(&output);
+    assert!(
+        message.contains("no draingate agent answers at unix:///nonexistent/agent.sock")
+            && message.contains("sudo draingate agent"),
+        "{message}"
+    );
+}
+
+#[test]
+fn bad_input_is_a_clear_error_not_a_panic() {
+    let output = draingate(&["wait-drained", "--pod", "x", "--timeout", "soon"]);
+    assert_eq!(output.status.code(), Some(2), "clap usage error");
+    assert!(stderr(&output).contains("invalid value 'soon' for '--timeout"));
+    let output = draingate(&["pods", "--agent", "nonsense"]);
+    assert!(stderr(&output).contains("expected unix:///path/to/agent.sock"));
+    let output = draingate(&["pods", "-o", "yaml"]);
+    assert!(stderr(&output).contains("possible values: table, wide, json"));
+}
+
+#[test]
+fn an_agent_without_privileges_names_what_it_needs() {
+    require_root();
+    // `nobody`, with every capability dropped.
+    let output = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(draingate_bin())
+        .args([
+            "agent",
+            "--pin-dir",
+            "/sys/fs/bpf/draingate-nobody",
+            "--socket",
+            "/tmp/dg-nobody.sock",
+        ])
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .output()
+        .expect("run setpriv");
+    assert_eq!(output.status.code(), Some(3));
+    let message = stderr(&output);
+    assert!(
+        message.contains("CAP_BPF") && message.contains("CAP_PERFMON"),
+        "{message}"
+    );
+}
+
+#[test]
+fn pods_events_and_wait_drained_against_a_live_agent() {
+    require_root();
+    let link = Link::new("cli", Family::V6);
+    let agent = TestAgent::start();
+    let socket = agent.socket.to_str().expect("socket path").to_owned();
+    let listen = std::net::SocketAddr::new(link.b_addr, 8080).to_string();
+    let server = ChildGuard::spawn_in(
+        &link.b,
+        env!("CARGO_BIN_EXE_draingate-test-server"),
+        &["--listen", &listen, "--mode", "graceful"],
+    );
+    let name = link.b.name().to_owned();
+    let _ = agent.wait_for_pod(&name, |p| !p.addresses.is_empty());
+
+    let output = draingate(&["pods", "--agent", &socket, "-o", "json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let doc: serde_json::Value = serde_json::from_slice(&output.stdout).expect("pods -o json");
+    let pod = doc["pods"]
+        .as_array()
+        .expect("pods array")
+        .iter()
+        .find(|p| p["name"] == name.as_str())
+        .expect("the server's pod is listed");
+    assert_eq!(pod["namespace"], "local");
+    assert_eq!(pod["phase"], "running");
+    assert_eq!(pod["verdict"], "none");
+    assert_eq!(pod["addresses"][0], link.b_addr.to_string());
+    for field in [
+        "uid",
+        "open",
+        "accepted",
+        "resets_sent",
+        "resets_received",
+        "refused",
+        "failed_connects",
+        "errors",
+        "open_at_exit",
+        "timeline",
+    ] {
+        assert!(pod.get(field).is_some(), "pods -o json lacks {field}");
+    }
+
+    let output = draingate(&["pods", "--agent", &socket]);
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(table.starts_with("NAMESPACE  NAME"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains(&name) && l.contains("running")),
+        "{table}"
+    );
+
+    let output = draingate(&["wait-drained", "--agent", &socket, "--pod", "no-such-pod"]);
+    assert_eq!(output.status.code(), Some(3));
+    assert!(
+        stderr(&output).contains("no pod no-such-pod on this node"),
+        "{}",
+        stderr(&output)
+    );
+
+    // A refused connection shows up in `events -o json`.
+    let refused = std::net::SocketAddr::new(link.b_addr, 9);
+    assert!(
+        link.a
+            .run(|| std::net::TcpStream::connect(refused))
+            .is_err()
+    );
+    let _ = agent.wait_for_pod(&name, |p| p.total.is_some_and(|t| t.refused == 1));
+    let output = draingate(&["events", "--agent", &socket, "--pod", &name, "-o", "json"]);
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["kind"], "refused");
+    assert_eq!(lines[0]["local"], format!("[{}]:9", link.b_addr));
+
+    // Idle server, graceful stop: wait-drained exits 0.
+    server.signal(Signal::SIGTERM);
+    let output = draingate(&[
+        "wait-drained",
+        "--agent",
+        &socket,
+        "--pod",
+        &name,
+        "--timeout",
+        "10s",
+    ]);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    drop(server);
+}
