@@ -247,7 +247,7 @@ impl TestAgent {
     #[must_use]
     pub fn restart(mut self) -> Self {
         // The placeholder's directory never exists, so dropping `self` removes nothing.
-        let pins = std::mem::replace(&mut self.pins, PinDir::new());
+        let pins = std::mem::take(&mut self.pins);
         drop(self);
         Self::start_with(pins)
     }
