@@ -441,22 +441,29 @@ impl Drop for ChildGuard {
     }
 }
 
-/// The `draingate` binary of this build (next to the test executables' directory). `cargo xtask
-/// test` builds it before the tests run.
+/// The `draingate` binary of this build. `cargo xtask test` builds it before the tests run.
 #[must_use]
 pub fn draingate_bin() -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let bin = exe
-        .parent()
-        .and_then(std::path::Path::parent)
-        .expect("target directory")
-        .join("draingate");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it with `cargo build -p draingate` (cargo xtask test does)",
-        bin.display()
-    );
-    bin
+    build_bin("draingate")
+}
+
+/// A binary of this build by name: beside the running executable (a binary) or one directory
+/// up (a test, which runs from `deps/`).
+#[must_use]
+pub fn build_bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("executable path");
+    let dir = exe.parent().expect("executable directory");
+    [dir, dir.parent().unwrap_or(dir)]
+        .iter()
+        .map(|d| d.join(name))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} is missing next to {}: build it with `cargo build --workspace --bins` \
+                 (cargo xtask test does)",
+                exe.display()
+            )
+        })
 }
 
 /// An error and all its sources, for panic messages.

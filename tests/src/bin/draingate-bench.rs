@@ -1,0 +1,398 @@
+//! `cargo xtask bench`: what the agent costs, measured side by side with a baseline.
+//!
+//! - New connections per second through a pod namespace (connect, one HTTP request, close) at a
+//!   target rate, alternating rounds without and with `draingate agent` running: throughput and
+//!   p99 latency ratios (agent / baseline).
+//! - Kernel time per program run, from the kernel's BPF statistics (`kernel.bpf_stats_enabled`).
+//! - The agent's resident memory with 110 pods (network namespaces with an address each).
+//!
+//! Prints a Markdown report (and writes it to `--out`).
+
+use std::{
+    fmt::Write as _,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use clap::Parser;
+use draingate_tests::{
+    ChildGuard, Family, Link, Netns, build_bin, draingate_bin, require_root,
+};
+
+/// Measures the agent's overhead against a baseline run side by side.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Target new connections per second.
+    #[arg(long, default_value_t = 10_000)]
+    rate: u64,
+    /// Seconds per measured run.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Rounds of (baseline, agent) runs; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Pods (network namespaces) for the memory measurement.
+    #[arg(long, default_value_t = 110)]
+    pods: usize,
+    /// Where to write the Markdown report.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// One load run's outcome.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    per_second: f64,
+    p99_us: f64,
+    failures: u64,
+}
+
+const WORKERS: u64 = 8;
+
+/// Open-loop load: `WORKERS` threads in the client namespace, each pacing its share of `rate`
+/// new connections per second for `seconds`.
+fn load(link: &Link, target: SocketAddr, rate: u64, seconds: u64) -> Run {
+    let started = Instant::now();
+    let results: Vec<(Vec<u32>, u64)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..WORKERS)
+            .map(|_| {
+                scope.spawn(|| {
+                    link.a.run(|| {
+                        let interval = Duration::from_secs_f64(WORKERS as f64 / rate as f64);
+                        let end = Instant::now() + Duration::from_secs(seconds);
+                        let mut next = Instant::now();
+                        let mut latencies = Vec::new();
+                        let mut failures = 0;
+                        while Instant::now() < end {
+                            let now = Instant::now();
+                            if now < next {
+                                std::thread::sleep(next - now);
+                            }
+                            next += interval;
+                            let begin = Instant::now();
+                            if one_request(target) {
+                                latencies.push(begin.elapsed().as_micros() as u32);
+                            } else {
+                                failures += 1;
+                            }
+                        }
+                        (latencies, failures)
+                    })
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().expect("worker")).collect()
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut latencies: Vec<u32> = results.iter().flat_map(|(l, _)| l.iter().copied()).collect();
+    let failures = results.iter().map(|(_, f)| f).sum();
+    latencies.sort_unstable();
+    let p99 = latencies
+        .get(latencies.len().saturating_sub(1) * 99 / 100)
+        .copied()
+        .unwrap_or(0);
+    Run {
+        per_second: latencies.len() as f64 / elapsed,
+        p99_us: f64::from(p99),
+        failures,
+    }
+}
+
+fn one_request(target: SocketAddr) -> bool {
+    let Ok(mut conn) = TcpStream::connect_timeout(&target, Duration::from_secs(1)) else {
+        return false;
+    };
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
+    if conn
+        .write_all(b"GET / HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut response = Vec::new();
+    let mut chunk = [0u8; 256];
+    loop {
+        match conn.read(&mut chunk) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => response.extend_from_slice(&chunk[..n]),
+        }
+        if response.ends_with(b"ok") {
+            return true;
+        }
+    }
+}
+
+/// A `draingate agent` process on its own pins and ports; stopped and its pins removed on drop,
+/// so that baseline runs have no programs attached.
+struct AgentProcess {
+    child: Child,
+    pins: PathBuf,
+    http: SocketAddr,
+}
+
+impl AgentProcess {
+    fn start(tag: &str) -> Self {
+        let pins = PathBuf::from(format!("/sys/fs/bpf/draingate-bench-{}-{tag}", std::process::id()));
+        let socket = format!("/tmp/draingate-bench-{}-{tag}.sock", std::process::id());
+        let http: SocketAddr = "127.0.0.1:19561".parse().expect("address");
+        let child = Command::new(draingate_bin())
+            .args(["agent", "--grpc-addr", "127.0.0.1:19560", "--http-addr", &http.to_string()])
+            .args(["--socket", &socket, "--pin-dir"])
+            .arg(&pins)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start draingate agent");
+        let agent = Self { child, pins, http };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !agent.ready() {
+            assert!(Instant::now() < deadline, "the agent never became ready");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        agent
+    }
+
+    fn get(&self, path: &str) -> Option<String> {
+        let mut conn = TcpStream::connect(self.http).ok()?;
+        write!(conn, "GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").ok()?;
+        let mut response = String::new();
+        conn.read_to_string(&mut response).ok()?;
+        Some(response)
+    }
+
+    fn ready(&self) -> bool {
+        self.get("/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+    }
+
+    fn pods(&self) -> usize {
+        self.get("/metrics").map_or(0, |m| {
+            m.lines()
+                .filter(|l| l.starts_with("draingate_pod_open_connections{"))
+                .count()
+        })
+    }
+
+    /// CPU time the agent used so far (user + system), from `/proc/<pid>/stat`.
+    fn cpu(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .unwrap_or_default();
+        // Fields after the command name (which may hold spaces) start at ")".
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks: u64 = [11, 12]
+            .iter()
+            .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<u64>().ok()))
+            .sum();
+        // USER_HZ is 100 on Linux.
+        Duration::from_millis(ticks * 10)
+    }
+
+    /// Resident and peak resident memory in KiB.
+    fn memory_kib(&self) -> (u64, u64) {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
+        let _ = draingate::loader::KernelProbes::remove_pins(&self.pins);
+    }
+}
+
+/// Run time and count of each draingate program now, by (truncated) name.
+fn program_stats() -> Vec<(String, Duration, u64)> {
+    const NAMES: [&str; 5] = [
+        "inet_sock_set_state",
+        "tcp_send_reset",
+        "tcp_receive_reset",
+        "signal_generate",
+        "sched_process_exit",
+    ];
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter_map(|p| {
+            let name = p.name_as_str()?.to_owned();
+            let full = NAMES.iter().find(|n| n.starts_with(&name))?;
+            Some(((*full).to_owned(), p.run_time(), p.run_count()))
+        })
+        .collect()
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn main() {
+    let args = Args::parse();
+    require_root();
+    let mut report = String::new();
+    let command = format!(
+        "sudo cargo xtask bench (draingate-bench --rate {} --seconds {} --rounds {} --pods {})",
+        args.rate, args.seconds, args.rounds, args.pods
+    );
+    let _ = writeln!(report, "## Node agent overhead\n\nReproduce: `{command}`\n");
+    let _ = writeln!(
+        report,
+        "Machine: {} CPUs, kernel {}. Client, server and agent share the machine.\n",
+        std::thread::available_parallelism().map_or(0, usize::from),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim()
+    );
+
+    // Throughput and latency, side by side.
+    let link = Link::new("bench", Family::V4);
+    let target = SocketAddr::new(link.b_addr, 8080);
+    let listen = target.to_string();
+    let _server = ChildGuard::spawn_in(
+        &link.b,
+        build_bin("draingate-test-server").to_str().expect("UTF-8 path"),
+        &["--listen", &listen, "--mode", "graceful"],
+    );
+    // The client closes each connection first and keeps it in TIME_WAIT: without port reuse, a
+    // later run would find fewer free ports than an earlier one and be slower for that alone.
+    for setting in [
+        "net.ipv4.tcp_tw_reuse=1",
+        "net.ipv4.ip_local_port_range=1024 65000",
+    ] {
+        let status = Command::new("ip")
+            .args(["netns", "exec", link.a.name(), "sysctl", "-qw", setting])
+            .status()
+            .expect("run sysctl");
+        assert!(status.success(), "sysctl {setting} in the client namespace failed");
+    }
+    while link.a.run(|| TcpStream::connect(target)).is_err() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
+    // Warm up once, unmeasured.
+    let _ = load(&link, target, args.rate, 1);
+    let (mut baseline, mut with_agent) = (Vec::new(), Vec::new());
+    let mut kernel: Vec<(String, Duration, u64)> = Vec::new();
+    let mut agent_cpu = Vec::new();
+    for round in 0..args.rounds {
+        // ABBA order: any drift over time (TIME_WAIT build-up, thermal) falls on both sides.
+        let baseline_first = round % 2 == 0;
+        if baseline_first {
+            eprintln!("round {}/{}: baseline", round + 1, args.rounds);
+            baseline.push(load(&link, target, args.rate, args.seconds));
+        }
+        eprintln!("round {}/{}: with agent", round + 1, args.rounds);
+        let agent = AgentProcess::start(&format!("load{round}"));
+        let before = program_stats();
+        let cpu_before = agent.cpu();
+        with_agent.push(load(&link, target, args.rate, args.seconds));
+        agent_cpu.push(agent.cpu().saturating_sub(cpu_before).as_secs_f64() / args.seconds as f64);
+        for (name, time, count) in program_stats() {
+            let (t0, c0) = before
+                .iter()
+                .find(|(n, ..)| *n == name)
+                .map_or((Duration::ZERO, 0), |(_, t, c)| (*t, *c));
+            match kernel.iter_mut().find(|(n, ..)| *n == name) {
+                Some(entry) => {
+                    entry.1 += time - t0;
+                    entry.2 += count - c0;
+                }
+                None => kernel.push((name, time - t0, count - c0)),
+            }
+        }
+        drop(agent);
+        if !baseline_first {
+            eprintln!("round {}/{}: baseline", round + 1, args.rounds);
+            baseline.push(load(&link, target, args.rate, args.seconds));
+        }
+    }
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
+
+    let b_rate = median(baseline.iter().map(|r| r.per_second).collect());
+    let a_rate = median(with_agent.iter().map(|r| r.per_second).collect());
+    let b_p99 = median(baseline.iter().map(|r| r.p99_us).collect());
+    let a_p99 = median(with_agent.iter().map(|r| r.p99_us).collect());
+    let failures: u64 = baseline.iter().chain(&with_agent).map(|r| r.failures).sum();
+    let _ = writeln!(
+        report,
+        "### New connections through a pod (target {} /s, {} rounds of {} s, medians)\n",
+        args.rate, args.rounds, args.seconds
+    );
+    let _ = writeln!(report, "| | baseline | with agent | ratio (agent / baseline) | target |");
+    let _ = writeln!(report, "|---|---|---|---|---|");
+    let _ = writeln!(
+        report,
+        "| connections/s | {b_rate:.0} | {a_rate:.0} | {:.3} | >= 0.98 |",
+        a_rate / b_rate
+    );
+    let _ = writeln!(
+        report,
+        "| p99 latency (connect + request + close) | {b_p99:.0} us | {a_p99:.0} us | {:.3} (latency: lower is better; throughput-equivalent {:.3}) | >= 0.98 |",
+        a_p99 / b_p99,
+        b_p99 / a_p99
+    );
+    let _ = writeln!(
+        report,
+        "\nAgent process CPU during the load (user + system, median): {:.1}% of one core. \
+         Failed requests in all runs: {failures}.\n",
+        100.0 * median(agent_cpu)
+    );
+    let _ = writeln!(report, "### Kernel time per program run (BPF statistics, during the agent runs)\n");
+    let _ = writeln!(report, "| program | runs | average ns per run | target |");
+    let _ = writeln!(report, "|---|---|---|---|");
+    for (name, time, count) in &kernel {
+        let avg = if *count == 0 { 0.0 } else { time.as_nanos() as f64 / *count as f64 };
+        let _ = writeln!(report, "| {name} | {count} | {avg:.0} | <= 150 |");
+    }
+
+    // Memory with many pods.
+    eprintln!("memory: creating {} pods", args.pods);
+    let pods: Vec<Netns> = (0..args.pods)
+        .map(|i| {
+            let ns = Netns::new("mem");
+            ns.ip(&["link", "add", "d0", "type", "veth", "peer", "name", "d1"]);
+            let addr = format!("198.19.{}.{}/32", i / 250, i % 250 + 1);
+            ns.ip(&["addr", "add", &addr, "dev", "d0"]);
+            ns.ip(&["link", "set", "d0", "up"]);
+            ns
+        })
+        .collect();
+    let agent = AgentProcess::start("mem");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while agent.pods() < args.pods && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let seen = agent.pods();
+    // Let it resync a few times with every pod known.
+    std::thread::sleep(Duration::from_secs(5));
+    let (rss, hwm) = agent.memory_kib();
+    drop(agent);
+    drop(pods);
+    let _ = writeln!(report, "\n### Agent memory with {} pods\n", args.pods);
+    let _ = writeln!(report, "| pods seen | resident (VmRSS) | peak (VmHWM) | target |");
+    let _ = writeln!(report, "|---|---|---|---|");
+    let _ = writeln!(
+        report,
+        "| {seen} | {:.1} MiB | {:.1} MiB | <= 40 MiB |",
+        rss as f64 / 1024.0,
+        hwm as f64 / 1024.0
+    );
+
+    print!("{report}");
+    if let Some(out) = args.out {
+        std::fs::write(&out, &report).unwrap_or_else(|err| panic!("write {}: {err}", out.display()));
+        eprintln!("report written to {}", out.display());
+    }
+}
