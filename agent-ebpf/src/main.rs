@@ -16,6 +16,7 @@
 )]
 
 use aya_ebpf::{
+    EbpfContext as _,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_boot_ns},
     macros::{map, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -132,15 +133,43 @@ fn global(value: &'static u64) -> u64 {
     unsafe { core::ptr::read_volatile(value) }
 }
 
-/// Reads a field of the tracepoint record at the offset in `offset`.
-#[expect(
-    clippy::trivially_copy_pass_by_ref,
-    reason = "the reference to the global is read volatile in `global`"
-)]
-fn field<T>(ctx: &TracePointContext, offset: &'static u64) -> Result<T, i32> {
-    // SAFETY: the offset comes from the tracepoint's own format description, and the read goes
-    // through bpf_probe_read_kernel, which fails cleanly on a bad address.
-    unsafe { ctx.read_at(global(offset) as usize) }
+/// Bytes of a tracepoint record copied at once: enough for every field the programs read on
+/// kernels seen so far (the largest, `tcp_send_reset`, ends at 88).
+const RECORD_BYTES: usize = 96;
+
+/// A tracepoint record copied with one `bpf_probe_read_kernel` into a per-CPU scratch buffer
+/// (the 512-byte stack is too small to hold it beside an event): one helper call per run instead
+/// of one per field. (Reading the context directly is not possible: the verifier wants context
+/// offsets as instruction immediates, and these are load-time globals.)
+struct Record(&'static [u8; RECORD_BYTES]);
+
+/// Per-CPU scratch space for [`Record`]; programs do not migrate or nest on a CPU while running.
+#[map]
+static SCRATCH: PerCpuArray<[u8; RECORD_BYTES]> = PerCpuArray::with_max_entries(1, 0);
+
+impl Record {
+    fn read(ctx: &TracePointContext) -> Result<Self, i32> {
+        let buf = SCRATCH.get_ptr_mut(0).ok_or(-1)?;
+        // SAFETY: the per-CPU buffer is ours for this run; bpf_probe_read_kernel fails cleanly if
+        // the record is shorter than the copy.
+        unsafe {
+            aya_ebpf::helpers::bpf_probe_read_kernel_buf(
+                ctx.as_ptr().cast::<u8>(),
+                (&mut *buf).as_mut_slice(),
+            )?;
+            Ok(Self(&*buf))
+        }
+    }
+
+    /// The field at the offset in `offset`; an offset beyond the copy is a read error.
+    fn get<T: Copy>(&self, offset: &'static u64) -> Result<T, i32> {
+        let offset = global(offset) as usize;
+        if offset + size_of::<T>() > RECORD_BYTES {
+            return Err(-1);
+        }
+        // SAFETY: bounds checked above; read_unaligned makes no alignment assumption.
+        Ok(unsafe { self.0.as_ptr().add(offset).cast::<T>().read_unaligned() })
+    }
 }
 
 fn now() -> u64 {
@@ -218,12 +247,13 @@ fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 }
 
 fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
-    if field::<u16>(ctx, &SSS_PROTOCOL)? != IPPROTO_TCP {
+    let rec = Record::read(ctx)?;
+    if rec.get::<u16>(&SSS_PROTOCOL)? != IPPROTO_TCP {
         return Ok(());
     }
-    let sk: u64 = field(ctx, &SSS_SKADDR)?;
-    let old: u32 = field(ctx, &SSS_OLDSTATE)?;
-    let new: u32 = field(ctx, &SSS_NEWSTATE)?;
+    let sk: u64 = rec.get(&SSS_SKADDR)?;
+    let old: u32 = rec.get(&SSS_OLDSTATE)?;
+    let new: u32 = rec.get(&SSS_NEWSTATE)?;
     let time_ns = now();
 
     let tracked = SOCKETS.get_ptr_mut(sk);
@@ -236,10 +266,10 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         if new == tcp_state::CLOSE || new == tcp_state::LISTEN {
             return Ok(());
         }
-        let family: u16 = field(ctx, &SSS_FAMILY)?;
+        let family: u16 = rec.get(&SSS_FAMILY)?;
         let local = match family {
-            AF_INET => AddrKey::v4(field(ctx, &SSS_SADDR)?),
-            AF_INET6 => AddrKey::v6(field(ctx, &SSS_SADDR_V6)?),
+            AF_INET => AddrKey::v4(rec.get(&SSS_SADDR)?),
+            AF_INET6 => AddrKey::v6(rec.get(&SSS_SADDR_V6)?),
             _ => return Ok(()),
         };
         let Some(slot) = pod_of(&local) else {
@@ -270,7 +300,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
                 c.failed_connects += 1;
                 c.win_failed_connects += w(win);
             });
-            emit_set_state_event(ctx, slot, old, time_ns)?;
+            emit_set_state_event(&rec, slot, old, time_ns)?;
         }
         _ => {}
     }
@@ -286,21 +316,16 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     Ok(())
 }
 
-fn emit_set_state_event(
-    ctx: &TracePointContext,
-    slot: u32,
-    old: u32,
-    time_ns: u64,
-) -> Result<(), i32> {
-    let family: u16 = field(ctx, &SSS_FAMILY)?;
+fn emit_set_state_event(rec: &Record, slot: u32, old: u32, time_ns: u64) -> Result<(), i32> {
+    let family: u16 = rec.get(&SSS_FAMILY)?;
     let (local, remote) = match family {
         AF_INET => (
-            AddrKey::v4(field(ctx, &SSS_SADDR)?),
-            AddrKey::v4(field(ctx, &SSS_DADDR)?),
+            AddrKey::v4(rec.get(&SSS_SADDR)?),
+            AddrKey::v4(rec.get(&SSS_DADDR)?),
         ),
         _ => (
-            AddrKey::v6(field(ctx, &SSS_SADDR_V6)?),
-            AddrKey::v6(field(ctx, &SSS_DADDR_V6)?),
+            AddrKey::v6(rec.get(&SSS_SADDR_V6)?),
+            AddrKey::v6(rec.get(&SSS_DADDR_V6)?),
         ),
     };
     emit(&NotableEvent {
@@ -308,8 +333,8 @@ fn emit_set_state_event(
         slot,
         kind: event_kind::CONNECT_FAILED,
         tcp_state: old as u8,
-        local_port: field(ctx, &SSS_SPORT)?,
-        remote_port: field(ctx, &SSS_DPORT)?,
+        local_port: rec.get(&SSS_SPORT)?,
+        remote_port: rec.get(&SSS_DPORT)?,
         local,
         remote,
         ..NotableEvent::default()
@@ -342,16 +367,17 @@ fn tcp_send_reset(ctx: TracePointContext) -> u32 {
 }
 
 fn try_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
-    let sk: u64 = field(ctx, &RST_SKADDR)?;
+    let rec = Record::read(ctx)?;
+    let sk: u64 = rec.get(&RST_SKADDR)?;
     // `saddr` is the side that sends the reset in both cases: the socket's own address, or,
     // without a socket, the destination of the segment being answered.
-    let Some((local, local_port)) = sockaddr(&field(ctx, &RST_SADDR)?) else {
+    let Some((local, local_port)) = sockaddr(&rec.get(&RST_SADDR)?) else {
         return Ok(());
     };
-    let Some((remote, remote_port)) = sockaddr(&field(ctx, &RST_DADDR)?) else {
+    let Some((remote, remote_port)) = sockaddr(&rec.get(&RST_DADDR)?) else {
         return Ok(());
     };
-    let state: u32 = if sk == 0 { 0 } else { field(ctx, &RST_STATE)? };
+    let state: u32 = if sk == 0 { 0 } else { rec.get(&RST_STATE)? };
     // SAFETY: the value is copied out at once.
     let slot = match unsafe { SOCKETS.get(sk) } {
         Some(entry) => entry.slot,
@@ -391,7 +417,7 @@ fn try_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
     let reason = if global(&RST_REASON) == ABSENT {
         0
     } else {
-        field(ctx, &RST_REASON)?
+        rec.get(&RST_REASON)?
     };
     emit(&NotableEvent {
         time_ns: now(),
@@ -422,16 +448,17 @@ fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
 }
 
 fn try_tcp_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
-    let sk: u64 = field(ctx, &RCV_SKADDR)?;
-    let family: u16 = field(ctx, &RCV_FAMILY)?;
+    let rec = Record::read(ctx)?;
+    let sk: u64 = rec.get(&RCV_SKADDR)?;
+    let family: u16 = rec.get(&RCV_FAMILY)?;
     let (local, remote) = match family {
         AF_INET => (
-            AddrKey::v4(field(ctx, &RCV_SADDR)?),
-            AddrKey::v4(field(ctx, &RCV_DADDR)?),
+            AddrKey::v4(rec.get(&RCV_SADDR)?),
+            AddrKey::v4(rec.get(&RCV_DADDR)?),
         ),
         AF_INET6 => (
-            AddrKey::v6(field(ctx, &RCV_SADDR_V6)?),
-            AddrKey::v6(field(ctx, &RCV_DADDR_V6)?),
+            AddrKey::v6(rec.get(&RCV_SADDR_V6)?),
+            AddrKey::v6(rec.get(&RCV_DADDR_V6)?),
         ),
         _ => return Ok(()),
     };
@@ -447,8 +474,8 @@ fn try_tcp_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
     if state == tcp_state::SYN_SENT {
         return Ok(());
     }
-    let local_port: u16 = field(ctx, &RCV_SPORT)?;
-    let remote_port: u16 = field(ctx, &RCV_DPORT)?;
+    let local_port: u16 = rec.get(&RCV_SPORT)?;
+    let remote_port: u16 = rec.get(&RCV_DPORT)?;
     let conn = ConnKey {
         local,
         remote,
@@ -484,11 +511,12 @@ fn signal_generate(ctx: TracePointContext) -> u32 {
 }
 
 fn try_signal_generate(ctx: &TracePointContext) -> Result<(), i32> {
-    let signal: u32 = field(ctx, &SIG_SIG)?;
+    let rec = Record::read(ctx)?;
+    let signal: u32 = rec.get(&SIG_SIG)?;
     if signal != SIGTERM && signal != SIGKILL {
         return Ok(());
     }
-    let pid: u32 = field(ctx, &SIG_PID)?;
+    let pid: u32 = rec.get(&SIG_PID)?;
     // SAFETY: the value is copied out at once.
     let slot = unsafe { POD_TASKS.get(pid) }.copied().unwrap_or(NO_SLOT);
     let time_ns = now();
@@ -523,8 +551,9 @@ fn sched_process_exit(ctx: TracePointContext) -> u32 {
 }
 
 fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i32> {
+    let rec = Record::read(ctx)?;
     // Only the last thread of a process matters.
-    if field::<u8>(ctx, &EXIT_GROUP_DEAD)? == 0 {
+    if rec.get::<u8>(&EXIT_GROUP_DEAD)? == 0 {
         return Ok(());
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;

@@ -509,8 +509,9 @@ fn attach_error(hook: &Hook, source: ProgramError) -> LoaderError {
     }
 }
 
-/// A kernel answer of EPERM or EACCES anywhere in the error's chain means missing privileges,
-/// which deserves its own message naming the capabilities; anything else keeps its own error.
+/// A kernel answer of EPERM anywhere in the error's chain means missing privileges, which
+/// deserves its own message naming the capabilities. Anything else keeps its own error; EACCES
+/// from a program load is the verifier rejecting the program, with its log.
 fn classify<E>(err: E, action: &'static str, other: impl FnOnce(E) -> LoaderError) -> LoaderError
 where
     E: std::error::Error + Send + Sync + 'static,
@@ -518,7 +519,7 @@ where
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
     while let Some(current) = source {
         if let Some(io) = current.downcast_ref::<io::Error>()
-            && matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES))
+            && io.raw_os_error() == Some(libc::EPERM)
         {
             return LoaderError::PermissionDenied {
                 action,

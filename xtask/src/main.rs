@@ -28,6 +28,14 @@ enum Command {
     Test,
     /// Setup, then formatting and clippy only.
     Lint,
+    /// Setup, then measure the agent against a baseline run side by side (root): connections/s
+    /// and p99 latency with and without the agent, kernel time per program run, agent memory
+    /// with 110 pods. Writes BENCHMARKS.md.
+    Bench {
+        /// Arguments for draingate-bench (see `draingate-bench --help`), after `--`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -36,6 +44,7 @@ fn main() -> ExitCode {
         Command::Setup => setup::run().map(|_| ()),
         Command::Test => test::run(test::Scope::All),
         Command::Lint => test::run(test::Scope::LintOnly),
+        Command::Bench { args } => test::bench(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -169,3 +169,26 @@ fn cargo_test(args: &[&str]) -> anyhow::Result<u64> {
     }
     Ok(passed)
 }
+
+/// `cargo xtask bench`: release build, then the benchmark binary, which writes BENCHMARKS.md.
+pub(crate) fn bench(args: &[String]) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!(
+            "the benchmark loads eBPF programs and creates network namespaces: run `sudo -E cargo xtask bench`"
+        );
+    }
+    setup::run()?;
+    run_cmd(cargo(None).args([
+        "build",
+        "--locked",
+        "--release",
+        "--workspace",
+        "--exclude",
+        "draingate-ebpf",
+        "--bins",
+    ]))?;
+    let root = workspace_root();
+    let mut cmd = Command::new(root.join("target/release/draingate-bench"));
+    cmd.arg("--out").arg(root.join("BENCHMARKS.md")).args(args);
+    run_cmd(&mut cmd)
+}

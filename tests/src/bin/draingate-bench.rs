@@ -7,6 +7,10 @@
 //! - The agent's resident memory with 110 pods (network namespaces with an address each).
 //!
 //! Prints a Markdown report (and writes it to `--out`).
+#![expect(
+    clippy::cast_precision_loss,
+    reason = "statistics over counts and durations far below 2^52"
+)]
 
 use std::{
     fmt::Write as _,
@@ -18,9 +22,7 @@ use std::{
 };
 
 use clap::Parser;
-use draingate_tests::{
-    ChildGuard, Family, Link, Netns, build_bin, draingate_bin, require_root,
-};
+use draingate_tests::{ChildGuard, Family, Link, Netns, build_bin, draingate_bin, require_root};
 
 /// Measures the agent's overhead against a baseline run side by side.
 #[derive(Debug, Parser)]
@@ -84,10 +86,16 @@ fn load(link: &Link, target: SocketAddr, rate: u64, seconds: u64) -> Run {
                 })
             })
             .collect();
-        workers.into_iter().map(|w| w.join().expect("worker")).collect()
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("worker"))
+            .collect()
     });
     let elapsed = started.elapsed().as_secs_f64();
-    let mut latencies: Vec<u32> = results.iter().flat_map(|(l, _)| l.iter().copied()).collect();
+    let mut latencies: Vec<u32> = results
+        .iter()
+        .flat_map(|(l, _)| l.iter().copied())
+        .collect();
     let failures = results.iter().map(|(_, f)| f).sum();
     latencies.sort_unstable();
     let p99 = latencies
@@ -135,11 +143,20 @@ struct AgentProcess {
 
 impl AgentProcess {
     fn start(tag: &str) -> Self {
-        let pins = PathBuf::from(format!("/sys/fs/bpf/draingate-bench-{}-{tag}", std::process::id()));
+        let pins = PathBuf::from(format!(
+            "/sys/fs/bpf/draingate-bench-{}-{tag}",
+            std::process::id()
+        ));
         let socket = format!("/tmp/draingate-bench-{}-{tag}.sock", std::process::id());
         let http: SocketAddr = "127.0.0.1:19561".parse().expect("address");
         let child = Command::new(draingate_bin())
-            .args(["agent", "--grpc-addr", "127.0.0.1:19560", "--http-addr", &http.to_string()])
+            .args([
+                "agent",
+                "--grpc-addr",
+                "127.0.0.1:19560",
+                "--http-addr",
+                &http.to_string(),
+            ])
             .args(["--socket", &socket, "--pin-dir"])
             .arg(&pins)
             .stderr(Stdio::null())
@@ -156,14 +173,19 @@ impl AgentProcess {
 
     fn get(&self, path: &str) -> Option<String> {
         let mut conn = TcpStream::connect(self.http).ok()?;
-        write!(conn, "GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").ok()?;
+        write!(
+            conn,
+            "GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
         let mut response = String::new();
         conn.read_to_string(&mut response).ok()?;
         Some(response)
     }
 
     fn ready(&self) -> bool {
-        self.get("/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+        self.get("/readyz")
+            .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
     }
 
     fn pods(&self) -> usize {
@@ -176,8 +198,8 @@ impl AgentProcess {
 
     /// CPU time the agent used so far (user + system), from `/proc/<pid>/stat`.
     fn cpu(&self) -> Duration {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
-            .unwrap_or_default();
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
         // Fields after the command name (which may hold spaces) start at ")".
         let fields: Vec<&str> = stat
             .rsplit_once(')')
@@ -193,8 +215,8 @@ impl AgentProcess {
 
     /// Resident and peak resident memory in KiB.
     fn memory_kib(&self) -> (u64, u64) {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
         let field = |name: &str| {
             status
                 .lines()
@@ -209,7 +231,7 @@ impl AgentProcess {
 
 impl Drop for AgentProcess {
     fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let pid = nix::unistd::Pid::from_raw(self.child.id().cast_signed());
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let _ = self.child.wait();
         let _ = draingate::loader::KernelProbes::remove_pins(&self.pins);
@@ -253,7 +275,9 @@ fn main() {
         report,
         "Machine: {} CPUs, kernel {}. Client, server and agent share the machine.\n",
         std::thread::available_parallelism().map_or(0, usize::from),
-        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim()
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
     );
 
     // Throughput and latency, side by side.
@@ -262,7 +286,9 @@ fn main() {
     let listen = target.to_string();
     let _server = ChildGuard::spawn_in(
         &link.b,
-        build_bin("draingate-test-server").to_str().expect("UTF-8 path"),
+        build_bin("draingate-test-server")
+            .to_str()
+            .expect("UTF-8 path"),
         &["--listen", &listen, "--mode", "graceful"],
     );
     // The client closes each connection first and keeps it in TIME_WAIT: without port reuse, a
@@ -275,7 +301,10 @@ fn main() {
             .args(["netns", "exec", link.a.name(), "sysctl", "-qw", setting])
             .status()
             .expect("run sysctl");
-        assert!(status.success(), "sysctl {setting} in the client namespace failed");
+        assert!(
+            status.success(),
+            "sysctl {setting} in the client namespace failed"
+        );
     }
     while link.a.run(|| TcpStream::connect(target)).is_err() {
         std::thread::sleep(Duration::from_millis(20));
@@ -306,10 +335,10 @@ fn main() {
                 .map_or((Duration::ZERO, 0), |(_, t, c)| (*t, *c));
             match kernel.iter_mut().find(|(n, ..)| *n == name) {
                 Some(entry) => {
-                    entry.1 += time - t0;
+                    entry.1 += time.saturating_sub(t0);
                     entry.2 += count - c0;
                 }
-                None => kernel.push((name, time - t0, count - c0)),
+                None => kernel.push((name, time.saturating_sub(t0), count - c0)),
             }
         }
         drop(agent);
@@ -330,7 +359,10 @@ fn main() {
         "### New connections through a pod (target {} /s, {} rounds of {} s, medians)\n",
         args.rate, args.rounds, args.seconds
     );
-    let _ = writeln!(report, "| | baseline | with agent | ratio (agent / baseline) | target |");
+    let _ = writeln!(
+        report,
+        "| | baseline | with agent | ratio (agent / baseline) | target |"
+    );
     let _ = writeln!(report, "|---|---|---|---|---|");
     let _ = writeln!(
         report,
@@ -349,11 +381,18 @@ fn main() {
          Failed requests in all runs: {failures}.\n",
         100.0 * median(agent_cpu)
     );
-    let _ = writeln!(report, "### Kernel time per program run (BPF statistics, during the agent runs)\n");
+    let _ = writeln!(
+        report,
+        "### Kernel time per program run (BPF statistics, during the agent runs)\n"
+    );
     let _ = writeln!(report, "| program | runs | average ns per run | target |");
     let _ = writeln!(report, "|---|---|---|---|");
     for (name, time, count) in &kernel {
-        let avg = if *count == 0 { 0.0 } else { time.as_nanos() as f64 / *count as f64 };
+        let avg = if *count == 0 {
+            0.0
+        } else {
+            time.as_nanos() as f64 / *count as f64
+        };
         let _ = writeln!(report, "| {name} | {count} | {avg:.0} | <= 150 |");
     }
 
@@ -381,7 +420,10 @@ fn main() {
     drop(agent);
     drop(pods);
     let _ = writeln!(report, "\n### Agent memory with {} pods\n", args.pods);
-    let _ = writeln!(report, "| pods seen | resident (VmRSS) | peak (VmHWM) | target |");
+    let _ = writeln!(
+        report,
+        "| pods seen | resident (VmRSS) | peak (VmHWM) | target |"
+    );
     let _ = writeln!(report, "|---|---|---|---|");
     let _ = writeln!(
         report,
@@ -392,7 +434,8 @@ fn main() {
 
     print!("{report}");
     if let Some(out) = args.out {
-        std::fs::write(&out, &report).unwrap_or_else(|err| panic!("write {}: {err}", out.display()));
+        std::fs::write(&out, &report)
+            .unwrap_or_else(|err| panic!("write {}: {err}", out.display()));
         eprintln!("report written to {}", out.display());
     }
 }
