@@ -126,7 +126,7 @@ impl Agent {
         source: Box<dyn InventorySource>,
     ) -> Result<(Self, AgentHandle), AgentError> {
         let probes = KernelProbes::load(&config.probes)?;
-        let watched_by_previous = probes.watched()?.into_iter().collect();
+        let watched_by_previous: BTreeMap<IpAddr, u32> = probes.watched()?.into_iter().collect();
         // Processes tracked by a previous agent are re-tracked from the inventory.
         let state = Arc::new(Mutex::new(AgentState::default()));
         let (changed, changed_rx) = watch::channel(0);
@@ -147,7 +147,11 @@ impl Agent {
             events,
             ready: ready_tx,
             boot_to_wall: boot_to_wall(),
-            free_slots: (0..MAX_SLOTS).collect(),
+            // Slots a previous agent gave out stay reserved until the first resync has let their
+            // pods claim them back; only then are the unclaimed ones freed.
+            free_slots: (0..MAX_SLOTS)
+                .filter(|slot| !watched_by_previous.values().any(|s| s == slot))
+                .collect(),
             watched_by_previous,
             last_loss: 0,
         };
@@ -289,6 +293,14 @@ impl Agent {
             }
         }
         self.last_loss = lost_total;
+        // After the first resync, what no pod claimed back is stale: stop watching those
+        // addresses and free their slots (they are zeroed when given out again).
+        for (addr, slot) in std::mem::take(&mut self.watched_by_previous) {
+            self.probes.unwatch(addr)?;
+            if !state.pods.values().any(|p| p.slot == slot) {
+                self.free_slots.insert(slot);
+            }
+        }
         drop(state);
         self.publish();
         Ok(())
@@ -300,9 +312,10 @@ impl Agent {
         if let Some(slot) = pod
             .addresses
             .iter()
-            .find_map(|addr| self.watched_by_previous.remove(addr))
-            && self.free_slots.remove(&slot)
+            .find_map(|addr| self.watched_by_previous.get(addr).copied())
         {
+            // Every address of the slot is claimed with it.
+            self.watched_by_previous.retain(|_, s| *s != slot);
             return Ok(slot);
         }
         let slot = self
