@@ -89,8 +89,6 @@ pub struct SlotCounters {
     pub refused: u64,
     /// Connects by the pod that never got established (`SYN_SENT` → `CLOSE`).
     pub failed_connects: u64,
-    /// Reserved (was a per-CPU gauge share; the gauge is the shared `OPEN` array now).
-    pub reserved: u64,
     /// Kernel time (`bpf_ktime_get_boot_ns`) of the last accepted connection.
     pub last_accept_ns: u64,
     /// The same counts, only while the pod's termination window is open (`WINDOWS`): counted in
@@ -218,7 +216,7 @@ pub mod tcp_state {
 }
 
 const _: () = assert!(size_of::<AddrKey>() == 16);
-const _: () = assert!(size_of::<SlotCounters>() == 104);
+const _: () = assert!(size_of::<SlotCounters>() == 96);
 const _: () = assert!(size_of::<LossCounters>() == 24);
 const _: () = assert!(size_of::<SocketEntry>() == 16);
 const _: () = assert!(size_of::<NotableEvent>() == 64);

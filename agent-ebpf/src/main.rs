@@ -378,13 +378,8 @@ fn try_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     };
     let state: u32 = if sk == 0 { 0 } else { rec.get(&RST_STATE)? };
-    // SAFETY: the value is copied out at once.
-    let slot = match unsafe { SOCKETS.get(sk) } {
-        Some(entry) => entry.slot,
-        None => match pod_of(&local) {
-            Some(slot) => slot,
-            None => return Ok(()),
-        },
+    let Some((slot, _)) = socket_or_address(sk, &local) else {
+        return Ok(());
     };
     let conn = ConnKey {
         local,
@@ -419,23 +414,38 @@ fn try_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
     } else {
         rec.get(&RST_REASON)?
     };
+    let kind = if refused {
+        event_kind::REFUSED
+    } else {
+        event_kind::RESET_SENT
+    };
+    emit_reset(kind, slot, state, reason, &conn);
+    Ok(())
+}
+
+/// The pod of a reset: the tracked socket's, else the local address's, with the socket's last
+/// TCP state (0 when untracked).
+fn socket_or_address(sk: u64, local: &AddrKey) -> Option<(u32, u32)> {
+    // SAFETY: the value is copied out at once.
+    match unsafe { SOCKETS.get(sk) } {
+        Some(entry) => Some((entry.slot, entry.state)),
+        None => pod_of(local).map(|slot| (slot, 0)),
+    }
+}
+
+fn emit_reset(kind: u8, slot: u32, state: u32, reason: u32, conn: &ConnKey) {
     emit(&NotableEvent {
         time_ns: now(),
         slot,
         reason,
-        kind: if refused {
-            event_kind::REFUSED
-        } else {
-            event_kind::RESET_SENT
-        },
+        kind,
         tcp_state: state as u8,
-        local_port,
-        remote_port,
-        local,
-        remote,
+        local_port: conn.local_port,
+        remote_port: conn.remote_port,
+        local: conn.local,
+        remote: conn.remote,
         ..NotableEvent::default()
     });
-    Ok(())
 }
 
 #[tracepoint]
@@ -462,13 +472,8 @@ fn try_tcp_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
         ),
         _ => return Ok(()),
     };
-    // SAFETY: the value is copied out at once.
-    let (slot, state) = match unsafe { SOCKETS.get(sk) } {
-        Some(entry) => (entry.slot, entry.state),
-        None => match pod_of(&local) {
-            Some(slot) => (slot, 0),
-            None => return Ok(()),
-        },
+    let Some((slot, state)) = socket_or_address(sk, &local) else {
+        return Ok(());
     };
     // A reset answering our SYN is a failed connect, counted once when the socket closes.
     if state == tcp_state::SYN_SENT {
@@ -487,17 +492,7 @@ fn try_tcp_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
         c.resets_received += 1;
         c.win_resets_received += w(win);
     });
-    emit(&NotableEvent {
-        time_ns: now(),
-        slot,
-        kind: event_kind::RESET_RECEIVED,
-        tcp_state: state as u8,
-        local_port,
-        remote_port,
-        local,
-        remote,
-        ..NotableEvent::default()
-    });
+    emit_reset(event_kind::RESET_RECEIVED, slot, state, 0, &conn);
     Ok(())
 }
 

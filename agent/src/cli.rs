@@ -7,6 +7,8 @@ use draingate_proto::v1::{self as pb, agent_client::AgentClient};
 use serde_json::{Value, json};
 use tonic::transport::{Channel, Endpoint, Uri};
 
+use crate::drain::{EventKind, Phase, Verdict};
+
 /// Where to reach the agent: `unix:///run/draingate/agent.sock` or `http://host:9560`.
 #[derive(Debug, Clone)]
 pub enum AgentAddr {
@@ -97,24 +99,28 @@ fn rfc3339(ts: Option<&prost_types::Timestamp>) -> Value {
         })
 }
 
+/// The names below are the domain enums' own (`drain::…::as_str`), so the CLI, the metrics and
+/// the agent's logs say the same words.
 #[must_use]
 pub fn verdict_name(verdict: i32) -> &'static str {
     match pb::Verdict::try_from(verdict).unwrap_or(pb::Verdict::Unspecified) {
-        pb::Verdict::None | pb::Verdict::Unspecified => "none",
-        pb::Verdict::Pending => "pending",
-        pb::Verdict::Pass => "pass",
-        pb::Verdict::Fail => "fail",
-        pb::Verdict::Unknown => "unknown",
+        pb::Verdict::None | pb::Verdict::Unspecified => Verdict::None,
+        pb::Verdict::Pending => Verdict::Pending,
+        pb::Verdict::Pass => Verdict::Pass,
+        pb::Verdict::Fail => Verdict::Fail,
+        pb::Verdict::Unknown => Verdict::Unknown,
     }
+    .as_str()
 }
 
 #[must_use]
 pub fn phase_name(phase: i32) -> &'static str {
     match pb::Phase::try_from(phase).unwrap_or(pb::Phase::Unspecified) {
-        pb::Phase::Running | pb::Phase::Unspecified => "running",
-        pb::Phase::Terminating => "terminating",
-        pb::Phase::Exited => "exited",
+        pb::Phase::Running | pb::Phase::Unspecified => Phase::Running,
+        pb::Phase::Terminating => Phase::Terminating,
+        pb::Phase::Exited => Phase::Exited,
     }
+    .as_str()
 }
 
 /// A pod as `pods -o json` prints it.
@@ -186,13 +192,14 @@ fn bracket(addr: &str) -> String {
 
 #[must_use]
 pub fn event_kind_name(kind: i32) -> &'static str {
-    match pb::EventKind::try_from(kind).unwrap_or(pb::EventKind::Unspecified) {
-        pb::EventKind::ResetSent => "reset_sent",
-        pb::EventKind::ResetReceived => "reset_received",
-        pb::EventKind::Refused => "refused",
-        pb::EventKind::ConnectFailed => "connect_failed",
-        pb::EventKind::Unspecified => "unknown",
-    }
+    let kind = match pb::EventKind::try_from(kind).unwrap_or(pb::EventKind::Unspecified) {
+        pb::EventKind::ResetSent => EventKind::ResetSent,
+        pb::EventKind::ResetReceived => EventKind::ResetReceived,
+        pb::EventKind::Refused => EventKind::Refused,
+        pb::EventKind::ConnectFailed => EventKind::ConnectFailed,
+        pb::EventKind::Unspecified => return "unknown",
+    };
+    kind.as_str()
 }
 
 /// Pods for people: terminating and failing ones first, then by name.
