@@ -3,6 +3,7 @@
 //! The library holds everything; `main.rs` only parses the command line. Modules:
 //! - [`tracefs`]: tracepoint record layouts of the running kernel;
 //! - [`loader`]: loads and attaches the eBPF programs, typed access to their maps;
+//! - [`rehearse`]: a whole rolling update on one machine, the agent held against the clients;
 //! - [`telemetry`]: logging set up from the environment.
 
 pub mod agent;
@@ -13,5 +14,6 @@ pub mod events;
 pub mod http;
 pub mod inventory;
 pub mod loader;
+pub mod rehearse;
 pub mod telemetry;
 pub mod tracefs;

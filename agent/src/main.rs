@@ -10,6 +10,7 @@ use draingate::{
     cli::{self, AgentAddr},
     inventory::LocalSource,
     loader::ProbeConfig,
+    rehearse::{self, RehearseConfig, load::ConnectionMode, spec::RolloutSpec},
     telemetry,
 };
 use draingate_proto::v1 as pb;
@@ -60,6 +61,19 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t = EventsOutput::Text)]
         output: EventsOutput,
     },
+    /// Rehearse a rolling update of your own server on this machine (root): CMD runs as the
+    /// replicas, each in its own pod network namespace behind a Service IP balanced by iptables
+    /// as kube-proxy does; a load generator drives it while every replica is replaced in
+    /// Kubernetes' order (surge, readiness, endpoint removal, preStop, SIGTERM, grace period,
+    /// SIGKILL). Reports per pod the agent's verdict beside what the clients saw.
+    ///
+    /// Usage: `draingate rehearse [-f deploy.yaml] [FLAGS] -- CMD [ARGS...] [--next [--] CMD2
+    /// [ARGS...]]`. The port reaches CMD as $PORT and as `{port}` in ARGS. Exit 0: every pod
+    /// drained clean and no client failed; 1: failures (the agent and the clients agree);
+    /// 3: the rehearsal could not run; 4: the agent disagrees with the clients (a draingate
+    /// defect, please report it).
+    #[command(verbatim_doc_comment)]
+    Rehearse(Box<RehearseArgs>),
     /// Block until a pod's open connections reach zero. Exit 0: drained clean; 1: drained with
     /// errors; 2: timed out; 3: could not ask (no agent, unknown pod).
     WaitDrained {
@@ -75,6 +89,79 @@ enum Command {
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct RehearseArgs {
+    /// A manifest with one Deployment: replicas, strategy.rollingUpdate, the first container's
+    /// readinessProbe and preStop, terminationGracePeriodSeconds. Settings it cannot simulate
+    /// are named in the report. Flags below override it.
+    #[arg(short, long)]
+    file: Option<PathBuf>,
+    /// Number of replicas (default 3 without a manifest).
+    #[arg(long)]
+    replicas: Option<u32>,
+    /// maxSurge: pods above replicas during the rollout, a number or a percentage.
+    #[arg(long, value_parser = rehearse::spec::parse_int_or_percent)]
+    max_surge: Option<k8s_openapi::apimachinery::pkg::util::intstr::IntOrString>,
+    /// maxUnavailable: pods below replicas during the rollout, a number or a percentage.
+    #[arg(long, value_parser = rehearse::spec::parse_int_or_percent)]
+    max_unavailable: Option<k8s_openapi::apimachinery::pkg::util::intstr::IntOrString>,
+    /// An HTTP readiness probe on this path (every --readiness-period).
+    #[arg(long)]
+    readiness_path: Option<String>,
+    /// Period of the readiness probe.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    readiness_period: Option<Duration>,
+    /// No readiness probe, even if the manifest has one.
+    #[arg(long, conflicts_with = "readiness_path")]
+    no_readiness: bool,
+    /// A preStop sleep of this long (`0s` for none).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pre_stop: Option<Duration>,
+    /// terminationGracePeriodSeconds, e.g. `30s`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    grace_period: Option<Duration>,
+    /// The workload's name, used in pod names.
+    #[arg(long)]
+    name: Option<String>,
+    /// The port the server listens on inside its pod.
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Requests per second, all clients together.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    rate: u32,
+    /// Concurrent clients, one connection each.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    clients: u32,
+    /// How clients use connections.
+    #[arg(long, value_enum, default_value_t = ConnectionMode::KeepAlive)]
+    connections: ConnectionMode,
+    /// The path clients request.
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// How long an endpoint change takes to reach the node (endpoints controller + kube-proxy).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    propagation: Duration,
+    /// Load before the rollout and after its last pod is gone.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    settle: Duration,
+    /// Give up when the rollout takes longer.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// A request without an answer for this long has failed.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    request_timeout: Duration,
+    /// Where each pod's output goes (default: a new directory under /tmp).
+    #[arg(long)]
+    log_dir: Option<PathBuf>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = EventsOutput::Text)]
+    output: EventsOutput,
+    /// The server: `CMD [ARGS...]`, then optionally `--next [--] CMD2 [ARGS...]` for the new
+    /// version (by default the same command is rolled).
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -128,8 +215,13 @@ enum Source {
 }
 
 fn main() -> ExitCode {
-    telemetry::init();
     let cli = Cli::parse();
+    // A rehearsal's report is its output; the embedded agent's routine logs would drown it.
+    telemetry::init_with_default(if matches!(cli.command, Command::Rehearse(_)) {
+        "warn"
+    } else {
+        "info"
+    });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -153,6 +245,7 @@ fn main() -> ExitCode {
                 follow,
                 output,
             } => events(&agent.agent, pod, namespace, follow, output).await,
+            Command::Rehearse(args) => rehearse(*args).await,
             Command::WaitDrained {
                 agent,
                 pod,
@@ -377,4 +470,139 @@ async fn wait_drained(
             Ok(ExitCode::from(2))
         }
     }
+}
+
+/// Splits `CMD ARGS --next [--] CMD2 ARGS` into the two commands.
+fn split_next(command: Vec<String>) -> (Vec<String>, Option<Vec<String>>) {
+    match command.iter().position(|a| a == "--next") {
+        None => (command, None),
+        Some(i) => {
+            let mut first = command;
+            let mut next = first.split_off(i);
+            next.remove(0);
+            if next.first().is_some_and(|a| a == "--") {
+                next.remove(0);
+            }
+            (first, Some(next))
+        }
+    }
+}
+
+fn rollout_spec(args: &RehearseArgs) -> anyhow::Result<RolloutSpec> {
+    use rehearse::spec::{ReadinessProbe, resolve_int_or_percent};
+    let mut spec = match &args.file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            RolloutSpec::from_manifest(&path.display().to_string(), &text)?
+        }
+        None => RolloutSpec::default(),
+    };
+    if let Some(name) = &args.name {
+        spec.name.clone_from(name);
+    }
+    if let Some(replicas) = args.replicas {
+        spec.replicas = replicas;
+    }
+    if let Some(surge) = &args.max_surge {
+        spec.max_surge = resolve_int_or_percent("--max-surge", surge, spec.replicas, true)?;
+    }
+    if let Some(unavailable) = &args.max_unavailable {
+        spec.max_unavailable =
+            resolve_int_or_percent("--max-unavailable", unavailable, spec.replicas, false)?;
+    }
+    if args.no_readiness {
+        spec.readiness = None;
+    }
+    if let Some(path) = &args.readiness_path {
+        spec.readiness = Some(ReadinessProbe {
+            http_path: Some(path.clone()),
+            ..spec.readiness.take().unwrap_or_default()
+        });
+    }
+    if let (Some(period), Some(probe)) = (args.readiness_period, spec.readiness.as_mut()) {
+        probe.period = period;
+    }
+    if let Some(pre_stop) = args.pre_stop {
+        spec.pre_stop = (!pre_stop.is_zero()).then_some(pre_stop);
+    }
+    if let Some(grace) = args.grace_period {
+        spec.grace_period = grace;
+    }
+    spec.validate()?;
+    Ok(spec)
+}
+
+async fn rehearse(args: RehearseArgs) -> anyhow::Result<ExitCode> {
+    let spec = rollout_spec(&args)?;
+    let (command, next_command) = split_next(args.command.clone());
+    if command.is_empty() || next_command.as_ref().is_some_and(Vec::is_empty) {
+        anyhow::bail!("give the server's command after `--` (and after `--next`, when used)");
+    }
+    let pid = std::process::id();
+    let config = RehearseConfig {
+        spec,
+        command,
+        next_command,
+        port: args.port,
+        rate: args.rate,
+        clients: args.clients,
+        mode: args.connections,
+        path: args.path.clone(),
+        propagation: args.propagation,
+        settle: args.settle,
+        timeout: args.timeout,
+        request_timeout: args.request_timeout,
+        log_dir: args
+            .log_dir
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("draingate-rehearse-{pid}"))),
+        agent_socket: PathBuf::from(format!("/run/draingate/rehearse-{pid}.sock")),
+    };
+    let json = matches!(args.output, EventsOutput::Json);
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    if !json {
+        eprintln!(
+            "rehearsing {} replicas at {} req/s; agent API meanwhile: draingate pods --agent {}",
+            config.spec.replicas,
+            config.rate,
+            config.agent_socket.display()
+        );
+    }
+    let progress = |p: &rehearse::Progress| {
+        let line = format!(
+            "[{:>6.1}s] {:<8} new {}/{} ready, old {} left, {} terminating | {:.0} req/s, {} requests, {} failed",
+            p.elapsed.as_secs_f64(),
+            p.phase,
+            p.new_ready,
+            p.replicas,
+            p.old_left,
+            p.terminating,
+            p.rate,
+            p.requests,
+            p.failed
+        );
+        if tty {
+            eprint!("\r\x1b[2K{line}");
+        } else {
+            eprintln!("{line}");
+        }
+    };
+    let outcome = tokio::select! {
+        outcome = rehearse::run(config, progress) => outcome,
+        () = shutdown_signal() => {
+            eprintln!("\ninterrupted: removing the rehearsal's namespaces, rules and pods");
+            return Ok(ExitCode::from(130));
+        }
+    };
+    if tty {
+        eprintln!();
+    }
+    let report = outcome?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(ExitCode::from(report.exit_code))
 }

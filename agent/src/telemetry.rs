@@ -5,9 +5,14 @@ use tracing_subscriber::{EnvFilter, fmt};
 
 /// Installs the global subscriber. Call once, early in `main`; a second call is a no-op.
 pub fn init() {
+    init_with_default("info");
+}
+
+/// Installs the global subscriber with `default` as the filter when `RUST_LOG` is not set.
+pub fn init_with_default(default: &str) {
     // `log` records from aya reach tracing through the LogTracer; ignore "already set".
     let _ = tracing_log::LogTracer::init();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let _ = fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

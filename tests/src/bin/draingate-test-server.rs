@@ -1,19 +1,25 @@
 //! The project's test server: a small HTTP/1.1 keep-alive server whose shutdown behaviour is a
-//! flag, so that tests (and later `draingate rehearse`) can produce clean and dirty drains on
+//! flag, so that tests, `draingate rehearse` and the demo can produce clean and dirty drains on
 //! purpose.
 //!
-//! Every request gets `200 ok`. After SIGTERM:
+//! Every request gets `200 ok`; `/health/live` is always 200, `/health/ready` is 200 until
+//! SIGTERM and 503 after it. After SIGTERM:
 //! - `graceful`: stop accepting, answer each connection's next request with `Connection: close`
 //!   and close it, exit once every connection is closed;
 //! - `abrupt`: exit at once, leaving the kernel to close (or reset) the connections;
-//! - `ignore`: keep serving; only SIGKILL ends it.
+//! - `ignore`: keep serving; only SIGKILL ends it;
+//! - `slow`: stop accepting, keep serving the open connections for `--drain-time`, then close
+//!   them as `graceful` does (a drain slower than a short grace period);
+//! - `late-close`: keep accepting and serving for `--drain-time` (the app's own shutdown delay),
+//!   then drain as `graceful` does.
 
 use std::{
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
+    time::Duration,
 };
 
 use clap::{Parser, ValueEnum};
@@ -23,65 +29,111 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Mode {
     Graceful,
     Abrupt,
     Ignore,
+    Slow,
+    LateClose,
 }
 
 /// HTTP/1.1 keep-alive test server with a chosen shutdown behaviour.
 #[derive(Debug, Parser)]
 struct Args {
-    /// Address to listen on.
+    /// Address to listen on (default: 0.0.0.0 and the port in $PORT).
     #[arg(long)]
-    listen: SocketAddr,
+    listen: Option<SocketAddr>,
     /// What to do on SIGTERM.
     #[arg(long, value_enum, default_value_t = Mode::Graceful)]
     mode: Mode,
+    /// Wait this long before listening (an application's start-up time).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    startup_delay: Duration,
+    /// For `slow` and `late-close`: how long the drain (or the delay before it) takes.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    drain_time: Duration,
 }
 
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> std::io::Result<()> {
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    let listener = TcpListener::bind(args.listen).await?;
+    let listen = match args.listen {
+        Some(listen) => listen,
+        None => {
+            let port: u16 = std::env::var("PORT")
+                .map_err(|_| "give --listen or set PORT")?
+                .parse()
+                .map_err(|_| "PORT is not a port number")?;
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))
+        }
+    };
     let mut term = signal(SignalKind::terminate())?;
     let draining = Arc::new(AtomicBool::new(false));
+    let terminating = Arc::new(AtomicBool::new(false));
+    tokio::select! {
+        () = tokio::time::sleep(args.startup_delay) => {}
+        _ = term.recv() => return Ok(()),
+    }
+    let listener = TcpListener::bind(listen).await?;
     let open = Arc::new(AtomicUsize::new(0));
     let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    println!("listening on {}", args.listen);
+    println!("listening on {listen}");
+    let mut accept_until: Option<tokio::time::Instant> = None;
     loop {
+        let late_close = async {
+            match accept_until {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, _) = accepted?;
                 open.fetch_add(1, Ordering::SeqCst);
-                let draining = Arc::clone(&draining);
+                let (draining, terminating) = (Arc::clone(&draining), Arc::clone(&terminating));
                 let open = Arc::clone(&open);
                 let closed = closed_tx.clone();
                 tokio::spawn(async move {
-                    let _ = serve(stream, &draining).await;
+                    let _ = serve(stream, &draining, &terminating).await;
                     open.fetch_sub(1, Ordering::SeqCst);
                     let _ = closed.send(());
                 });
             }
-            _ = term.recv() => match args.mode {
-                Mode::Abrupt => std::process::exit(0),
-                Mode::Ignore => {}
-                Mode::Graceful => break,
-            },
+            _ = term.recv(), if accept_until.is_none() => {
+                println!("SIGTERM: {:?}", args.mode);
+                terminating.store(true, Ordering::SeqCst);
+                match args.mode {
+                    Mode::Abrupt => std::process::exit(0),
+                    Mode::Ignore => {}
+                    Mode::Graceful | Mode::Slow => break,
+                    Mode::LateClose => {
+                        accept_until = Some(tokio::time::Instant::now() + args.drain_time);
+                    }
+                }
+            }
+            () = late_close => break,
         }
     }
     drop(listener);
+    if args.mode == Mode::Slow {
+        tokio::time::sleep(args.drain_time).await;
+    }
     draining.store(true, Ordering::SeqCst);
     while open.load(Ordering::SeqCst) > 0 {
         closed_rx.recv().await;
     }
+    println!("drained; exiting");
     Ok(())
 }
 
 /// Serves requests on one connection until the client closes it, or until draining (the
 /// response to the next request then says `Connection: close`).
-async fn serve(mut stream: TcpStream, draining: &AtomicBool) -> std::io::Result<()> {
+async fn serve(
+    mut stream: TcpStream,
+    draining: &AtomicBool,
+    terminating: &AtomicBool,
+) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
@@ -94,14 +146,20 @@ async fn serve(mut stream: TcpStream, draining: &AtomicBool) -> std::io::Result<
             return Ok(());
         }
         while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let ready_probe = buf.starts_with(b"GET /health/ready ");
+            let client_closes = buf[..end]
+                .windows(17)
+                .any(|w| w.eq_ignore_ascii_case(b"connection: close"));
             buf.drain(..end + 4);
-            let close = draining.load(Ordering::SeqCst);
-            let response: &[u8] = if close {
-                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+            let close = draining.load(Ordering::SeqCst) || client_closes;
+            let status = if ready_probe && terminating.load(Ordering::SeqCst) {
+                "503 Service Unavailable"
             } else {
-                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                "200 OK"
             };
-            stream.write_all(response).await?;
+            let connection = if close { "Connection: close\r\n" } else { "" };
+            let response = format!("HTTP/1.1 {status}\r\nContent-Length: 2\r\n{connection}\r\nok");
+            stream.write_all(response.as_bytes()).await?;
             if close {
                 stream.shutdown().await?;
                 // Wait for the client's close, so the server is not the one left in TIME_WAIT

@@ -1,0 +1,779 @@
+//! `draingate rehearse`: a whole rolling update of the user's own server on one machine, with the
+//! agent's verdict held against what the clients saw.
+//!
+//! Pods are network namespaces on a simulated node ([`node`]), the Service is kube-proxy's DNAT
+//! chain, the clients are [`load`]'s, and the rolling update follows the Deployment controller and
+//! the kubelet: surge, readiness, endpoint removal (after a propagation delay), preStop, SIGTERM,
+//! grace period, SIGKILL, sandbox teardown. An agent runs embedded, on pins of its own.
+
+pub mod conntrack;
+pub mod load;
+pub mod node;
+pub mod report;
+pub mod spec;
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use nix::sys::signal::Signal;
+use tokio::{
+    sync::{Mutex, mpsc, watch},
+    task::JoinSet,
+};
+
+use self::{
+    load::{ConnectionMode, FailureNote, LoadConfig, LoadGenerator, Outcome, RequestRecord},
+    node::{Node, NodeError, PodCommand},
+    report::{ClientTotals, PodReport, PodRole, Report},
+    spec::{ReadinessProbe, RolloutSpec},
+};
+use crate::{
+    agent::{Agent, AgentConfig, AgentError, AgentHandle},
+    drain::PodDrain,
+    inventory::LocalSource,
+    loader::ProbeConfig,
+};
+
+/// How long after a failure its connection is looked up among conntrack's events.
+const ATTRIBUTION_DELAY: Duration = Duration::from_millis(200);
+
+/// Everything a rehearsal needs.
+#[derive(Debug, Clone)]
+pub struct RehearseConfig {
+    pub spec: RolloutSpec,
+    /// The server, version 1: program and arguments (`{port}` is replaced).
+    pub command: Vec<String>,
+    /// Version 2; the same command when `None`.
+    pub next_command: Option<Vec<String>>,
+    /// The port the server listens on in its pod.
+    pub port: u16,
+    pub rate: u32,
+    pub clients: u32,
+    pub mode: ConnectionMode,
+    pub path: String,
+    /// How long endpoint changes take to reach the node's Service rules (endpoints controller
+    /// plus kube-proxy).
+    pub propagation: Duration,
+    /// Load before the rollout starts and after the last old pod is gone.
+    pub settle: Duration,
+    /// The whole rollout may take at most this long.
+    pub timeout: Duration,
+    pub request_timeout: Duration,
+    /// Where the pods' output goes.
+    pub log_dir: PathBuf,
+    /// The embedded agent's gRPC unix socket, for `draingate pods --agent` meanwhile.
+    pub agent_socket: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RehearseError {
+    #[error(
+        "rehearse makes network namespaces, iptables rules and loads eBPF programs: it needs root \
+         (try `sudo -E draingate rehearse …`)"
+    )]
+    NotRoot,
+    #[error("the embedded agent cannot start: {0}")]
+    Agent(#[from] AgentError),
+    #[error("the node simulator failed: {0}")]
+    Node(#[from] NodeError),
+    #[error("the load generator failed: {0}")]
+    Load(#[from] load::LoadError),
+    #[error("{0}")]
+    Setup(String),
+    #[error("pod {pod}: {reason} (its output: {log})")]
+    PodFailed {
+        pod: String,
+        reason: String,
+        log: String,
+    },
+    #[error("the rollout did not finish within {0:?}")]
+    Timeout(Duration),
+}
+
+/// What changed in the rollout, as pod tasks report it.
+#[derive(Debug)]
+enum PodEvent {
+    /// A new pod passed its readiness probe and is in the endpoints.
+    Ready(String),
+    /// A pod's termination finished: its namespace is gone.
+    Gone(String),
+    Failed(RehearseError),
+}
+
+/// When the simulator did things to a pod.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SimTimeline {
+    pub started: Option<Duration>,
+    pub ready: Option<Duration>,
+    pub deleted: Option<Duration>,
+    pub endpoint_removed: Option<Duration>,
+    pub sigterm: Option<Duration>,
+    pub sigkill: Option<Duration>,
+    pub exited: Option<Duration>,
+    pub removed: Option<Duration>,
+}
+
+/// Shared between the pod tasks and the controller.
+struct Shared {
+    node: Mutex<Node>,
+    agent: AgentHandle,
+    config: RehearseConfig,
+    started: Instant,
+    timelines: std::sync::Mutex<BTreeMap<String, SimTimeline>>,
+    /// Readiness probes refused per pod: the agent counts them as refusals too.
+    probe_refusals: std::sync::Mutex<HashMap<String, u64>>,
+    events: mpsc::UnboundedSender<PodEvent>,
+}
+
+impl Shared {
+    fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    fn mark(&self, pod: &str, f: impl FnOnce(&mut SimTimeline, Duration)) {
+        let now = self.now();
+        let mut timelines = self
+            .timelines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(timelines.entry(pod.to_owned()).or_default(), now);
+    }
+
+    fn log_path(&self, pod: &str) -> String {
+        self.config
+            .log_dir
+            .join(format!("{pod}.log"))
+            .display()
+            .to_string()
+    }
+}
+
+/// A line of progress, about once a second.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    pub elapsed: Duration,
+    pub phase: &'static str,
+    pub new_ready: u32,
+    pub replicas: u32,
+    pub old_left: u32,
+    pub terminating: u32,
+    pub requests: u64,
+    pub failed: u64,
+    pub rate: f64,
+}
+
+/// The agent running inside a rehearsal, on pins of its own; stopped and unpinned on drop.
+struct EmbeddedAgent {
+    handle: AgentHandle,
+    stop: watch::Sender<bool>,
+    pins: PathBuf,
+    socket: PathBuf,
+}
+
+impl EmbeddedAgent {
+    async fn start(socket: PathBuf) -> Result<Self, RehearseError> {
+        let pins = PathBuf::from(format!(
+            "/sys/fs/bpf/draingate-rehearse-{}",
+            std::process::id()
+        ));
+        let config = AgentConfig {
+            probes: ProbeConfig {
+                pin_dir: pins.clone(),
+            },
+            // New pods must be watched before their first connection: resync often.
+            resync: Duration::from_millis(100),
+            ..AgentConfig::default()
+        };
+        let (agent, handle) = Agent::new(config, Box::new(LocalSource::default()))?;
+        let (stop, stop_rx) = watch::channel(false);
+        let mut agent_stop = stop_rx.clone();
+        tokio::spawn(agent.run(async move {
+            let _ = agent_stop.wait_for(|s| *s).await;
+        }));
+        let listen = crate::api::ListenConfig {
+            grpc_addr: "127.0.0.1:0".parse().expect("valid address"),
+            socket: socket.clone(),
+        };
+        let api_handle = handle.clone();
+        let mut api_stop = stop_rx;
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = api_stop.wait_for(|s| *s).await;
+            };
+            if let Err(err) = crate::api::serve(api_handle, &listen, shutdown).await {
+                tracing::warn!(error = %err, "the rehearsal's agent API is not served");
+            }
+        });
+        let mut ready = handle.ready.clone();
+        tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| *r))
+            .await
+            .map_err(|_| RehearseError::Setup("the embedded agent never became ready".into()))?
+            .map_err(|_| RehearseError::Setup("the embedded agent stopped".into()))?;
+        Ok(Self {
+            handle,
+            stop,
+            pins,
+            socket,
+        })
+    }
+
+    /// The agent's record of the pod living in namespace `netns`.
+    fn pod(&self, netns: &str) -> Option<PodDrain> {
+        let state = self
+            .handle
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        state
+            .pods
+            .values()
+            .filter(|p| p.id.name == netns)
+            .max_by_key(|p| p.timeline.first_seen)
+            .cloned()
+    }
+}
+
+impl Drop for EmbeddedAgent {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Err(err) = crate::loader::KernelProbes::remove_pins(&self.pins) {
+            tracing::warn!(error = %err, pins = %self.pins.display(), "cannot remove the rehearsal's pins");
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Runs the rehearsal; `progress` is called about once a second.
+pub async fn run(
+    config: RehearseConfig,
+    mut progress: impl FnMut(&Progress),
+) -> Result<Report, RehearseError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(RehearseError::NotRoot);
+    }
+    config
+        .spec
+        .validate()
+        .map_err(|e| RehearseError::Setup(e.to_string()))?;
+    if config.command.is_empty() {
+        return Err(RehearseError::Setup(
+            "no server command given after `--`".into(),
+        ));
+    }
+    std::fs::create_dir_all(&config.log_dir).map_err(|e| {
+        RehearseError::Setup(format!("cannot create {}: {e}", config.log_dir.display()))
+    })?;
+    let agent = EmbeddedAgent::start(config.agent_socket.clone()).await?;
+    let node = Node::create(config.port).await?;
+    let service = node.service();
+    let (client_addr, vip) = (node.client_addr, node.vip);
+    let client_ns = node.client.open()?;
+    let conntrack = conntrack::ConntrackWatcher::start(&node.node.name, client_addr, vip).await?;
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared {
+        node: Mutex::new(node),
+        agent: agent.handle.clone(),
+        config: config.clone(),
+        started: Instant::now(),
+        timelines: std::sync::Mutex::new(BTreeMap::new()),
+        probe_refusals: std::sync::Mutex::new(HashMap::new()),
+        events: events_tx,
+    });
+    let spec = &config.spec;
+    let v1 = PodCommand {
+        argv: config.command.clone(),
+        port: config.port,
+        log_dir: config.log_dir.clone(),
+    };
+    let v2 = PodCommand {
+        argv: config
+            .next_command
+            .clone()
+            .unwrap_or_else(|| config.command.clone()),
+        ..v1.clone()
+    };
+    let mut tasks = JoinSet::new();
+    let mut roles: BTreeMap<String, PodRole> = BTreeMap::new();
+
+    // The deployed version: every replica ready and in the Service before the load starts.
+    let mut old: VecDeque<String> = VecDeque::new();
+    for i in 0..spec.replicas {
+        let name = format!("{}-v1-{i}", spec.name);
+        roles.insert(name.clone(), PodRole::Old);
+        old.push_back(name.clone());
+        tasks.spawn(start_pod(Arc::clone(&shared), name, v1.clone(), true));
+    }
+    let mut ready = 0;
+    let deadline = tokio::time::Instant::now() + config.timeout;
+    while ready < spec.replicas {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Err(_) => return Err(RehearseError::Timeout(config.timeout)),
+            Ok(None) => return Err(RehearseError::Setup("pod tasks ended".into())),
+            Ok(Some(PodEvent::Ready(_))) => ready += 1,
+            Ok(Some(PodEvent::Failed(err))) => return Err(err),
+            Ok(Some(PodEvent::Gone(_))) => {}
+        }
+    }
+
+    // The load, and failures attributed to pods as they happen.
+    let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<FailureNote>();
+    let generator = LoadGenerator::start(
+        LoadConfig {
+            target: service,
+            rate: config.rate,
+            clients: config.clients,
+            mode: config.mode,
+            path: config.path.clone(),
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: config.request_timeout,
+            max_records: 20_000_000,
+        },
+        client_ns,
+        fail_tx,
+    )
+    .await?;
+    let load_started = shared.now();
+    let mut attributed: Vec<(FailureNote, Option<Ipv4Addr>)> = Vec::new();
+    let mut pending_failures: Vec<FailureNote> = Vec::new();
+    // A failure is looked up once conntrack's event for its connection has surely been read.
+    let attribute = |pending: &mut Vec<FailureNote>,
+                     out: &mut Vec<(FailureNote, Option<Ipv4Addr>)>,
+                     now: Duration| {
+        pending.retain(|note| {
+            if now.saturating_sub(note.at) < ATTRIBUTION_DELAY {
+                return true;
+            }
+            out.push((*note, conntrack.backend(note.client_port)));
+            false
+        });
+    };
+
+    let mut phase = "warm-up";
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut last_progress = Instant::now();
+    let warmup_end = tokio::time::Instant::now() + config.settle;
+    let mut new_created = 0u32;
+    let mut new_ready = 0u32;
+    let mut terminating = 0u32;
+    let mut rollout_started = false;
+    let mut settle_end: Option<tokio::time::Instant> = None;
+    let min_available = spec.replicas.saturating_sub(spec.max_unavailable);
+    let mut last_sent = 0u64;
+    let mut last_sent_at = Instant::now();
+    loop {
+        if rollout_started && settle_end.is_none() {
+            // The Deployment controller: surge new pods, then scale old ones down while enough
+            // pods are available (terminating pods count for neither).
+            while new_created < spec.replicas
+                && old.len() as u32 + new_created < spec.replicas + spec.max_surge
+            {
+                let name = format!("{}-v2-{new_created}", spec.name);
+                roles.insert(name.clone(), PodRole::New);
+                tasks.spawn(start_pod(Arc::clone(&shared), name, v2.clone(), false));
+                new_created += 1;
+            }
+            while !old.is_empty() && old.len() as u32 + new_ready > min_available {
+                let name = old.pop_front().expect("not empty");
+                terminating += 1;
+                tasks.spawn(terminate_pod(Arc::clone(&shared), name));
+            }
+            if old.is_empty() && new_ready == spec.replicas && terminating == 0 {
+                phase = "settle";
+                settle_end = Some(tokio::time::Instant::now() + config.settle);
+            }
+        }
+        tokio::select! {
+            _ = tick.tick() => {}
+            event = events.recv() => match event {
+                Some(PodEvent::Ready(_)) => new_ready += 1,
+                Some(PodEvent::Gone(_)) => terminating -= 1,
+                Some(PodEvent::Failed(err)) => return Err(err),
+                None => return Err(RehearseError::Setup("pod tasks ended".into())),
+            },
+            Some(note) = fail_rx.recv() => pending_failures.push(note),
+        }
+        attribute(&mut pending_failures, &mut attributed, generator.elapsed());
+        let now = tokio::time::Instant::now();
+        if !rollout_started && now >= warmup_end {
+            rollout_started = true;
+            phase = "rollout";
+        }
+        if now >= deadline {
+            return Err(RehearseError::Timeout(config.timeout));
+        }
+        if settle_end.is_some_and(|end| now >= end) {
+            break;
+        }
+        if last_progress.elapsed() >= Duration::from_secs(1) {
+            last_progress = Instant::now();
+            let sent = generator
+                .live
+                .sent
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let rate = (sent - last_sent) as f64 / last_sent_at.elapsed().as_secs_f64();
+            (last_sent, last_sent_at) = (sent, Instant::now());
+            progress(&Progress {
+                elapsed: shared.now(),
+                phase,
+                new_ready,
+                replicas: spec.replicas,
+                old_left: old.len() as u32,
+                terminating,
+                requests: sent,
+                failed: generator
+                    .live
+                    .failed
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                rate,
+            });
+        }
+    }
+    let load_time = generator.elapsed();
+    let records = generator.stop().await;
+    while let Ok(note) = fail_rx.try_recv() {
+        pending_failures.push(note);
+    }
+    // Let the agent read the last events and counters, and conntrack's last events arrive.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    attribute(&mut pending_failures, &mut attributed, Duration::MAX);
+    let conntrack_overruns = conntrack
+        .overruns
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if conntrack_overruns > 0 {
+        tracing::warn!(
+            conntrack_overruns,
+            "conntrack events were lost: some failures may be unattributed"
+        );
+    }
+
+    let node = shared.node.lock().await;
+    let addr_to_pod: HashMap<Ipv4Addr, String> = node
+        .pods
+        .values()
+        .map(|p| (p.addr, p.name.clone()))
+        .collect();
+    let netns_of: HashMap<String, String> = node
+        .pods
+        .keys()
+        .map(|name| (name.clone(), node_netns_name(&node, name)))
+        .collect();
+    drop(node);
+    let timelines = shared
+        .timelines
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let probe_refusals = shared
+        .probe_refusals
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let mut failures_by_pod: BTreeMap<String, Vec<(FailureNote, Option<Ipv4Addr>)>> =
+        BTreeMap::new();
+    let mut unattributed = Vec::new();
+    for (mut note, backend) in attributed {
+        // From the load's clock to the rehearsal's, which the timelines use.
+        note.at += load_started;
+        match backend.and_then(|b| addr_to_pod.get(&b)) {
+            Some(pod) => failures_by_pod
+                .entry(pod.clone())
+                .or_default()
+                .push((note, backend)),
+            None => unattributed.push(note),
+        }
+    }
+    let pods = roles
+        .iter()
+        .map(|(name, role)| {
+            let agent_pod = netns_of.get(name).and_then(|ns| agent.pod(ns));
+            let timeline = timelines.get(name).cloned().unwrap_or_default();
+            let failures = failures_by_pod.remove(name).unwrap_or_default();
+            PodReport::new(
+                name,
+                *role,
+                agent_pod.as_ref(),
+                timeline,
+                &failures.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+                probe_refusals.get(name).copied().unwrap_or(0),
+                shared.started,
+            )
+        })
+        .collect();
+    drop(tasks);
+    Ok(Report::new(
+        &config,
+        pods,
+        ClientTotals::from_records(&records, load_time),
+        &unattributed,
+        load_started,
+    ))
+}
+
+fn node_netns_name(node: &Node, pod: &str) -> String {
+    node.pods
+        .get(pod)
+        .and_then(|p| p.netns_name().map(str::to_owned))
+        .unwrap_or_else(|| format!("dgr{}-{pod}", std::process::id()))
+}
+
+/// Creates a pod, waits until the agent watches it, starts its process, probes it until ready,
+/// and puts it into the Service (after the propagation delay, or at once for the first version).
+async fn start_pod(shared: Arc<Shared>, name: String, command: PodCommand, initial: bool) {
+    if let Err(err) = try_start_pod(&shared, &name, &command, initial).await {
+        let _ = shared.events.send(PodEvent::Failed(err));
+    }
+}
+
+async fn try_start_pod(
+    shared: &Shared,
+    name: &str,
+    command: &PodCommand,
+    initial: bool,
+) -> Result<(), RehearseError> {
+    let (netns, addr) = {
+        let mut node = shared.node.lock().await;
+        let pod = node.add_pod(name).await?;
+        (pod.netns_name().unwrap_or_default().to_owned(), pod.addr)
+    };
+    // Connections the agent did not see open are not in its socket table: watch first.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let watched = {
+            let state = shared
+                .agent
+                .state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            state
+                .pods
+                .values()
+                .any(|p| p.id.name == netns && p.addresses.contains(&IpAddr::V4(addr)))
+        };
+        if watched {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(RehearseError::Setup(format!(
+                "the agent did not see pod {name} ({netns}) within 10 s"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shared.node.lock().await.start_pod(name, command)?;
+    shared.mark(name, |t, now| t.started = Some(now));
+    if let Some(probe) = &shared.config.spec.readiness {
+        wait_ready(shared, name, addr, probe).await?;
+    }
+    shared.mark(name, |t, now| t.ready = Some(now));
+    if !initial {
+        tokio::time::sleep(shared.config.spec.min_ready + shared.config.propagation).await;
+    }
+    shared.node.lock().await.add_endpoint(name).await?;
+    let _ = shared.events.send(PodEvent::Ready(name.to_owned()));
+    Ok(())
+}
+
+/// Probes as the kubelet does: after the initial delay, every period, ready after
+/// `success_threshold` successes in a row. A pod whose process exits fails the rehearsal.
+async fn wait_ready(
+    shared: &Shared,
+    name: &str,
+    addr: Ipv4Addr,
+    probe: &ReadinessProbe,
+) -> Result<(), RehearseError> {
+    tokio::time::sleep(probe.initial_delay).await;
+    let netns = shared.node.lock().await.node.open()?;
+    let target = std::net::SocketAddr::from((addr, shared.config.port));
+    let mut successes = 0;
+    loop {
+        if shared
+            .node
+            .lock()
+            .await
+            .pods
+            .get_mut(name)
+            .is_some_and(node::SimPod::exited)
+        {
+            return Err(RehearseError::PodFailed {
+                pod: name.to_owned(),
+                reason: "its process exited before it became ready".into(),
+                log: shared.log_path(name),
+            });
+        }
+        let path = probe.http_path.clone();
+        let timeout = probe.timeout;
+        let ns = netns
+            .try_clone()
+            .map_err(|e| RehearseError::Setup(e.to_string()))?;
+        let result =
+            tokio::task::spawn_blocking(move || probe_once(&ns, target, path.as_deref(), timeout))
+                .await
+                .unwrap_or(ProbeResult::Failed);
+        match result {
+            ProbeResult::Ready => {
+                successes += 1;
+                if successes >= probe.success_threshold {
+                    return Ok(());
+                }
+            }
+            ProbeResult::Refused => {
+                successes = 0;
+                *shared
+                    .probe_refusals
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .entry(name.to_owned())
+                    .or_default() += 1;
+            }
+            ProbeResult::Failed => successes = 0,
+        }
+        tokio::time::sleep(probe.period).await;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProbeResult {
+    Ready,
+    Refused,
+    Failed,
+}
+
+/// One probe from the node's namespace (where the kubelet runs): a TCP connect, or an HTTP GET
+/// that must answer 200–399.
+fn probe_once(
+    netns: &std::fs::File,
+    target: std::net::SocketAddr,
+    path: Option<&str>,
+    timeout: Duration,
+) -> ProbeResult {
+    use std::io::{Read as _, Write as _};
+    use std::os::fd::AsFd as _;
+    if nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).is_err() {
+        return ProbeResult::Failed;
+    }
+    let mut conn = match std::net::TcpStream::connect_timeout(&target, timeout) {
+        Ok(conn) => conn,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return ProbeResult::Refused,
+        Err(_) => return ProbeResult::Failed,
+    };
+    let Some(path) = path else {
+        return ProbeResult::Ready;
+    };
+    let _ = conn.set_read_timeout(Some(timeout));
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: kube-probe/draingate\r\nConnection: close\r\n\r\n"
+    );
+    if conn.write_all(request.as_bytes()).is_err() {
+        return ProbeResult::Failed;
+    }
+    let mut head = [0u8; 64];
+    let mut len = 0;
+    while len < 12 {
+        match conn.read(&mut head[len..]) {
+            Ok(0) | Err(_) => return ProbeResult::Failed,
+            Ok(n) => len += n,
+        }
+    }
+    // Read to the end, so the server's close is not answered by our reset.
+    let mut rest = Vec::new();
+    let _ = conn.read_to_end(&mut rest);
+    let status: u16 = std::str::from_utf8(&head[9..12])
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    if (200..400).contains(&status) {
+        ProbeResult::Ready
+    } else {
+        ProbeResult::Failed
+    }
+}
+
+/// Terminates a pod in the kubelet's order: the endpoint removal starts (and lands after the
+/// propagation delay) while the preStop hook runs; then SIGTERM; SIGKILL at the end of the grace
+/// period (counted from the deletion); the sandbox goes once the process has exited and the
+/// endpoint is gone.
+async fn terminate_pod(shared: Arc<Shared>, name: String) {
+    if let Err(err) = try_terminate_pod(&shared, &name).await {
+        let _ = shared.events.send(PodEvent::Failed(err));
+    }
+}
+
+async fn try_terminate_pod(shared: &Arc<Shared>, name: &str) -> Result<(), RehearseError> {
+    let spec = &shared.config.spec;
+    let deleted = tokio::time::Instant::now();
+    shared.mark(name, |t, now| t.deleted = Some(now));
+    let endpoint = {
+        let shared = Arc::clone(shared);
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            tokio::time::sleep(shared.config.propagation).await;
+            let result = shared.node.lock().await.remove_endpoint(&name).await;
+            shared.mark(&name, |t, now| t.endpoint_removed = Some(now));
+            result
+        })
+    };
+    let grace_end = deleted + spec.grace_period;
+    if let Some(pre_stop) = spec.pre_stop {
+        // The hook counts against the grace period.
+        tokio::time::sleep_until((deleted + pre_stop).min(grace_end)).await;
+    }
+    shared.node.lock().await.pods[name].signal(Signal::SIGTERM);
+    shared.mark(name, |t, now| t.sigterm = Some(now));
+    let exited = loop {
+        if shared
+            .node
+            .lock()
+            .await
+            .pods
+            .get_mut(name)
+            .is_some_and(node::SimPod::exited)
+        {
+            break true;
+        }
+        if tokio::time::Instant::now() >= grace_end {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    if !exited {
+        let mut node = shared.node.lock().await;
+        node.pods[name].kill_all();
+        shared.mark(name, |t, now| t.sigkill = Some(now));
+        if let Some(pod) = node.pods.get_mut(name) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), pod.wait()).await;
+        }
+    }
+    shared.mark(name, |t, now| t.exited = Some(now));
+    endpoint
+        .await
+        .map_err(|e| RehearseError::Setup(e.to_string()))??;
+    tokio::time::sleep(node::SANDBOX_TEARDOWN).await;
+    shared.node.lock().await.remove_pod(name);
+    shared.mark(name, |t, now| t.removed = Some(now));
+    let _ = shared.events.send(PodEvent::Gone(name.to_owned()));
+    Ok(())
+}
+
+/// The time of a record relative to the rehearsal's start, for reports.
+#[must_use]
+pub fn since(start: Instant, at: SystemTime) -> Option<Duration> {
+    let now_wall = SystemTime::now();
+    let elapsed = start.elapsed();
+    let start_wall = now_wall.checked_sub(elapsed)?;
+    at.duration_since(start_wall).ok()
+}
+
+/// Every outcome of `records`, counted.
+#[must_use]
+pub fn count_outcomes(records: &[RequestRecord]) -> BTreeMap<Outcome, u64> {
+    let mut counts = BTreeMap::new();
+    for r in records {
+        *counts.entry(r.outcome).or_default() += 1;
+    }
+    counts
+}

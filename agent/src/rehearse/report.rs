@@ -1,0 +1,537 @@
+//! A rehearsal's outcome: per pod, the agent's verdict and counts beside what the clients saw,
+//! and whether they agree. A disagreement is a defect of draingate and is reported as such.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+use super::{
+    RehearseConfig, SimTimeline,
+    load::{FailureNote, Outcome, RequestRecord},
+    since,
+};
+use crate::drain::{PodDrain, Verdict};
+
+/// Whether a pod was replaced or is a replacement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PodRole {
+    /// Of the deployed version: terminated by the rollout.
+    Old,
+    /// Of the new version: started by the rollout.
+    New,
+}
+
+/// What the agent said of a pod.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentView {
+    pub verdict: &'static str,
+    pub reason: String,
+    /// Errors inside the termination window.
+    pub errors: u64,
+    /// Over the pod's life.
+    pub resets_sent: u64,
+    pub resets_received: u64,
+    pub refused: u64,
+    pub accepted: u64,
+    pub open_at_exit: Option<u64>,
+    /// Seconds since the rehearsal started.
+    pub terminating_since: Option<f64>,
+    pub drained_at: Option<f64>,
+    pub exited_at: Option<f64>,
+    pub sigkill_at: Option<f64>,
+}
+
+/// One pod's line in the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct PodReport {
+    pub name: String,
+    pub role: PodRole,
+    /// `None` when the agent never saw the pod (a defect).
+    pub agent: Option<AgentView>,
+    /// Failures the clients saw on connections to this pod, by kind.
+    pub client_failures: BTreeMap<&'static str, u64>,
+    /// Of those, the ones after the pod's deletion began.
+    pub client_failures_terminating: u64,
+    /// Readiness probes the pod refused while starting: the agent counts them too.
+    pub probe_refusals: u64,
+    /// Resets and refusals: the agent's count (less probe refusals), and the clients'.
+    pub agent_connection_errors: u64,
+    pub client_connection_errors: u64,
+    pub agrees: bool,
+    /// Why it does or does not agree, when there is something to say.
+    pub note: String,
+    /// When the simulator did things to it, in seconds since the start.
+    pub timeline: BTreeMap<&'static str, f64>,
+}
+
+fn secs(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0).round() / 1000.0
+}
+
+impl PodReport {
+    #[must_use]
+    pub fn new(
+        name: &str,
+        role: PodRole,
+        agent: Option<&PodDrain>,
+        sim: SimTimeline,
+        failures: &[FailureNote],
+        probe_refusals: u64,
+        started: Instant,
+    ) -> Self {
+        let mut client_failures = BTreeMap::new();
+        for f in failures {
+            *client_failures.entry(f.outcome.as_str()).or_default() += 1;
+        }
+        let client_failures_terminating = sim.deleted.map_or(0, |deleted| {
+            failures.iter().filter(|f| f.at >= deleted).count() as u64
+        });
+        // What a pod's kernel can see: resets and refusals. A timeout or an unreachable
+        // address has no packet from the pod to count.
+        let client_connection_errors = failures
+            .iter()
+            .filter(|f| {
+                matches!(
+                    f.outcome,
+                    Outcome::Refused | Outcome::Reset | Outcome::Closed
+                )
+            })
+            .count() as u64;
+        let invisible = failures
+            .iter()
+            .filter(|f| {
+                matches!(
+                    f.outcome,
+                    Outcome::Timeout | Outcome::ConnectTimeout | Outcome::Unreachable
+                )
+            })
+            .count();
+        let at = |t: Option<std::time::SystemTime>| t.and_then(|t| since(started, t)).map(secs);
+        let agent_view = agent.map(|pod| {
+            let (verdict, reason) = pod.verdict_and_reason();
+            AgentView {
+                verdict: verdict.as_str(),
+                reason,
+                errors: pod.errors(),
+                resets_sent: pod.totals.resets_sent,
+                resets_received: pod.totals.resets_received,
+                refused: pod.totals.refused,
+                accepted: pod.totals.accepted,
+                open_at_exit: pod.open_at_exit,
+                terminating_since: at(pod.timeline.terminating_since),
+                drained_at: at(pod.timeline.drained_at),
+                exited_at: at(pod.timeline.exited_at),
+                sigkill_at: at(pod.timeline.sigkill_at),
+            }
+        });
+        let agent_connection_errors = agent.map_or(0, |pod| {
+            (pod.totals.resets_sent + pod.totals.resets_received + pod.totals.refused)
+                .saturating_sub(probe_refusals)
+        });
+        let (agrees, note) = judge(
+            role,
+            agent,
+            agent_connection_errors,
+            client_connection_errors,
+            client_failures_terminating,
+            invisible,
+        );
+        let mut timeline = BTreeMap::new();
+        for (key, value) in [
+            ("started", sim.started),
+            ("ready", sim.ready),
+            ("deleted", sim.deleted),
+            ("endpoint_removed", sim.endpoint_removed),
+            ("sigterm", sim.sigterm),
+            ("sigkill", sim.sigkill),
+            ("exited", sim.exited),
+            ("removed", sim.removed),
+        ] {
+            if let Some(v) = value {
+                timeline.insert(key, secs(v));
+            }
+        }
+        Self {
+            name: name.to_owned(),
+            role,
+            agent: agent_view,
+            client_failures,
+            client_failures_terminating,
+            probe_refusals,
+            agent_connection_errors,
+            client_connection_errors,
+            agrees,
+            note,
+            timeline,
+        }
+    }
+}
+
+/// Whether the agent's account of a pod matches the clients': the same number of resets and
+/// refusals, and for a replaced pod a verdict that says what the clients lived through.
+fn judge(
+    role: PodRole,
+    agent: Option<&PodDrain>,
+    agent_errors: u64,
+    client_errors: u64,
+    client_terminating: u64,
+    invisible: usize,
+) -> (bool, String) {
+    let Some(pod) = agent else {
+        return (false, "the agent never saw this pod".into());
+    };
+    let mut notes = Vec::new();
+    if invisible > 0 {
+        notes.push(format!(
+            "{invisible} client timeouts or unreachable errors: no packet of the pod's to count"
+        ));
+    }
+    let counts = agent_errors == client_errors;
+    if !counts {
+        notes.push(format!(
+            "the agent counted {agent_errors} resets and refusals, the clients saw {client_errors}"
+        ));
+    }
+    let verdict_ok = match role {
+        PodRole::New => true,
+        PodRole::Old => match pod.verdict() {
+            Verdict::Pass => client_terminating == 0,
+            Verdict::Fail if client_terminating > 0 => true,
+            Verdict::Fail if pod.errors() == 0 && pod.open_at_exit.unwrap_or(0) > 0 => {
+                notes.push(
+                    "connections were cut at exit while their clients happened to be idle".into(),
+                );
+                true
+            }
+            Verdict::Fail => {
+                notes.push("the agent says fail, but the clients saw no failure".into());
+                false
+            }
+            other => {
+                notes.push(format!("no final verdict ({})", other.as_str()));
+                false
+            }
+        },
+    };
+    if matches!(role, PodRole::Old) && pod.verdict() == Verdict::Pass && client_terminating > 0 {
+        notes.push(format!(
+            "the agent says pass, but the clients saw {client_terminating} failures"
+        ));
+    }
+    (counts && verdict_ok, notes.join("; "))
+}
+
+/// What the clients saw, all requests together.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ClientTotals {
+    pub requests: u64,
+    pub outcomes: BTreeMap<&'static str, u64>,
+    pub failed: u64,
+    pub seconds: f64,
+    pub rate: f64,
+    pub latency_ms: BTreeMap<&'static str, f64>,
+}
+
+impl ClientTotals {
+    #[must_use]
+    pub fn from_records(records: &[RequestRecord], duration: Duration) -> Self {
+        let mut outcomes = BTreeMap::new();
+        for r in records {
+            *outcomes.entry(r.outcome.as_str()).or_default() += 1;
+        }
+        let mut ok: Vec<Duration> = records
+            .iter()
+            .filter(|r| r.outcome == Outcome::Ok)
+            .map(|r| r.latency)
+            .collect();
+        ok.sort_unstable();
+        let pick = |q: f64| -> f64 {
+            if ok.is_empty() {
+                return 0.0;
+            }
+            let i = ((ok.len() - 1) as f64 * q).round() as usize;
+            (ok[i].as_secs_f64() * 1e6).round() / 1e3
+        };
+        let latency_ms = [("p50", pick(0.5)), ("p99", pick(0.99)), ("max", pick(1.0))]
+            .into_iter()
+            .collect();
+        let requests = records.len() as u64;
+        let failed = records.iter().filter(|r| r.outcome.is_failure()).count() as u64;
+        Self {
+            requests,
+            outcomes,
+            failed,
+            seconds: secs(duration),
+            rate: (requests as f64 / duration.as_secs_f64().max(1e-9)).round(),
+            latency_ms,
+        }
+    }
+}
+
+/// The rollout as a whole.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub workload: String,
+    pub settings: BTreeMap<&'static str, String>,
+    pub not_simulated: Vec<String>,
+    /// pass | fail | pending | unknown, from the replaced pods' verdicts.
+    pub verdict: &'static str,
+    pub clients: ClientTotals,
+    pub clients_clean: bool,
+    pub unattributed_failures: BTreeMap<&'static str, u64>,
+    pub pods: Vec<PodReport>,
+    /// Pods where the agent and the clients disagree: defects of draingate.
+    pub disagreements: Vec<String>,
+    pub load_started: f64,
+    pub logs: String,
+    pub exit_code: u8,
+}
+
+impl Report {
+    #[must_use]
+    pub fn new(
+        config: &RehearseConfig,
+        pods: Vec<PodReport>,
+        clients: ClientTotals,
+        unattributed: &[FailureNote],
+        load_started: Duration,
+    ) -> Self {
+        let spec = &config.spec;
+        let mut settings = BTreeMap::new();
+        settings.insert("replicas", spec.replicas.to_string());
+        settings.insert("max_surge", spec.max_surge.to_string());
+        settings.insert("max_unavailable", spec.max_unavailable.to_string());
+        settings.insert(
+            "readiness_probe",
+            spec.readiness.as_ref().map_or_else(
+                || "none".into(),
+                |p| {
+                    format!(
+                        "{} every {:?}",
+                        p.http_path
+                            .as_deref()
+                            .map_or_else(|| "tcp".to_owned(), |path| format!("GET {path}")),
+                        p.period
+                    )
+                },
+            ),
+        );
+        settings.insert(
+            "pre_stop",
+            spec.pre_stop
+                .map_or_else(|| "none".into(), |d| format!("sleep {}", d.as_secs_f64())),
+        );
+        settings.insert(
+            "termination_grace_period",
+            format!("{}s", spec.grace_period.as_secs()),
+        );
+        settings.insert(
+            "endpoint_propagation",
+            format!("{}s", config.propagation.as_secs_f64()),
+        );
+        settings.insert("rate", format!("{}/s", config.rate));
+        settings.insert("clients", config.clients.to_string());
+        settings.insert(
+            "connections",
+            match config.mode {
+                super::load::ConnectionMode::KeepAlive => "keep-alive".into(),
+                super::load::ConnectionMode::NewConnection => "new per request".into(),
+            },
+        );
+        let mut unattributed_failures = BTreeMap::new();
+        for f in unattributed {
+            *unattributed_failures.entry(f.outcome.as_str()).or_default() += 1;
+        }
+        let old: Vec<&PodReport> = pods.iter().filter(|p| p.role == PodRole::Old).collect();
+        let verdict_of = |p: &&PodReport| p.agent.as_ref().map_or("unknown", |a| a.verdict);
+        let verdict = if old.iter().any(|p| verdict_of(p) == "fail") {
+            "fail"
+        } else if old.iter().any(|p| verdict_of(p) == "pending") {
+            "pending"
+        } else if old.iter().all(|p| verdict_of(p) == "pass") {
+            "pass"
+        } else {
+            "unknown"
+        };
+        let mut disagreements: Vec<String> = pods
+            .iter()
+            .filter(|p| !p.agrees)
+            .map(|p| format!("{}: {}", p.name, p.note))
+            .collect();
+        let unattributed_total: u64 = unattributed_failures.values().sum();
+        if unattributed_total > 0 {
+            disagreements.push(format!(
+                "{unattributed_total} client failures could not be attributed to a pod"
+            ));
+        }
+        let clients_clean = clients.failed == 0;
+        let exit_code = if !disagreements.is_empty() {
+            4
+        } else if verdict == "pass" && clients_clean {
+            0
+        } else {
+            1
+        };
+        Self {
+            workload: spec.name.clone(),
+            settings,
+            not_simulated: spec.not_simulated.clone(),
+            verdict,
+            clients,
+            clients_clean,
+            unattributed_failures,
+            pods,
+            disagreements,
+            load_started: secs(load_started),
+            logs: config.log_dir.display().to_string(),
+            exit_code,
+        }
+    }
+
+    /// The report for people.
+    #[must_use]
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let s = &self.settings;
+        let _ = writeln!(
+            out,
+            "rehearsal of {}: {} replicas, maxSurge {}, maxUnavailable {}, readiness {}, preStop {}, grace {}",
+            self.workload,
+            s["replicas"],
+            s["max_surge"],
+            s["max_unavailable"],
+            s["readiness_probe"],
+            s["pre_stop"],
+            s["termination_grace_period"],
+        );
+        let _ = writeln!(
+            out,
+            "load: {} clients, {}, target {}; endpoint propagation {}",
+            s["clients"], s["connections"], s["rate"], s["endpoint_propagation"]
+        );
+        for item in &self.not_simulated {
+            let _ = writeln!(out, "not simulated: {item}");
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{:<18} {:<4} {:<8} {:>6} {:>15} {:>9} {:>9} {:>16}  {:<5}  TIMELINE (s: sigterm > drained > exited)",
+            "POD",
+            "ROLE",
+            "VERDICT",
+            "ERRORS",
+            "SENT/RECV/REFUS",
+            "OPEN@EXIT",
+            "CLIENT",
+            "CLIENT FAILURES",
+            "MATCH"
+        );
+        for p in &self.pods {
+            let (verdict, errors, counts, open_at_exit, timeline) = match &p.agent {
+                Some(a) => (
+                    a.verdict,
+                    a.errors.to_string(),
+                    format!("{}/{}/{}", a.resets_sent, a.resets_received, a.refused),
+                    a.open_at_exit.map_or_else(|| "-".into(), |o| o.to_string()),
+                    if p.role == PodRole::Old {
+                        format!(
+                            "{} > {} > {}{}",
+                            fmt_at(a.terminating_since),
+                            fmt_at(a.drained_at),
+                            fmt_at(a.exited_at),
+                            if a.sigkill_at.is_some() {
+                                " (SIGKILL)"
+                            } else {
+                                ""
+                            }
+                        )
+                    } else {
+                        format!("ready at {}", fmt_at(p.timeline.get("ready").copied()))
+                    },
+                ),
+                None => ("-", "-".into(), "-".into(), "-".into(), String::new()),
+            };
+            let failures = if p.client_failures.is_empty() {
+                "0".to_owned()
+            } else {
+                p.client_failures
+                    .iter()
+                    .map(|(k, v)| format!("{v} {k}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let _ = writeln!(
+                out,
+                "{:<18} {:<4} {:<8} {:>6} {:>15} {:>9} {:>9} {:>16}  {:<5}  {}",
+                p.name,
+                match p.role {
+                    PodRole::Old => "old",
+                    PodRole::New => "new",
+                },
+                verdict,
+                errors,
+                counts,
+                open_at_exit,
+                p.client_connection_errors,
+                failures,
+                if p.agrees { "yes" } else { "NO" },
+                timeline
+            );
+        }
+        let _ = writeln!(out);
+        let c = &self.clients;
+        let _ = writeln!(
+            out,
+            "clients: {} requests in {:.1}s ({}/s), {} failed; latency p50 {} ms, p99 {} ms, max {} ms",
+            c.requests,
+            c.seconds,
+            c.rate,
+            c.failed,
+            c.latency_ms["p50"],
+            c.latency_ms["p99"],
+            c.latency_ms["max"]
+        );
+        if c.failed > 0 {
+            let kinds: Vec<String> = c
+                .outcomes
+                .iter()
+                .filter(|(k, _)| **k != "ok")
+                .map(|(k, v)| format!("{v} {k}"))
+                .collect();
+            let _ = writeln!(out, "client failures: {}", kinds.join(", "));
+        }
+        let _ = writeln!(
+            out,
+            "verdict: {} (agent, over the {} replaced pods); clients {}",
+            self.verdict,
+            self.pods.iter().filter(|p| p.role == PodRole::Old).count(),
+            if self.clients_clean {
+                "saw no failure"
+            } else {
+                "saw failures"
+            }
+        );
+        if self.disagreements.is_empty() {
+            let _ = writeln!(out, "the agent's counts match the clients' for every pod");
+        } else {
+            let _ = writeln!(
+                out,
+                "\nDEFECT: the agent disagrees with the clients (please report this):"
+            );
+            for d in &self.disagreements {
+                let _ = writeln!(out, "  {d}");
+            }
+        }
+        let _ = writeln!(out, "pod output: {}", self.logs);
+        out
+    }
+}
+
+fn fmt_at(t: Option<f64>) -> String {
+    t.map_or_else(|| "-".into(), |t| format!("{t:.1}"))
+}
