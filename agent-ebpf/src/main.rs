@@ -395,8 +395,8 @@ fn try_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
     if refused && unsafe { RESET_CONNS.get(conn) }.is_some() {
         return Ok(());
     }
-    if !refused {
-        let _ = RESET_CONNS.insert(conn, 1, 0);
+    if !refused && !first_reset(&conn) {
+        return Ok(());
     }
     if refused {
         count(slot, |c, win| {
@@ -421,6 +421,14 @@ fn try_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
     };
     emit_reset(kind, slot, state, reason, &conn);
     Ok(())
+}
+
+/// Whether this is the first reset of the connection, in either direction: a connection that
+/// is reset is one failure, however many resets its two ends then exchange. The check and the
+/// insert are one atomic step (BPF_NOEXIST), so two CPUs cannot both count it.
+fn first_reset(conn: &ConnKey) -> bool {
+    const BPF_NOEXIST: u64 = 1;
+    RESET_CONNS.insert(conn, 1, BPF_NOEXIST).is_ok()
 }
 
 /// The pod of a reset: the tracked socket's, else the local address's, with the socket's last
@@ -487,7 +495,9 @@ fn try_tcp_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
         local_port,
         remote_port,
     };
-    let _ = RESET_CONNS.insert(conn, 1, 0);
+    if !first_reset(&conn) {
+        return Ok(());
+    }
     count(slot, |c, win| {
         c.resets_received += 1;
         c.win_resets_received += w(win);

@@ -343,18 +343,28 @@ impl Agent {
             }
         }
         drain.addresses.clone_from(&pod.addresses);
-        for pid in &pod.pids {
+        // A process of the pod that is still alive but missing from this snapshot (its
+        // namespace link is briefly unreadable while it execs) stays the pod's: only a process
+        // that is really gone ends the pod.
+        let mut pids = pod.pids.clone();
+        pids.extend(
+            drain
+                .pids
+                .iter()
+                .filter(|pid| !pod.pids.contains(pid) && process_alive(**pid)),
+        );
+        for pid in &pids {
             if !drain.pids.contains(pid) {
                 self.probes.track_task(*pid, drain.slot)?;
             }
         }
         for pid in &drain.pids {
-            if !pod.pids.contains(pid) {
+            if !pids.contains(pid) {
                 self.probes.untrack_task(*pid)?;
             }
         }
         let had_processes = !drain.pids.is_empty();
-        drain.pids.clone_from(&pod.pids);
+        drain.pids = pids;
         if had_processes && drain.pids.is_empty() {
             drain.exited(now);
         }
@@ -470,8 +480,40 @@ impl Agent {
     }
 }
 
+/// Whether `pid` is a live process: it exists and is neither a zombie nor dead.
+fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // The state follows the command name, which is in parentheses and may hold anything.
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
 /// The identity of a pod as the API names it (for errors).
 #[must_use]
 pub fn describe(id: &PodId) -> String {
     format!("{}/{}", id.namespace, id.name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::process_alive;
+
+    #[test]
+    fn a_process_is_alive_until_it_exits() {
+        assert!(process_alive(std::process::id()));
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = child.id();
+        assert!(process_alive(pid));
+        child.kill().expect("kill");
+        // Killed but not yet reaped: a zombie, which is not alive.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(!process_alive(pid));
+        child.wait().expect("reap");
+        assert!(!process_alive(pid));
+    }
 }

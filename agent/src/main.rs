@@ -158,6 +158,9 @@ struct RehearseArgs {
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = EventsOutput::Text)]
     output: EventsOutput,
+    /// Also write the JSON report to this file.
+    #[arg(long)]
+    report: Option<PathBuf>,
     /// The server: `CMD [ARGS...]`, then optionally `--next [--] CMD2 [ARGS...]` for the new
     /// version (by default the same command is rolled).
     #[arg(last = true, required = true, value_name = "CMD")]
@@ -489,7 +492,7 @@ fn split_next(command: Vec<String>) -> (Vec<String>, Option<Vec<String>>) {
 }
 
 fn rollout_spec(args: &RehearseArgs) -> anyhow::Result<RolloutSpec> {
-    use rehearse::spec::{ReadinessProbe, resolve_int_or_percent};
+    use rehearse::spec::ReadinessProbe;
     let mut spec = match &args.file {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -505,12 +508,13 @@ fn rollout_spec(args: &RehearseArgs) -> anyhow::Result<RolloutSpec> {
         spec.replicas = replicas;
     }
     if let Some(surge) = &args.max_surge {
-        spec.max_surge = resolve_int_or_percent("--max-surge", surge, spec.replicas, true)?;
+        spec.surge_spec = surge.clone();
     }
     if let Some(unavailable) = &args.max_unavailable {
-        spec.max_unavailable =
-            resolve_int_or_percent("--max-unavailable", unavailable, spec.replicas, false)?;
+        spec.unavailable_spec = unavailable.clone();
     }
+    // Percentages apply to the final replicas, as the Deployment controller applies them.
+    spec.resolve_strategy()?;
     if args.no_readiness {
         spec.readiness = None;
     }
@@ -599,6 +603,10 @@ async fn rehearse(args: RehearseArgs) -> anyhow::Result<ExitCode> {
         eprintln!();
     }
     let report = outcome?;
+    if let Some(path) = &args.report {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write the report to {}", path.display()))?;
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

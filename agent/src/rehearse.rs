@@ -176,11 +176,8 @@ struct EmbeddedAgent {
 }
 
 impl EmbeddedAgent {
-    async fn start(socket: PathBuf) -> Result<Self, RehearseError> {
-        let pins = PathBuf::from(format!(
-            "/sys/fs/bpf/draingate-rehearse-{}",
-            std::process::id()
-        ));
+    async fn start(socket: PathBuf, id: &str) -> Result<Self, RehearseError> {
+        let pins = PathBuf::from(format!("/sys/fs/bpf/draingate-rehearse-{id}"));
         let config = AgentConfig {
             probes: ProbeConfig {
                 pin_dir: pins.clone(),
@@ -268,8 +265,12 @@ pub async fn run(
     std::fs::create_dir_all(&config.log_dir).map_err(|e| {
         RehearseError::Setup(format!("cannot create {}: {e}", config.log_dir.display()))
     })?;
-    let agent = EmbeddedAgent::start(config.agent_socket.clone()).await?;
     let node = Node::create(config.port).await?;
+    let agent = EmbeddedAgent::start(
+        config.agent_socket.clone(),
+        node.prefix.trim_end_matches('-'),
+    )
+    .await?;
     let service = node.service();
     let (client_addr, vip) = (node.client_addr, node.vip);
     let client_ns = node.client.open()?;
@@ -501,6 +502,7 @@ pub async fn run(
                 &failures.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
                 probe_refusals.get(name).copied().unwrap_or(0),
                 shared.started,
+                client_addr,
             )
         })
         .collect();
@@ -518,7 +520,7 @@ fn node_netns_name(node: &Node, pod: &str) -> String {
     node.pods
         .get(pod)
         .and_then(|p| p.netns_name().map(str::to_owned))
-        .unwrap_or_else(|| format!("dgr{}-{pod}", std::process::id()))
+        .unwrap_or_else(|| format!("{}{pod}", node.prefix))
 }
 
 /// Creates a pod, waits until the agent watches it, starts its process, probes it until ready,
@@ -568,6 +570,15 @@ async fn try_start_pod(
     shared.mark(name, |t, now| t.started = Some(now));
     if let Some(probe) = &shared.config.spec.readiness {
         wait_ready(shared, name, addr, probe).await?;
+    } else if initial {
+        // The deployed version has long been serving when a rollout starts: wait until it
+        // listens, so the warm-up does not count its start-up.
+        let listening = ReadinessProbe {
+            http_path: None,
+            period: Duration::from_millis(100),
+            ..ReadinessProbe::default()
+        };
+        wait_ready(shared, name, addr, &listening).await?;
     }
     shared.mark(name, |t, now| t.ready = Some(now));
     if !initial {
@@ -651,8 +662,10 @@ fn probe_once(
     path: Option<&str>,
     timeout: Duration,
 ) -> ProbeResult {
-    use std::io::{Read as _, Write as _};
-    use std::os::fd::AsFd as _;
+    use std::{
+        io::{Read as _, Write as _},
+        os::fd::AsFd as _,
+    };
     if nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).is_err() {
         return ProbeResult::Failed;
     }

@@ -62,3 +62,13 @@ pub(crate) fn stdout(cmd: &mut Command) -> anyhow::Result<String> {
 pub(crate) fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
+
+/// `cargo` in the workspace root, with the given toolchain when not the default one.
+pub(crate) fn cargo(toolchain: Option<&str>) -> Command {
+    let mut cmd = Command::new("cargo");
+    if let Some(toolchain) = toolchain {
+        cmd.arg(format!("+{toolchain}"));
+    }
+    cmd.current_dir(workspace_root());
+    cmd
+}

@@ -2,6 +2,7 @@
 //! it first, so each works from a clean clone.
 
 mod command;
+mod demo;
 mod setup;
 mod test;
 
@@ -26,6 +27,17 @@ enum Command {
     /// Setup, then formatting, clippy (user space and eBPF), unit tests and the kernel tests
     /// (root). Ends with a one-line summary; exits non-zero on the first failure.
     Test,
+    /// The main job (root): setup, a release build, then `draingate rehearse` of the project's
+    /// test server at 10,000 requests per second, as examples/junior.yaml and as
+    /// examples/senior.yaml deploy it, with the two outcomes side by side.
+    Demo {
+        /// Requests per second for each rehearsal.
+        #[arg(long, default_value_t = 10_000)]
+        rate: u32,
+        /// Replicas (default: the manifests' 20, or 5 per core on smaller machines).
+        #[arg(long)]
+        replicas: Option<u32>,
+    },
     /// Setup, then formatting and clippy only.
     Lint,
     /// Setup, then measure the agent against a baseline run side by side (root): connections/s
@@ -44,6 +56,7 @@ fn main() -> ExitCode {
         Command::Setup => setup::run().map(|_| ()),
         Command::Test => test::run(test::Scope::All),
         Command::Lint => test::run(test::Scope::LintOnly),
+        Command::Demo { rate, replicas } => demo::run(rate, replicas),
         Command::Bench { args } => test::bench(&args),
     };
     match result {

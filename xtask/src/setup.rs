@@ -21,7 +21,13 @@ const BPF_LINKER_LLVM_MAJORS: [u32; 3] = [21, 22, 23];
 /// clippy for the eBPF crate.
 const NIGHTLY_COMPONENTS: [&str; 3] = ["rust-src", "rustfmt", "clippy"];
 /// Debian packages the tests use, with a command each provides (what the tests actually run).
-const DEBIAN_PACKAGES: [(&str, &str); 1] = [("iproute2", "ip")];
+const DEBIAN_PACKAGES: [(&str, &str); 3] = [
+    ("iproute2", "ip"),
+    // The rehearsal's Service: kube-proxy-style DNAT rules written with iptables-restore.
+    ("iptables", "iptables-restore"),
+    // conntrack -E: which pod each client connection was sent to.
+    ("conntrack", "conntrack"),
+];
 
 /// What one run did: steps that changed the machine.
 #[derive(Debug, Default)]

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
-    command::{is_root, run_checked as run_cmd, workspace_root},
+    command::{cargo, is_root, run_checked as run_cmd, workspace_root},
     setup,
 };
 
@@ -127,16 +127,6 @@ pub(crate) fn run(scope: Scope) -> anyhow::Result<()> {
         parts.join(", ")
     );
     Ok(())
-}
-
-/// `cargo` in the workspace root, with the given toolchain when not the default one.
-fn cargo(toolchain: Option<&str>) -> Command {
-    let mut cmd = Command::new("cargo");
-    if let Some(toolchain) = toolchain {
-        cmd.arg(format!("+{toolchain}"));
-    }
-    cmd.current_dir(workspace_root());
-    cmd
 }
 
 /// Runs `cargo test --locked ARGS`, echoing its output, and returns how many tests passed.

@@ -29,7 +29,7 @@ pub const SERVICE_PORT: u16 = 80;
 const BLOCKS: u32 = 128;
 /// Pods one rehearsal can create over its life: the /22 less the client link and the VIP.
 pub const MAX_PODS: u32 = 254;
-/// The prefix of every namespace a rehearsal makes: `dgr<pid>-…`.
+/// The prefix of every namespace a rehearsal makes: `dgr<pid>-<n>-…`.
 const NETNS_PREFIX: &str = "dgr";
 
 #[derive(Debug, thiserror::Error)]
@@ -304,7 +304,8 @@ pub struct Node {
     /// The client's address, as conntrack shows it.
     pub client_addr: Ipv4Addr,
     pub vip: Ipv4Addr,
-    prefix: String,
+    /// `dgr<pid>-<n>-`: names this rehearsal's namespaces (and its agent's pins).
+    pub prefix: String,
     next_pod: u32,
     /// Endpoints now in the Service, in insertion order.
     endpoints: Vec<Ipv4Addr>,
@@ -319,7 +320,10 @@ impl Node {
     pub async fn create(service_port: u16) -> Result<Self, NodeError> {
         reap_stale().await;
         let block = AddressBlock::claim()?;
-        let prefix = format!("{NETNS_PREFIX}{}-", std::process::id());
+        // Unique per process and per rehearsal in it: `dgr<pid>-<n>-`.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let prefix = format!("{NETNS_PREFIX}{}-{n}-", std::process::id());
         let node = Netns::create(format!("{prefix}node")).await?;
         let client = Netns::create(format!("{prefix}client")).await?;
         let (node_side, client_addr, vip) = (block.addr(1), block.addr(2), block.addr(5));

@@ -83,6 +83,7 @@ impl PodReport {
         failures: &[FailureNote],
         probe_refusals: u64,
         started: Instant,
+        client: std::net::Ipv4Addr,
     ) -> Self {
         let mut client_failures = BTreeMap::new();
         for f in failures {
@@ -133,7 +134,7 @@ impl PodReport {
             (pod.totals.resets_sent + pod.totals.resets_received + pod.totals.refused)
                 .saturating_sub(probe_refusals)
         });
-        let (agrees, note) = judge(
+        let (agrees, mut note) = judge(
             role,
             agent,
             agent_connection_errors,
@@ -141,6 +142,11 @@ impl PodReport {
             client_failures_terminating,
             invisible,
         );
+        if agent_connection_errors != client_connection_errors
+            && let Some(pod) = agent
+        {
+            note.push_str(&unmatched(pod, failures, client));
+        }
         let mut timeline = BTreeMap::new();
         for (key, value) in [
             ("started", sim.started),
@@ -170,6 +176,47 @@ impl PodReport {
             timeline,
         }
     }
+}
+
+/// Which connections (by client port) only the agent, or only the clients, counted: the
+/// evidence for a disagreement. The agent keeps the latest events only, so this is a sample.
+fn unmatched(pod: &PodDrain, failures: &[FailureNote], client: std::net::Ipv4Addr) -> String {
+    use crate::drain::EventKind;
+    let mut agent_ports: Vec<(u16, &'static str)> = pod
+        .events
+        .iter()
+        .filter(|e| e.remote == std::net::IpAddr::V4(client) && e.kind != EventKind::ConnectFailed)
+        .map(|e| (e.remote_port, e.kind.as_str()))
+        .collect();
+    let mut client_ports: Vec<(u16, &'static str)> = failures
+        .iter()
+        .filter(|f| {
+            matches!(
+                f.outcome,
+                Outcome::Refused | Outcome::Reset | Outcome::Closed
+            )
+        })
+        .map(|f| (f.client_port, f.outcome.as_str()))
+        .collect();
+    let only_agent: Vec<String> = agent_ports
+        .iter()
+        .filter(|(port, _)| !client_ports.iter().any(|(p, _)| p == port))
+        .take(5)
+        .map(|(port, kind)| format!("{port} ({kind})"))
+        .collect();
+    let only_clients: Vec<String> = client_ports
+        .iter()
+        .filter(|(port, _)| !agent_ports.iter().any(|(p, _)| p == port))
+        .take(5)
+        .map(|(port, kind)| format!("{port} ({kind})"))
+        .collect();
+    agent_ports.clear();
+    client_ports.clear();
+    format!(
+        "; client ports only the agent counted: [{}], only the clients: [{}]",
+        only_agent.join(", "),
+        only_clients.join(", ")
+    )
 }
 
 /// Whether the agent's account of a pod matches the clients': the same number of resets and

@@ -47,6 +47,10 @@ pub struct RolloutSpec {
     pub replicas: u32,
     pub max_surge: u32,
     pub max_unavailable: u32,
+    /// maxSurge and maxUnavailable as written (`25%` or a number), to resolve them again when
+    /// the replicas change.
+    pub surge_spec: IntOrString,
+    pub unavailable_spec: IntOrString,
     pub readiness: Option<ReadinessProbe>,
     /// The preStop hook's sleep (exec `sleep N` or the native sleep action).
     pub pre_stop: Option<Duration>,
@@ -64,6 +68,8 @@ impl Default for RolloutSpec {
             replicas: 3,
             max_surge: 1,
             max_unavailable: 0,
+            surge_spec: IntOrString::Int(1),
+            unavailable_spec: IntOrString::Int(0),
             readiness: None,
             pre_stop: None,
             grace_period: Duration::from_secs(30),
@@ -161,6 +167,18 @@ fn threshold(field: &str, value: Option<i32>, default: u32) -> Result<u32, SpecE
 }
 
 impl RolloutSpec {
+    /// Turns maxSurge and maxUnavailable into pods for the current replicas.
+    pub fn resolve_strategy(&mut self) -> Result<(), SpecError> {
+        self.max_surge = resolve_int_or_percent("maxSurge", &self.surge_spec, self.replicas, true)?;
+        self.max_unavailable = resolve_int_or_percent(
+            "maxUnavailable",
+            &self.unavailable_spec,
+            self.replicas,
+            false,
+        )?;
+        Ok(())
+    }
+
     /// Checks what the Deployment controller would reject.
     pub fn validate(&self) -> Result<(), SpecError> {
         if self.replicas == 0 {
@@ -258,22 +276,13 @@ impl RolloutSpec {
             }
         }
         let rolling = strategy.and_then(|s| s.rolling_update.as_ref());
-        spec.max_surge = resolve_int_or_percent(
-            "spec.strategy.rollingUpdate.maxSurge",
-            rolling
-                .and_then(|r| r.max_surge.as_ref())
-                .unwrap_or(&quarter),
-            spec.replicas,
-            true,
-        )?;
-        spec.max_unavailable = resolve_int_or_percent(
-            "spec.strategy.rollingUpdate.maxUnavailable",
-            rolling
-                .and_then(|r| r.max_unavailable.as_ref())
-                .unwrap_or(&quarter),
-            spec.replicas,
-            false,
-        )?;
+        spec.surge_spec = rolling
+            .and_then(|r| r.max_surge.clone())
+            .unwrap_or_else(|| quarter.clone());
+        spec.unavailable_spec = rolling
+            .and_then(|r| r.max_unavailable.clone())
+            .unwrap_or(quarter);
+        spec.resolve_strategy()?;
         let pod = dspec.template.spec.as_ref();
         spec.grace_period = match pod.and_then(|p| p.termination_grace_period_seconds) {
             None => Duration::from_secs(30),

@@ -75,6 +75,11 @@ spec:
     let spec = RolloutSpec::from_manifest("m.yaml", manifest).unwrap();
     // 25% of 10: surge rounds up, unavailability rounds down.
     assert_eq!((spec.max_surge, spec.max_unavailable), (3, 2));
+    // Fewer replicas: the percentages apply to the new count.
+    let mut spec = spec;
+    spec.replicas = 3;
+    spec.resolve_strategy().unwrap();
+    assert_eq!((spec.max_surge, spec.max_unavailable), (1, 0));
     assert_eq!(spec.grace_period, Duration::from_secs(30));
     assert_eq!(spec.readiness, None);
     assert_eq!(spec.pre_stop, None);

@@ -1,0 +1,249 @@
+//! The accuracy suite: whole rolling updates rehearsed by the real `draingate rehearse` (real
+//! namespaces, iptables DNAT, eBPF agent, load generator, the project's test server), one per
+//! shutdown behaviour. In every one the agent's resets and refusals must equal the clients'
+//! connection failures exactly, pod by pod, and its verdict must say what the clients lived
+//! through. Rehearsals run one at a time: each one is a node's worth of load on two cores.
+
+use std::{
+    process::{Command, Output},
+    sync::Mutex,
+};
+
+use draingate_tests::{build_bin, draingate_bin, require_root};
+use serde_json::Value;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Runs `draingate rehearse ARGS -o json -- draingate-test-server SERVER_ARGS` and returns its
+/// exit code and report.
+fn rehearse(args: &[&str], server: &[&str]) -> (i32, Value) {
+    require_root();
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let server_bin = build_bin("draingate-test-server");
+    let output = Command::new(draingate_bin())
+        .arg("rehearse")
+        .args(["--replicas", "3", "--rate", "1000", "--clients", "16"])
+        .args(args)
+        .args(["-o", "json", "--"])
+        .arg(&server_bin)
+        .args(server)
+        .output()
+        .expect("run draingate rehearse");
+    let code = output.status.code().unwrap_or(-1);
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|err| {
+        panic!(
+            "no JSON report ({err}), exit {code}; stderr:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    (code, report)
+}
+
+fn old_pods(report: &Value) -> Vec<&Value> {
+    report["pods"]
+        .as_array()
+        .expect("pods")
+        .iter()
+        .filter(|p| p["role"] == "old")
+        .collect()
+}
+
+fn n(value: &Value) -> u64 {
+    value
+        .as_u64()
+        .unwrap_or_else(|| panic!("not a count: {value}"))
+}
+
+/// What every rehearsal must show, whatever the scenario: the agent agrees with the clients on
+/// every pod, and every client failure was attributed to a pod.
+fn assert_agent_matches_clients(report: &Value) {
+    assert_eq!(
+        report["disagreements"],
+        Value::Array(vec![]),
+        "the agent disagrees with the clients: {report:#}"
+    );
+    let mut agent = 0;
+    let mut clients = 0;
+    for pod in report["pods"].as_array().expect("pods") {
+        assert_eq!(pod["agrees"], true, "{pod:#}");
+        assert_eq!(
+            pod["agent_connection_errors"], pod["client_connection_errors"],
+            "{pod:#}"
+        );
+        agent += n(&pod["agent_connection_errors"]);
+        clients += n(&pod["client_connection_errors"]);
+    }
+    assert_eq!(agent, clients);
+    // Every failure the clients saw is a reset or a refusal some pod's kernel saw.
+    assert_eq!(n(&report["clients"]["failed"]), clients, "{report:#}");
+    assert_eq!(old_pods(report).len(), 3);
+}
+
+fn assert_verdicts(report: &Value, verdict: &str) {
+    for pod in old_pods(report) {
+        assert_eq!(pod["agent"]["verdict"], verdict, "{pod:#}");
+    }
+    assert_eq!(report["verdict"], verdict, "{report:#}");
+}
+
+#[test]
+fn graceful_drain_with_a_pre_stop_passes_with_zero_failures() {
+    let (code, report) = rehearse(&["--pre-stop", "2s"], &["--mode", "graceful"]);
+    assert_agent_matches_clients(&report);
+    assert_verdicts(&report, "pass");
+    assert_eq!(n(&report["clients"]["failed"]), 0, "{report:#}");
+    assert!(
+        n(&report["clients"]["requests"]) > 5000,
+        "the clients made load"
+    );
+    for pod in old_pods(&report) {
+        let agent = &pod["agent"];
+        assert_eq!(agent["open_at_exit"], 0);
+        // SIGTERM after the preStop; drained no later than the exit.
+        assert!(agent["terminating_since"].as_f64() >= pod["timeline"]["deleted"].as_f64());
+        assert!(agent["drained_at"].as_f64() <= agent["exited_at"].as_f64());
+    }
+    assert_eq!(code, 0, "exit 0: clean");
+}
+
+#[test]
+fn abrupt_exit_with_keep_alive_clients_fails_and_counts_match() {
+    let (code, report) = rehearse(&[], &["--mode", "abrupt"]);
+    assert_agent_matches_clients(&report);
+    assert_verdicts(&report, "fail");
+    assert!(n(&report["clients"]["failed"]) > 0, "{report:#}");
+    assert_eq!(code, 1, "exit 1: failures, agent and clients agree");
+}
+
+#[test]
+fn no_pre_stop_so_new_connections_arrive_after_sigterm_and_are_refused() {
+    // A graceful server, but SIGTERM comes while the endpoint is still in the Service: every
+    // new connection in that second is refused.
+    let (code, report) = rehearse(
+        &["--connections", "new-connection"],
+        &["--mode", "graceful"],
+    );
+    assert_agent_matches_clients(&report);
+    assert_verdicts(&report, "fail");
+    let refused = n(&report["clients"]["outcomes"]["refused"]);
+    assert!(refused > 0, "{report:#}");
+    let agent_refused: u64 = old_pods(&report)
+        .iter()
+        .map(|p| n(&p["agent"]["refused"]) - n(&p["probe_refusals"]))
+        .sum();
+    assert_eq!(agent_refused, refused);
+    assert_eq!(code, 1);
+}
+
+#[test]
+fn new_connection_per_request_with_a_pre_stop_passes() {
+    let (code, report) = rehearse(
+        &["--connections", "new-connection", "--pre-stop", "2s"],
+        &["--mode", "graceful"],
+    );
+    assert_agent_matches_clients(&report);
+    assert_verdicts(&report, "pass");
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn a_drain_slower_than_the_grace_period_is_killed_and_fails() {
+    let (code, report) = rehearse(
+        &["--pre-stop", "1500ms", "--grace-period", "3s"],
+        &["--mode", "slow", "--drain-time", "20s"],
+    );
+    assert_agent_matches_clients(&report);
+    assert_verdicts(&report, "fail");
+    for pod in old_pods(&report) {
+        assert!(pod["timeline"]["sigkill"].is_number(), "{pod:#}");
+        assert!(pod["agent"]["sigkill_at"].is_number(), "{pod:#}");
+        // Keep-alive connections were still open when SIGKILL came.
+        assert!(n(&pod["agent"]["open_at_exit"]) > 0, "{pod:#}");
+    }
+    assert_eq!(code, 1);
+}
+
+#[test]
+fn a_server_that_ignores_sigterm_is_killed_with_connections_open() {
+    let (code, report) = rehearse(
+        &["--pre-stop", "1500ms", "--grace-period", "3s"],
+        &["--mode", "ignore"],
+    );
+    assert_agent_matches_clients(&report);
+    assert_verdicts(&report, "fail");
+    assert_eq!(code, 1);
+}
+
+#[test]
+fn an_app_that_keeps_accepting_until_the_endpoints_are_gone_passes_without_pre_stop() {
+    let (code, report) = rehearse(&[], &["--mode", "late-close", "--drain-time", "2500ms"]);
+    assert_agent_matches_clients(&report);
+    assert_verdicts(&report, "pass");
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn a_manifest_drives_the_rollout_and_unsupported_settings_are_named() {
+    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/senior.yaml");
+    let (code, report) = rehearse(&["-f", manifest], &["--mode", "graceful"]);
+    assert_agent_matches_clients(&report);
+    assert_verdicts(&report, "pass");
+    assert_eq!(report["settings"]["max_unavailable"], "0");
+    assert_eq!(report["settings"]["pre_stop"], "sleep 5");
+    assert!(
+        report["not_simulated"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .any(|s| s.as_str().is_some_and(|s| s.contains("livenessProbe"))),
+        "{report:#}"
+    );
+    assert_eq!(code, 0);
+}
+
+fn draingate(args: &[&str]) -> Output {
+    Command::new(draingate_bin())
+        .args(args)
+        .output()
+        .expect("run draingate")
+}
+
+#[test]
+fn bad_rehearsal_input_is_a_clear_error() {
+    let output = draingate(&["rehearse", "--replicas", "3"]);
+    assert_eq!(output.status.code(), Some(2), "clap usage error");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("<CMD>"), "{stderr}");
+
+    let output = draingate(&["rehearse", "-f", "/nonexistent.yaml", "--", "true"]);
+    assert_eq!(output.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot read /nonexistent.yaml"), "{stderr}");
+
+    let output = draingate(&[
+        "rehearse",
+        "--max-surge",
+        "0",
+        "--max-unavailable",
+        "0",
+        "--",
+        "true",
+    ]);
+    assert_eq!(output.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("both are 0"), "{stderr}");
+
+    // Without root: a clear refusal before anything is made.
+    let output = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(["--inh-caps=-all", "--bounding-set=-all"])
+        .arg(draingate_bin())
+        .args(["rehearse", "--", "true"])
+        .output()
+        .expect("run setpriv");
+    assert_eq!(output.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("it needs root"), "{stderr}");
+}
