@@ -184,7 +184,10 @@ impl Agent {
             tokio::select! {
                 () = &mut shutdown => break,
                 _ = ticker.tick() => {
-                    match self.resync() {
+                    let started = std::time::Instant::now();
+                    let result = self.resync();
+                    tracing::debug!(elapsed_us = started.elapsed().as_micros(), "resync");
+                    match result {
                         Ok(()) => { self.ready.send_if_modified(|r| !std::mem::replace(r, true)); }
                         Err(err) => tracing::warn!(error = %err, "resync failed; retrying"),
                     }
@@ -234,6 +237,22 @@ impl Agent {
         let mut seen = BTreeSet::new();
         for pod in observed {
             seen.insert(pod.id.uid.clone());
+            // The kernel reuses a destroyed namespace's inode at once, so a local uid can come
+            // back for a new pod: the old record keeps its final totals under its own uid.
+            if let Some(previous) = state.pods.get(&pod.id.uid)
+                && (previous.timeline.gone_at.is_some() || previous.id.name != pod.id.name)
+                && let Some(mut previous) = state.pods.remove(&pod.id.uid)
+            {
+                let since = previous
+                    .timeline
+                    .first_seen
+                    .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                    .unwrap_or_default()
+                    .as_millis();
+                previous.id.uid = format!("{}@{since}", previous.id.uid);
+                tracing::info!(pod = %previous.id.name, uid = %previous.id.uid, "uid reused by a new pod: the old one is kept under this uid");
+                state.pods.insert(previous.id.uid.clone(), previous);
+            }
             if !state.pods.contains_key(&pod.id.uid) {
                 let slot = self.allocate_slot(&pod)?;
                 tracing::info!(pod = %pod.id.name, uid = %pod.id.uid, slot, addresses = ?pod.addresses, "new pod");

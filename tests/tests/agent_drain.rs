@@ -247,3 +247,51 @@ fn abrupt_exit(family: Family, restart: bool) {
     assert_eq!(agent.http_get("/readyz").0, 200);
     assert_eq!(agent.http_get("/healthz").0, 200);
 }
+
+/// The kernel gives a new network namespace the inode number of one just destroyed, and local
+/// pods are named by that inode: a new pod must still be a new pod, and the old one keep its
+/// record.
+#[test]
+fn a_new_pod_that_reuses_a_gone_pods_namespace_inode_is_a_new_pod() {
+    use std::os::unix::fs::MetadataExt as _;
+
+    use draingate_tests::Netns;
+    require_root();
+    let agent = TestAgent::start();
+    let inode = |ns: &Netns| {
+        std::fs::metadata(format!("/run/netns/{}", ns.name()))
+            .expect("netns file")
+            .ino()
+    };
+    let first = Netns::new("reuse");
+    let (first_name, first_inode) = (first.name().to_owned(), inode(&first));
+    agent.wait_for_pod(&first_name, |_| true);
+    drop(first);
+    agent.wait_for_pod(&first_name, |p| {
+        p.timeline.as_ref().is_some_and(|t| t.exited_at.is_some())
+    });
+    // The freed inode number goes to the next namespace made.
+    let mut reused = false;
+    let mut kept = Vec::new();
+    for _ in 0..20 {
+        let next = Netns::new("reuse");
+        let pod = agent.wait_for_pod(next.name(), |_| true);
+        assert_eq!(pod.pod.expect("pod ref").name, next.name());
+        if inode(&next) == first_inode {
+            reused = true;
+            break;
+        }
+        kept.push(next);
+    }
+    assert!(
+        reused,
+        "the kernel never reused the inode: the test proves nothing"
+    );
+    // The old pod is still there, with its own uid.
+    let old = agent.wait_for_pod(&first_name, |_| true);
+    let old_uid = old.pod.expect("pod ref").uid;
+    assert!(
+        old_uid.starts_with(&format!("netns-{first_inode}@")),
+        "{old_uid}"
+    );
+}
