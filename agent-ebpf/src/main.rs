@@ -425,7 +425,7 @@ fn try_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
 
 /// Whether this is the first reset of the connection, in either direction: a connection that
 /// is reset is one failure, however many resets its two ends then exchange. The check and the
-/// insert are one atomic step (BPF_NOEXIST), so two CPUs cannot both count it.
+/// insert are one atomic step (`BPF_NOEXIST`), so two CPUs cannot both count it.
 fn first_reset(conn: &ConnKey) -> bool {
     const BPF_NOEXIST: u64 = 1;
     RESET_CONNS.insert(conn, 1, BPF_NOEXIST).is_ok()

@@ -315,7 +315,10 @@ pub async fn run(
         match tokio::time::timeout_at(deadline, events.recv()).await {
             Err(_) => return Err(RehearseError::Timeout(config.timeout)),
             Ok(None) => return Err(RehearseError::Setup("pod tasks ended".into())),
-            Ok(Some(PodEvent::Ready(_))) => ready += 1,
+            Ok(Some(PodEvent::Ready(pod))) => {
+                tracing::debug!(%pod, "deployed version ready");
+                ready += 1;
+            }
             Ok(Some(PodEvent::Failed(err))) => return Err(err),
             Ok(Some(PodEvent::Gone(_))) => {}
         }
@@ -391,12 +394,18 @@ pub async fn run(
         tokio::select! {
             _ = tick.tick() => {}
             event = events.recv() => match event {
-                Some(PodEvent::Ready(_)) => new_ready += 1,
-                Some(PodEvent::Gone(_)) => terminating -= 1,
+                Some(PodEvent::Ready(pod)) => {
+                    tracing::debug!(%pod, "ready and in the Service");
+                    new_ready += 1;
+                }
+                Some(PodEvent::Gone(pod)) => {
+                    tracing::debug!(%pod, "terminated and removed");
+                    terminating -= 1;
+                }
                 Some(PodEvent::Failed(err)) => return Err(err),
                 None => return Err(RehearseError::Setup("pod tasks ended".into())),
             },
-            Some(note) = fail_rx.recv() => pending_failures.push(note),
+            Some(failure) = fail_rx.recv() => pending_failures.push(failure),
         }
         attribute(&mut pending_failures, &mut attributed, generator.elapsed());
         let now = tokio::time::Instant::now();
@@ -412,12 +421,12 @@ pub async fn run(
         }
         if last_progress.elapsed() >= Duration::from_secs(1) {
             last_progress = Instant::now();
-            let sent = generator
+            let requests = generator
                 .live
                 .sent
                 .load(std::sync::atomic::Ordering::Relaxed);
-            let rate = (sent - last_sent) as f64 / last_sent_at.elapsed().as_secs_f64();
-            (last_sent, last_sent_at) = (sent, Instant::now());
+            let rate = report::as_f64(requests - last_sent) / last_sent_at.elapsed().as_secs_f64();
+            (last_sent, last_sent_at) = (requests, Instant::now());
             progress(&Progress {
                 elapsed: shared.now(),
                 phase,
@@ -425,7 +434,7 @@ pub async fn run(
                 replicas: spec.replicas,
                 old_left: old.len() as u32,
                 terminating,
-                requests: sent,
+                requests,
                 failed: generator
                     .live
                     .failed
@@ -494,15 +503,18 @@ pub async fn run(
             let agent_pod = netns_of.get(name).and_then(|ns| agent.pod(ns));
             let timeline = timelines.get(name).cloned().unwrap_or_default();
             let failures = failures_by_pod.remove(name).unwrap_or_default();
+            let notes: Vec<FailureNote> = failures.iter().map(|(n, _)| *n).collect();
             PodReport::new(
                 name,
                 *role,
                 agent_pod.as_ref(),
-                timeline,
-                &failures.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
-                probe_refusals.get(name).copied().unwrap_or(0),
+                &timeline,
+                &report::ClientEvidence {
+                    failures: &notes,
+                    probe_refusals: probe_refusals.get(name).copied().unwrap_or(0),
+                    client: client_addr,
+                },
                 shared.started,
-                client_addr,
             )
         })
         .collect();

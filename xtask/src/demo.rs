@@ -229,7 +229,7 @@ fn side_by_side(reports: &[Value]) -> String {
     let width = rows.iter().map(|(l, _)| l.len()).max().unwrap_or(0);
     let col = rows
         .iter()
-        .flat_map(|(_, v)| v.first().map(String::len))
+        .filter_map(|(_, v)| v.first().map(String::len))
         .max()
         .unwrap_or(0)
         .max(12);

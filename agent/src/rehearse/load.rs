@@ -375,10 +375,10 @@ impl Client {
                 port,
             }),
             Ok(Ok(response)) => {
-                if response.close || self.config.mode == ConnectionMode::NewConnection {
-                    if let Some(mut c) = conn.take() {
-                        let _ = c.stream.shutdown().await;
-                    }
+                if (response.close || self.config.mode == ConnectionMode::NewConnection)
+                    && let Some(mut c) = conn.take()
+                {
+                    let _ = c.stream.shutdown().await;
                 }
                 Ok((response.status, port))
             }

@@ -25,6 +25,8 @@ use nix::{
 
 /// The Service port clients connect to on the virtual IP.
 pub const SERVICE_PORT: u16 = 80;
+/// Numbers the rehearsals of this process.
+static NEXT_REHEARSAL: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 /// How many /22 blocks 198.18.0.0/15 holds.
 const BLOCKS: u32 = 128;
 /// Pods one rehearsal can create over its life: the /22 less the client link and the VIP.
@@ -151,6 +153,7 @@ impl Netns {
         Ok(netns)
     }
 
+    #[must_use]
     pub fn path(&self) -> PathBuf {
         Path::new("/run/netns").join(&self.name)
     }
@@ -204,7 +207,7 @@ impl Drop for Netns {
 }
 
 /// Deletes namespaces that earlier rehearsals left behind when they were killed (their pid is
-/// gone), so a SIGKILLed rehearsal costs nothing but a few seconds of the next one.
+/// gone), so a rehearsal killed by `SIGKILL` costs nothing but a few seconds of the next one.
 pub async fn reap_stale() {
     let Ok(entries) = std::fs::read_dir("/run/netns") else {
         return;
@@ -321,8 +324,7 @@ impl Node {
         reap_stale().await;
         let block = AddressBlock::claim()?;
         // Unique per process and per rehearsal in it: `dgr<pid>-<n>-`.
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let n = NEXT_REHEARSAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let prefix = format!("{NETNS_PREFIX}{}-{n}-", std::process::id());
         let node = Netns::create(format!("{prefix}node")).await?;
         let client = Netns::create(format!("{prefix}client")).await?;
@@ -381,6 +383,7 @@ impl Node {
     }
 
     /// The Service address clients use.
+    #[must_use]
     pub fn service(&self) -> SocketAddr {
         SocketAddr::V4(SocketAddrV4::new(self.vip, SERVICE_PORT))
     }
@@ -394,7 +397,7 @@ impl Node {
         for (i, ep) in self.endpoints.iter().enumerate() {
             let target = format!("-p tcp -j DNAT --to-destination {ep}:{}", self.service_port);
             if i + 1 < n {
-                let probability = 1.0 / (n - i) as f64;
+                let probability = 1.0 / f64::from(u32::try_from(n - i).unwrap_or(u32::MAX));
                 let _ = writeln!(
                     rules,
                     "-A DG-SVC -m statistic --mode random --probability {probability:.11} {target}"
@@ -536,6 +539,7 @@ impl Node {
     }
 
     /// The pod whose address is `addr`.
+    #[must_use]
     pub fn pod_by_addr(&self, addr: Ipv4Addr) -> Option<&SimPod> {
         self.pods.values().find(|p| p.addr == addr)
     }

@@ -69,8 +69,26 @@ pub struct PodReport {
     pub timeline: BTreeMap<&'static str, f64>,
 }
 
+/// A count as a float, for rates and quantiles (exact below 2^53, far beyond any count here).
+#[must_use]
+#[expect(clippy::cast_precision_loss, reason = "counts stay far below 2^53")]
+pub fn as_f64(n: u64) -> f64 {
+    n as f64
+}
+
 fn secs(d: Duration) -> f64 {
     (d.as_secs_f64() * 1000.0).round() / 1000.0
+}
+
+/// What the clients and the simulator know of one pod.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientEvidence<'a> {
+    /// The clients' failures on connections to the pod.
+    pub failures: &'a [FailureNote],
+    /// Readiness probes the pod refused.
+    pub probe_refusals: u64,
+    /// The clients' address, which the agent sees as the remote end.
+    pub client: std::net::Ipv4Addr,
 }
 
 impl PodReport {
@@ -79,12 +97,15 @@ impl PodReport {
         name: &str,
         role: PodRole,
         agent: Option<&PodDrain>,
-        sim: SimTimeline,
-        failures: &[FailureNote],
-        probe_refusals: u64,
+        sim: &SimTimeline,
+        evidence: &ClientEvidence<'_>,
         started: Instant,
-        client: std::net::Ipv4Addr,
     ) -> Self {
+        let ClientEvidence {
+            failures,
+            probe_refusals,
+            client,
+        } = *evidence;
         let mut client_failures = BTreeMap::new();
         for f in failures {
             *client_failures.entry(f.outcome.as_str()).or_default() += 1;
@@ -301,7 +322,13 @@ impl ClientTotals {
             if ok.is_empty() {
                 return 0.0;
             }
-            let i = ((ok.len() - 1) as f64 * q).round() as usize;
+            // Nearest rank: the index is within the slice and not negative.
+            #[expect(
+                clippy::cast_sign_loss,
+                clippy::cast_possible_truncation,
+                reason = "q is in [0, 1], so the rank is in [0, len - 1]"
+            )]
+            let i = (as_f64(ok.len() as u64 - 1) * q).round() as usize;
             (ok[i].as_secs_f64() * 1e6).round() / 1e3
         };
         let latency_ms = [("p50", pick(0.5)), ("p99", pick(0.99)), ("max", pick(1.0))]
@@ -314,7 +341,7 @@ impl ClientTotals {
             outcomes,
             failed,
             seconds: secs(duration),
-            rate: (requests as f64 / duration.as_secs_f64().max(1e-9)).round(),
+            rate: (as_f64(requests) / duration.as_secs_f64().max(1e-9)).round(),
             latency_ms,
         }
     }
@@ -417,12 +444,10 @@ impl Report {
             ));
         }
         let clients_clean = clients.failed == 0;
-        let exit_code = if !disagreements.is_empty() {
-            4
-        } else if verdict == "pass" && clients_clean {
-            0
-        } else {
-            1
+        let exit_code = match (disagreements.is_empty(), verdict == "pass" && clients_clean) {
+            (false, _) => 4,
+            (true, true) => 0,
+            (true, false) => 1,
         };
         Self {
             workload: spec.name.clone(),

@@ -58,15 +58,14 @@ struct Args {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    let listen = match args.listen {
-        Some(listen) => listen,
-        None => {
-            let port: u16 = std::env::var("PORT")
-                .map_err(|_| "give --listen or set PORT")?
-                .parse()
-                .map_err(|_| "PORT is not a port number")?;
-            SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))
-        }
+    let listen = if let Some(listen) = args.listen {
+        listen
+    } else {
+        let port: u16 = std::env::var("PORT")
+            .map_err(|_| "give --listen or set PORT")?
+            .parse()
+            .map_err(|_| "PORT is not a port number")?;
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))
     };
     let mut term = signal(SignalKind::terminate())?;
     let draining = Arc::new(AtomicBool::new(false));

@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use super::*;
 
-const CLASSIC: &str = r#"
+const CLASSIC: &str = r"
 apiVersion: v1
 kind: Service
 metadata: {name: web}
@@ -33,7 +33,7 @@ spec:
         lifecycle:
           preStop:
             sleep: {seconds: 5}
-"#;
+";
 
 #[test]
 fn reads_the_classic_zero_downtime_deployment() {
@@ -41,7 +41,7 @@ fn reads_the_classic_zero_downtime_deployment() {
     assert_eq!(spec.name, "web");
     assert_eq!(spec.replicas, 20);
     assert_eq!((spec.max_surge, spec.max_unavailable), (5, 0));
-    assert_eq!(spec.grace_period, Duration::from_secs(60));
+    assert_eq!(spec.grace_period, Duration::from_mins(1));
     assert_eq!(spec.pre_stop, Some(Duration::from_secs(5)));
     let probe = spec.readiness.unwrap();
     assert_eq!(probe.http_path.as_deref(), Some("/health/ready"));
