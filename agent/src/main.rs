@@ -596,6 +596,7 @@ async fn rehearse(args: RehearseArgs) -> anyhow::Result<ExitCode> {
         outcome = rehearse::run(config, progress) => outcome,
         () = shutdown_signal() => {
             eprintln!("\ninterrupted: removing the rehearsal's namespaces, rules and pods");
+            rehearse::sweep().await;
             return Ok(ExitCode::from(130));
         }
     };

@@ -784,6 +784,21 @@ async fn try_terminate_pod(shared: &Arc<Shared>, name: &str) -> Result<(), Rehea
     Ok(())
 }
 
+/// After an interrupt: removes whatever the rehearsals of this process left (namespaces, and the
+/// embedded agents' pins), once the cancelled tasks had a moment to unwind.
+pub async fn sweep() {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    node::remove_all_of_this_process();
+    let prefix = format!("draingate-rehearse-dgr{}-", std::process::id());
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") {
+        for entry in entries.filter_map(Result::ok) {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = crate::loader::KernelProbes::remove_pins(&entry.path());
+            }
+        }
+    }
+}
+
 /// The time of a record relative to the rehearsal's start, for reports.
 #[must_use]
 pub fn since(start: Instant, at: SystemTime) -> Option<Duration> {

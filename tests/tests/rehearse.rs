@@ -247,3 +247,63 @@ fn bad_rehearsal_input_is_a_clear_error() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("it needs root"), "{stderr}");
 }
+
+#[test]
+fn an_interrupted_rehearsal_removes_everything_it_made() {
+    require_root();
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut child = Command::new(draingate_bin())
+        .args([
+            "rehearse",
+            "--replicas",
+            "3",
+            "--rate",
+            "200",
+            "--pre-stop",
+            "5s",
+            "--",
+        ])
+        .arg(build_bin("draingate-test-server"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start draingate rehearse");
+    let prefix = format!("dgr{}-", child.id());
+    let namespaces = || -> Vec<String> {
+        std::fs::read_dir("/run/netns")
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|name| name.starts_with(&prefix))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let pins = || -> Vec<String> {
+        std::fs::read_dir("/sys/fs/bpf")
+            .expect("bpffs")
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.contains(&format!("rehearse-{prefix}")))
+            .collect()
+    };
+    // Wait until the node, the client and the three pods exist, mid-rehearsal.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while namespaces().len() < 5 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rehearsal never set up its pods"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(pins().len(), 1, "the embedded agent's pins exist meanwhile");
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("interrupt");
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(130), "exit 130 after an interrupt");
+    assert_eq!(namespaces(), Vec::<String>::new(), "namespaces left behind");
+    assert_eq!(pins(), Vec::<String>::new(), "pins left behind");
+}

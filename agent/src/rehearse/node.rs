@@ -206,6 +206,21 @@ impl Drop for Netns {
     }
 }
 
+/// Deletes every namespace the rehearsals of this process made: the last line of defence after
+/// an interrupt, which can land between `ip netns add` and the guard that would delete it.
+pub fn remove_all_of_this_process() {
+    let prefix = format!("{NETNS_PREFIX}{}-", std::process::id());
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&prefix) {
+            drop(Netns { name });
+        }
+    }
+}
+
 /// Deletes namespaces that earlier rehearsals left behind when they were killed (their pid is
 /// gone), so a rehearsal killed by `SIGKILL` costs nothing but a few seconds of the next one.
 pub async fn reap_stale() {
