@@ -69,10 +69,11 @@ fn assert_agent_matches_clients(report: &Value) {
     for pod in report["pods"].as_array().expect("pods") {
         assert_eq!(pod["agrees"], true, "{pod:#}");
         assert_eq!(
-            pod["agent_connection_errors"], pod["client_connection_errors"],
+            n(&pod["agent_connection_errors"]) + n(&pod["cut_at_exit"]),
+            n(&pod["client_connection_errors"]),
             "{pod:#}"
         );
-        agent += n(&pod["agent_connection_errors"]);
+        agent += n(&pod["agent_connection_errors"]) + n(&pod["cut_at_exit"]);
         clients += n(&pod["client_connection_errors"]);
     }
     assert_eq!(agent, clients);

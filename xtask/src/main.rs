@@ -42,8 +42,12 @@ enum Command {
     Lint,
     /// Setup, then measure the agent against a baseline run side by side (root): connections/s
     /// and p99 latency with and without the agent, kernel time per program run, agent memory
-    /// with 110 pods. Writes BENCHMARKS.md.
+    /// with 110 pods; then the verdict's accuracy over repeated rehearsals of every shutdown
+    /// scenario (false passes, false fails). Writes BENCHMARKS.md.
     Bench {
+        /// Run only one part: `overhead` (draingate-bench) or `accuracy` (draingate-accuracy).
+        #[arg(long, value_parser = ["overhead", "accuracy"])]
+        only: Option<String>,
         /// Arguments for draingate-bench (see `draingate-bench --help`), after `--`.
         #[arg(last = true)]
         args: Vec<String>,
@@ -57,7 +61,7 @@ fn main() -> ExitCode {
         Command::Test => test::run(test::Scope::All),
         Command::Lint => test::run(test::Scope::LintOnly),
         Command::Demo { rate, replicas } => demo::run(rate, replicas),
-        Command::Bench { args } => test::bench(&args),
+        Command::Bench { only, args } => test::bench(only.as_deref(), &args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

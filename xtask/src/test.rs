@@ -161,7 +161,7 @@ fn cargo_test(args: &[&str]) -> anyhow::Result<u64> {
 }
 
 /// `cargo xtask bench`: release build, then the benchmark binary, which writes BENCHMARKS.md.
-pub(crate) fn bench(args: &[String]) -> anyhow::Result<()> {
+pub(crate) fn bench(only: Option<&str>, args: &[String]) -> anyhow::Result<()> {
     if !is_root() {
         bail!(
             "the benchmark loads eBPF programs and creates network namespaces: run `sudo -E cargo xtask bench`"
@@ -178,7 +178,16 @@ pub(crate) fn bench(args: &[String]) -> anyhow::Result<()> {
         "--bins",
     ]))?;
     let root = workspace_root();
-    let mut cmd = Command::new(root.join("target/release/draingate-bench"));
-    cmd.arg("--out").arg(root.join("BENCHMARKS.md")).args(args);
-    run_cmd(&mut cmd)
+    if only != Some("accuracy") {
+        let mut cmd = Command::new(root.join("target/release/draingate-bench"));
+        cmd.arg("--out").arg(root.join("BENCHMARKS.md")).args(args);
+        run_cmd(&mut cmd)?;
+    }
+    if only != Some("overhead") {
+        // Appends its section to what draingate-bench wrote (or replaces its own older one).
+        let mut cmd = Command::new(root.join("target/release/draingate-accuracy"));
+        cmd.arg("--out").arg(root.join("BENCHMARKS.md"));
+        run_cmd(&mut cmd)?;
+    }
+    Ok(())
 }

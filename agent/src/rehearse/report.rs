@@ -62,6 +62,10 @@ pub struct PodReport {
     /// Resets and refusals: the agent's count (less probe refusals), and the clients'.
     pub agent_connection_errors: u64,
     pub client_connection_errors: u64,
+    /// Client failures on connections the pod's exit closed with a FIN, not a reset (its
+    /// process had read the request and died before answering): no reset to count, but the
+    /// agent counts those connections in `open_at_exit`, which fails the pod.
+    pub cut_at_exit: u64,
     pub agrees: bool,
     /// Why it does or does not agree, when there is something to say.
     pub note: String,
@@ -155,14 +159,39 @@ impl PodReport {
             (pod.totals.resets_sent + pod.totals.resets_received + pod.totals.refused)
                 .saturating_sub(probe_refusals)
         });
+        // Requests cut by the exit without a reset: closed (EOF) in the termination window,
+        // at most as many as connections were open at the exit.
+        let closed_terminating = sim.deleted.map_or(0, |deleted| {
+            failures
+                .iter()
+                .filter(|f| f.outcome == Outcome::Closed && f.at >= deleted)
+                .count() as u64
+        });
+        let open_at_exit = agent.and_then(|p| p.open_at_exit).unwrap_or(0);
+        let missing = client_connection_errors.saturating_sub(agent_connection_errors);
+        let cut_at_exit = if missing <= closed_terminating.min(open_at_exit) {
+            missing
+        } else {
+            0
+        };
         let (agrees, mut note) = judge(
             role,
             agent,
-            agent_connection_errors,
+            agent_connection_errors + cut_at_exit,
             client_connection_errors,
             client_failures_terminating,
             invisible,
         );
+        if cut_at_exit > 0 {
+            if !note.is_empty() {
+                note.push_str("; ");
+            }
+            let _ = write!(
+                note,
+                "{cut_at_exit} requests died with connections the exit closed without a reset \
+                 (counted in open_at_exit)"
+            );
+        }
         if agent_connection_errors != client_connection_errors
             && let Some(pod) = agent
         {
@@ -192,6 +221,7 @@ impl PodReport {
             probe_refusals,
             agent_connection_errors,
             client_connection_errors,
+            cut_at_exit,
             agrees,
             note,
             timeline,
@@ -262,7 +292,8 @@ fn judge(
     let counts = agent_errors == client_errors;
     if !counts {
         notes.push(format!(
-            "the agent counted {agent_errors} resets and refusals, the clients saw {client_errors}"
+            "the agent counted {agent_errors} resets, refusals and connections cut at exit, the \
+             clients saw {client_errors}"
         ));
     }
     let verdict_ok = match role {
