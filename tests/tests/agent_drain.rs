@@ -263,35 +263,35 @@ fn a_new_pod_that_reuses_a_gone_pods_namespace_inode_is_a_new_pod() {
             .expect("netns file")
             .ino()
     };
-    let first = Netns::new("reuse");
-    let (first_name, first_inode) = (first.name().to_owned(), inode(&first));
-    agent.wait_for_pod(&first_name, |_| true);
-    drop(first);
-    agent.wait_for_pod(&first_name, |p| {
-        p.timeline.as_ref().is_some_and(|t| t.exited_at.is_some())
-    });
-    // The freed inode number goes to the next namespace made.
-    let mut reused = false;
-    let mut kept = Vec::new();
-    for _ in 0..20 {
-        let next = Netns::new("reuse");
-        let pod = agent.wait_for_pod(next.name(), |_| true);
-        assert_eq!(pod.pod.expect("pod ref").name, next.name());
-        if inode(&next) == first_inode {
-            reused = true;
+    // Other tests make namespaces concurrently and may take a freed inode first: cycle until a
+    // new namespace lands on the inode of one this test saw go.
+    let mut gone: Vec<(String, u64)> = Vec::new();
+    let mut current = Netns::new("reuse");
+    let mut reused = None;
+    for _ in 0..50 {
+        let pod = agent.wait_for_pod(current.name(), |_| true);
+        assert_eq!(pod.pod.expect("pod ref").name, current.name());
+        if let Some((old_name, old_inode)) = gone.iter().find(|(_, i)| *i == inode(&current)) {
+            reused = Some((old_name.clone(), *old_inode));
             break;
         }
-        kept.push(next);
+        let (name, ino) = (current.name().to_owned(), inode(&current));
+        drop(current);
+        agent.wait_for_pod(&name, |p| {
+            p.timeline.as_ref().is_some_and(|t| t.exited_at.is_some())
+        });
+        gone.push((name, ino));
+        current = Netns::new("reuse");
     }
-    assert!(
-        reused,
-        "the kernel never reused the inode: the test proves nothing"
-    );
-    // The old pod is still there, with its own uid.
-    let old = agent.wait_for_pod(&first_name, |_| true);
+    let (old_name, old_inode) =
+        reused.expect("the kernel never reused an inode: the test proves nothing");
+    // The old pod is still there, under its own uid, and the new one has the inode's uid.
+    let old = agent.wait_for_pod(&old_name, |_| true);
     let old_uid = old.pod.expect("pod ref").uid;
     assert!(
-        old_uid.starts_with(&format!("netns-{first_inode}@")),
+        old_uid.starts_with(&format!("netns-{old_inode}@")),
         "{old_uid}"
     );
+    let new = agent.wait_for_pod(current.name(), |_| true);
+    assert_eq!(new.pod.expect("pod ref").uid, format!("netns-{old_inode}"));
 }
