@@ -161,6 +161,10 @@ struct RehearseArgs {
     /// Also write the JSON report to this file.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Write every request's outcome to this file as CSV (at_s, latency_ms, outcome, status,
+    /// client_port).
+    #[arg(long)]
+    requests: Option<PathBuf>,
     /// The server: `CMD [ARGS...]`, then optionally `--next [--] CMD2 [ARGS...]` for the new
     /// version (by default the same command is rolled).
     #[arg(last = true, required = true, value_name = "CMD")]
@@ -562,6 +566,7 @@ async fn rehearse(args: RehearseArgs) -> anyhow::Result<ExitCode> {
             .clone()
             .unwrap_or_else(|| std::env::temp_dir().join(format!("draingate-rehearse-{pid}"))),
         agent_socket: PathBuf::from(format!("/run/draingate/rehearse-{pid}.sock")),
+        requests_out: args.requests.clone(),
     };
     let json = matches!(args.output, EventsOutput::Json);
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());

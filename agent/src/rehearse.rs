@@ -68,6 +68,8 @@ pub struct RehearseConfig {
     pub log_dir: PathBuf,
     /// The embedded agent's gRPC unix socket, for `draingate pods --agent` meanwhile.
     pub agent_socket: PathBuf,
+    /// Where to write every request's outcome as CSV, if anywhere.
+    pub requests_out: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -445,6 +447,10 @@ pub async fn run(
     }
     let load_time = generator.elapsed();
     let records = generator.stop().await;
+    if let Some(path) = &config.requests_out {
+        write_requests(path, &records, load_started)
+            .map_err(|e| RehearseError::Setup(format!("cannot write {}: {e}", path.display())))?;
+    }
     while let Ok(note) = fail_rx.try_recv() {
         pending_failures.push(note);
     }
@@ -797,6 +803,30 @@ pub async fn sweep() {
             }
         }
     }
+}
+
+/// Every request as a CSV line: when it was due (seconds since the rehearsal started), its
+/// latency, outcome, HTTP status and the client port (which names its connection).
+fn write_requests(
+    path: &std::path::Path,
+    records: &[RequestRecord],
+    load_started: Duration,
+) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    writeln!(out, "at_s,latency_ms,outcome,status,client_port")?;
+    for r in records {
+        writeln!(
+            out,
+            "{:.6},{:.3},{},{},{}",
+            (r.at + load_started).as_secs_f64(),
+            r.latency.as_secs_f64() * 1e3,
+            r.outcome.as_str(),
+            r.status,
+            r.client_port
+        )?;
+    }
+    out.flush()
 }
 
 /// The time of a record relative to the rehearsal's start, for reports.
