@@ -161,8 +161,8 @@ struct RehearseArgs {
     /// Also write the JSON report to this file.
     #[arg(long)]
     report: Option<PathBuf>,
-    /// Write every request's outcome to this file as CSV (at_s, latency_ms, outcome, status,
-    /// client_port).
+    /// Write every request's outcome to this file as CSV: when it was due, its latency, its
+    /// outcome, the HTTP status and the client port.
     #[arg(long)]
     requests: Option<PathBuf>,
     /// The server: `CMD [ARGS...]`, then optionally `--next [--] CMD2 [ARGS...]` for the new
