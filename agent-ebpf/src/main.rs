@@ -260,7 +260,13 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     let slot = if let Some(entry) = tracked {
         // SAFETY: entries are only written by these programs; a racing update of the state
         // field is harmless (the last transition wins).
-        unsafe { (*entry).slot }
+        let slot = unsafe { (*entry).slot };
+        if new != tcp_state::CLOSE {
+            // Through the pointer in hand: one hash lookup per transition, not two.
+            // SAFETY: as above.
+            unsafe { (*entry).state = new };
+        }
+        slot
     } else {
         // Listeners and closed sockets are not connections; nothing to start tracking.
         if new == tcp_state::CLOSE || new == tcp_state::LISTEN {
@@ -305,13 +311,10 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         _ => {}
     }
 
-    if new == tcp_state::CLOSE {
-        if SOCKETS.remove(sk).is_ok() {
-            add_open(slot, u64::MAX);
-        }
-    } else if let Some(entry) = SOCKETS.get_ptr_mut(sk) {
-        // SAFETY: as above.
-        unsafe { (*entry).state = new };
+    // A new entry was inserted with this state, a tracked one updated above; only a close
+    // remains to do.
+    if new == tcp_state::CLOSE && SOCKETS.remove(sk).is_ok() {
+        add_open(slot, u64::MAX);
     }
     Ok(())
 }
