@@ -223,17 +223,7 @@ impl EmbeddedAgent {
 
     /// The agent's record of the pod living in namespace `netns`.
     fn pod(&self, netns: &str) -> Option<PodDrain> {
-        let state = self
-            .handle
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        state
-            .pods
-            .values()
-            .filter(|p| p.id.name == netns)
-            .max_by_key(|p| p.timeline.first_seen)
-            .cloned()
+        agent_pod(&self.handle, netns, Clone::clone)
     }
 }
 
@@ -245,6 +235,21 @@ impl Drop for EmbeddedAgent {
         }
         let _ = std::fs::remove_file(&self.socket);
     }
+}
+
+/// `f` of the agent's newest record of the pod living in namespace `netns` (the local inventory
+/// names pods after their namespaces).
+fn agent_pod<R>(handle: &AgentHandle, netns: &str, f: impl FnOnce(&PodDrain) -> R) -> Option<R> {
+    let state = handle
+        .state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    state
+        .pods
+        .values()
+        .filter(|p| p.id.name == netns)
+        .max_by_key(|p| p.timeline.first_seen)
+        .map(f)
 }
 
 /// Runs the rehearsal; `progress` is called about once a second.
@@ -563,18 +568,10 @@ async fn try_start_pod(
     // Connections the agent did not see open are not in its socket table: watch first.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let watched = {
-            let state = shared
-                .agent
-                .state
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            state
-                .pods
-                .values()
-                .any(|p| p.id.name == netns && p.addresses.contains(&IpAddr::V4(addr)))
-        };
-        if watched {
+        let watched = agent_pod(&shared.agent, &netns, |p| {
+            p.addresses.contains(&IpAddr::V4(addr))
+        });
+        if watched == Some(true) {
             break;
         }
         if Instant::now() > deadline {

@@ -243,6 +243,40 @@ pub async fn reap_stale() {
     }
 }
 
+/// Joins `inner` to the node with a veth pair, `veth` on the node and `eth0` inside, a /30 each
+/// side, and makes the node `inner`'s default route.
+async fn wire(
+    node: &Netns,
+    veth: &str,
+    node_side: Ipv4Addr,
+    inner: &Netns,
+    inner_addr: Ipv4Addr,
+) -> Result<(), NodeError> {
+    node.ip(&[
+        "link",
+        "add",
+        veth,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &inner.name,
+    ])
+    .await?;
+    node.ip(&["addr", "add", &format!("{node_side}/30"), "dev", veth])
+        .await?;
+    node.ip(&["link", "set", veth, "up"]).await?;
+    inner
+        .ip(&["addr", "add", &format!("{inner_addr}/30"), "dev", "eth0"])
+        .await?;
+    inner.ip(&["link", "set", "eth0", "up"]).await?;
+    inner
+        .ip(&["route", "add", "default", "via", &node_side.to_string()])
+        .await
+}
+
 /// A pod: its namespace, address and, once started, its process.
 #[derive(Debug)]
 pub struct SimPod {
@@ -344,29 +378,7 @@ impl Node {
         let node = Netns::create(format!("{prefix}node")).await?;
         let client = Netns::create(format!("{prefix}client")).await?;
         let (node_side, client_addr, vip) = (block.addr(1), block.addr(2), block.addr(5));
-        node.ip(&[
-            "link",
-            "add",
-            "client0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &client.name,
-        ])
-        .await?;
-        node.ip(&["addr", "add", &format!("{node_side}/30"), "dev", "client0"])
-            .await?;
-        node.ip(&["link", "set", "client0", "up"]).await?;
-        client
-            .ip(&["addr", "add", &format!("{client_addr}/30"), "dev", "eth0"])
-            .await?;
-        client.ip(&["link", "set", "eth0", "up"]).await?;
-        client
-            .ip(&["route", "add", "default", "via", &node_side.to_string()])
-            .await?;
+        wire(&node, "client0", node_side, &client, client_addr).await?;
         node.sysctl("net.ipv4.ip_forward", "1").await?;
         // A load generator opening thousands of connections a second needs its ports back.
         client.sysctl("net.ipv4.tcp_tw_reuse", "1").await?;
@@ -450,31 +462,7 @@ impl Node {
         );
         let netns = Netns::create(format!("{}{name}", self.prefix)).await?;
         let veth = format!("pod{index}");
-        self.node
-            .ip(&[
-                "link",
-                "add",
-                &veth,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &netns.name,
-            ])
-            .await?;
-        self.node
-            .ip(&["addr", "add", &format!("{node_side}/30"), "dev", &veth])
-            .await?;
-        self.node.ip(&["link", "set", &veth, "up"]).await?;
-        netns
-            .ip(&["addr", "add", &format!("{pod_addr}/30"), "dev", "eth0"])
-            .await?;
-        netns.ip(&["link", "set", "eth0", "up"]).await?;
-        netns
-            .ip(&["route", "add", "default", "via", &node_side.to_string()])
-            .await?;
+        wire(&self.node, &veth, node_side, &netns, pod_addr).await?;
         let pod = SimPod {
             name: name.to_owned(),
             addr: pod_addr,

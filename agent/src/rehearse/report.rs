@@ -588,6 +588,7 @@ impl Report {
         }
         let _ = writeln!(out);
         let c = &self.clients;
+        let latency = |q: &str| c.latency_ms.get(q).copied().unwrap_or_default();
         let _ = writeln!(
             out,
             "clients: {} requests in {:.1}s ({}/s), {} failed; latency p50 {} ms, p99 {} ms, max {} ms",
@@ -595,9 +596,9 @@ impl Report {
             c.seconds,
             c.rate,
             c.failed,
-            c.latency_ms["p50"],
-            c.latency_ms["p99"],
-            c.latency_ms["max"]
+            latency("p50"),
+            latency("p99"),
+            latency("max")
         );
         if c.failed > 0 {
             let kinds: Vec<String> = c
@@ -638,3 +639,6 @@ impl Report {
 fn fmt_at(t: Option<f64>) -> String {
     t.map_or_else(|| "-".into(), |t| format!("{t:.1}"))
 }
+
+#[cfg(test)]
+mod tests;

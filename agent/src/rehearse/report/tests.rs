@@ -1,0 +1,236 @@
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    time::{Duration, Instant, SystemTime},
+};
+
+use super::*;
+use crate::{
+    drain::{EventKind, PodDrain, PodEvent},
+    inventory::PodId,
+};
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+
+/// A replaced pod as the agent ends up seeing it: terminated at `start + 5 s`, with these
+/// counts and this many connections open at its exit.
+fn terminated_pod(resets_sent: u64, refused: u64, open_at_exit: u64) -> PodDrain {
+    let now = SystemTime::now();
+    let mut pod = PodDrain::new(
+        PodId {
+            namespace: "local".into(),
+            name: "dgr1-0-app-v1-0".into(),
+            uid: "netns-1".into(),
+        },
+        0,
+        now,
+    );
+    pod.open_window(now);
+    pod.totals.resets_sent = resets_sent;
+    pod.totals.refused = refused;
+    pod.totals.win_resets_sent = resets_sent;
+    pod.totals.win_refused = refused;
+    pod.exited_with_open(now, open_at_exit);
+    for port in 0..resets_sent {
+        pod.push_event(PodEvent {
+            pod: pod.id.clone(),
+            kind: EventKind::ResetSent,
+            time: now,
+            local: IpAddr::V4(Ipv4Addr::new(198, 18, 0, 10)),
+            local_port: 8080,
+            remote: IpAddr::V4(CLIENT),
+            remote_port: 40000 + port as u16,
+            tcp_state: "ESTABLISHED",
+            reason: 0,
+            in_window: true,
+        });
+    }
+    pod
+}
+
+fn failure(outcome: Outcome, port: u16, at_secs: u64) -> FailureNote {
+    FailureNote {
+        at: Duration::from_secs(at_secs),
+        outcome,
+        client_port: port,
+    }
+}
+
+fn deleted_at(secs: u64) -> SimTimeline {
+    SimTimeline {
+        deleted: Some(Duration::from_secs(secs)),
+        ..SimTimeline::default()
+    }
+}
+
+fn report(agent: &PodDrain, failures: &[FailureNote]) -> PodReport {
+    PodReport::new(
+        "app-v1-0",
+        PodRole::Old,
+        Some(agent),
+        &deleted_at(5),
+        &ClientEvidence {
+            failures,
+            probe_refusals: 0,
+            client: CLIENT,
+        },
+        Instant::now(),
+    )
+}
+
+#[test]
+fn equal_counts_and_a_fail_verdict_agree() {
+    let pod = terminated_pod(2, 1, 0);
+    let failures = [
+        failure(Outcome::Reset, 40000, 6),
+        failure(Outcome::Closed, 40001, 6),
+        failure(Outcome::Refused, 41000, 7),
+    ];
+    let r = report(&pod, &failures);
+    assert!(r.agrees, "{}", r.note);
+    assert_eq!(
+        (r.agent_connection_errors, r.client_connection_errors),
+        (3, 3)
+    );
+    assert_eq!(r.client_failures_terminating, 3);
+    assert_eq!(r.agent.as_ref().unwrap().verdict, "fail");
+}
+
+#[test]
+fn a_pass_while_clients_failed_is_a_false_pass_and_named() {
+    // The agent saw nothing, the clients a reset: a false pass, with the unmatched port.
+    let pod = terminated_pod(0, 0, 0);
+    let r = report(&pod, &[failure(Outcome::Reset, 40321, 6)]);
+    assert!(!r.agrees);
+    assert!(r.note.contains("says pass"), "{}", r.note);
+    assert!(
+        r.note.contains("only the clients: [40321 (reset)]"),
+        "{}",
+        r.note
+    );
+}
+
+#[test]
+fn a_fail_without_any_client_failure_is_a_false_fail() {
+    let pod = terminated_pod(1, 0, 0);
+    let r = report(&pod, &[]);
+    assert!(!r.agrees);
+    assert!(r.note.contains("clients saw no failure"), "{}", r.note);
+    assert!(
+        r.note
+            .contains("only the agent counted: [40000 (reset_sent)]"),
+        "{}",
+        r.note
+    );
+}
+
+#[test]
+fn connections_cut_at_exit_while_idle_agree_with_no_client_failure() {
+    let pod = terminated_pod(0, 0, 3);
+    let r = report(&pod, &[]);
+    assert!(r.agrees, "{}", r.note);
+    assert!(r.note.contains("cut at exit"), "{}", r.note);
+}
+
+#[test]
+fn requests_cut_at_exit_without_a_reset_are_bounded_by_open_at_exit() {
+    // Two requests died on FIN-closed connections; two connections were open at the exit.
+    let pod = terminated_pod(1, 0, 2);
+    let failures = [
+        failure(Outcome::Reset, 40000, 6),
+        failure(Outcome::Closed, 40001, 6),
+        failure(Outcome::Closed, 40002, 6),
+    ];
+    let r = report(&pod, &failures);
+    assert!(r.agrees, "{}", r.note);
+    assert_eq!(r.cut_at_exit, 2);
+    // One open connection cannot explain two lost requests.
+    let pod = terminated_pod(1, 0, 1);
+    let r = report(&pod, &failures);
+    assert!(!r.agrees);
+    assert_eq!(r.cut_at_exit, 0);
+    // Nor can a closed connection before the deletion began.
+    let pod = terminated_pod(0, 0, 1);
+    let r = report(&pod, &[failure(Outcome::Closed, 40001, 1)]);
+    assert!(!r.agrees, "{}", r.note);
+}
+
+#[test]
+fn timeouts_are_named_as_invisible_to_the_pod() {
+    let pod = terminated_pod(0, 0, 0);
+    let r = report(&pod, &[failure(Outcome::Timeout, 40000, 6)]);
+    assert_eq!(r.client_connection_errors, 0);
+    assert!(
+        r.note.contains("no packet of the pod's to count"),
+        "{}",
+        r.note
+    );
+}
+
+#[test]
+fn a_pod_the_agent_never_saw_is_a_disagreement() {
+    let r = PodReport::new(
+        "app-v1-0",
+        PodRole::Old,
+        None,
+        &deleted_at(5),
+        &ClientEvidence {
+            failures: &[],
+            probe_refusals: 0,
+            client: CLIENT,
+        },
+        Instant::now(),
+    );
+    assert!(!r.agrees);
+    assert_eq!(r.note, "the agent never saw this pod");
+}
+
+fn config() -> RehearseConfig {
+    RehearseConfig {
+        spec: crate::rehearse::spec::RolloutSpec::default(),
+        command: vec!["server".into()],
+        next_command: None,
+        port: 8080,
+        rate: 100,
+        clients: 1,
+        mode: crate::rehearse::load::ConnectionMode::KeepAlive,
+        path: "/".into(),
+        propagation: Duration::from_secs(1),
+        settle: Duration::from_secs(1),
+        timeout: Duration::from_mins(1),
+        request_timeout: Duration::from_secs(1),
+        log_dir: "/tmp/x".into(),
+        agent_socket: "/tmp/x.sock".into(),
+        requests_out: None,
+    }
+}
+
+#[test]
+fn exit_codes_say_clean_dirty_or_defect() {
+    let clean = report(&terminated_pod(0, 0, 0), &[]);
+    let dirty_failures = [failure(Outcome::Reset, 40000, 6)];
+    let dirty = report(&terminated_pod(1, 0, 0), &dirty_failures);
+    let wrong = report(&terminated_pod(0, 0, 0), &dirty_failures);
+    let clients = |failed| ClientTotals {
+        requests: 10,
+        failed,
+        ..ClientTotals::default()
+    };
+    let clean_report = Report::new(&config(), vec![clean], clients(0), &[], Duration::ZERO);
+    assert_eq!((clean_report.verdict, clean_report.exit_code), ("pass", 0));
+    let dirty_report = Report::new(&config(), vec![dirty], clients(1), &[], Duration::ZERO);
+    assert_eq!((dirty_report.verdict, dirty_report.exit_code), ("fail", 1));
+    let defect = Report::new(&config(), vec![wrong], clients(1), &[], Duration::ZERO);
+    assert_eq!(defect.exit_code, 4);
+    assert_eq!(defect.disagreements.len(), 1);
+    assert!(defect.render().contains("DEFECT"));
+    // A failure no pod can be named for is a defect of the attribution, said so.
+    let unattributed = Report::new(
+        &config(),
+        vec![report(&terminated_pod(0, 0, 0), &[])],
+        clients(1),
+        &[failure(Outcome::Refused, 1, 3)],
+        Duration::ZERO,
+    );
+    assert_eq!(unattributed.exit_code, 4);
+    assert!(unattributed.disagreements[0].contains("could not be attributed"));
+}
