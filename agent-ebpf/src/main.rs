@@ -95,10 +95,15 @@ static POD_TASKS: HashMap<u32, u32> = HashMap::pinned(MAX_TASKS, 0);
 #[map]
 static SOCKETS: HashMap<u64, SocketEntry> = HashMap::pinned(MAX_SOCKETS, 0);
 
-/// Connections already counted as reset. An LRU: forgetting an old one only risks counting a
-/// late repeat, never losing a first reset.
+/// Connections already counted as reset, with when (boot-clock ns). An LRU: forgetting an old
+/// one only risks counting a late repeat, never losing a first reset.
 #[map]
-static RESET_CONNS: LruHashMap<ConnKey, u8> = LruHashMap::pinned(MAX_RESET_CONNS, 0);
+static RESET_CONNS: LruHashMap<ConnKey, u64> = LruHashMap::pinned(MAX_RESET_CONNS, 0);
+
+/// Resets of one 4-tuple this close together are one failure (late segments of the connection
+/// answered again); later ones are a new connection that reused the tuple (a client port picked
+/// again) failing anew.
+const RESET_REPEAT_NS: u64 = 1_000_000_000;
 
 /// Per pod slot: when its termination window opened (boot-clock ns), 0 while none is open.
 /// Opened here on SIGTERM/SIGKILL to a known pod process, or by user space.
@@ -394,11 +399,11 @@ fn try_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
     // connection, unless the connection was reset already and this answers the peer's late
     // segments (its request, its FIN), which is the same failure again.
     let refused = sk == 0 || state == tcp_state::LISTEN;
-    // SAFETY: only presence is checked.
-    if refused && unsafe { RESET_CONNS.get(conn) }.is_some() {
+    let time_ns = now();
+    if refused && recently_reset(&conn, time_ns) {
         return Ok(());
     }
-    if !refused && !first_reset(&conn) {
+    if !refused && !first_reset(&conn, time_ns) {
         return Ok(());
     }
     if refused {
@@ -429,9 +434,31 @@ fn try_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
 /// Whether this is the first reset of the connection, in either direction: a connection that
 /// is reset is one failure, however many resets its two ends then exchange. The check and the
 /// insert are one atomic step (`BPF_NOEXIST`), so two CPUs cannot both count it.
-fn first_reset(conn: &ConnKey) -> bool {
+fn first_reset(conn: &ConnKey, time_ns: u64) -> bool {
     const BPF_NOEXIST: u64 = 1;
-    RESET_CONNS.insert(conn, 1, BPF_NOEXIST).is_ok()
+    if RESET_CONNS.insert(conn, time_ns, BPF_NOEXIST).is_ok() {
+        return true;
+    }
+    match RESET_CONNS.get_ptr_mut(conn) {
+        // SAFETY: a plain u64 map value; two CPUs racing on a reused tuple's stale entry could
+        // both count it, which needs two new failures of one tuple within nanoseconds.
+        Some(at) if time_ns.saturating_sub(unsafe { *at }) > RESET_REPEAT_NS => {
+            // SAFETY: as above.
+            unsafe { *at = time_ns };
+            true
+        }
+        Some(_) => false,
+        // Evicted between the two calls: the reset is not a known repeat.
+        None => true,
+    }
+}
+
+/// Whether the 4-tuple was reset within [`RESET_REPEAT_NS`]: a segment answered now is a late
+/// part of that failure.
+fn recently_reset(conn: &ConnKey, time_ns: u64) -> bool {
+    // SAFETY: the value is copied out at once.
+    unsafe { RESET_CONNS.get(conn) }
+        .is_some_and(|&at| time_ns.saturating_sub(at) <= RESET_REPEAT_NS)
 }
 
 /// The pod of a reset: the tracked socket's, else the local address's, with the socket's last
@@ -498,7 +525,7 @@ fn try_tcp_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
         local_port,
         remote_port,
     };
-    if !first_reset(&conn) {
+    if !first_reset(&conn, now()) {
         return Ok(());
     }
     count(slot, |c, win| {

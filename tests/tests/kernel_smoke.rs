@@ -263,3 +263,59 @@ fn an_agent_restart_loses_no_counts_and_no_open_connections() {
     let totals = wait_for(&second, SERVER_SLOT, |t| t.open == 0);
     assert_eq!((totals.accepted, totals.open), (2, 0), "{totals:?}");
 }
+
+/// A client may pick the same source port again: a new connection on a 4-tuple that was reset
+/// before fails anew and counts anew, while resets of one connection count once.
+#[test]
+fn a_reused_four_tuple_that_fails_again_counts_again() {
+    use socket2::{Domain, SockAddr, Socket, Type};
+
+    require_root();
+    let pins = PinDir::new();
+    let mut probes = KernelProbes::load(&pins.config).expect("load and attach the programs");
+    let link = Link::new("reuse4", Family::V4);
+    probes
+        .watch(link.b_addr, SERVER_SLOT)
+        .expect("watch server");
+    let listen = SocketAddr::new(link.b_addr, PORT);
+    let listener = link.b.run(|| TcpListener::bind(listen).expect("bind"));
+    let client_port = 40_123;
+    // Connect from the same client port, and have the server abort the connection (a reset).
+    let fail_once = || {
+        let client = link.a.run(|| {
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+            socket.set_reuse_address(true).expect("SO_REUSEADDR");
+            socket
+                .bind(&SockAddr::from(SocketAddr::new(link.a_addr, client_port)))
+                .expect("bind the client port");
+            socket.connect(&SockAddr::from(listen)).expect("connect");
+            socket
+        });
+        let (accepted, _) = listener.accept().expect("accept");
+        let accepted = Socket::from(accepted);
+        accepted
+            .set_linger(Some(Duration::ZERO))
+            .expect("SO_LINGER 0");
+        drop(accepted);
+        let mut byte = [0u8; 1];
+        let err = TcpStream::from(client)
+            .read(&mut byte)
+            .expect_err("the server reset the connection");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+    };
+    fail_once();
+    wait_for(&probes, SERVER_SLOT, |t| t.resets_sent == 1);
+    std::thread::sleep(Duration::from_millis(1200));
+    fail_once();
+    let totals = wait_for(&probes, SERVER_SLOT, |t| t.resets_sent == 2);
+    assert_eq!(
+        (totals.resets_sent, totals.resets_received),
+        (2, 0),
+        "{totals:?}"
+    );
+    let resets = drain_events(&mut probes)
+        .iter()
+        .filter(|e| e.kind == event_kind::RESET_SENT && e.remote_port == client_port)
+        .count();
+    assert_eq!(resets, 2);
+}
