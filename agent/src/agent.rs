@@ -384,6 +384,21 @@ impl Agent {
         }
         let had_processes = !drain.pids.is_empty();
         drain.pids = pids;
+        // Deletion opens the termination window, if no SIGTERM did already.
+        if let Some(deleting) = pod.deleting_since
+            && drain.timeline.terminating_since.is_none()
+        {
+            let boot_ns = deleting
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .saturating_sub(self.boot_to_wall)
+                .as_nanos();
+            let boot_ns = u64::try_from(boot_ns).unwrap_or(u64::MAX);
+            self.probes.open_window(drain.slot, boot_ns)?;
+            // The kernel's window is the truth: a SIGTERM may have opened it first.
+            let since = self.probes.window_since(drain.slot)?.unwrap_or(boot_ns);
+            drain.open_window(self.wall(since));
+        }
         if had_processes && drain.pids.is_empty() {
             drain.exited(now);
         }

@@ -26,7 +26,14 @@ pub struct ObservedPod {
     pub addresses: Vec<IpAddr>,
     /// Processes (tgids) inside the pod; empty when none are left.
     pub pids: Vec<u32>,
+    /// When the pod's deletion began (Kubernetes' deletionTimestamp), if it did: its termination
+    /// window opens then, or at the first SIGTERM if that comes first.
+    pub deleting_since: Option<std::time::SystemTime>,
 }
+
+/// Deletion times of local pods by name, for a caller that deletes pods itself (a rehearsal
+/// simulating deletionTimestamp). Shared with a [`LocalSource`].
+pub type Deletions = std::sync::Arc<std::sync::Mutex<HashMap<String, std::time::SystemTime>>>;
 
 /// A source of pods.
 pub trait InventorySource: Send {
@@ -53,6 +60,7 @@ pub const LOCAL_NAMESPACE: &str = "local";
 pub struct LocalSource {
     netns_dir: std::path::PathBuf,
     proc_dir: std::path::PathBuf,
+    deletions: Option<Deletions>,
 }
 
 impl Default for LocalSource {
@@ -60,6 +68,18 @@ impl Default for LocalSource {
         Self {
             netns_dir: "/run/netns".into(),
             proc_dir: "/proc".into(),
+            deletions: None,
+        }
+    }
+}
+
+impl LocalSource {
+    /// A local source whose pods' deletion times are set by the caller through `deletions`.
+    #[must_use]
+    pub fn with_deletions(deletions: Deletions) -> Self {
+        Self {
+            deletions: Some(deletions),
+            ..Self::default()
         }
     }
 }
@@ -127,7 +147,14 @@ impl InventorySource for LocalSource {
             let Ok(addresses) = addresses_in(&path) else {
                 continue;
             };
+            let deleting_since = self.deletions.as_ref().and_then(|d| {
+                d.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get(&name)
+                    .copied()
+            });
             pods.push(ObservedPod {
+                deleting_since,
                 id: PodId {
                     namespace: LOCAL_NAMESPACE.into(),
                     name,

@@ -127,6 +127,8 @@ struct Shared {
     config: RehearseConfig,
     started: Instant,
     timelines: std::sync::Mutex<BTreeMap<String, SimTimeline>>,
+    /// Pods' deletion times, by namespace name, as the embedded agent's inventory reads them.
+    deletions: crate::inventory::Deletions,
     /// Readiness probes refused per pod: the agent counts them as refusals too.
     probe_refusals: std::sync::Mutex<HashMap<String, u64>>,
     events: mpsc::UnboundedSender<PodEvent>,
@@ -178,7 +180,11 @@ struct EmbeddedAgent {
 }
 
 impl EmbeddedAgent {
-    async fn start(socket: PathBuf, id: &str) -> Result<Self, RehearseError> {
+    async fn start(
+        socket: PathBuf,
+        id: &str,
+        deletions: crate::inventory::Deletions,
+    ) -> Result<Self, RehearseError> {
         let pins = PathBuf::from(format!("/sys/fs/bpf/draingate-rehearse-{id}"));
         let config = AgentConfig {
             probes: ProbeConfig {
@@ -188,7 +194,7 @@ impl EmbeddedAgent {
             resync: Duration::from_millis(100),
             ..AgentConfig::default()
         };
-        let (agent, handle) = Agent::new(config, Box::new(LocalSource::default()))?;
+        let (agent, handle) = Agent::new(config, Box::new(LocalSource::with_deletions(deletions)))?;
         let (stop, stop_rx) = watch::channel(false);
         let mut agent_stop = stop_rx.clone();
         tokio::spawn(agent.run(async move {
@@ -273,9 +279,12 @@ pub async fn run(
         RehearseError::Setup(format!("cannot create {}: {e}", config.log_dir.display()))
     })?;
     let node = Node::create(config.port).await?;
+    // Deletions reach the agent as a deletionTimestamp would: its window opens then.
+    let deletions = crate::inventory::Deletions::default();
     let agent = EmbeddedAgent::start(
         config.agent_socket.clone(),
         node.prefix.trim_end_matches('-'),
+        deletions.clone(),
     )
     .await?;
     let service = node.service();
@@ -289,6 +298,7 @@ pub async fn run(
         config: config.clone(),
         started: Instant::now(),
         timelines: std::sync::Mutex::new(BTreeMap::new()),
+        deletions,
         probe_refusals: std::sync::Mutex::new(HashMap::new()),
         events: events_tx,
     });
@@ -735,6 +745,13 @@ async fn try_terminate_pod(shared: &Arc<Shared>, name: &str) -> Result<(), Rehea
     let spec = &shared.config.spec;
     let deleted = tokio::time::Instant::now();
     shared.mark(name, |t, now| t.deleted = Some(now));
+    if let Some(netns) = shared.node.lock().await.pods[name].netns_name() {
+        shared
+            .deletions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(netns.to_owned(), SystemTime::now());
+    }
     let endpoint = {
         let shared = Arc::clone(shared);
         let name = name.to_owned();

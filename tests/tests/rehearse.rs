@@ -122,8 +122,19 @@ fn graceful_drain_with_a_pre_stop_passes_with_zero_failures() {
     for pod in old_pods(&report) {
         let agent = &pod["agent"];
         assert_eq!(agent["open_at_exit"], 0);
-        // SIGTERM after the preStop; drained no later than the exit.
-        assert!(agent["terminating_since"].as_f64() >= pod["timeline"]["deleted"].as_f64());
+        // The window opened at the deletion (as at a deletionTimestamp), 2 s before the SIGTERM
+        // that ends the preStop; drained no later than the exit.
+        let since = agent["terminating_since"].as_f64().expect("window opened");
+        let deleted = pod["timeline"]["deleted"].as_f64().expect("deleted");
+        let sigterm = pod["timeline"]["sigterm"].as_f64().expect("SIGTERM sent");
+        assert!(
+            (since - deleted).abs() < 0.1,
+            "window at {since}, deleted at {deleted}"
+        );
+        assert!(
+            sigterm - since > 1.9,
+            "window at {since}, SIGTERM at {sigterm}"
+        );
         assert!(agent["drained_at"].as_f64() <= agent["exited_at"].as_f64());
     }
     assert_eq!(code, 0, "exit 0: clean");

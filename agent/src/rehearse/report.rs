@@ -523,7 +523,7 @@ impl Report {
         let _ = writeln!(out);
         let _ = writeln!(
             out,
-            "{:<18} {:<4} {:<8} {:>6} {:>15} {:>9} {:>9} {:>16}  {:<5}  TIMELINE (s: sigterm > drained > exited)",
+            "{:<18} {:<4} {:<8} {:>6} {:>15} {:>9} {:>9} {:>16}  {:<5}  TIMELINE (s: window opened > drained > exited)",
             "POD",
             "ROLE",
             "VERDICT",
