@@ -162,6 +162,15 @@ impl Agent {
         SystemTime::UNIX_EPOCH + self.boot_to_wall + Duration::from_nanos(boot_ns)
     }
 
+    /// The kernel's boot clock at wall time `wall`: the inverse of [`Self::wall`].
+    fn boot_ns(&self, wall: SystemTime) -> u64 {
+        let since_boot = wall
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .saturating_sub(self.boot_to_wall);
+        u64::try_from(since_boot.as_nanos()).unwrap_or(u64::MAX)
+    }
+
     /// Runs until `shutdown` resolves: resyncs every `resync`, handles events as they come.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
         let ring = self
@@ -388,12 +397,7 @@ impl Agent {
         if let Some(deleting) = pod.deleting_since
             && drain.timeline.terminating_since.is_none()
         {
-            let boot_ns = deleting
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap_or_default()
-                .saturating_sub(self.boot_to_wall)
-                .as_nanos();
-            let boot_ns = u64::try_from(boot_ns).unwrap_or(u64::MAX);
+            let boot_ns = self.boot_ns(deleting);
             self.probes.open_window(drain.slot, boot_ns)?;
             // The kernel's window is the truth: a SIGTERM may have opened it first.
             let since = self.probes.window_since(drain.slot)?.unwrap_or(boot_ns);

@@ -27,7 +27,7 @@ use tokio::{
 };
 
 use self::{
-    load::{ConnectionMode, FailureNote, LoadConfig, LoadGenerator, Outcome, RequestRecord},
+    load::{ConnectionMode, FailureNote, LoadConfig, LoadGenerator, RequestRecord},
     node::{Node, NodeError, PodCommand},
     report::{ClientTotals, PodReport, PodRole, Report},
     spec::{ReadinessProbe, RolloutSpec},
@@ -376,7 +376,6 @@ pub async fn run(
 
     let mut phase = "warm-up";
     let mut tick = tokio::time::interval(Duration::from_millis(200));
-    let mut last_progress = Instant::now();
     let warmup_end = tokio::time::Instant::now() + config.settle;
     let mut new_created = 0u32;
     let mut new_ready = 0u32;
@@ -436,8 +435,7 @@ pub async fn run(
         if settle_end.is_some_and(|end| now >= end) {
             break;
         }
-        if last_progress.elapsed() >= Duration::from_secs(1) {
-            last_progress = Instant::now();
+        if last_sent_at.elapsed() >= Duration::from_secs(1) {
             let requests = generator
                 .live
                 .sent
@@ -504,17 +502,13 @@ pub async fn run(
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .clone();
-    let mut failures_by_pod: BTreeMap<String, Vec<(FailureNote, Option<Ipv4Addr>)>> =
-        BTreeMap::new();
+    let mut failures_by_pod: BTreeMap<String, Vec<FailureNote>> = BTreeMap::new();
     let mut unattributed = Vec::new();
     for (mut note, backend) in attributed {
         // From the load's clock to the rehearsal's, which the timelines use.
         note.at += load_started;
         match backend.and_then(|b| addr_to_pod.get(&b)) {
-            Some(pod) => failures_by_pod
-                .entry(pod.clone())
-                .or_default()
-                .push((note, backend)),
+            Some(pod) => failures_by_pod.entry(pod.clone()).or_default().push(note),
             None => unattributed.push(note),
         }
     }
@@ -524,14 +518,13 @@ pub async fn run(
             let agent_pod = netns_of.get(name).and_then(|ns| agent.pod(ns));
             let timeline = timelines.get(name).cloned().unwrap_or_default();
             let failures = failures_by_pod.remove(name).unwrap_or_default();
-            let notes: Vec<FailureNote> = failures.iter().map(|(n, _)| *n).collect();
             PodReport::new(
                 name,
                 *role,
                 agent_pod.as_ref(),
                 &timeline,
                 &report::ClientEvidence {
-                    failures: &notes,
+                    failures: &failures,
                     probe_refusals: probe_refusals.get(name).copied().unwrap_or(0),
                     client: client_addr,
                 },
@@ -614,6 +607,17 @@ async fn try_start_pod(
     Ok(())
 }
 
+/// Whether the pod's process has exited.
+async fn pod_exited(shared: &Shared, name: &str) -> bool {
+    shared
+        .node
+        .lock()
+        .await
+        .pods
+        .get_mut(name)
+        .is_some_and(node::SimPod::exited)
+}
+
 /// Probes as the kubelet does: after the initial delay, every period, ready after
 /// `success_threshold` successes in a row. A pod whose process exits fails the rehearsal.
 async fn wait_ready(
@@ -627,14 +631,7 @@ async fn wait_ready(
     let target = std::net::SocketAddr::from((addr, shared.config.port));
     let mut successes = 0;
     loop {
-        if shared
-            .node
-            .lock()
-            .await
-            .pods
-            .get_mut(name)
-            .is_some_and(node::SimPod::exited)
-        {
+        if pod_exited(shared, name).await {
             return Err(RehearseError::PodFailed {
                 pod: name.to_owned(),
                 reason: "its process exited before it became ready".into(),
@@ -770,14 +767,7 @@ async fn try_terminate_pod(shared: &Arc<Shared>, name: &str) -> Result<(), Rehea
     shared.node.lock().await.pods[name].signal(Signal::SIGTERM);
     shared.mark(name, |t, now| t.sigterm = Some(now));
     let exited = loop {
-        if shared
-            .node
-            .lock()
-            .await
-            .pods
-            .get_mut(name)
-            .is_some_and(node::SimPod::exited)
-        {
+        if pod_exited(shared, name).await {
             break true;
         }
         if tokio::time::Instant::now() >= grace_end {
@@ -850,14 +840,4 @@ pub fn since(start: Instant, at: SystemTime) -> Option<Duration> {
     let elapsed = start.elapsed();
     let start_wall = now_wall.checked_sub(elapsed)?;
     at.duration_since(start_wall).ok()
-}
-
-/// Every outcome of `records`, counted.
-#[must_use]
-pub fn count_outcomes(records: &[RequestRecord]) -> BTreeMap<Outcome, u64> {
-    let mut counts = BTreeMap::new();
-    for r in records {
-        *counts.entry(r.outcome).or_default() += 1;
-    }
-    counts
 }

@@ -76,18 +76,6 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub const ALL: [Self; 9] = [
-        Self::Ok,
-        Self::Http5xx,
-        Self::Refused,
-        Self::Reset,
-        Self::Closed,
-        Self::ConnectTimeout,
-        Self::Timeout,
-        Self::Unreachable,
-        Self::Error,
-    ];
-
     #[must_use]
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -103,11 +91,20 @@ impl Outcome {
         }
     }
 
-    /// A failure of the connection itself: what the kernel sees as a reset or refusal (or, for
-    /// timeouts and unreachable, what no pod can see).
+    /// A failure of the connection that the pod's kernel sees as a reset or a refusal.
     #[must_use]
-    pub const fn is_connection_failure(self) -> bool {
-        !matches!(self, Self::Ok | Self::Http5xx | Self::Error)
+    pub const fn seen_by_pod(self) -> bool {
+        matches!(self, Self::Refused | Self::Reset | Self::Closed)
+    }
+
+    /// A failure of the connection with no packet of the pod's behind it (no answer, or no
+    /// route): no pod can count it.
+    #[must_use]
+    pub const fn invisible_to_pod(self) -> bool {
+        matches!(
+            self,
+            Self::Timeout | Self::ConnectTimeout | Self::Unreachable
+        )
     }
 
     #[must_use]

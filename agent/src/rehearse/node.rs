@@ -541,12 +541,6 @@ impl Node {
         Ok(())
     }
 
-    /// The pod whose address is `addr`.
-    #[must_use]
-    pub fn pod_by_addr(&self, addr: Ipv4Addr) -> Option<&SimPod> {
-        self.pods.values().find(|p| p.addr == addr)
-    }
-
     /// Removes a pod's namespace and its node-side veth.
     pub fn remove_pod(&mut self, name: &str) {
         if let Some(pod) = self.pods.get_mut(name) {

@@ -119,23 +119,11 @@ impl PodReport {
         });
         // What a pod's kernel can see: resets and refusals. A timeout or an unreachable
         // address has no packet from the pod to count.
-        let client_connection_errors = failures
-            .iter()
-            .filter(|f| {
-                matches!(
-                    f.outcome,
-                    Outcome::Refused | Outcome::Reset | Outcome::Closed
-                )
-            })
-            .count() as u64;
+        let client_connection_errors =
+            failures.iter().filter(|f| f.outcome.seen_by_pod()).count() as u64;
         let invisible = failures
             .iter()
-            .filter(|f| {
-                matches!(
-                    f.outcome,
-                    Outcome::Timeout | Outcome::ConnectTimeout | Outcome::Unreachable
-                )
-            })
+            .filter(|f| f.outcome.invisible_to_pod())
             .count();
         let at = |t: Option<std::time::SystemTime>| t.and_then(|t| since(started, t)).map(secs);
         let agent_view = agent.map(|pod| {
@@ -233,40 +221,30 @@ impl PodReport {
 /// evidence for a disagreement. The agent keeps the latest events only, so this is a sample.
 fn unmatched(pod: &PodDrain, failures: &[FailureNote], client: std::net::Ipv4Addr) -> String {
     use crate::drain::EventKind;
-    let mut agent_ports: Vec<(u16, &'static str)> = pod
+    let agent_ports: Vec<(u16, &'static str)> = pod
         .events
         .iter()
         .filter(|e| e.remote == std::net::IpAddr::V4(client) && e.kind != EventKind::ConnectFailed)
         .map(|e| (e.remote_port, e.kind.as_str()))
         .collect();
-    let mut client_ports: Vec<(u16, &'static str)> = failures
+    let client_ports: Vec<(u16, &'static str)> = failures
         .iter()
-        .filter(|f| {
-            matches!(
-                f.outcome,
-                Outcome::Refused | Outcome::Reset | Outcome::Closed
-            )
-        })
+        .filter(|f| f.outcome.seen_by_pod())
         .map(|f| (f.client_port, f.outcome.as_str()))
         .collect();
-    let only_agent: Vec<String> = agent_ports
-        .iter()
-        .filter(|(port, _)| !client_ports.iter().any(|(p, _)| p == port))
-        .take(5)
-        .map(|(port, kind)| format!("{port} ({kind})"))
-        .collect();
-    let only_clients: Vec<String> = client_ports
-        .iter()
-        .filter(|(port, _)| !agent_ports.iter().any(|(p, _)| p == port))
-        .take(5)
-        .map(|(port, kind)| format!("{port} ({kind})"))
-        .collect();
-    agent_ports.clear();
-    client_ports.clear();
+    // The first few ports of `side` that `other` does not have.
+    let only = |side: &[(u16, &'static str)], other: &[(u16, &'static str)]| {
+        side.iter()
+            .filter(|(port, _)| !other.iter().any(|(p, _)| p == port))
+            .take(5)
+            .map(|(port, kind)| format!("{port} ({kind})"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     format!(
         "; client ports only the agent counted: [{}], only the clients: [{}]",
-        only_agent.join(", "),
-        only_clients.join(", ")
+        only(&agent_ports, &client_ports),
+        only(&client_ports, &agent_ports)
     )
 }
 
