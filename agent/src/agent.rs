@@ -29,6 +29,23 @@ pub struct AgentConfig {
     pub linger: Duration,
     /// How long a finished pod is kept with its final totals.
     pub retention: Duration,
+    /// The node's name as the agent reports it (see [`node_name`]).
+    pub node: String,
+}
+
+/// This node's name: `NODE_NAME` (the downward API's `spec.nodeName` in the DaemonSet), else the
+/// host name.
+#[must_use]
+pub fn node_name() -> String {
+    std::env::var("NODE_NAME")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+        })
+        .unwrap_or_else(|| "localhost".into())
 }
 
 impl Default for AgentConfig {
@@ -38,6 +55,7 @@ impl Default for AgentConfig {
             resync: Duration::from_secs(1),
             linger: Duration::from_secs(30),
             retention: Duration::from_mins(15),
+            node: node_name(),
         }
     }
 }
@@ -58,6 +76,8 @@ pub struct AgentState {
     pub pods: BTreeMap<String, PodDrain>,
     /// Kernel-side losses since the maps were created (overflows, failed reads).
     pub lost_events: u64,
+    /// The node's name.
+    pub node: String,
 }
 
 impl AgentState {
@@ -128,7 +148,10 @@ impl Agent {
         let probes = KernelProbes::load(&config.probes)?;
         let watched_by_previous: BTreeMap<IpAddr, u32> = probes.watched()?.into_iter().collect();
         // Processes tracked by a previous agent are re-tracked from the inventory.
-        let state = Arc::new(Mutex::new(AgentState::default()));
+        let state = Arc::new(Mutex::new(AgentState {
+            node: config.node.clone(),
+            ..AgentState::default()
+        }));
         let (changed, changed_rx) = watch::channel(0);
         let (events, _) = broadcast::channel(4096);
         let (ready_tx, ready) = watch::channel(false);
@@ -371,6 +394,9 @@ impl Agent {
             }
         }
         drain.addresses.clone_from(&pod.addresses);
+        if drain.meta != pod.meta {
+            drain.meta.clone_from(&pod.meta);
+        }
         // A process of the pod that is still alive but missing from this snapshot (its
         // namespace link is briefly unreadable while it execs) stays the pod's: only a process
         // that is really gone ends the pod.

@@ -50,7 +50,7 @@ impl AgentApi {
         let state = self.state();
         state
             .find(&pod.namespace, &pod.name, &pod.uid)
-            .map(pod_message)
+            .map(|p| pod_message(p, &state.node))
             .ok_or_else(|| {
                 Status::not_found(format!(
                     "no pod {}{}{} on this node (see `draingate pods`)",
@@ -87,7 +87,7 @@ fn counters(t: &crate::loader::SlotTotals) -> pb::Counters {
 
 /// The API's view of a pod.
 #[must_use]
-pub fn pod_message(pod: &PodDrain) -> pb::Pod {
+pub fn pod_message(pod: &PodDrain, node: &str) -> pb::Pod {
     let (verdict, reason) = pod.verdict_and_reason();
     let t = &pod.timeline;
     pb::Pod {
@@ -125,7 +125,10 @@ pub fn pod_message(pod: &PodDrain) -> pb::Pod {
             exited_at: timestamp(t.exited_at),
             sigkill_at: timestamp(t.sigkill_at),
         }),
-        ..pb::Pod::default()
+        owner_kind: pod.meta.owner_kind.clone(),
+        owner_name: pod.meta.owner_name.clone(),
+        pod_template_hash: pod.meta.pod_template_hash.clone(),
+        node: node.to_owned(),
     }
 }
 
@@ -178,8 +181,13 @@ impl AgentService for AgentApi {
     ) -> Result<Response<pb::ListPodsResponse>, Status> {
         let state = self.state();
         Ok(Response::new(pb::ListPodsResponse {
-            pods: state.pods.values().map(pod_message).collect(),
+            pods: state
+                .pods
+                .values()
+                .map(|p| pod_message(p, &state.node))
+                .collect(),
             lost_events: state.lost_events,
+            node: state.node.clone(),
         }))
     }
 
@@ -202,7 +210,10 @@ impl AgentService for AgentApi {
         tokio::spawn(async move {
             let mut sent = std::collections::BTreeMap::<String, pb::Pod>::new();
             loop {
-                let pods: Vec<pb::Pod> = api.state().pods.values().map(pod_message).collect();
+                let pods: Vec<pb::Pod> = {
+                    let state = api.state();
+                    state.pods.values().map(|p| pod_message(p, &state.node)).collect()
+                };
                 let mut updates = Vec::new();
                 let current: std::collections::BTreeSet<String> = pods
                     .iter()

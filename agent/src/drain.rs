@@ -109,6 +109,7 @@ pub struct PodEvent {
 #[derive(Debug, Clone)]
 pub struct PodDrain {
     pub id: PodId,
+    pub meta: crate::inventory::PodMeta,
     pub slot: u32,
     pub addresses: Vec<IpAddr>,
     pub pids: Vec<u32>,
@@ -130,6 +131,7 @@ impl PodDrain {
     pub fn new(id: PodId, slot: u32, now: SystemTime) -> Self {
         Self {
             id,
+            meta: crate::inventory::PodMeta::default(),
             slot,
             addresses: Vec::new(),
             pids: Vec::new(),

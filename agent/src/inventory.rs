@@ -29,11 +29,33 @@ pub struct ObservedPod {
     /// When the pod's deletion began (Kubernetes' deletionTimestamp), if it did: its termination
     /// window opens then, or at the first SIGTERM if that comes first.
     pub deleting_since: Option<std::time::SystemTime>,
+    /// What the pod belongs to; empty for a bare local namespace.
+    pub meta: PodMeta,
 }
 
-/// Deletion times of local pods by name, for a caller that deletes pods itself (a rehearsal
-/// simulating deletionTimestamp). Shared with a [`LocalSource`].
-pub type Deletions = std::sync::Arc<std::sync::Mutex<HashMap<String, std::time::SystemTime>>>;
+/// What a pod belongs to, as the rollout gate groups pods: its top owner (a Deployment through
+/// its ReplicaSet, or an Argo Rollout) and its `pod-template-hash` label.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct PodMeta {
+    pub owner_kind: String,
+    pub owner_name: String,
+    pub pod_template_hash: String,
+}
+
+/// What a caller that creates and deletes local pods itself (a rehearsal, simulating the API
+/// server) knows about one of them.
+#[derive(Debug, Clone, Default)]
+pub struct LocalPodInfo {
+    /// The namespace to report instead of [`LOCAL_NAMESPACE`].
+    pub namespace: Option<String>,
+    pub meta: PodMeta,
+    /// The simulated deletionTimestamp.
+    pub deleting_since: Option<std::time::SystemTime>,
+}
+
+/// [`LocalPodInfo`] by network namespace name, shared between such a caller and its
+/// [`LocalSource`].
+pub type LocalPods = std::sync::Arc<std::sync::Mutex<HashMap<String, LocalPodInfo>>>;
 
 /// A source of pods.
 pub trait InventorySource: Send {
@@ -60,7 +82,7 @@ pub const LOCAL_NAMESPACE: &str = "local";
 pub struct LocalSource {
     netns_dir: std::path::PathBuf,
     proc_dir: std::path::PathBuf,
-    deletions: Option<Deletions>,
+    known: Option<LocalPods>,
 }
 
 impl Default for LocalSource {
@@ -68,17 +90,18 @@ impl Default for LocalSource {
         Self {
             netns_dir: "/run/netns".into(),
             proc_dir: "/proc".into(),
-            deletions: None,
+            known: None,
         }
     }
 }
 
 impl LocalSource {
-    /// A local source whose pods' deletion times are set by the caller through `deletions`.
+    /// A local source whose pods' namespaces, owners and deletion times the caller sets
+    /// through `known`.
     #[must_use]
-    pub fn with_deletions(deletions: Deletions) -> Self {
+    pub fn with_known(known: LocalPods) -> Self {
         Self {
-            deletions: Some(deletions),
+            known: Some(known),
             ..Self::default()
         }
     }
@@ -147,16 +170,21 @@ impl InventorySource for LocalSource {
             let Ok(addresses) = addresses_in(&path) else {
                 continue;
             };
-            let deleting_since = self.deletions.as_ref().and_then(|d| {
-                d.lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .get(&name)
-                    .copied()
-            });
+            let info = self
+                .known
+                .as_ref()
+                .and_then(|k| {
+                    k.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .get(&name)
+                        .cloned()
+                })
+                .unwrap_or_default();
             pods.push(ObservedPod {
-                deleting_since,
+                deleting_since: info.deleting_since,
+                meta: info.meta,
                 id: PodId {
-                    namespace: LOCAL_NAMESPACE.into(),
+                    namespace: info.namespace.unwrap_or_else(|| LOCAL_NAMESPACE.into()),
                     name,
                     uid: format!("netns-{inode}"),
                 },

@@ -165,6 +165,14 @@ struct RehearseArgs {
     /// outcome, the HTTP status and the client port.
     #[arg(long)]
     requests: Option<PathBuf>,
+    /// Also serve the embedded agent's gRPC API on this TCP address, e.g. `127.0.0.1:9570`, so
+    /// that `draingate gate serve --agents` can judge the rehearsed rollout.
+    #[arg(long)]
+    agent_listen: Option<SocketAddr>,
+    /// After the report, keep the embedded agent and the new pods up this long (e.g. `5m`) for
+    /// a gate to ask; Ctrl-C ends it sooner.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    hold: Duration,
     /// The server: `CMD [ARGS...]`, then optionally `--next [--] CMD2 [ARGS...]` for the new
     /// version (by default the same command is rolled).
     #[arg(last = true, required = true, value_name = "CMD")]
@@ -567,6 +575,8 @@ async fn rehearse(args: RehearseArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or_else(|| std::env::temp_dir().join(format!("draingate-rehearse-{pid}"))),
         agent_socket: PathBuf::from(format!("/run/draingate/rehearse-{pid}.sock")),
         requests_out: args.requests.clone(),
+        agent_listen: args.agent_listen,
+        hold: args.hold,
     };
     let json = matches!(args.output, EventsOutput::Json);
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -597,26 +607,51 @@ async fn rehearse(args: RehearseArgs) -> anyhow::Result<ExitCode> {
             eprintln!("{line}");
         }
     };
+    // The report is shown as soon as it is ready, before a --hold.
+    let mut shown: Option<anyhow::Result<u8>> = None;
+    let hold = args.hold;
+    let on_report = |report: &rehearse::report::Report| {
+        if tty {
+            eprintln!();
+        }
+        shown = Some(show_report(report, json, args.report.as_deref()).map(|()| report.exit_code));
+        if !hold.is_zero() {
+            eprintln!(
+                "holding the embedded agent for {}; Ctrl-C ends it",
+                humantime::format_duration(hold)
+            );
+        }
+    };
     let outcome = tokio::select! {
-        outcome = rehearse::run(config, progress) => outcome,
+        outcome = rehearse::run(config, progress, on_report) => outcome,
         () = shutdown_signal() => {
-            eprintln!("\ninterrupted: removing the rehearsal's namespaces, rules and pods");
             rehearse::sweep().await;
+            // An interrupted hold still has its report, and its exit code.
+            if let Some(shown) = shown {
+                return Ok(ExitCode::from(shown?));
+            }
+            eprintln!("\ninterrupted: removed the rehearsal's namespaces, rules and pods");
             return Ok(ExitCode::from(130));
         }
     };
-    if tty {
-        eprintln!();
-    }
-    let report = outcome?;
-    if let Some(path) = &args.report {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+    outcome?;
+    let code = shown.context("the rehearsal ended without a report")??;
+    Ok(ExitCode::from(code))
+}
+
+fn show_report(
+    report: &rehearse::report::Report,
+    json: bool,
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    if let Some(path) = file {
+        std::fs::write(path, serde_json::to_string_pretty(report)?)
             .with_context(|| format!("cannot write the report to {}", path.display()))?;
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!("{}", serde_json::to_string_pretty(report)?);
     } else {
         print!("{}", report.render());
     }
-    Ok(ExitCode::from(report.exit_code))
+    Ok(())
 }

@@ -35,7 +35,7 @@ use self::{
 use crate::{
     agent::{Agent, AgentConfig, AgentError, AgentHandle},
     drain::PodDrain,
-    inventory::LocalSource,
+    inventory::{LocalPodInfo, LocalPods, LocalSource, PodMeta},
     loader::ProbeConfig,
 };
 
@@ -70,6 +70,42 @@ pub struct RehearseConfig {
     pub agent_socket: PathBuf,
     /// Where to write every request's outcome as CSV, if anywhere.
     pub requests_out: Option<PathBuf>,
+    /// Also serve the embedded agent's gRPC API on this TCP address (for a rollout gate).
+    pub agent_listen: Option<std::net::SocketAddr>,
+    /// Keep the embedded agent (and the new pods) up this long after the report, so that a gate
+    /// can be asked about the finished rollout.
+    pub hold: Duration,
+}
+
+impl RehearseConfig {
+    /// The `pod-template-hash` of version 1 or 2: like Kubernetes' (a 32-bit FNV-1a of the
+    /// template, written in its vowel-free alphabet), over the version and its command.
+    #[must_use]
+    pub fn template_hash(&self, version: u8) -> String {
+        const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+        let argv = match (version, &self.next_command) {
+            (2, Some(next)) => next,
+            _ => &self.command,
+        };
+        let mut hash: u32 = 0x811c_9dc5;
+        let mut feed = |bytes: &[u8]| {
+            for b in bytes {
+                hash ^= u32::from(*b);
+                hash = hash.wrapping_mul(0x0100_0193);
+            }
+        };
+        feed(self.spec.name.as_bytes());
+        feed(&[0, version]);
+        for arg in argv {
+            feed(arg.as_bytes());
+            feed(&[0]);
+        }
+        // Kubernetes' SafeEncodeString of the decimal hash: each byte picks a letter.
+        hash.to_string()
+            .bytes()
+            .map(|b| char::from(ALPHABET[usize::from(b) % ALPHABET.len()]))
+            .collect()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,8 +163,9 @@ struct Shared {
     config: RehearseConfig,
     started: Instant,
     timelines: std::sync::Mutex<BTreeMap<String, SimTimeline>>,
-    /// Pods' deletion times, by namespace name, as the embedded agent's inventory reads them.
-    deletions: crate::inventory::Deletions,
+    /// What the API server would say about each pod (namespace, owner, pod-template-hash,
+    /// deletionTimestamp), by namespace name, as the embedded agent's inventory reads it.
+    known: LocalPods,
     /// Readiness probes refused per pod: the agent counts them as refusals too.
     probe_refusals: std::sync::Mutex<HashMap<String, u64>>,
     events: mpsc::UnboundedSender<PodEvent>,
@@ -183,7 +220,8 @@ impl EmbeddedAgent {
     async fn start(
         socket: PathBuf,
         id: &str,
-        deletions: crate::inventory::Deletions,
+        known: LocalPods,
+        listen: Option<std::net::SocketAddr>,
     ) -> Result<Self, RehearseError> {
         let pins = PathBuf::from(format!("/sys/fs/bpf/draingate-rehearse-{id}"));
         let config = AgentConfig {
@@ -194,14 +232,14 @@ impl EmbeddedAgent {
             resync: Duration::from_millis(100),
             ..AgentConfig::default()
         };
-        let (agent, handle) = Agent::new(config, Box::new(LocalSource::with_deletions(deletions)))?;
+        let (agent, handle) = Agent::new(config, Box::new(LocalSource::with_known(known)))?;
         let (stop, stop_rx) = watch::channel(false);
         let mut agent_stop = stop_rx.clone();
         tokio::spawn(agent.run(async move {
             let _ = agent_stop.wait_for(|s| *s).await;
         }));
         let listen = crate::api::ListenConfig {
-            grpc_addr: "127.0.0.1:0".parse().expect("valid address"),
+            grpc_addr: listen.unwrap_or_else(|| "127.0.0.1:0".parse().expect("valid address")),
             socket: socket.clone(),
         };
         let api_handle = handle.clone();
@@ -259,9 +297,13 @@ fn agent_pod<R>(handle: &AgentHandle, netns: &str, f: impl FnOnce(&PodDrain) -> 
 }
 
 /// Runs the rehearsal; `progress` is called about once a second.
+///
+/// `on_report` gets the report as soon as it is ready; with [`RehearseConfig::hold`], the
+/// embedded agent and the new pods then stay up that long before everything is removed.
 pub async fn run(
     config: RehearseConfig,
     mut progress: impl FnMut(&Progress),
+    on_report: impl FnOnce(&Report),
 ) -> Result<Report, RehearseError> {
     if !nix::unistd::geteuid().is_root() {
         return Err(RehearseError::NotRoot);
@@ -280,11 +322,12 @@ pub async fn run(
     })?;
     let node = Node::create(config.port).await?;
     // Deletions reach the agent as a deletionTimestamp would: its window opens then.
-    let deletions = crate::inventory::Deletions::default();
+    let known = LocalPods::default();
     let agent = EmbeddedAgent::start(
         config.agent_socket.clone(),
         node.prefix.trim_end_matches('-'),
-        deletions.clone(),
+        known.clone(),
+        config.agent_listen,
     )
     .await?;
     let service = node.service();
@@ -298,7 +341,7 @@ pub async fn run(
         config: config.clone(),
         started: Instant::now(),
         timelines: std::sync::Mutex::new(BTreeMap::new()),
-        deletions,
+        known,
         probe_refusals: std::sync::Mutex::new(HashMap::new()),
         events: events_tx,
     });
@@ -324,7 +367,7 @@ pub async fn run(
         let name = format!("{}-v1-{i}", spec.name);
         roles.insert(name.clone(), PodRole::Old);
         old.push_back(name.clone());
-        tasks.spawn(start_pod(Arc::clone(&shared), name, v1.clone(), true));
+        tasks.spawn(start_pod(Arc::clone(&shared), name, v1.clone(), 1));
     }
     let mut ready = 0;
     let deadline = tokio::time::Instant::now() + config.timeout;
@@ -394,7 +437,7 @@ pub async fn run(
             {
                 let name = format!("{}-v2-{new_created}", spec.name);
                 roles.insert(name.clone(), PodRole::New);
-                tasks.spawn(start_pod(Arc::clone(&shared), name, v2.clone(), false));
+                tasks.spawn(start_pod(Arc::clone(&shared), name, v2.clone(), 2));
                 new_created += 1;
             }
             while !old.is_empty() && old.len() as u32 + new_ready > min_available {
@@ -533,13 +576,20 @@ pub async fn run(
         })
         .collect();
     drop(tasks);
-    Ok(Report::new(
+    let report = Report::new(
         &config,
         pods,
         ClientTotals::from_records(&records, load_time),
         &unattributed,
         load_started,
-    ))
+    );
+    on_report(&report);
+    if !config.hold.is_zero() {
+        tracing::info!(hold = ?config.hold, "holding the embedded agent for a gate");
+        tokio::time::sleep(config.hold).await;
+    }
+    drop(agent);
+    Ok(report)
 }
 
 fn node_netns_name(node: &Node, pod: &str) -> String {
@@ -551,8 +601,8 @@ fn node_netns_name(node: &Node, pod: &str) -> String {
 
 /// Creates a pod, waits until the agent watches it, starts its process, probes it until ready,
 /// and puts it into the Service (after the propagation delay, or at once for the first version).
-async fn start_pod(shared: Arc<Shared>, name: String, command: PodCommand, initial: bool) {
-    if let Err(err) = try_start_pod(&shared, &name, &command, initial).await {
+async fn start_pod(shared: Arc<Shared>, name: String, command: PodCommand, version: u8) {
+    if let Err(err) = try_start_pod(&shared, &name, &command, version).await {
         let _ = shared.events.send(PodEvent::Failed(err));
     }
 }
@@ -561,10 +611,27 @@ async fn try_start_pod(
     shared: &Shared,
     name: &str,
     command: &PodCommand,
-    initial: bool,
+    version: u8,
 ) -> Result<(), RehearseError> {
+    let initial = version == 1;
     let (netns, addr) = {
         let mut node = shared.node.lock().await;
+        // The agent learns the pod's owner before it sees its namespace, as the API server
+        // would tell it.
+        let info = LocalPodInfo {
+            namespace: Some(shared.config.spec.namespace.clone()),
+            meta: PodMeta {
+                owner_kind: "Deployment".into(),
+                owner_name: shared.config.spec.name.clone(),
+                pod_template_hash: shared.config.template_hash(version),
+            },
+            deleting_since: None,
+        };
+        shared
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(format!("{}{name}", node.prefix), info);
         let pod = node.add_pod(name).await?;
         (pod.netns_name().unwrap_or_default().to_owned(), pod.addr)
     };
@@ -744,10 +811,12 @@ async fn try_terminate_pod(shared: &Arc<Shared>, name: &str) -> Result<(), Rehea
     shared.mark(name, |t, now| t.deleted = Some(now));
     if let Some(netns) = shared.node.lock().await.pods[name].netns_name() {
         shared
-            .deletions
+            .known
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(netns.to_owned(), SystemTime::now());
+            .entry(netns.to_owned())
+            .or_default()
+            .deleting_since = Some(SystemTime::now());
     }
     let endpoint = {
         let shared = Arc::clone(shared);

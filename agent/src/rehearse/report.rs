@@ -360,6 +360,11 @@ impl ClientTotals {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub workload: String,
+    /// The namespace and pod-template-hashes the embedded agent reported the pods under: what a
+    /// rollout gate is asked about.
+    pub namespace: String,
+    pub old_hash: String,
+    pub new_hash: String,
     pub settings: BTreeMap<&'static str, String>,
     pub not_simulated: Vec<String>,
     /// pass | fail | pending | unknown, from the replaced pods' verdicts.
@@ -460,6 +465,9 @@ impl Report {
         };
         Self {
             workload: spec.name.clone(),
+            namespace: spec.namespace.clone(),
+            old_hash: config.template_hash(1),
+            new_hash: config.template_hash(2),
             settings,
             not_simulated: spec.not_simulated.clone(),
             verdict,
@@ -609,6 +617,11 @@ impl Report {
                 let _ = writeln!(out, "  {d}");
             }
         }
+        let _ = writeln!(
+            out,
+            "the agent reported the pods as {}/{} (Deployment), old pod-template-hash {}, new {}",
+            self.namespace, self.workload, self.old_hash, self.new_hash
+        );
         let _ = writeln!(out, "pod output: {}", self.logs);
         out
     }

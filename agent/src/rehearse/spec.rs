@@ -44,6 +44,9 @@ impl Default for ReadinessProbe {
 pub struct RolloutSpec {
     /// The workload's name, for pod names and reports.
     pub name: String,
+    /// Its Kubernetes namespace, as the agent reports the rehearsal's pods (`default` when the
+    /// manifest names none).
+    pub namespace: String,
     pub replicas: u32,
     pub max_surge: u32,
     pub max_unavailable: u32,
@@ -65,6 +68,7 @@ impl Default for RolloutSpec {
     fn default() -> Self {
         Self {
             name: "app".into(),
+            namespace: "default".into(),
             replicas: 3,
             max_surge: 1,
             max_unavailable: 0,
@@ -255,6 +259,11 @@ impl RolloutSpec {
                 .name
                 .clone()
                 .unwrap_or_else(|| "app".into()),
+            namespace: deployment
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into()),
             ..Self::default()
         };
         let dspec = &deployment.spec;

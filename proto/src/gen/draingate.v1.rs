@@ -87,6 +87,9 @@ pub struct ListPodsResponse {
     /// Overflows and read errors since the agent started; non-zero means counts are incomplete.
     #[prost(uint64, tag = "2")]
     pub lost_events: u64,
+    /// The node this agent watches (NODE_NAME from the downward API, or the host name).
+    #[prost(string, tag = "3")]
+    pub node: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct GetPodRequest {
@@ -918,7 +921,7 @@ pub mod agent_server {
 pub struct WorkloadRef {
     #[prost(string, tag = "1")]
     pub namespace: ::prost::alloc::string::String,
-    /// "Deployment" or "Rollout".
+    /// "Deployment" or "Rollout" (Argo Rollouts).
     #[prost(string, tag = "2")]
     pub kind: ::prost::alloc::string::String,
     #[prost(string, tag = "3")]
@@ -928,37 +931,62 @@ pub struct WorkloadRef {
 pub struct CheckRequest {
     #[prost(message, optional, tag = "1")]
     pub workload: ::core::option::Option<WorkloadRef>,
-    /// pod-template-hash of the old pods (whose termination is judged); all old hashes when empty.
+    /// pod-template-hash of the old pods, whose termination is judged. When empty, every pod of the
+    /// workload whose hash is not `new_hash`.
     #[prost(string, tag = "2")]
     pub old_hash: ::prost::alloc::string::String,
-    /// pod-template-hash of the new pods.
+    /// pod-template-hash of the new pods (never judged).
     #[prost(string, tag = "3")]
     pub new_hash: ::prost::alloc::string::String,
-    /// Block until the verdict is not pending, at most this long.
+    /// Block until the verdict is final (pass or fail), at most this long (the gate caps it).
     #[prost(message, optional, tag = "4")]
     pub wait: ::core::option::Option<::prost_types::Duration>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct CheckResponse {
+    /// PASS, FAIL, PENDING (a pod still drains, or none has terminated yet) or UNKNOWN (evidence
+    /// missing: an agent could not be asked, or an agent lost data). Never NONE.
     #[prost(enumeration = "Verdict", tag = "1")]
     pub verdict: i32,
+    /// Why, for people: the failing pods, the pending ones, the unreachable nodes.
     #[prost(string, tag = "2")]
     pub reason: ::prost::alloc::string::String,
+    /// Pods of the rollout whose termination window opened.
     #[prost(uint32, tag = "3")]
     pub terminating_pods: u32,
+    /// Of those, pods whose connections reached zero.
     #[prost(uint32, tag = "4")]
     pub drained_pods: u32,
+    /// Connections still open when the pods' last process exited, summed.
     #[prost(uint64, tag = "5")]
     pub inflight_at_kill: u64,
+    /// Resets sent or received inside the windows, summed.
     #[prost(uint64, tag = "6")]
     pub resets: u64,
+    /// Every error inside the windows (resets, refusals, failed connects), summed.
     #[prost(uint64, tag = "7")]
     pub failed_requests: u64,
+    /// The terminated pods judged, as their agents reported them.
     #[prost(message, repeated, tag = "8")]
     pub pods: ::prost::alloc::vec::Vec<Pod>,
-    /// Nodes whose agents could not be asked; any makes the verdict unknown.
+    /// Agents that could not be asked (node name when known, else the agent's address); any makes
+    /// the verdict unknown.
     #[prost(string, repeated, tag = "9")]
     pub unreachable_nodes: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(message, optional, tag = "10")]
+    pub workload: ::core::option::Option<WorkloadRef>,
+    /// Agents asked, and agents that answered.
+    #[prost(uint32, tag = "11")]
+    pub agents: u32,
+    #[prost(uint32, tag = "12")]
+    pub agents_answered: u32,
+    /// When the evidence was gathered.
+    #[prost(message, optional, tag = "13")]
+    pub checked_at: ::core::option::Option<::prost_types::Timestamp>,
+    /// True when the answer comes from the gate's history (no agent knows the workload's pods
+    /// any more).
+    #[prost(bool, tag = "14")]
+    pub from_history: bool,
 }
 /// Generated client implementations.
 pub mod gate_client {
@@ -1051,7 +1079,9 @@ pub mod gate_client {
             self.inner = self.inner.max_encoding_message_size(limit);
             self
         }
-        /// The verdict of one workload's rollout now, or once it is no longer pending when `wait` is set.
+        /// The verdict of one workload's rollout now, or once it is final (pass or fail) when `wait` is
+        /// set. NOT_FOUND when no agent knows the workload and no verdict of it is kept;
+        /// INVALID_ARGUMENT for a malformed request.
         pub async fn check(
             &mut self,
             request: impl tonic::IntoRequest<super::CheckRequest>,
@@ -1070,7 +1100,7 @@ pub mod gate_client {
             req.extensions_mut().insert(GrpcMethod::new("draingate.v1.Gate", "Check"));
             self.inner.unary(req, path, codec).await
         }
-        /// The verdict each time it changes, until it is final (pass, fail or unknown).
+        /// The verdict each time it changes, until it is final (pass or fail) or `wait` has passed.
         pub async fn watch(
             &mut self,
             request: impl tonic::IntoRequest<super::CheckRequest>,
@@ -1107,7 +1137,9 @@ pub mod gate_server {
     /// Generated trait containing gRPC methods that should be implemented for use with GateServer.
     #[async_trait]
     pub trait Gate: std::marker::Send + std::marker::Sync + 'static {
-        /// The verdict of one workload's rollout now, or once it is no longer pending when `wait` is set.
+        /// The verdict of one workload's rollout now, or once it is final (pass or fail) when `wait` is
+        /// set. NOT_FOUND when no agent knows the workload and no verdict of it is kept;
+        /// INVALID_ARGUMENT for a malformed request.
         async fn check(
             &self,
             request: tonic::Request<super::CheckRequest>,
@@ -1118,7 +1150,7 @@ pub mod gate_server {
             >
             + std::marker::Send
             + 'static;
-        /// The verdict each time it changes, until it is final (pass, fail or unknown).
+        /// The verdict each time it changes, until it is final (pass or fail) or `wait` has passed.
         async fn watch(
             &self,
             request: tonic::Request<super::CheckRequest>,

@@ -201,6 +201,23 @@ fn config() -> RehearseConfig {
         log_dir: "/tmp/x".into(),
         agent_socket: "/tmp/x.sock".into(),
         requests_out: None,
+        agent_listen: None,
+        hold: Duration::ZERO,
+    }
+}
+
+#[test]
+fn template_hashes_differ_by_version_and_look_like_kubernetes() {
+    let config = config();
+    let (old, new) = (config.template_hash(1), config.template_hash(2));
+    assert_ne!(old, new, "the same command is still a new version");
+    assert_eq!(old, config.template_hash(1), "stable");
+    for hash in [&old, &new] {
+        assert!(
+            (8..=10).contains(&hash.len())
+                && hash.bytes().all(|b| b"bcdfghjklmnpqrstvwxz2456789".contains(&b)),
+            "{hash}"
+        );
     }
 }
 
