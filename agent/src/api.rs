@@ -212,7 +212,11 @@ impl AgentService for AgentApi {
             loop {
                 let pods: Vec<pb::Pod> = {
                     let state = api.state();
-                    state.pods.values().map(|p| pod_message(p, &state.node)).collect()
+                    state
+                        .pods
+                        .values()
+                        .map(|p| pod_message(p, &state.node))
+                        .collect()
                 };
                 let mut updates = Vec::new();
                 let current: std::collections::BTreeSet<String> = pods

@@ -11,6 +11,7 @@ pub mod api;
 pub mod cli;
 pub mod drain;
 pub mod events;
+pub mod gate;
 pub mod http;
 pub mod inventory;
 pub mod loader;

@@ -74,6 +74,10 @@ enum Command {
     /// defect, please report it).
     #[command(verbatim_doc_comment)]
     Rehearse(Box<RehearseArgs>),
+    /// The rollout gate: one verdict per rollout from every node's agent, for Argo Rollouts,
+    /// Flagger and CI pipelines (`gate serve`), and the question a pipeline asks (`gate check`).
+    #[command(subcommand)]
+    Gate(GateCommand),
     /// Block until a pod's open connections reach zero. Exit 0: drained clean; 1: drained with
     /// errors; 2: timed out; 3: could not ask (no agent, unknown pod).
     WaitDrained {
@@ -89,6 +93,86 @@ enum Command {
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum GateCommand {
+    /// Serve the gate: asks every agent over gRPC (with a deadline each, a bounded number at
+    /// once) and answers per rollout. HTTP: `GET /v1/verdict` (always 200, the verdict in the
+    /// body, for Argo Rollouts' web metric provider), `POST /flagger/gate` (200 clean, 412
+    /// dirty), `POST /flagger/rollback` (200 when dirty), `POST /flagger/events`, `/metrics`,
+    /// `/healthz`. gRPC: `draingate.v1.Gate` (Check, Watch), health and reflection. An agent
+    /// that cannot be asked makes the verdict unknown, never pass.
+    Serve(Box<GateServeArgs>),
+    /// Ask the gate about one rollout, for CI. Exit 0: pass (every terminated pod drained with no
+    /// error); 1: fail; 2: still pending at the deadline; 3: unknown (an agent could not be
+    /// asked, evidence lost) or no answer from the gate.
+    Check(GateCheckArgs),
+}
+
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("discovery").required(true).args(["agents", "agents_file", "agents_dns"])))]
+struct GateServeArgs {
+    /// The agents, as HOST:PORT (comma-separated or repeated).
+    #[arg(long, value_delimiter = ',')]
+    agents: Vec<String>,
+    /// A file with one agent HOST:PORT per line (`#` starts a comment).
+    #[arg(long)]
+    agents_file: Option<PathBuf>,
+    /// Find the agents through DNS: HOST:PORT of the agents' headless Service, e.g.
+    /// `draingate-agent.draingate.svc.cluster.local:9560` (one address per node), resolved
+    /// again every round.
+    #[arg(long)]
+    agents_dns: Option<String>,
+    /// HTTP address (rollout tools, /metrics, /healthz).
+    #[arg(long, default_value = draingate::gate::DEFAULT_HTTP_ADDR)]
+    http_addr: SocketAddr,
+    /// gRPC address (`draingate gate check`).
+    #[arg(long, default_value = draingate::gate::DEFAULT_GRPC_ADDR)]
+    grpc_addr: SocketAddr,
+    /// Each agent must answer within this.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    agent_timeout: Duration,
+    /// Agents asked at once.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    concurrency: u32,
+    /// How often every rollout's verdict is refreshed into the history and the metrics.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    poll: Duration,
+    /// Final verdicts kept after the agents forgot the pods.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    history_size: u32,
+    /// How long a final verdict is kept.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    history_age: Duration,
+}
+
+#[derive(Debug, clap::Args)]
+struct GateCheckArgs {
+    /// The gate's gRPC address.
+    #[arg(long, env = "DRAINGATE_GATE", default_value = "127.0.0.1:9562")]
+    gate: String,
+    /// The workload's namespace.
+    #[arg(long, short = 'n')]
+    namespace: String,
+    /// The workload: `deploy/NAME` or `rollout/NAME` (Argo Rollouts).
+    #[arg(long)]
+    workload: String,
+    /// pod-template-hash of the old pods (default: every pod but --new's).
+    #[arg(long)]
+    old: Option<String>,
+    /// pod-template-hash of the new pods, never judged.
+    #[arg(long)]
+    new: Option<String>,
+    /// Wait until the verdict is pass or fail, at most --timeout.
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = EventsOutput::Text)]
+    output: EventsOutput,
 }
 
 #[derive(Debug, clap::Args)]
@@ -261,6 +345,8 @@ fn main() -> ExitCode {
                 output,
             } => events(&agent.agent, pod, namespace, follow, output).await,
             Command::Rehearse(args) => rehearse(*args).await,
+            Command::Gate(GateCommand::Serve(args)) => gate_serve(*args).await,
+            Command::Gate(GateCommand::Check(args)) => gate_check(args).await,
             Command::WaitDrained {
                 agent,
                 pod,
@@ -292,6 +378,97 @@ async fn shutdown_signal() {
         _ = terminate.recv() => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
     }
+}
+
+async fn gate_serve(args: GateServeArgs) -> anyhow::Result<ExitCode> {
+    use draingate::gate::{self, pool};
+    let discovery = if let Some(dns) = &args.agents_dns {
+        pool::Discovery::dns(dns).map_err(|e| anyhow::anyhow!("--agents-dns {e}"))?
+    } else {
+        let mut agents: Vec<String> = args
+            .agents
+            .iter()
+            .map(|a| a.trim().to_owned())
+            .filter(|a| !a.is_empty())
+            .collect();
+        if let Some(file) = &args.agents_file {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read --agents-file {}", file.display()))?;
+            agents.extend(
+                text.lines()
+                    .map(|l| l.split('#').next().unwrap_or_default().trim().to_owned())
+                    .filter(|l| !l.is_empty()),
+            );
+        }
+        for agent in &agents {
+            if agent
+                .rsplit_once(':')
+                .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+            {
+                anyhow::bail!("agent {agent:?} is not HOST:PORT");
+            }
+        }
+        agents.sort();
+        agents.dedup();
+        if agents.is_empty() {
+            anyhow::bail!("no agents given: use --agents, --agents-file or --agents-dns");
+        }
+        pool::Discovery::Static(agents)
+    };
+    raise_fd_limit();
+    let gate = std::sync::Arc::new(gate::Gate::new(gate::GateConfig {
+        pool: pool::PoolConfig {
+            discovery,
+            timeout: args.agent_timeout,
+            concurrency: args.concurrency as usize,
+            reuse: Duration::from_millis(500),
+        },
+        poll: args.poll,
+        history_size: args.history_size as usize,
+        history_age: args.history_age,
+    }));
+    let listen = gate::GateListen {
+        http: args.http_addr,
+        grpc: args.grpc_addr,
+    };
+    gate::serve(gate, &listen, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One connection per agent: lift the soft open-files limit to the hard one.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(err) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!(error = %err, soft, "cannot raise the open-files limit");
+    }
+}
+
+async fn gate_check(args: GateCheckArgs) -> anyhow::Result<ExitCode> {
+    use draingate::gate::{Query, check};
+    let query = Query::new(
+        &args.namespace,
+        &args.workload,
+        None,
+        args.old.as_deref(),
+        args.new.as_deref(),
+    )?;
+    let wait = if args.wait {
+        args.timeout
+    } else {
+        Duration::ZERO
+    };
+    let response = check::check(&args.gate, &query, wait).await?;
+    match args.output {
+        EventsOutput::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&check::to_json(&query, &response))?
+        ),
+        EventsOutput::Text => print!("{}", check::render(&query, &response)),
+    }
+    Ok(ExitCode::from(check::exit_code(&response)))
 }
 
 async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {

@@ -215,7 +215,9 @@ fn template_hashes_differ_by_version_and_look_like_kubernetes() {
     for hash in [&old, &new] {
         assert!(
             (8..=10).contains(&hash.len())
-                && hash.bytes().all(|b| b"bcdfghjklmnpqrstvwxz2456789".contains(&b)),
+                && hash
+                    .bytes()
+                    .all(|b| b"bcdfghjklmnpqrstvwxz2456789".contains(&b)),
             "{hash}"
         );
     }

@@ -1,0 +1,823 @@
+//! The rollout gate: every node's evidence turned into one verdict per rollout (DESIGN.md:
+//! Verdict). [`judge`] is the whole rule, over what the agents answered; [`pool`] asks the
+//! agents; [`History`] keeps final verdicts after the agents forgot the pods; [`http`] and
+//! [`api`] are the faces (rollout-gates.md has the contracts).
+//!
+//! The rule, in order: a rollout `fail`s when any of its terminated pods failed (a known failure
+//! is conclusive even with a node missing); it is `unknown` when an agent could not be asked or
+//! a pod's evidence is incomplete (never `pass`); `pending` while a pod still drains or none has
+//! started terminating; `pass` when every terminated pod passed.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    fmt::Write as _,
+    sync::Mutex,
+    time::{Duration, SystemTime},
+};
+
+use draingate_proto::v1 as pb;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+pub mod api;
+pub mod check;
+pub mod http;
+pub mod pool;
+
+/// Default address of the gate's HTTP face (rollout tools).
+pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:8080";
+/// Default address of the gate's gRPC face (`draingate gate check`).
+pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:9562";
+/// Longest `wait` a check may ask for.
+pub const MAX_WAIT: Duration = Duration::from_mins(10);
+
+/// The workload kinds whose pods the agents report with an owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Deployment,
+    /// Argo Rollouts' `Rollout`.
+    Rollout,
+}
+
+impl Kind {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Deployment => "Deployment",
+            Self::Rollout => "Rollout",
+        }
+    }
+
+    /// `Deployment`, `deployment`, `deploy`, `Rollout`, `rollout`, `ro` (kubectl's short names).
+    pub fn parse(s: &str) -> Result<Self, QueryError> {
+        match s.to_ascii_lowercase().as_str() {
+            "deployment" | "deployments" | "deploy" => Ok(Self::Deployment),
+            "rollout" | "rollouts" | "ro" => Ok(Self::Rollout),
+            _ => Err(QueryError(format!(
+                "unknown workload kind {s:?}: use Deployment or Rollout"
+            ))),
+        }
+    }
+}
+
+/// A malformed question; the message says what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct QueryError(pub String);
+
+/// What is asked: one workload's rollout, optionally narrowed to the old pods' hash.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Query {
+    pub namespace: String,
+    pub kind: Kind,
+    pub name: String,
+    /// Judge only pods with this pod-template-hash.
+    pub old: Option<String>,
+    /// Never judge pods with this pod-template-hash (the new version).
+    pub new: Option<String>,
+}
+
+/// Kubernetes' limit for a name (DNS-1123 subdomain).
+const MAX_NAME: usize = 253;
+
+fn check_name(what: &str, value: &str, max: usize) -> Result<(), QueryError> {
+    let valid = !value.is_empty()
+        && value.len() <= max
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !value.starts_with(['-', '.'])
+        && !value.ends_with(['-', '.']);
+    if valid {
+        Ok(())
+    } else {
+        Err(QueryError(format!(
+            "invalid {what} {value:?}: a Kubernetes name is 1 to {max} lower-case letters, digits, \
+             '-' or '.', starting and ending with a letter or digit"
+        )))
+    }
+}
+
+impl Query {
+    /// A query from its parts as people write them: `workload` is `deploy/NAME`,
+    /// `rollout/NAME`, or `NAME` with `kind` (Deployment when absent).
+    pub fn new(
+        namespace: &str,
+        workload: &str,
+        kind: Option<&str>,
+        old: Option<&str>,
+        new: Option<&str>,
+    ) -> Result<Self, QueryError> {
+        let (kind, name) = match workload.split_once('/') {
+            Some((k, name)) => {
+                let parsed = Kind::parse(k)?;
+                if let Some(kind) = kind
+                    && Kind::parse(kind)? != parsed
+                {
+                    return Err(QueryError(format!(
+                        "kind {kind:?} contradicts workload {workload:?}"
+                    )));
+                }
+                (parsed, name)
+            }
+            None => (kind.map_or(Ok(Kind::Deployment), Kind::parse)?, workload),
+        };
+        check_name("namespace", namespace, 63)?;
+        check_name("workload name", name, MAX_NAME)?;
+        let hash = |what: &str, h: Option<&str>| -> Result<Option<String>, QueryError> {
+            match h.filter(|h| !h.is_empty()) {
+                None => Ok(None),
+                Some(h) => {
+                    check_name(what, h, 63)?;
+                    Ok(Some(h.to_owned()))
+                }
+            }
+        };
+        let query = Self {
+            namespace: namespace.to_owned(),
+            kind,
+            name: name.to_owned(),
+            old: hash("old pod-template-hash", old)?,
+            new: hash("new pod-template-hash", new)?,
+        };
+        if query.old.is_some() && query.old == query.new {
+            return Err(QueryError(
+                "old and new pod-template-hash are the same".into(),
+            ));
+        }
+        Ok(query)
+    }
+
+    /// `namespace/Kind/name`, with the hashes when given.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        let mut s = format!("{}/{}/{}", self.namespace, self.kind.as_str(), self.name);
+        if let Some(old) = &self.old {
+            let _ = write!(s, " old {old}");
+        }
+        if let Some(new) = &self.new {
+            let _ = write!(s, " new {new}");
+        }
+        s
+    }
+
+    fn owns(&self, pod: &pb::Pod) -> bool {
+        pod.pod
+            .as_ref()
+            .is_some_and(|r| r.namespace == self.namespace)
+            && pod.owner_kind == self.kind.as_str()
+            && pod.owner_name == self.name
+    }
+
+    fn judges(&self, pod: &pb::Pod) -> bool {
+        self.old
+            .as_ref()
+            .map_or(true, |old| &pod.pod_template_hash == old)
+            && self
+                .new
+                .as_ref()
+                .is_none_or(|new| &pod.pod_template_hash != new)
+    }
+}
+
+/// What one agent answered, or why it could not be asked.
+#[derive(Debug, Clone)]
+pub struct AgentAnswer {
+    /// The agent's address.
+    pub target: String,
+    /// The node it watches, from this or an earlier answer.
+    pub node: Option<String>,
+    pub result: Result<pb::ListPodsResponse, String>,
+}
+
+impl AgentAnswer {
+    fn who(&self) -> String {
+        match &self.node {
+            Some(node) => format!("node {node} (agent {})", self.target),
+            None => format!("agent {}", self.target),
+        }
+    }
+}
+
+/// The gate's answer for one rollout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Judgement {
+    pub verdict: pb::Verdict,
+    pub reason: String,
+    pub terminating_pods: u32,
+    pub drained_pods: u32,
+    pub inflight_at_kill: u64,
+    pub resets: u64,
+    pub failed_requests: u64,
+    /// The pods judged.
+    pub pods: Vec<pb::Pod>,
+    /// Agents not asked, named by node when known.
+    pub unreachable: Vec<String>,
+    pub agents: u32,
+    pub agents_answered: u32,
+    pub checked_at: SystemTime,
+    pub from_history: bool,
+}
+
+impl Judgement {
+    /// Pass and fail are final; pending and unknown may still change.
+    #[must_use]
+    pub fn is_final(&self) -> bool {
+        matches!(self.verdict, pb::Verdict::Pass | pb::Verdict::Fail)
+    }
+}
+
+/// The verdict name used in JSON and tables.
+#[must_use]
+pub fn verdict_name(verdict: pb::Verdict) -> &'static str {
+    match verdict {
+        pb::Verdict::Pass => "pass",
+        pb::Verdict::Fail => "fail",
+        pb::Verdict::Pending => "pending",
+        pb::Verdict::None => "none",
+        pb::Verdict::Unknown | pb::Verdict::Unspecified => "unknown",
+    }
+}
+
+/// A pod's verdict as its agent sent it; anything unexpected is unknown.
+fn pod_verdict(pod: &pb::Pod) -> pb::Verdict {
+    match pb::Verdict::try_from(pod.verdict) {
+        Ok(pb::Verdict::Unspecified) | Err(_) => pb::Verdict::Unknown,
+        Ok(v) => v,
+    }
+}
+
+fn pod_name(pod: &pb::Pod) -> String {
+    let name = pod.pod.as_ref().map_or("?", |r| r.name.as_str());
+    if pod.node.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{name} on {}", pod.node)
+    }
+}
+
+/// Why the workload cannot be judged at all.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JudgeError {
+    #[error(
+        "no agent knows a pod of {0} (check the namespace, the kind and the name; \
+         the agents keep finished pods for 15 minutes, the gate's history longer)"
+    )]
+    UnknownWorkload(String),
+    #[error("the gate has no agents to ask")]
+    NoAgents,
+}
+
+/// The rollout's verdict from every agent's answer (the rule is in the module docs).
+pub fn judge(
+    query: &Query,
+    answers: &[AgentAnswer],
+    checked_at: SystemTime,
+) -> Result<Judgement, JudgeError> {
+    if answers.is_empty() {
+        return Err(JudgeError::NoAgents);
+    }
+    let mut unreachable = Vec::new();
+    let mut known = false;
+    let mut pods: Vec<pb::Pod> = Vec::new();
+    for answer in answers {
+        match &answer.result {
+            Err(err) => unreachable.push((answer.who(), err.clone())),
+            Ok(list) => {
+                for pod in list.pods.iter().filter(|p| query.owns(p)) {
+                    known = true;
+                    if query.judges(pod) && pod_verdict(pod) != pb::Verdict::None {
+                        let mut pod = pod.clone();
+                        if pod.node.is_empty() {
+                            pod.node.clone_from(&list.node);
+                        }
+                        pods.push(pod);
+                    }
+                }
+            }
+        }
+    }
+    if !known && unreachable.is_empty() {
+        return Err(JudgeError::UnknownWorkload(query.describe()));
+    }
+    pods.sort_by(|a, b| pod_name(a).cmp(&pod_name(b)));
+
+    let with =
+        |v: pb::Verdict| -> Vec<&pb::Pod> { pods.iter().filter(|p| pod_verdict(p) == v).collect() };
+    let list = |pods: &[&pb::Pod]| -> String {
+        pods.iter()
+            .map(|p| {
+                if p.reason.is_empty() {
+                    pod_name(p)
+                } else {
+                    format!("{} ({})", pod_name(p), p.reason)
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let (failed, unknown, pending) = (
+        with(pb::Verdict::Fail),
+        with(pb::Verdict::Unknown),
+        with(pb::Verdict::Pending),
+    );
+    let unreachable_reason = || {
+        unreachable
+            .iter()
+            .map(|(who, err)| format!("{who}: {err}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let (verdict, reason) = if !failed.is_empty() {
+        (
+            pb::Verdict::Fail,
+            format!(
+                "{} of {} terminated pods failed: {}",
+                failed.len(),
+                pods.len(),
+                list(&failed)
+            ),
+        )
+    } else if !unreachable.is_empty() {
+        (
+            pb::Verdict::Unknown,
+            format!(
+                "{} agents could not be asked, and pods of the rollout may be on their nodes: {}",
+                unreachable.len(),
+                unreachable_reason()
+            ),
+        )
+    } else if !unknown.is_empty() {
+        (
+            pb::Verdict::Unknown,
+            format!("evidence incomplete for {}", list(&unknown)),
+        )
+    } else if !pending.is_empty() {
+        (
+            pb::Verdict::Pending,
+            format!(
+                "{} of {} terminating pods still draining: {}",
+                pending.len(),
+                pods.len(),
+                list(&pending)
+            ),
+        )
+    } else if pods.is_empty() {
+        (
+            pb::Verdict::Pending,
+            format!("no pod of {} has started terminating yet", query.describe()),
+        )
+    } else {
+        (
+            pb::Verdict::Pass,
+            format!(
+                "all {} terminated pods drained with no error and no connection open at exit",
+                pods.len()
+            ),
+        )
+    };
+    let window = |p: &pb::Pod| p.window.unwrap_or_default();
+    Ok(Judgement {
+        verdict,
+        reason,
+        terminating_pods: u32::try_from(pods.len()).unwrap_or(u32::MAX),
+        drained_pods: u32::try_from(
+            pods.iter()
+                .filter(|p| p.timeline.as_ref().is_some_and(|t| t.drained_at.is_some()))
+                .count(),
+        )
+        .unwrap_or(u32::MAX),
+        inflight_at_kill: pods.iter().map(|p| p.open_at_exit).sum(),
+        resets: pods
+            .iter()
+            .map(|p| window(p).resets_sent + window(p).resets_received)
+            .sum(),
+        failed_requests: pods.iter().map(|p| p.errors).sum(),
+        pods,
+        unreachable: unreachable.into_iter().map(|(who, _)| who).collect(),
+        agents: u32::try_from(answers.len()).unwrap_or(u32::MAX),
+        agents_answered: u32::try_from(answers.iter().filter(|a| a.result.is_ok()).count())
+            .unwrap_or(u32::MAX),
+        checked_at,
+        from_history: false,
+    })
+}
+
+/// Every rollout with terminated pods in one round of answers: (namespace, kind, name, hash)
+/// for each pod-template-hash whose pods started terminating.
+#[must_use]
+pub fn rollouts_in(answers: &[AgentAnswer]) -> Vec<Query> {
+    let mut found = std::collections::BTreeSet::new();
+    for list in answers.iter().filter_map(|a| a.result.as_ref().ok()) {
+        for pod in &list.pods {
+            let (Ok(kind), Some(r)) = (Kind::parse(&pod.owner_kind), pod.pod.as_ref()) else {
+                continue;
+            };
+            if pod_verdict(pod) != pb::Verdict::None && !pod.owner_name.is_empty() {
+                found.insert(Query {
+                    namespace: r.namespace.clone(),
+                    kind,
+                    name: pod.owner_name.clone(),
+                    old: Some(pod.pod_template_hash.clone()).filter(|h| !h.is_empty()),
+                    new: None,
+                });
+            }
+        }
+    }
+    found.into_iter().collect()
+}
+
+/// Final verdicts kept after the agents forgot the pods: at most `capacity` entries, none older
+/// than `max_age`. Keyed by workload and old pod-template-hash.
+#[derive(Debug)]
+pub struct History {
+    entries: BTreeMap<Query, Judgement>,
+    order: VecDeque<(SystemTime, Query)>,
+    capacity: usize,
+    max_age: Duration,
+}
+
+impl History {
+    #[must_use]
+    pub fn new(capacity: usize, max_age: Duration) -> Self {
+        Self {
+            entries: BTreeMap::new(),
+            order: VecDeque::new(),
+            capacity: capacity.max(1),
+            max_age,
+        }
+    }
+
+    /// Keeps a final verdict of `query` (which must name its old hash); others are ignored.
+    pub fn record(&mut self, query: &Query, judgement: &Judgement) {
+        if !judgement.is_final() || query.old.is_none() {
+            return;
+        }
+        let key = Query {
+            new: None,
+            ..query.clone()
+        };
+        if self.entries.get(&key).is_some_and(|j| j == judgement) {
+            return;
+        }
+        self.entries.insert(key.clone(), judgement.clone());
+        self.order.retain(|(_, q)| q != &key);
+        self.order.push_back((judgement.checked_at, key));
+        while self.order.len() > self.capacity {
+            if let Some((_, q)) = self.order.pop_front() {
+                self.entries.remove(&q);
+            }
+        }
+    }
+
+    /// The newest kept verdict for `query`: of its old hash, or of any hash but its new one.
+    pub fn lookup(&mut self, query: &Query, now: SystemTime) -> Option<Judgement> {
+        while let Some((at, q)) = self.order.front() {
+            if now.duration_since(*at).unwrap_or_default() <= self.max_age {
+                break;
+            }
+            self.entries.remove(q);
+            self.order.pop_front();
+        }
+        self.order
+            .iter()
+            .rev()
+            .map(|(_, q)| q)
+            .find(|q| {
+                q.namespace == query.namespace
+                    && q.kind == query.kind
+                    && q.name == query.name
+                    && query
+                        .old
+                        .as_ref()
+                        .is_none_or(|old| q.old.as_ref() == Some(old))
+                    && (query.new.is_none() || q.old != query.new)
+            })
+            .and_then(|q| self.entries.get(q))
+            .map(|j| Judgement {
+                from_history: true,
+                ..j.clone()
+            })
+    }
+
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// The gate's Prometheus series.
+#[derive(Debug)]
+struct GateMetrics {
+    checks: Family<CheckLabels, Counter>,
+    agents: Family<AgentLabels, Gauge>,
+    rounds: Histogram,
+    rollouts: Family<RolloutLabels, Gauge>,
+    rollout_errors: Family<RolloutLabels, Gauge>,
+    history: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CheckLabels {
+    face: &'static str,
+    verdict: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AgentLabels {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RolloutLabels {
+    namespace: String,
+    kind: &'static str,
+    workload: String,
+    pod_template_hash: String,
+    verdict: &'static str,
+}
+
+fn round_histogram() -> Histogram {
+    Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0])
+}
+
+/// How a gate runs; the defaults are what `draingate gate serve` uses.
+#[derive(Debug, Clone)]
+pub struct GateConfig {
+    pub pool: pool::PoolConfig,
+    /// How often every rollout's verdict is refreshed into the history and the metrics.
+    pub poll: Duration,
+    pub history_size: usize,
+    pub history_age: Duration,
+}
+
+/// The gate: the agents, the history and the metrics behind every face.
+#[derive(Debug)]
+pub struct Gate {
+    pool: pool::AgentPool,
+    history: Mutex<History>,
+    metrics: GateMetrics,
+    poll: Duration,
+}
+
+/// Which face asked, for the metrics.
+#[derive(Debug, Clone, Copy)]
+pub enum Face {
+    Http,
+    Grpc,
+    Flagger,
+}
+
+impl Gate {
+    #[must_use]
+    pub fn new(config: GateConfig) -> Self {
+        Self {
+            pool: pool::AgentPool::new(config.pool),
+            history: Mutex::new(History::new(config.history_size, config.history_age)),
+            metrics: GateMetrics {
+                checks: Family::default(),
+                agents: Family::default(),
+                rounds: round_histogram(),
+                rollouts: Family::default(),
+                rollout_errors: Family::default(),
+                history: Gauge::default(),
+            },
+            poll: config.poll,
+        }
+    }
+
+    fn history(&self) -> std::sync::MutexGuard<'_, History> {
+        self.history
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The verdict now, from a fresh round of the agents' answers (or one shared with a
+    /// concurrent check), falling back to the history when the agents no longer know the pods.
+    pub async fn check(&self, query: &Query, face: Face) -> Result<Judgement, JudgeError> {
+        let round = self.pool.round().await;
+        self.observe(&round);
+        let judged = judge(query, &round.answers, round.at);
+        let result = match judged {
+            Ok(j) if j.terminating_pods == 0 && j.verdict == pb::Verdict::Pending => {
+                Ok(self.history().lookup(query, round.at).unwrap_or(j))
+            }
+            Ok(j) => {
+                self.history().record(query, &j);
+                Ok(j)
+            }
+            Err(JudgeError::UnknownWorkload(w)) => self
+                .history()
+                .lookup(query, round.at)
+                .ok_or(JudgeError::UnknownWorkload(w)),
+            Err(e) => Err(e),
+        };
+        let verdict = result.as_ref().map_or("error", |j| verdict_name(j.verdict));
+        self.metrics
+            .checks
+            .get_or_create(&CheckLabels {
+                face: match face {
+                    Face::Http => "http",
+                    Face::Grpc => "grpc",
+                    Face::Flagger => "flagger",
+                },
+                verdict,
+            })
+            .inc();
+        result
+    }
+
+    /// Checks until the verdict is final (pass or fail) or `wait` (capped at [`MAX_WAIT`]) has
+    /// passed; `on_each` sees every answer. A workload nobody knows is an error at once.
+    pub async fn check_until_final(
+        &self,
+        query: &Query,
+        wait: Duration,
+        face: Face,
+        mut on_each: impl FnMut(&Judgement),
+    ) -> Result<Judgement, JudgeError> {
+        let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
+        loop {
+            let judgement = self.check(query, face).await?;
+            on_each(&judgement);
+            let now = tokio::time::Instant::now();
+            if judgement.is_final() || now >= deadline {
+                return Ok(judgement);
+            }
+            tokio::time::sleep((deadline - now).min(Duration::from_secs(1))).await;
+        }
+    }
+
+    /// Every `poll`: one round, every rollout with terminated pods judged into the history and
+    /// the metrics. Runs until dropped.
+    pub async fn poll_forever(self: std::sync::Arc<Self>) {
+        let mut ticker = tokio::time::interval(self.poll);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let round = self.pool.round().await;
+            self.observe(&round);
+            self.metrics.rollouts.clear();
+            self.metrics.rollout_errors.clear();
+            for query in rollouts_in(&round.answers) {
+                let Ok(judgement) = judge(&query, &round.answers, round.at) else {
+                    continue;
+                };
+                self.history().record(&query, &judgement);
+                let labels = RolloutLabels {
+                    namespace: query.namespace.clone(),
+                    kind: query.kind.as_str(),
+                    workload: query.name.clone(),
+                    pod_template_hash: query.old.clone().unwrap_or_default(),
+                    verdict: verdict_name(judgement.verdict),
+                };
+                self.metrics.rollouts.get_or_create(&labels).set(1);
+                self.metrics
+                    .rollout_errors
+                    .get_or_create(&labels)
+                    .set(i64::try_from(judgement.failed_requests).unwrap_or(i64::MAX));
+            }
+            let kept = self.history().len();
+            self.metrics
+                .history
+                .set(i64::try_from(kept).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn observe(&self, round: &pool::Round) {
+        let answered = round.answers.iter().filter(|a| a.result.is_ok()).count();
+        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.metrics
+            .agents
+            .get_or_create(&AgentLabels { state: "answered" })
+            .set(count(answered));
+        self.metrics
+            .agents
+            .get_or_create(&AgentLabels {
+                state: "unreachable",
+            })
+            .set(count(round.answers.len() - answered));
+        self.metrics.rounds.observe(round.took.as_secs_f64());
+    }
+
+    /// The Prometheus text of the gate's metrics.
+    #[must_use]
+    pub fn render_metrics(&self) -> String {
+        let mut registry = Registry::with_prefix("draingate_gate");
+        registry.register(
+            "checks",
+            "Verdict checks answered, by face and verdict",
+            self.metrics.checks.clone(),
+        );
+        registry.register(
+            "agents",
+            "Agents in the last round, answered or unreachable",
+            self.metrics.agents.clone(),
+        );
+        registry.register(
+            "round_duration_seconds",
+            "Time to ask every agent once",
+            self.metrics.rounds.clone(),
+        );
+        registry.register(
+            "rollout_verdict",
+            "1 for each rollout (workload and old pod-template-hash) with terminated pods, \
+             labelled with its verdict at the last poll",
+            self.metrics.rollouts.clone(),
+        );
+        registry.register(
+            "rollout_failed_requests",
+            "Errors inside the terminated pods' windows, per rollout, at the last poll",
+            self.metrics.rollout_errors.clone(),
+        );
+        registry.register(
+            "history_entries",
+            "Final verdicts kept after the agents forgot the pods",
+            self.metrics.history.clone(),
+        );
+        let mut out = String::new();
+        if let Err(err) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+            tracing::warn!(error = %err, "cannot encode the metrics");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+/// Where the gate listens.
+#[derive(Debug, Clone)]
+pub struct GateListen {
+    pub http: std::net::SocketAddr,
+    pub grpc: std::net::SocketAddr,
+}
+
+/// Serves both faces, and polls the agents, until `shutdown` resolves.
+pub async fn serve(
+    gate: std::sync::Arc<Gate>,
+    listen: &GateListen,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), crate::api::ServeError> {
+    use draingate_proto::v1::gate_server::GateServer;
+
+    use crate::api::ServeError;
+    let bind = |addr: std::net::SocketAddr| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::Listen {
+                what: addr.to_string(),
+                source,
+            })
+    };
+    let http_listener = bind(listen.http).await?;
+    let grpc_listener = bind(listen.grpc).await?;
+    tracing::info!(http = %listen.http, grpc = %listen.grpc, "gate serving");
+    let (stop, _) = tokio::sync::broadcast::channel::<()>(1);
+    let poller = tokio::spawn(std::sync::Arc::clone(&gate).poll_forever());
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<GateServer<api::GateApi>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(draingate_proto::v1::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let mut grpc_stop = stop.subscribe();
+    let grpc = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(GateServer::new(api::GateApi::new(std::sync::Arc::clone(
+            &gate,
+        ))))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            async move {
+                let _ = grpc_stop.recv().await;
+            },
+        );
+    let mut http_stop = stop.subscribe();
+    let http = axum::serve(http_listener, http::router(gate)).with_graceful_shutdown(async move {
+        let _ = http_stop.recv().await;
+    });
+    let stopper = async move {
+        shutdown.await;
+        let _ = stop.send(());
+    };
+    let (grpc, http, ()) = tokio::join!(grpc, http, stopper);
+    poller.abort();
+    grpc?;
+    http.map_err(|source| ServeError::Listen {
+        what: listen.http.to_string(),
+        source,
+    })?;
+    Ok(())
+}

@@ -1,0 +1,227 @@
+//! Finding the agents and asking them all: one `ListPods` per agent per round, with a deadline
+//! each and at most `concurrency` in flight. Rounds younger than `reuse` are shared, so a burst
+//! of checks costs one round.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use draingate_proto::v1::{self as pb, agent_client::AgentClient};
+use tokio::sync::Semaphore;
+use tonic::transport::{Channel, Endpoint};
+
+use super::AgentAnswer;
+
+/// Largest `ListPods` answer accepted from an agent (about 40,000 pods).
+pub const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
+
+/// Where the agents are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Discovery {
+    /// A fixed list of `HOST:PORT`.
+    Static(Vec<String>),
+    /// Every address a name resolves to, at `port`: a headless Service of the agent DaemonSet
+    /// (`draingate-agent.draingate.svc.cluster.local`) resolves to one address per node.
+    Dns { host: String, port: u16 },
+}
+
+impl Discovery {
+    /// `HOST:PORT` for DNS discovery.
+    pub fn dns(spec: &str) -> Result<Self, String> {
+        let (host, port) = spec
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{spec:?}: expected HOST:PORT"))?;
+        let port = port
+            .parse()
+            .map_err(|_| format!("{spec:?}: {port:?} is not a port"))?;
+        if host.is_empty() {
+            return Err(format!("{spec:?}: no host"));
+        }
+        Ok(Self::Dns {
+            host: host.to_owned(),
+            port,
+        })
+    }
+
+    async fn targets(&self) -> Result<Vec<String>, String> {
+        match self {
+            Self::Static(list) => Ok(list.clone()),
+            Self::Dns { host, port } => {
+                let mut found: Vec<String> = tokio::net::lookup_host((host.as_str(), *port))
+                    .await
+                    .map_err(|e| format!("cannot resolve {host}: {e}"))?
+                    .map(|a| a.to_string())
+                    .collect();
+                found.sort();
+                found.dedup();
+                Ok(found)
+            }
+        }
+    }
+}
+
+/// How the pool asks.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub discovery: Discovery,
+    /// Each agent's answer must come within this.
+    pub timeout: Duration,
+    /// Agents asked at once.
+    pub concurrency: usize,
+    /// A round younger than this answers a new check too.
+    pub reuse: Duration,
+}
+
+/// One round: every agent's answer, and when it was gathered.
+#[derive(Debug)]
+pub struct Round {
+    pub at: SystemTime,
+    pub started: Instant,
+    pub took: Duration,
+    pub answers: Vec<AgentAnswer>,
+}
+
+/// The agents, their connections, and the last round.
+#[derive(Debug)]
+pub struct AgentPool {
+    config: PoolConfig,
+    channels: Mutex<HashMap<String, Channel>>,
+    /// Node names agents gave, by address: an agent that stops answering is still named by node.
+    nodes: Mutex<HashMap<String, String>>,
+    last: tokio::sync::Mutex<Option<Arc<Round>>>,
+    limit: Arc<Semaphore>,
+}
+
+impl AgentPool {
+    #[must_use]
+    pub fn new(config: PoolConfig) -> Self {
+        let limit = Arc::new(Semaphore::new(config.concurrency.max(1)));
+        Self {
+            config,
+            channels: Mutex::new(HashMap::new()),
+            nodes: Mutex::new(HashMap::new()),
+            last: tokio::sync::Mutex::new(None),
+            limit,
+        }
+    }
+
+    /// A round of answers no older than the `reuse` setting; concurrent callers share one.
+    pub async fn round(&self) -> Arc<Round> {
+        let mut last = self.last.lock().await;
+        if let Some(round) = last.as_ref()
+            && round.started.elapsed() < self.config.reuse
+        {
+            return Arc::clone(round);
+        }
+        let round = Arc::new(self.ask_all().await);
+        *last = Some(Arc::clone(&round));
+        round
+    }
+
+    fn channel(&self, target: &str) -> Result<Channel, String> {
+        let mut channels = self
+            .channels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(channel) = channels.get(target) {
+            return Ok(channel.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{target}"))
+            .map_err(|e| format!("invalid agent address {target:?}: {e}"))?
+            .connect_timeout(self.config.timeout)
+            .timeout(self.config.timeout)
+            .tcp_nodelay(true);
+        let channel = endpoint.connect_lazy();
+        channels.insert(target.to_owned(), channel.clone());
+        Ok(channel)
+    }
+
+    async fn ask_all(&self) -> Round {
+        let started = Instant::now();
+        let at = SystemTime::now();
+        let targets = match self.config.discovery.targets().await {
+            Ok(targets) => targets,
+            Err(err) => {
+                // Nobody to ask is not a pass: the discovery itself is the unreachable agent.
+                return Round {
+                    at,
+                    started,
+                    took: started.elapsed(),
+                    answers: vec![AgentAnswer {
+                        target: format!("{:?}", self.config.discovery),
+                        node: None,
+                        result: Err(err),
+                    }],
+                };
+            }
+        };
+        // Connections to agents that left are closed.
+        self.channels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|t, _| targets.contains(t));
+        let mut tasks = tokio::task::JoinSet::new();
+        for (index, target) in targets.iter().enumerate() {
+            let channel = self.channel(target);
+            let limit = Arc::clone(&self.limit);
+            let timeout = self.config.timeout;
+            tasks.spawn(async move {
+                let _permit = limit.acquire_owned().await;
+                let result = match channel {
+                    Ok(channel) => ask(channel, timeout).await,
+                    Err(err) => Err(err),
+                };
+                (index, result)
+            });
+        }
+        let mut results: Vec<Option<Result<pb::ListPodsResponse, String>>> =
+            vec![None; targets.len()];
+        while let Some(joined) = tasks.join_next().await {
+            if let Ok((index, result)) = joined {
+                results[index] = Some(result);
+            }
+        }
+        let mut nodes = self
+            .nodes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let answers = targets
+            .into_iter()
+            .zip(results)
+            .map(|(target, result)| {
+                let result = result.unwrap_or_else(|| Err("the request task failed".into()));
+                if let Ok(list) = &result
+                    && !list.node.is_empty()
+                {
+                    nodes.insert(target.clone(), list.node.clone());
+                }
+                AgentAnswer {
+                    node: nodes.get(&target).cloned(),
+                    target,
+                    result,
+                }
+            })
+            .collect();
+        Round {
+            at,
+            started,
+            took: started.elapsed(),
+            answers,
+        }
+    }
+}
+
+async fn ask(channel: Channel, timeout: Duration) -> Result<pb::ListPodsResponse, String> {
+    let mut client = AgentClient::new(channel).max_decoding_message_size(MAX_ANSWER_BYTES);
+    let request = tonic::Request::new(pb::ListPodsRequest {});
+    match tokio::time::timeout(timeout, client.list_pods(request)).await {
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+        Ok(Err(status)) => Err(match status.code() {
+            tonic::Code::Unavailable => format!("unreachable: {}", status.message()),
+            code => format!("{code:?}: {}", status.message()),
+        }),
+        Ok(Ok(response)) => Ok(response.into_inner()),
+    }
+}

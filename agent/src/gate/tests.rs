@@ -1,0 +1,252 @@
+use std::time::{Duration, SystemTime};
+
+use draingate_proto::v1 as pb;
+
+use super::{AgentAnswer, History, JudgeError, Query, judge, rollouts_in};
+
+fn pod(name: &str, hash: &str, verdict: pb::Verdict, errors: u64) -> pb::Pod {
+    pb::Pod {
+        pod: Some(pb::PodRef {
+            namespace: "shop".into(),
+            name: name.into(),
+            uid: format!("uid-{name}"),
+        }),
+        verdict: verdict.into(),
+        errors,
+        owner_kind: "Deployment".into(),
+        owner_name: "web".into(),
+        pod_template_hash: hash.into(),
+        window: Some(pb::Counters {
+            resets_sent: errors,
+            ..pb::Counters::default()
+        }),
+        timeline: Some(pb::Timeline {
+            drained_at: (verdict == Pass).then(|| SystemTime::now().into()),
+            ..pb::Timeline::default()
+        }),
+        ..pb::Pod::default()
+    }
+}
+
+fn answer(node: &str, pods: Vec<pb::Pod>) -> AgentAnswer {
+    AgentAnswer {
+        target: format!("{node}:9560"),
+        node: Some(node.into()),
+        result: Ok(pb::ListPodsResponse {
+            pods,
+            lost_events: 0,
+            node: node.into(),
+        }),
+    }
+}
+
+fn down(node: &str) -> AgentAnswer {
+    AgentAnswer {
+        target: format!("{node}:9560"),
+        node: Some(node.into()),
+        result: Err("unreachable: connection refused".into()),
+    }
+}
+
+fn web(old: Option<&str>) -> Query {
+    Query::new("shop", "deploy/web", None, old, None).unwrap()
+}
+
+fn verdict_of(query: &Query, answers: &[AgentAnswer]) -> pb::Verdict {
+    judge(query, answers, SystemTime::now()).unwrap().verdict
+}
+
+use pb::Verdict::{Fail, None as NotTerminating, Pass, Pending, Unknown};
+
+#[test]
+fn a_rollout_passes_only_when_every_terminated_pod_passed() {
+    let answers = [
+        answer(
+            "n1",
+            vec![
+                pod("web-a-1", "a", Pass, 0),
+                pod("web-b-1", "b", NotTerminating, 0),
+            ],
+        ),
+        answer("n2", vec![pod("web-a-2", "a", Pass, 0)]),
+    ];
+    let j = judge(&web(Some("a")), &answers, SystemTime::now()).unwrap();
+    assert_eq!(j.verdict, Pass, "{}", j.reason);
+    assert_eq!(
+        (j.terminating_pods, j.drained_pods, j.agents_answered),
+        (2, 2, 2)
+    );
+    // The pods carry the node that reported them.
+    assert_eq!(j.pods[0].node, "n1");
+}
+
+#[test]
+fn one_failed_pod_fails_the_rollout_and_is_named() {
+    let answers = [
+        answer("n1", vec![pod("web-a-1", "a", Pass, 0)]),
+        answer("n2", vec![pod("web-a-2", "a", Fail, 7)]),
+    ];
+    let j = judge(&web(None), &answers, SystemTime::now()).unwrap();
+    assert_eq!(j.verdict, Fail);
+    assert_eq!((j.failed_requests, j.resets), (7, 7));
+    assert!(j.reason.contains("web-a-2 on n2"), "{}", j.reason);
+}
+
+#[test]
+fn an_unreachable_agent_makes_the_verdict_unknown_never_pass() {
+    let answers = [answer("n1", vec![pod("web-a-1", "a", Pass, 0)]), down("n2")];
+    let j = judge(&web(Some("a")), &answers, SystemTime::now()).unwrap();
+    assert_eq!(j.verdict, Unknown);
+    assert_eq!(j.unreachable, ["node n2 (agent n2:9560)"]);
+    assert!(j.reason.contains("n2"), "{}", j.reason);
+    // Even when no reachable agent knows the workload: its pods may be on the missing node.
+    assert_eq!(verdict_of(&web(None), &[down("n2")]), Unknown);
+    // A failure seen elsewhere is conclusive.
+    let answers = [answer("n1", vec![pod("web-a-1", "a", Fail, 1)]), down("n2")];
+    assert_eq!(verdict_of(&web(None), &answers), Fail);
+}
+
+#[test]
+fn pending_while_a_pod_drains_or_before_any_terminated() {
+    let answers = [answer(
+        "n1",
+        vec![
+            pod("web-a-1", "a", Pass, 0),
+            pod("web-a-2", "a", Pending, 0),
+        ],
+    )];
+    assert_eq!(verdict_of(&web(None), &answers), Pending);
+    let answers = [answer("n1", vec![pod("web-a-1", "a", NotTerminating, 0)])];
+    let j = judge(&web(None), &answers, SystemTime::now()).unwrap();
+    assert_eq!((j.verdict, j.terminating_pods), (Pending, 0));
+    assert!(j.reason.contains("no pod"), "{}", j.reason);
+    // Lost evidence on a pod is unknown.
+    let answers = [answer("n1", vec![pod("web-a-1", "a", Unknown, 0)])];
+    assert_eq!(verdict_of(&web(None), &answers), Unknown);
+}
+
+#[test]
+fn hashes_select_the_old_pods_and_never_the_new() {
+    let answers = [answer(
+        "n1",
+        vec![pod("web-a-1", "a", Pass, 0), pod("web-b-1", "b", Fail, 3)],
+    )];
+    assert_eq!(verdict_of(&web(Some("a")), &answers), Pass);
+    assert_eq!(verdict_of(&web(Some("b")), &answers), Fail);
+    let not_b = Query::new("shop", "web", None, None, Some("b")).unwrap();
+    assert_eq!(verdict_of(&not_b, &answers), Pass);
+    assert_eq!(verdict_of(&web(None), &answers), Fail);
+}
+
+#[test]
+fn other_workloads_kinds_and_namespaces_are_not_mixed_in() {
+    let mut other = pod("api-a-1", "a", Fail, 1);
+    other.owner_name = "api".into();
+    let mut rollout = pod("web-r-1", "a", Fail, 1);
+    rollout.owner_kind = "Rollout".into();
+    let mut elsewhere = pod("web-x-1", "a", Fail, 1);
+    elsewhere.pod.as_mut().unwrap().namespace = "staging".into();
+    let answers = [answer(
+        "n1",
+        vec![pod("web-a-1", "a", Pass, 0), other, rollout, elsewhere],
+    )];
+    assert_eq!(verdict_of(&web(None), &answers), Pass);
+    let ro = Query::new("shop", "rollout/web", None, None, None).unwrap();
+    assert_eq!(verdict_of(&ro, &answers), Fail);
+}
+
+#[test]
+fn unknown_workloads_and_no_agents_are_errors() {
+    let answers = [answer("n1", vec![pod("web-a-1", "a", Pass, 0)])];
+    let missing = Query::new("shop", "deploy/cart", None, None, None).unwrap();
+    assert!(matches!(
+        judge(&missing, &answers, SystemTime::now()),
+        Err(JudgeError::UnknownWorkload(_))
+    ));
+    assert_eq!(
+        judge(&web(None), &[], SystemTime::now()),
+        Err(JudgeError::NoAgents)
+    );
+}
+
+#[test]
+fn whatever_an_agent_sends_never_panics_and_odd_verdicts_are_unknown() {
+    let mut odd = pod("web-a-1", "a", Pass, 0);
+    odd.verdict = 99;
+    odd.window = None;
+    odd.timeline = None;
+    let mut no_ref = pod("web-a-2", "a", Pass, 0);
+    no_ref.pod = None;
+    let mut unspecified = pod("web-a-3", "a", Pass, 0);
+    unspecified.verdict = 0;
+    let answers = [answer("n1", vec![odd, no_ref, unspecified])];
+    let j = judge(&web(None), &answers, SystemTime::now()).unwrap();
+    assert_eq!(j.verdict, Unknown);
+    assert_eq!(j.terminating_pods, 2);
+}
+
+#[test]
+fn queries_are_validated() {
+    for (ns, workload, kind) in [
+        ("shop", "", None),
+        ("", "web", None),
+        ("shop", "deploy/", None),
+        ("shop", "daemonset/web", None),
+        ("shop", "deploy/web", Some("Rollout")),
+        ("shop", "web", Some("Job")),
+        ("shop", "Web", None),
+    ] {
+        assert!(
+            Query::new(ns, workload, kind, None, None).is_err(),
+            "{ns} {workload} {kind:?}"
+        );
+    }
+    assert!(Query::new("shop", &"w".repeat(254), None, None, None).is_err());
+    assert!(Query::new("shop", "web", None, Some("x y"), None).is_err());
+    let q = Query::new("shop", "web", Some("rollout"), Some(""), Some("")).unwrap();
+    assert_eq!(q.describe(), "shop/Rollout/web");
+}
+
+#[test]
+fn history_keeps_final_verdicts_bounded_by_size_and_age() {
+    let now = SystemTime::now();
+    let mut history = History::new(2, Duration::from_secs(60));
+    let answers = [answer(
+        "n1",
+        vec![
+            pod("web-a-1", "a", Fail, 2),
+            pod("web-b-1", "b", Pass, 0),
+            pod("web-c-1", "c", Pending, 0),
+        ],
+    )];
+    let rollouts = rollouts_in(&answers);
+    assert_eq!(rollouts.len(), 3);
+    for q in &rollouts {
+        history.record(q, &judge(q, &answers, now).unwrap());
+    }
+    // Pending is not kept; a and b are.
+    assert_eq!(history.len(), 2);
+    let a = history.lookup(&web(Some("a")), now).unwrap();
+    assert!(a.from_history);
+    assert_eq!(a.verdict, Fail);
+    assert!(history.lookup(&web(Some("c")), now).is_none());
+    // Without a hash: the newest kept verdict that is not the new version's.
+    let not_b = Query::new("shop", "web", None, None, Some("b")).unwrap();
+    assert_eq!(history.lookup(&not_b, now).unwrap().verdict, Fail);
+    // Size: a third entry pushes out the oldest.
+    let mut d = web(Some("d"));
+    let judged = judge(&web(Some("b")), &answers, now).unwrap();
+    history.record(&d, &judged);
+    assert_eq!(history.len(), 2);
+    assert!(history.lookup(&web(Some("a")), now).is_none());
+    // Age.
+    assert!(
+        history
+            .lookup(&web(Some("b")), now + Duration::from_secs(61))
+            .is_none()
+    );
+    assert!(history.is_empty());
+    d.old = None;
+    history.record(&d, &judged);
+    assert!(history.is_empty(), "a verdict without its hash is not kept");
+}

@@ -1,0 +1,481 @@
+//! The rollout gate end to end: real agents as processes on loopback (the embedded agent of a
+//! real `draingate rehearse`, serving its API on TCP, and a plain `draingate agent`), a real
+//! `draingate gate serve`, and the questions rollout tools and pipelines ask it: `gate check`
+//! (exit codes), `GET /v1/verdict` and Flagger's webhooks. The gate's verdict on a rehearsed
+//! rollout must be the rehearsal's; an agent killed mid-check must make it unknown.
+
+use std::{
+    io::{Read as _, Write as _},
+    process::{Command, Stdio},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use draingate_tests::{ChildGuard, PinDir, build_bin, draingate_bin, require_root};
+use serde_json::Value;
+
+/// Each test rehearses a rollout: one at a time, as in the accuracy suite.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// `METHOD path` with an optional JSON body against `addr`: status and body.
+fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut conn = std::net::TcpStream::connect(addr).expect("connect to the gate");
+    write!(
+        conn,
+        "{method} {path} HTTP/1.1\r\nHost: gate\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut response = String::new();
+    conn.read_to_string(&mut response).expect("read");
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Waits until `addr` answers `/healthz`.
+fn wait_healthy(addr: &str, what: &mut ChildGuard) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() || http(addr, "GET", "/healthz", "").0 != 200
+    {
+        if let Ok(Some(status)) = what.0.try_wait() {
+            panic!("the process serving {addr} exited: {status}");
+        }
+        assert!(Instant::now() < deadline, "{addr} never became healthy");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A rehearsal whose embedded agent serves on `agent_port` and stays up after its report.
+/// Dropping it interrupts the rehearsal, which removes its namespaces, rules and pins.
+struct HeldRehearsal {
+    child: ChildGuard,
+    report: Value,
+}
+
+impl Drop for HeldRehearsal {
+    fn drop(&mut self) {
+        if matches!(self.child.0.try_wait(), Ok(None)) {
+            self.child.signal(nix::sys::signal::Signal::SIGINT);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while matches!(self.child.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+fn rehearse_and_hold(agent_port: u16, server_mode: &str, extra: &[&str]) -> HeldRehearsal {
+    let dir = std::env::temp_dir().join(format!("draingate-gate-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temporary directory");
+    let report_path = dir.join(format!("report-{agent_port}.json"));
+    let _ = std::fs::remove_file(&report_path);
+    let log_path = dir.join(format!("rehearse-{agent_port}.log"));
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let child = Command::new(draingate_bin())
+        .arg("rehearse")
+        .args([
+            "--replicas",
+            "2",
+            "--rate",
+            "500",
+            "--clients",
+            "8",
+            "--name",
+            "shop-web",
+        ])
+        .args(["--agent-listen", &format!("127.0.0.1:{agent_port}")])
+        .args(["--hold", "300s", "--report"])
+        .arg(&report_path)
+        .args(extra)
+        .args(["-o", "json", "--"])
+        .arg(build_bin("draingate-test-server"))
+        .args(["--mode", server_mode])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("run draingate rehearse");
+    let mut child = ChildGuard(child);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let report = loop {
+        if let Ok(text) = std::fs::read_to_string(&report_path)
+            && let Ok(report) = serde_json::from_str::<Value>(&text)
+        {
+            break report;
+        }
+        if let Ok(Some(status)) = child.0.try_wait() {
+            panic!(
+                "the rehearsal ended without a report: {status}; its output:\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rehearsal took too long; its output is in {}",
+            log_path.display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    HeldRehearsal { child, report }
+}
+
+fn gate_serve(agents: &[String]) -> (ChildGuard, String, String) {
+    let (http_addr, grpc_addr) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let child = Command::new(draingate_bin())
+        .args(["gate", "serve", "--agents", &agents.join(",")])
+        .args(["--http-addr", &http_addr, "--grpc-addr", &grpc_addr])
+        .args(["--poll", "1s", "--agent-timeout", "1s"])
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("run draingate gate serve");
+    let mut child = ChildGuard(child);
+    wait_healthy(&http_addr, &mut child);
+    (child, http_addr, grpc_addr)
+}
+
+/// `draingate gate check ... -o json`: exit code and answer.
+fn gate_check(grpc: &str, report: &Value, extra: &[&str]) -> (i32, Value) {
+    let output = Command::new(draingate_bin())
+        .args(["gate", "check", "--gate", grpc])
+        .args([
+            "--namespace",
+            report["namespace"].as_str().expect("namespace"),
+        ])
+        .args([
+            "--workload",
+            &format!("deploy/{}", report["workload"].as_str().expect("workload")),
+        ])
+        .args(["--old", report["old_hash"].as_str().expect("old hash")])
+        .args(extra)
+        .args(["-o", "json"])
+        .output()
+        .expect("run draingate gate check");
+    let code = output.status.code().unwrap_or(-1);
+    let answer = serde_json::from_slice(&output.stdout).unwrap_or_else(|err| {
+        panic!(
+            "no JSON answer ({err}), exit {code}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    (code, answer)
+}
+
+fn old_agent_errors(report: &Value) -> u64 {
+    report["pods"]
+        .as_array()
+        .expect("pods")
+        .iter()
+        .filter(|p| p["role"] == "old")
+        .map(|p| p["agent"]["errors"].as_u64().expect("errors"))
+        .sum()
+}
+
+fn verdict_query(report: &Value) -> String {
+    format!(
+        "/v1/verdict?ns={}&workload={}&old={}",
+        report["namespace"].as_str().unwrap(),
+        report["workload"].as_str().unwrap(),
+        report["old_hash"].as_str().unwrap()
+    )
+}
+
+fn flagger_payload(report: &Value) -> String {
+    serde_json::json!({
+        "name": report["workload"],
+        "namespace": report["namespace"],
+        "phase": "Progressing",
+        "checksum": "abc",
+        "metadata": {"old": report["old_hash"]},
+    })
+    .to_string()
+}
+
+/// An abrupt server loses requests: the gate says fail, with the rehearsal's numbers, on every
+/// face; then a second agent is killed and the verdict becomes unknown, naming it.
+#[test]
+fn a_dirty_rehearsed_rollout_fails_through_the_gate_and_a_killed_agent_makes_it_unknown() {
+    require_root();
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let rehearse_port = free_port();
+    let held = rehearse_and_hold(rehearse_port, "abrupt", &["--pre-stop", "0s"]);
+    assert_eq!(held.report["verdict"], "fail", "{:#}", held.report);
+
+    // A second node's agent: a plain `draingate agent` process of its own.
+    let pins = PinDir::new();
+    let other_port = free_port();
+    let other_http = format!("127.0.0.1:{}", free_port());
+    let socket = std::env::temp_dir().join(format!("draingate-gate-test-{other_port}.sock"));
+    let mut other = ChildGuard(
+        Command::new(draingate_bin())
+            .arg("agent")
+            .args(["--grpc-addr", &format!("127.0.0.1:{other_port}")])
+            .args(["--http-addr", &other_http])
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--pin-dir")
+            .arg(&pins.config.pin_dir)
+            .env("NODE_NAME", "node-b")
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run draingate agent"),
+    );
+    wait_healthy(&other_http, &mut other);
+
+    let agents = [
+        format!("127.0.0.1:{rehearse_port}"),
+        format!("127.0.0.1:{other_port}"),
+    ];
+    let (_gate, http_addr, grpc) = gate_serve(&agents);
+    let report = &held.report.clone();
+
+    let (code, answer) = gate_check(&grpc, report, &["--wait", "--timeout", "30s"]);
+    assert_eq!(
+        (code, &answer["verdict"]),
+        (1, &Value::from("fail")),
+        "{answer:#}"
+    );
+    assert_eq!(answer["terminatingPods"], 2, "{answer:#}");
+    assert_eq!(answer["agentsAnswered"], 2, "{answer:#}");
+    assert_eq!(
+        answer["failedRequests"].as_u64(),
+        Some(old_agent_errors(report)),
+        "the gate counts what the rehearsal's agent counted: {answer:#}"
+    );
+    assert!(answer["failedRequests"].as_u64() > Some(0));
+
+    let (status, body) = http(&http_addr, "GET", &verdict_query(report), "");
+    assert_eq!(status, 200, "{body}");
+    let body: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(body["verdict"], "fail");
+    let (status, body) = http(
+        &http_addr,
+        "POST",
+        "/flagger/gate",
+        &flagger_payload(report),
+    );
+    assert_eq!(status, 412, "a dirty rollout holds Flagger: {body}");
+    let (status, body) = http(
+        &http_addr,
+        "POST",
+        "/flagger/rollback",
+        &flagger_payload(report),
+    );
+    assert_eq!(
+        status, 200,
+        "a dirty rollout makes Flagger roll back: {body}"
+    );
+    assert_eq!(
+        http(
+            &http_addr,
+            "POST",
+            "/flagger/events",
+            &flagger_payload(report)
+        )
+        .0,
+        200
+    );
+
+    // Kill the other node's agent while a check waits (on the new pods, none of which has
+    // terminated: pending until the agent dies). The evidence from that node is missing, so
+    // the answer is not pass but unknown, naming the node.
+    let checker = Command::new(draingate_bin())
+        .args([
+            "gate",
+            "check",
+            "--gate",
+            &grpc,
+            "-o",
+            "json",
+            "--wait",
+            "--timeout",
+            "6s",
+        ])
+        .args(["--namespace", report["namespace"].as_str().unwrap()])
+        .args([
+            "--workload",
+            &format!("deploy/{}", report["workload"].as_str().unwrap()),
+        ])
+        .args(["--old", report["new_hash"].as_str().unwrap()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run gate check");
+    std::thread::sleep(Duration::from_secs(2));
+    other.signal(nix::sys::signal::Signal::SIGKILL);
+    let _ = other.0.wait();
+    let output = checker.wait_with_output().expect("gate check");
+    let answer: Value = serde_json::from_slice(&output.stdout).expect("JSON answer");
+    assert_eq!(
+        (output.status.code(), &answer["verdict"]),
+        (Some(3), &Value::from("unknown")),
+        "{answer:#}"
+    );
+    assert!(
+        answer["unreachableNodes"].to_string().contains("node-b"),
+        "{answer:#}"
+    );
+    assert!(
+        answer["reason"].as_str().unwrap().contains("node-b"),
+        "{answer:#}"
+    );
+
+    let (code, answer) = gate_check(&grpc, report, &[]);
+    assert_eq!(
+        (code, &answer["verdict"]),
+        (1, &Value::from("fail")),
+        "a known failure stays conclusive: {answer:#}"
+    );
+    // The rehearsal's agent is the one that knows the pods; without it the gate cannot judge.
+    drop(held);
+    let (code, answer) = gate_check(&grpc, report, &["--wait", "--timeout", "3s"]);
+    assert_eq!(
+        (code, &answer["verdict"]),
+        (3, &Value::from("unknown")),
+        "{answer:#}"
+    );
+    let unreachable = answer["unreachableNodes"].to_string();
+    assert!(
+        unreachable.contains("node-b") && unreachable.contains(&rehearse_port.to_string()),
+        "{answer:#}"
+    );
+    let (status, body) = http(&http_addr, "GET", &verdict_query(report), "");
+    assert_eq!(
+        status, 200,
+        "Argo gets 200 with the verdict in the body: {body}"
+    );
+    assert!(body.contains("\"verdict\":\"unknown\""), "{body}");
+    let (status, _) = http(
+        &http_addr,
+        "POST",
+        "/flagger/gate",
+        &flagger_payload(report),
+    );
+    assert_eq!(status, 412, "unknown never passes a Flagger gate");
+    let _ = std::fs::remove_file(socket);
+}
+
+/// A server that drains (preStop covering the endpoint propagation, graceful shutdown) loses
+/// nothing: the gate says pass, as the rehearsal did; bad questions get clear 4xx answers.
+#[test]
+fn a_clean_rehearsed_rollout_passes_through_the_gate_and_bad_questions_are_4xx() {
+    require_root();
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let rehearse_port = free_port();
+    let held = rehearse_and_hold(rehearse_port, "graceful", &["--pre-stop", "2s"]);
+    let report = &held.report;
+    assert_eq!(report["verdict"], "pass", "{report:#}");
+    let (_gate, http_addr, grpc) = gate_serve(&[format!("127.0.0.1:{rehearse_port}")]);
+
+    let (code, answer) = gate_check(&grpc, report, &["--wait", "--timeout", "30s"]);
+    assert_eq!(
+        (code, &answer["verdict"]),
+        (0, &Value::from("pass")),
+        "{answer:#}"
+    );
+    assert_eq!(
+        (
+            answer["terminatingPods"].as_u64(),
+            answer["drainedPods"].as_u64()
+        ),
+        (Some(2), Some(2))
+    );
+    assert_eq!(answer["failedRequests"], 0);
+    // The new pods are not judged: asking about them is "nothing terminated yet".
+    let new_only = [
+        "--namespace",
+        report["namespace"].as_str().unwrap(),
+        "--workload",
+        &format!("deploy/{}", report["workload"].as_str().unwrap()),
+        "--old",
+        report["new_hash"].as_str().unwrap(),
+    ];
+    let output = Command::new(draingate_bin())
+        .args(["gate", "check", "--gate", &grpc])
+        .args(new_only)
+        .output()
+        .expect("gate check");
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "pending: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+
+    let (status, body) = http(
+        &http_addr,
+        "POST",
+        "/flagger/gate",
+        &flagger_payload(report),
+    );
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = http(
+        &http_addr,
+        "POST",
+        "/flagger/rollback",
+        &flagger_payload(report),
+    );
+    assert_eq!(status, 412, "a clean rollout is not rolled back");
+
+    for (path, status) in [
+        ("/v1/verdict?ns=default&workload=nosuchapp", 404),
+        ("/v1/verdict?ns=default", 400),
+        ("/v1/verdict?ns=default&workload=shop-web&colour=red", 400),
+        ("/v1/verdict?ns=default&workload=shop-web&wait=forever", 400),
+        ("/v1/verdict?ns=Default&workload=shop-web", 400),
+    ] {
+        let (got, body) = http(&http_addr, "GET", path, "");
+        assert_eq!(got, status, "{path}: {body}");
+        assert!(body.contains("\"error\""), "{path}: {body}");
+    }
+    let (status, _) = http(&http_addr, "POST", "/flagger/gate", "{not json");
+    assert_eq!(status, 400);
+    let huge = format!("{{\"name\":\"{}\"}}", "x".repeat(100_000));
+    assert_eq!(http(&http_addr, "POST", "/flagger/gate", &huge).0, 413);
+    let output = Command::new(draingate_bin())
+        .args([
+            "gate",
+            "check",
+            "--gate",
+            &grpc,
+            "-n",
+            "default",
+            "--workload",
+            "deploy/nosuchapp",
+        ])
+        .output()
+        .expect("gate check");
+    assert_eq!(output.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("no agent knows"),
+        "{output:?}"
+    );
+
+    let (_, metrics) = http(&http_addr, "GET", "/metrics", "");
+    assert!(metrics.contains("draingate_gate_checks_total"), "{metrics}");
+    assert!(
+        metrics.contains("draingate_gate_agents{state=\"answered\"} 1"),
+        "{metrics}"
+    );
+    drop(held);
+}
