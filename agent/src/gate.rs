@@ -190,10 +190,50 @@ pub struct AgentAnswer {
     pub target: String,
     /// The node it watches, from this or an earlier answer.
     pub node: Option<String>,
+    /// The agent's pods whose termination window opened (the others are never judged).
     pub result: Result<pb::ListPodsResponse, String>,
+    /// Every workload with a pod on the node, terminating or not: (namespace, kind, name).
+    pub workloads: std::collections::HashSet<(String, String, String)>,
 }
 
 impl AgentAnswer {
+    /// An agent's answer, kept small: running pods only leave their workload's name.
+    #[must_use]
+    pub fn answered(target: String, node: Option<String>, mut list: pb::ListPodsResponse) -> Self {
+        let workloads = list
+            .pods
+            .iter()
+            .filter(|p| !p.owner_name.is_empty())
+            .filter_map(|p| {
+                let r = p.pod.as_ref()?;
+                Some((
+                    r.namespace.clone(),
+                    p.owner_kind.clone(),
+                    p.owner_name.clone(),
+                ))
+            })
+            .collect();
+        list.pods.retain(|p| pod_verdict(p) != pb::Verdict::None);
+        list.pods.shrink_to_fit();
+        Self {
+            target,
+            node,
+            result: Ok(list),
+            workloads,
+        }
+    }
+
+    /// An agent that could not be asked.
+    #[must_use]
+    pub fn unreachable(target: String, node: Option<String>, error: String) -> Self {
+        Self {
+            target,
+            node,
+            result: Err(error),
+            workloads: std::collections::HashSet::new(),
+        }
+    }
+
     fn who(&self) -> String {
         match &self.node {
             Some(node) => format!("node {node} (agent {})", self.target),
@@ -281,12 +321,18 @@ pub fn judge(
         return Err(JudgeError::NoAgents);
     }
     let mut unreachable = Vec::new();
+    let key = (
+        query.namespace.clone(),
+        query.kind.as_str().to_owned(),
+        query.name.clone(),
+    );
     let mut known = false;
     let mut pods: Vec<pb::Pod> = Vec::new();
     for answer in answers {
         match &answer.result {
             Err(err) => unreachable.push((answer.who(), err.clone())),
             Ok(list) => {
+                known |= answer.workloads.contains(&key);
                 for pod in list.pods.iter().filter(|p| query.owns(p)) {
                     known = true;
                     if query.judges(pod) && pod_verdict(pod) != pb::Verdict::None {

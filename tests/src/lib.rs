@@ -477,3 +477,61 @@ fn anyhow_chain(err: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// Writes `section` (Markdown starting with `## {heading}`) into the file at `path`: in place of
+/// that section's earlier version (up to the next `## ` heading), or appended. The benchmarks
+/// each own one section of BENCHMARKS.md.
+pub fn write_section(path: &std::path::Path, heading: &str, section: &str) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let marker = format!("## {heading}");
+    let start = if text.starts_with(&marker) {
+        Some(0)
+    } else {
+        text.find(&format!("\n{marker}")).map(|at| at + 1)
+    };
+    let section = format!("{}\n", section.trim_matches('\n'));
+    let updated = match start {
+        Some(start) => {
+            let end = text[start + marker.len()..]
+                .find("\n## ")
+                .map_or(text.len(), |at| start + marker.len() + at + 1);
+            format!(
+                "{}{section}{}",
+                &text[..start],
+                if end < text.len() {
+                    format!("\n{}", &text[end..])
+                } else {
+                    String::new()
+                }
+            )
+        }
+        None if text.is_empty() => section,
+        None => format!("{}\n\n{section}", text.trim_end_matches('\n')),
+    };
+    std::fs::write(path, updated).unwrap_or_else(|err| panic!("write {}: {err}", path.display()));
+    eprintln!("section \"{heading}\" written to {}", path.display());
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sections_are_replaced_in_place_or_appended() {
+        let dir = tempfile_dir();
+        let path = dir.join("BENCH.md");
+        super::write_section(&path, "A", "## A\n\none\n");
+        super::write_section(&path, "B", "## B\n\ntwo\n");
+        super::write_section(&path, "C", "## C\n\nthree\n");
+        super::write_section(&path, "B", "## B\n\nTWO\n");
+        super::write_section(&path, "A", "## A\n\nONE\n");
+        super::write_section(&path, "C", "## C\n\nTHREE\n");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text, "## A\n\nONE\n\n## B\n\nTWO\n\n## C\n\nTHREE\n");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    fn tempfile_dir() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("draingate-section-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+}

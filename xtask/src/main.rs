@@ -43,12 +43,15 @@ enum Command {
     /// Setup, then measure the agent against a baseline run side by side (root): connections/s
     /// and p99 latency with and without the agent, kernel time per program run, agent memory
     /// with 110 pods; then the verdict's accuracy over repeated rehearsals of every shutdown
-    /// scenario (false passes, false fails). Writes BENCHMARKS.md.
+    /// scenario (false passes, false fails); then one gate check across 1,000 simulated agents
+    /// (latency against the bare fan-out, gate memory). Writes BENCHMARKS.md.
     Bench {
-        /// Run only one part: `overhead` (draingate-bench) or `accuracy` (draingate-accuracy).
-        #[arg(long, value_parser = ["overhead", "accuracy"])]
+        /// Run only one part: `overhead` (draingate-bench), `accuracy` (draingate-accuracy) or
+        /// `gate` (draingate-gate-bench).
+        #[arg(long, value_parser = ["overhead", "accuracy", "gate"])]
         only: Option<String>,
-        /// Arguments for draingate-bench (see `draingate-bench --help`), after `--`.
+        /// Arguments after `--` for the part's binary (see its `--help`): draingate-bench, or the
+        /// one chosen with --only.
         #[arg(last = true)]
         args: Vec<String>,
     },

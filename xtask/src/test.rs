@@ -178,16 +178,26 @@ pub(crate) fn bench(only: Option<&str>, args: &[String]) -> anyhow::Result<()> {
         "--bins",
     ]))?;
     let root = workspace_root();
-    if only != Some("accuracy") {
+    let runs = |part: &str| only.is_none_or(|o| o == part);
+    if runs("overhead") {
         let mut cmd = Command::new(root.join("target/release/draingate-bench"));
         cmd.arg("--out").arg(root.join("BENCHMARKS.md")).args(args);
         run_cmd(&mut cmd)?;
     }
-    if only != Some("overhead") {
-        // Appends its section to what draingate-bench wrote (or replaces its own older one).
-        let mut cmd = Command::new(root.join("target/release/draingate-accuracy"));
-        cmd.arg("--out").arg(root.join("BENCHMARKS.md"));
-        run_cmd(&mut cmd)?;
+    // Each binary writes (or replaces) its own section of BENCHMARKS.md.
+    for (part, binary) in [
+        ("accuracy", "draingate-accuracy"),
+        ("gate", "draingate-gate-bench"),
+    ] {
+        if runs(part) {
+            let mut cmd = Command::new(root.join("target/release").join(binary));
+            cmd.arg("--out").arg(root.join("BENCHMARKS.md"));
+            // Extra arguments go to the one part chosen with --only.
+            if only == Some(part) {
+                cmd.args(args);
+            }
+            run_cmd(&mut cmd)?;
+        }
     }
     Ok(())
 }

@@ -83,11 +83,10 @@ pub struct Round {
     pub answers: Vec<AgentAnswer>,
 }
 
-/// The agents, their connections, and the last round.
+/// The agents, the nodes they named, and the last round.
 #[derive(Debug)]
 pub struct AgentPool {
     config: PoolConfig,
-    channels: Mutex<HashMap<String, Channel>>,
     /// Node names agents gave, by address: an agent that stops answering is still named by node.
     nodes: Mutex<HashMap<String, String>>,
     last: tokio::sync::Mutex<Option<Arc<Round>>>,
@@ -100,7 +99,6 @@ impl AgentPool {
         let limit = Arc::new(Semaphore::new(config.concurrency.max(1)));
         Self {
             config,
-            channels: Mutex::new(HashMap::new()),
             nodes: Mutex::new(HashMap::new()),
             last: tokio::sync::Mutex::new(None),
             limit,
@@ -120,22 +118,16 @@ impl AgentPool {
         round
     }
 
-    fn channel(&self, target: &str) -> Result<Channel, String> {
-        let mut channels = self
-            .channels
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(channel) = channels.get(target) {
-            return Ok(channel.clone());
-        }
+    /// A connection to `target` for this round only. Kept connections would cost about
+    /// 50 KiB each (HTTP/2 state and buffers): 50 MiB at 1,000 nodes for a request every few
+    /// seconds, while a new loopback or pod-network connection costs well under a millisecond.
+    fn channel(target: &str, timeout: Duration) -> Result<Channel, String> {
         let endpoint = Endpoint::from_shared(format!("http://{target}"))
             .map_err(|e| format!("invalid agent address {target:?}: {e}"))?
-            .connect_timeout(self.config.timeout)
-            .timeout(self.config.timeout)
+            .connect_timeout(timeout)
+            .timeout(timeout)
             .tcp_nodelay(true);
-        let channel = endpoint.connect_lazy();
-        channels.insert(target.to_owned(), channel.clone());
-        Ok(channel)
+        Ok(endpoint.connect_lazy())
     }
 
     async fn ask_all(&self) -> Round {
@@ -149,35 +141,34 @@ impl AgentPool {
                     at,
                     started,
                     took: started.elapsed(),
-                    answers: vec![AgentAnswer {
-                        target: format!("{:?}", self.config.discovery),
-                        node: None,
-                        result: Err(err),
-                    }],
+                    answers: vec![AgentAnswer::unreachable(
+                        format!("{:?}", self.config.discovery),
+                        None,
+                        err,
+                    )],
                 };
             }
         };
-        // Connections to agents that left are closed.
-        self.channels
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .retain(|t, _| targets.contains(t));
         let mut tasks = tokio::task::JoinSet::new();
         for (index, target) in targets.iter().enumerate() {
-            let channel = self.channel(target);
             let limit = Arc::clone(&self.limit);
             let timeout = self.config.timeout;
+            let target = target.clone();
             tasks.spawn(async move {
                 let _permit = limit.acquire_owned().await;
-                let result = match channel {
+                let result = match Self::channel(&target, timeout) {
                     Ok(channel) => ask(channel, timeout).await,
                     Err(err) => Err(err),
                 };
-                (index, result)
+                // Kept small at once: a round of 1,000 full answers would be 100k pods.
+                let answer = match result {
+                    Ok(list) => AgentAnswer::answered(String::new(), None, list),
+                    Err(err) => AgentAnswer::unreachable(String::new(), None, err),
+                };
+                (index, answer)
             });
         }
-        let mut results: Vec<Option<Result<pb::ListPodsResponse, String>>> =
-            vec![None; targets.len()];
+        let mut results: Vec<Option<AgentAnswer>> = vec![None; targets.len()];
         while let Some(joined) = tasks.join_next().await {
             if let Ok((index, result)) = joined {
                 results[index] = Some(result);
@@ -190,18 +181,18 @@ impl AgentPool {
         let answers = targets
             .into_iter()
             .zip(results)
-            .map(|(target, result)| {
-                let result = result.unwrap_or_else(|| Err("the request task failed".into()));
-                if let Ok(list) = &result
+            .map(|(target, answer)| {
+                let mut answer = answer.unwrap_or_else(|| {
+                    AgentAnswer::unreachable(String::new(), None, "the request task failed".into())
+                });
+                if let Ok(list) = &answer.result
                     && !list.node.is_empty()
                 {
                     nodes.insert(target.clone(), list.node.clone());
                 }
-                AgentAnswer {
-                    node: nodes.get(&target).cloned(),
-                    target,
-                    result,
-                }
+                answer.node = nodes.get(&target).cloned();
+                answer.target = target;
+                answer
             })
             .collect();
         Round {

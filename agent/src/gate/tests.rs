@@ -29,23 +29,23 @@ fn pod(name: &str, hash: &str, verdict: pb::Verdict, errors: u64) -> pb::Pod {
 }
 
 fn answer(node: &str, pods: Vec<pb::Pod>) -> AgentAnswer {
-    AgentAnswer {
-        target: format!("{node}:9560"),
-        node: Some(node.into()),
-        result: Ok(pb::ListPodsResponse {
+    AgentAnswer::answered(
+        format!("{node}:9560"),
+        Some(node.into()),
+        pb::ListPodsResponse {
             pods,
             lost_events: 0,
             node: node.into(),
-        }),
-    }
+        },
+    )
 }
 
 fn down(node: &str) -> AgentAnswer {
-    AgentAnswer {
-        target: format!("{node}:9560"),
-        node: Some(node.into()),
-        result: Err("unreachable: connection refused".into()),
-    }
+    AgentAnswer::unreachable(
+        format!("{node}:9560"),
+        Some(node.into()),
+        "unreachable: connection refused".into(),
+    )
 }
 
 fn web(old: Option<&str>) -> Query {

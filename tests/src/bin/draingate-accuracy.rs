@@ -265,12 +265,6 @@ fn main() {
     );
     print!("{report}");
     if let Some(out) = &args.out {
-        let mut text = std::fs::read_to_string(out).unwrap_or_default();
-        // Replace an earlier accuracy section rather than stacking them.
-        if let Some(at) = text.find("\n## Verdict accuracy") {
-            text.truncate(at);
-        }
-        text.push_str(&report);
-        std::fs::write(out, text).expect("write the report");
+        draingate_tests::write_section(out, "Verdict accuracy (rehearsals)", &report);
     }
 }

@@ -434,14 +434,6 @@ fn main() {
 
     print!("{report}");
     if let Some(out) = args.out {
-        // Keep the accuracy section that draingate-accuracy wrote, if any.
-        let previous = std::fs::read_to_string(&out).unwrap_or_default();
-        let mut report = report;
-        if let Some(at) = previous.find("\n## Verdict accuracy") {
-            report.push_str(&previous[at..]);
-        }
-        std::fs::write(&out, &report)
-            .unwrap_or_else(|err| panic!("write {}: {err}", out.display()));
-        eprintln!("report written to {}", out.display());
+        draingate_tests::write_section(&out, "Node agent overhead", &report);
     }
 }
