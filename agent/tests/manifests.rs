@@ -1,0 +1,139 @@
+//! Every manifest the project ships (deploy/ and examples/) parses into the Kubernetes API's own
+//! types, and says nothing those types do not know: each document is read into its k8s-openapi
+//! type and written back, and the two must be equal (a misspelt or misplaced field would be
+//! dropped on the way and show as a difference). Custom resources (Argo Rollouts, Flagger) are
+//! checked for the fields the gate's contract depends on.
+
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::{
+    apps::v1::{DaemonSet, Deployment},
+    core::v1::{Namespace, Service, ServiceAccount},
+    policy::v1::PodDisruptionBudget,
+    rbac::v1::{ClusterRole, ClusterRoleBinding},
+};
+use serde_json::Value;
+
+fn manifests() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut files = Vec::new();
+    for dir in ["deploy", "examples"] {
+        let mut found: Vec<PathBuf> = std::fs::read_dir(root.join(dir))
+            .unwrap_or_else(|e| panic!("{dir}: {e}"))
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+            .collect();
+        found.sort();
+        assert!(!found.is_empty(), "no manifests in {dir}/");
+        files.extend(found);
+    }
+    files
+}
+
+fn documents(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).expect("read manifest");
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|doc| {
+            serde::Deserialize::deserialize(doc)
+                .unwrap_or_else(|e| panic!("{}: not YAML: {e}", path.display()))
+        })
+        .filter(|v: &Value| !v.is_null())
+        .collect()
+}
+
+/// Reads `doc` as `T` and back; panics with the difference when something was lost.
+fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(path: &Path, doc: &Value) {
+    let typed: T = serde_json::from_value(doc.clone()).unwrap_or_else(|e| {
+        panic!(
+            "{}: {} {}: {e}",
+            path.display(),
+            doc["kind"],
+            doc["metadata"]["name"]
+        )
+    });
+    let back = serde_json::to_value(&typed).expect("serialize");
+    assert_eq!(
+        &back,
+        doc,
+        "{}: {} {} has fields its API type does not know",
+        path.display(),
+        doc["kind"],
+        doc["metadata"]["name"]
+    );
+}
+
+#[test]
+fn every_shipped_manifest_is_valid_kubernetes() {
+    let mut kinds = Vec::new();
+    for path in manifests() {
+        for doc in documents(&path) {
+            let kind = doc["kind"].as_str().unwrap_or("<none>").to_owned();
+            match kind.as_str() {
+                "Namespace" => round_trip::<Namespace>(&path, &doc),
+                "Deployment" => round_trip::<Deployment>(&path, &doc),
+                "DaemonSet" => round_trip::<DaemonSet>(&path, &doc),
+                "Service" => round_trip::<Service>(&path, &doc),
+                "ServiceAccount" => round_trip::<ServiceAccount>(&path, &doc),
+                "ClusterRole" => round_trip::<ClusterRole>(&path, &doc),
+                "ClusterRoleBinding" => round_trip::<ClusterRoleBinding>(&path, &doc),
+                "PodDisruptionBudget" => round_trip::<PodDisruptionBudget>(&path, &doc),
+                "AnalysisTemplate" => check_analysis_template(&path, &doc),
+                "Canary" => check_canary(&path, &doc),
+                other => panic!("{}: unexpected kind {other}", path.display()),
+            }
+            kinds.push(kind);
+        }
+    }
+    for expected in ["Deployment", "Service", "AnalysisTemplate", "Canary"] {
+        assert!(
+            kinds.iter().any(|k| k == expected),
+            "no {expected} shipped: {kinds:?}"
+        );
+    }
+}
+
+fn check_analysis_template(path: &Path, doc: &Value) {
+    assert_eq!(
+        doc["apiVersion"],
+        "argoproj.io/v1alpha1",
+        "{}",
+        path.display()
+    );
+    let metric = &doc["spec"]["metrics"][0];
+    assert_eq!(metric["successCondition"], "result.verdict == \"pass\"");
+    assert_eq!(metric["failureCondition"], "result.verdict == \"fail\"");
+    let url = metric["provider"]["web"]["url"]
+        .as_str()
+        .expect("web provider url");
+    assert!(url.contains(":8080/v1/verdict?"), "{url}");
+    for arg in [
+        "{{args.namespace}}",
+        "{{args.rollout}}",
+        "{{args.stable-hash}}",
+    ] {
+        assert!(url.contains(arg), "{url} lacks {arg}");
+    }
+}
+
+fn check_canary(path: &Path, doc: &Value) {
+    assert_eq!(
+        doc["apiVersion"],
+        "flagger.app/v1beta1",
+        "{}",
+        path.display()
+    );
+    let hooks = doc["spec"]["analysis"]["webhooks"]
+        .as_array()
+        .expect("webhooks");
+    let url_of = |kind: &str| {
+        hooks
+            .iter()
+            .find(|h| h["type"] == kind)
+            .and_then(|h| h["url"].as_str())
+            .unwrap_or_else(|| panic!("no {kind} webhook"))
+            .to_owned()
+    };
+    assert!(url_of("confirm-promotion").ends_with("/flagger/gate"));
+    assert!(url_of("rollback").ends_with("/flagger/rollback"));
+}
