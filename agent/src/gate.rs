@@ -175,7 +175,7 @@ impl Query {
     fn judges(&self, pod: &pb::Pod) -> bool {
         self.old
             .as_ref()
-            .map_or(true, |old| &pod.pod_template_hash == old)
+            .is_none_or(|old| &pod.pod_template_hash == old)
             && self
                 .new
                 .as_ref()
@@ -349,7 +349,7 @@ pub fn judge(
     if !known && unreachable.is_empty() {
         return Err(JudgeError::UnknownWorkload(query.describe()));
     }
-    pods.sort_by(|a, b| pod_name(a).cmp(&pod_name(b)));
+    pods.sort_by_key(pod_name);
 
     let with =
         |v: pb::Verdict| -> Vec<&pb::Pod> { pods.iter().filter(|p| pod_verdict(p) == v).collect() };

@@ -111,7 +111,7 @@ fn rehearse_and_hold(agent_port: u16, server_mode: &str, extra: &[&str]) -> Held
         .spawn()
         .expect("run draingate rehearse");
     let mut child = ChildGuard(child);
-    let deadline = Instant::now() + Duration::from_secs(180);
+    let deadline = Instant::now() + Duration::from_mins(3);
     let report = loop {
         if let Ok(text) = std::fs::read_to_string(&report_path)
             && let Ok(report) = serde_json::from_str::<Value>(&text)

@@ -238,21 +238,21 @@ impl FlaggerHook {
 
 fn flagger_body(
     body: Result<Json<FlaggerHook>, JsonRejection>,
-) -> Result<(FlaggerHook, Query), Response> {
+) -> Result<(FlaggerHook, Query), Box<Response>> {
     let Json(hook) = body.map_err(|rejection| {
         let status = rejection.status();
-        error(
+        Box::new(error(
             if status == StatusCode::PAYLOAD_TOO_LARGE {
                 status
             } else {
                 StatusCode::BAD_REQUEST
             },
             format!("malformed Flagger payload: {}", rejection.body_text()),
-        )
+        ))
     })?;
     let query = hook
         .query()
-        .map_err(|e| error(StatusCode::BAD_REQUEST, e.0))?;
+        .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, e.0)))?;
     Ok((hook, query))
 }
 
@@ -264,7 +264,7 @@ async fn flagger_gate(
 ) -> Response {
     let (hook, query) = match flagger_body(body) {
         Ok(parsed) => parsed,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let judgement = gate.check(&query, Face::Flagger).await;
     let (clean, body) = match &judgement {
@@ -291,7 +291,7 @@ async fn flagger_rollback(
 ) -> Response {
     let (hook, query) = match flagger_body(body) {
         Ok(parsed) => parsed,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let judgement = gate.check(&query, Face::Flagger).await;
     let (dirty, body) = match &judgement {
@@ -318,7 +318,7 @@ async fn flagger_events(body: Result<Json<FlaggerHook>, JsonRejection>) -> Respo
             tracing::info!(canary = %hook.name, namespace = %hook.namespace, phase = %hook.phase, message, "flagger event");
         }
         Err(rejection) => {
-            tracing::debug!(error = %rejection.body_text(), "unreadable flagger event")
+            tracing::debug!(error = %rejection.body_text(), "unreadable flagger event");
         }
     }
     StatusCode::OK.into_response()

@@ -210,7 +210,7 @@ fn queries_are_validated() {
 #[test]
 fn history_keeps_final_verdicts_bounded_by_size_and_age() {
     let now = SystemTime::now();
-    let mut history = History::new(2, Duration::from_secs(60));
+    let mut history = History::new(2, Duration::from_mins(1));
     let answers = [answer(
         "n1",
         vec![

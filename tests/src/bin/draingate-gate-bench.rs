@@ -1,12 +1,12 @@
 //! `cargo xtask bench --only gate`: one rollout check across many agents.
 //!
 //! Simulated agents (each a real tonic server on loopback answering `draingate.v1.Agent`
-//! ListPods with a node's worth of pods) run in this process; the gate is the real
+//! `ListPods` with a node's worth of pods) run in this process; the gate is the real
 //! `draingate gate serve`, a process of its own, given their addresses. Each measured check is a
 //! gRPC `Check` that makes the gate ask every agent afresh. Side by side, as the baseline, this
 //! process asks the same agents itself (the bare fan-out: same concurrency, no aggregation, no
 //! gate hop). Reported: check latency (p50, p99, max) against the 2 s target and as a ratio to
-//! the bare fan-out, and the gate's memory (VmRSS, VmHWM) against the 100 MiB target.
+//! the bare fan-out, and the gate's memory (`VmRSS`, `VmHWM`) against the 100 MiB target.
 #![expect(
     clippy::cast_precision_loss,
     reason = "statistics over counts and durations far below 2^52"
@@ -52,7 +52,7 @@ struct Args {
     out: Option<PathBuf>,
 }
 
-/// A node's agent that answers ListPods with a fixed set of pods.
+/// A node's agent that answers `ListPods` with a fixed set of pods.
 #[derive(Debug, Clone)]
 struct SimAgent {
     pods: Arc<pb::ListPodsResponse>,
@@ -195,8 +195,7 @@ async fn bare_fanout(
             client
                 .list_pods(pb::ListPodsRequest {})
                 .await
-                .map(|r| r.into_inner().pods.len())
-                .unwrap_or(0)
+                .map_or(0, |r| r.into_inner().pods.len())
         });
     }
     let mut pods = 0;
@@ -206,8 +205,9 @@ async fn bare_fanout(
     (started.elapsed(), pods)
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let rank = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len());
+/// The nearest-rank percentile `p` (in per cent) of sorted samples.
+fn percentile(sorted: &[Duration], p: usize) -> Duration {
+    let rank = (sorted.len() * p).div_ceil(100).clamp(1, sorted.len());
     sorted[rank - 1]
 }
 
@@ -355,11 +355,11 @@ async fn run(args: Args) {
     bare_times.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let (g50, g99, gmax) = (
-        percentile(&gate_times, 0.5),
-        percentile(&gate_times, 0.99),
+        percentile(&gate_times, 50),
+        percentile(&gate_times, 99),
         *gate_times.last().expect("checks"),
     );
-    let (b50, b99) = (percentile(&bare_times, 0.5), percentile(&bare_times, 0.99));
+    let (b50, b99) = (percentile(&bare_times, 50), percentile(&bare_times, 99));
     let command = format!(
         "sudo -E cargo xtask bench --only gate (draingate-gate-bench --agents {} --pods {} --checks {} --concurrency {})",
         args.agents, args.pods, args.checks, args.concurrency
