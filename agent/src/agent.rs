@@ -78,6 +78,8 @@ pub struct AgentState {
     pub lost_events: u64,
     /// The node's name.
     pub node: String,
+    /// Why the inventory may be incomplete now (API server unreachable), for /readyz.
+    pub inventory_problem: Option<String>,
 }
 
 impl AgentState {
@@ -261,6 +263,7 @@ impl Agent {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         state.lost_events = lost_total;
+        state.inventory_problem = self.source.problem();
         let new_loss = lost_total > self.last_loss;
         if new_loss {
             tracing::warn!(?loss, "the kernel programs lost events");
@@ -432,6 +435,13 @@ impl Agent {
         if had_processes && drain.pids.is_empty() {
             drain.exited(now);
         }
+        // A source that sees exits without the processes (Kubernetes without hostPID).
+        if let Some(at) = pod.exited_at
+            && drain.pids.is_empty()
+        {
+            drain.exited(at);
+        }
+        drain.timeline.left_endpoints = pod.left_endpoints;
         Ok(())
     }
 

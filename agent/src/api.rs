@@ -120,7 +120,7 @@ pub fn pod_message(pod: &PodDrain, node: &str) -> pb::Pod {
         timeline: Some(pb::Timeline {
             terminating_since: timestamp(t.terminating_since),
             last_accepted: timestamp(t.last_accepted),
-            left_endpoints: None,
+            left_endpoints: timestamp(t.left_endpoints),
             drained_at: timestamp(t.drained_at),
             exited_at: timestamp(t.exited_at),
             sigkill_at: timestamp(t.sigkill_at),

@@ -63,6 +63,9 @@ pub struct Timeline {
     /// Its last process exited.
     pub exited_at: Option<SystemTime>,
     pub sigkill_at: Option<SystemTime>,
+    /// It stopped taking new connections from its Services (Kubernetes: its endpoints are no
+    /// longer ready); traffic accepted after this arrived some other way.
+    pub left_endpoints: Option<SystemTime>,
     /// Its addresses (namespace) disappeared; the window closes a linger later.
     pub gone_at: Option<SystemTime>,
 }

@@ -158,13 +158,25 @@ async fn metrics(State(handle): State<AgentHandle>) -> impl IntoResponse {
 }
 
 async fn readyz(State(handle): State<AgentHandle>) -> impl IntoResponse {
-    if *handle.ready.borrow() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (
+    if !*handle.ready.borrow() {
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: inventory not read yet\n",
-        )
+            "not ready: inventory not read yet\n".to_owned(),
+        );
+    }
+    let problem = handle
+        .state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .inventory_problem
+        .clone();
+    match problem {
+        // The kernel keeps counting meanwhile; the pods' names may be stale.
+        Some(problem) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {problem}\n"),
+        ),
+        None => (StatusCode::OK, "ready\n".to_owned()),
     }
 }
 

@@ -2,6 +2,8 @@
 //! module) treats every network namespace on the host as a pod; a `kubernetes` source will be a
 //! second implementation of [`InventorySource`], not a rewrite.
 
+pub mod kubernetes;
+
 use std::{
     collections::{BTreeMap, HashMap},
     fs,
@@ -31,6 +33,12 @@ pub struct ObservedPod {
     pub deleting_since: Option<std::time::SystemTime>,
     /// What the pod belongs to; empty for a bare local namespace.
     pub meta: PodMeta,
+    /// When all its containers had exited, for a source that sees that without the processes
+    /// (Kubernetes without hostPID); `None` when unknown or still running.
+    pub exited_at: Option<std::time::SystemTime>,
+    /// When it stopped taking new connections from its Services (its endpoints no longer ready),
+    /// for a source that knows.
+    pub left_endpoints: Option<std::time::SystemTime>,
 }
 
 /// What a pod belongs to, as the rollout gate groups pods: its top owner (a Deployment through
@@ -61,6 +69,12 @@ pub type LocalPods = std::sync::Arc<std::sync::Mutex<HashMap<String, LocalPodInf
 pub trait InventorySource: Send {
     /// The pods that exist now.
     fn snapshot(&mut self) -> Result<Vec<ObservedPod>, InventoryError>;
+
+    /// Why the source cannot be trusted to be complete now (e.g. the API server is
+    /// unreachable), for /readyz; `None` when it is fine.
+    fn problem(&self) -> Option<String> {
+        None
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -183,6 +197,8 @@ impl InventorySource for LocalSource {
             pods.push(ObservedPod {
                 deleting_since: info.deleting_since,
                 meta: info.meta,
+                exited_at: None,
+                left_endpoints: None,
                 id: PodId {
                     namespace: info.namespace.unwrap_or_else(|| LOCAL_NAMESPACE.into()),
                     name,

@@ -285,9 +285,12 @@ enum EventsOutput {
 
 #[derive(Debug, clap::Args)]
 struct AgentArgs {
-    /// Where to find pods: `local` (every network namespace on this host is a pod).
+    /// Where to find pods.
     #[arg(long, value_enum, default_value_t = Source::Local)]
     source: Source,
+    /// This node's name, for `--source kubernetes` (the DaemonSet passes spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
     /// gRPC address (TCP).
     #[arg(long, default_value = api::DEFAULT_GRPC_ADDR)]
     grpc_addr: SocketAddr,
@@ -310,7 +313,11 @@ struct AgentArgs {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Source {
+    /// Every network namespace on this host is a pod.
     Local,
+    /// The pods the API server binds to this node (--node-name), watched with the pod's
+    /// service account (get, list, watch on pods and endpointslices).
+    Kubernetes,
 }
 
 fn main() -> ExitCode {
@@ -472,8 +479,7 @@ async fn gate_check(args: GateCheckArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
-    let Source::Local = args.source;
-    let config = AgentConfig {
+    let mut config = AgentConfig {
         probes: ProbeConfig {
             pin_dir: args.pin_dir,
         },
@@ -481,7 +487,25 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         retention: args.retention,
         ..AgentConfig::default()
     };
-    let (agent, handle) = Agent::new(config, Box::new(LocalSource::default()))?;
+    let source: Box<dyn draingate::inventory::InventorySource> = match args.source {
+        Source::Local => Box::new(LocalSource::default()),
+        Source::Kubernetes => {
+            let node = args.node_name.clone().context(
+                "--source kubernetes needs this node's name: --node-name, or NODE_NAME from the \
+                 downward API (spec.nodeName)",
+            )?;
+            // In a pod: the service account; elsewhere: KUBECONFIG or ~/.kube/config.
+            let client = kube::Client::try_default()
+                .await
+                .context("cannot configure the Kubernetes client")?;
+            tracing::info!(node, "watching the pods bound to this node");
+            config.node.clone_from(&node);
+            Box::new(draingate::inventory::kubernetes::KubernetesSource::start(
+                &client, &node,
+            ))
+        }
+    };
+    let (agent, handle) = Agent::new(config, source)?;
     let listen = ListenConfig {
         grpc_addr: args.grpc_addr,
         socket: args.socket,

@@ -1,0 +1,350 @@
+//! The `kubernetes` source: a kube-rs watch of the pods bound to this node (field selector
+//! `spec.nodeName`), and of the EndpointSlices that route to them.
+//!
+//! - Each pod gives its namespace, name, uid, IPs (`status.podIPs`), owner (its controlling
+//!   ReplicaSet's Deployment, or Argo Rollout, named from the ReplicaSet's name and the pod's
+//!   `pod-template-hash` / `rollouts-pod-template-hash` label, so no read access to ReplicaSets is
+//!   needed), its deletionTimestamp (which opens its termination window) and whether all its
+//!   containers terminated (its exit, as seen without hostPID).
+//! - EndpointSlices say when a pod stopped taking new connections from its Services: the first
+//!   time one of its endpoints is no longer `ready` (terminating endpoints stay listed with
+//!   `ready: false`), or is removed, after it had been ready.
+//! - Pods on the host network are left out: their address is the node's.
+//!
+//! The watches retry with backoff when the API server is unreachable; meanwhile the last known
+//! pods stay, the kernel keeps counting, and [`KubeStatus`] says what is wrong (for /readyz and
+//! the logs).
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::SystemTime,
+};
+
+use k8s_openapi::api::{core::v1::Pod, discovery::v1::EndpointSlice};
+use kube::{
+    Api, Client,
+    runtime::{WatchStreamExt as _, watcher},
+};
+use tokio_stream::StreamExt as _;
+
+use super::{InventoryError, InventorySource, ObservedPod, PodId, PodMeta};
+
+/// How the API connection is doing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KubeStatus {
+    /// The pod list was read at least once.
+    pub synced: bool,
+    /// The last watch request failed and is being retried.
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    pods: BTreeMap<String, ObservedPod>,
+    /// Pods being listed again after a (re)connect; they replace `pods` at the list's end.
+    relisting: Option<BTreeMap<String, ObservedPod>>,
+    /// Pods (by uid) with a ready endpoint in some EndpointSlice now, by slice.
+    ready_in: HashMap<String, HashSet<String>>,
+    /// When each pod left its Services' endpoints.
+    left_endpoints: HashMap<String, SystemTime>,
+    status: KubeStatus,
+}
+
+/// The pods of this node as the API server describes them.
+#[derive(Debug, Clone)]
+pub struct KubernetesSource {
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl KubernetesSource {
+    /// Starts watching the pods bound to `node`, and the EndpointSlices, through `client`.
+    #[must_use]
+    pub fn start(client: &Client, node: &str) -> Self {
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let pods: Api<Pod> = Api::all(client.clone());
+        let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+        let pod_shared = Arc::clone(&shared);
+        let node_name = node.to_owned();
+        tokio::spawn(async move {
+            let mut stream = Box::pin(watcher(pods, config).default_backoff());
+            while let Some(event) = stream.next().await {
+                let mut shared = lock(&pod_shared);
+                match event {
+                    Ok(event) => {
+                        shared.status.error = None;
+                        apply_pod_event(&mut shared, event);
+                    }
+                    Err(err) => {
+                        let message = format!("watching the pods of node {node_name}: {err}");
+                        if shared.status.error.as_deref() != Some(message.as_str()) {
+                            tracing::warn!(error = %message, "Kubernetes API unreachable; retrying with backoff, the kernel keeps counting");
+                        }
+                        shared.status.error = Some(message);
+                    }
+                }
+            }
+        });
+        let slices: Api<EndpointSlice> = Api::all(client.clone());
+        let slice_shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let mut stream =
+                Box::pin(watcher(slices, watcher::Config::default()).default_backoff());
+            while let Some(event) = stream.next().await {
+                match event {
+                    Ok(event) => {
+                        apply_slice_event(&mut lock(&slice_shared), event, SystemTime::now())
+                    }
+                    Err(err) => {
+                        tracing::debug!(error = %err, "watching EndpointSlices; retrying");
+                    }
+                }
+            }
+        });
+        Self { shared }
+    }
+
+    /// How the API connection is doing.
+    #[must_use]
+    pub fn status(&self) -> KubeStatus {
+        lock(&self.shared).status.clone()
+    }
+
+    /// A handle that reads the status from another task (the HTTP face).
+    #[must_use]
+    pub fn status_handle(&self) -> impl Fn() -> KubeStatus + Send + Sync + 'static {
+        let shared = Arc::clone(&self.shared);
+        move || lock(&shared).status.clone()
+    }
+}
+
+fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    shared
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn apply_pod_event(shared: &mut Shared, event: watcher::Event<Pod>) {
+    match event {
+        watcher::Event::Init => shared.relisting = Some(BTreeMap::new()),
+        watcher::Event::InitApply(pod) => {
+            if let Some(observed) = observe(&pod) {
+                shared
+                    .relisting
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(observed.id.uid.clone(), observed);
+            }
+        }
+        watcher::Event::InitDone => {
+            if let Some(listed) = shared.relisting.take() {
+                shared.pods = listed;
+            }
+            shared.status.synced = true;
+        }
+        watcher::Event::Apply(pod) => match observe(&pod) {
+            Some(observed) => {
+                shared.pods.insert(observed.id.uid.clone(), observed);
+            }
+            None => {
+                if let Some(uid) = pod.metadata.uid.as_deref() {
+                    shared.pods.remove(uid);
+                }
+            }
+        },
+        watcher::Event::Delete(pod) => {
+            if let Some(uid) = pod.metadata.uid.as_deref() {
+                shared.pods.remove(uid);
+            }
+        }
+    }
+}
+
+/// Records, per pod, when its last ready endpoint went away.
+fn apply_slice_event(shared: &mut Shared, event: watcher::Event<EndpointSlice>, now: SystemTime) {
+    let (slice, deleted) = match event {
+        watcher::Event::Apply(s) | watcher::Event::InitApply(s) => (s, false),
+        watcher::Event::Delete(s) => (s, true),
+        watcher::Event::Init | watcher::Event::InitDone => return,
+    };
+    let key = format!(
+        "{}/{}",
+        slice.metadata.namespace.as_deref().unwrap_or_default(),
+        slice.metadata.name.as_deref().unwrap_or_default()
+    );
+    let ready_now: HashSet<String> = if deleted {
+        HashSet::new()
+    } else {
+        slice
+            .endpoints
+            .iter()
+            .flatten()
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+            .filter_map(|e| e.target_ref.as_ref())
+            .filter(|r| r.kind.as_deref() == Some("Pod"))
+            .filter_map(|r| r.uid.clone())
+            .collect()
+    };
+    for (uid, slices) in &mut shared.ready_in {
+        if slices.contains(&key) && !ready_now.contains(uid) {
+            slices.remove(&key);
+            if slices.is_empty() {
+                shared.left_endpoints.entry(uid.clone()).or_insert(now);
+            }
+        }
+    }
+    for uid in ready_now {
+        shared
+            .ready_in
+            .entry(uid.clone())
+            .or_default()
+            .insert(key.clone());
+        // Ready again (a pod that was not terminating after all): it has not left.
+        shared.left_endpoints.remove(&uid);
+    }
+    // Forget pods that neither exist nor have endpoints any more.
+    let pods = &shared.pods;
+    shared
+        .ready_in
+        .retain(|uid, slices| !slices.is_empty() || pods.contains_key(uid));
+    if shared.left_endpoints.len() > 4 * pods.len() + 1024 {
+        shared
+            .left_endpoints
+            .retain(|uid, _| pods.contains_key(uid));
+    }
+}
+
+/// The pod as the agent tracks it, or `None` for a pod it does not (host network).
+#[must_use]
+pub fn observe(pod: &Pod) -> Option<ObservedPod> {
+    let spec = pod.spec.as_ref();
+    if spec.and_then(|s| s.host_network) == Some(true) {
+        return None;
+    }
+    let meta = &pod.metadata;
+    let status = pod.status.as_ref();
+    let mut addresses: Vec<IpAddr> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .map(|ips| ips.iter().filter_map(|ip| ip.ip.parse().ok()).collect())
+        .unwrap_or_default();
+    if addresses.is_empty()
+        && let Some(ip) = status
+            .and_then(|s| s.pod_ip.as_deref())
+            .and_then(|ip| ip.parse().ok())
+    {
+        addresses.push(ip);
+    }
+    addresses.sort_unstable();
+    addresses.dedup();
+    let statuses = status
+        .and_then(|s| s.container_statuses.as_deref())
+        .unwrap_or_default();
+    let exited_at = if !statuses.is_empty()
+        && statuses
+            .iter()
+            .all(|c| c.state.as_ref().is_some_and(|s| s.terminated.is_some()))
+        && meta.deletion_timestamp.is_some()
+    {
+        statuses
+            .iter()
+            .filter_map(|c| c.state.as_ref()?.terminated.as_ref()?.finished_at.as_ref())
+            .map(|t| SystemTime::from(t.0))
+            .max()
+            .or_else(|| Some(SystemTime::now()))
+    } else {
+        None
+    };
+    Some(ObservedPod {
+        id: PodId {
+            namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+            name: meta.name.clone().unwrap_or_default(),
+            uid: meta.uid.clone()?,
+        },
+        addresses,
+        pids: Vec::new(),
+        deleting_since: meta
+            .deletion_timestamp
+            .as_ref()
+            .map(|t| SystemTime::from(t.0)),
+        meta: owner(pod),
+        exited_at,
+        left_endpoints: None,
+    })
+}
+
+/// The pod's top owner and template hash.
+fn owner(pod: &Pod) -> PodMeta {
+    let labels = pod.metadata.labels.as_ref();
+    let label = |k: &str| labels.and_then(|l| l.get(k)).cloned();
+    let Some(controller) = pod
+        .metadata
+        .owner_references
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .find(|r| r.controller == Some(true))
+    else {
+        return PodMeta::default();
+    };
+    if controller.kind == "ReplicaSet" {
+        // Argo Rollouts labels its pods with its own hash label.
+        let (kind, hash) = match (
+            label("rollouts-pod-template-hash"),
+            label("pod-template-hash"),
+        ) {
+            (Some(hash), _) => ("Rollout", hash),
+            (None, Some(hash)) => ("Deployment", hash),
+            (None, None) => {
+                return PodMeta {
+                    owner_kind: "ReplicaSet".into(),
+                    owner_name: controller.name.clone(),
+                    pod_template_hash: String::new(),
+                };
+            }
+        };
+        // A Deployment's (or Rollout's) ReplicaSet is named `<owner>-<hash>`.
+        if let Some(name) = controller.name.strip_suffix(&format!("-{hash}")) {
+            return PodMeta {
+                owner_kind: kind.into(),
+                owner_name: name.into(),
+                pod_template_hash: hash,
+            };
+        }
+        return PodMeta {
+            owner_kind: "ReplicaSet".into(),
+            owner_name: controller.name.clone(),
+            pod_template_hash: hash,
+        };
+    }
+    PodMeta {
+        owner_kind: controller.kind.clone(),
+        owner_name: controller.name.clone(),
+        pod_template_hash: label("controller-revision-hash").unwrap_or_default(),
+    }
+}
+
+impl InventorySource for KubernetesSource {
+    fn problem(&self) -> Option<String> {
+        let status = self.status();
+        match (status.synced, status.error) {
+            (_, Some(error)) => Some(error),
+            (false, None) => Some("the pods of this node were not listed yet".into()),
+            (true, None) => None,
+        }
+    }
+
+    fn snapshot(&mut self) -> Result<Vec<ObservedPod>, InventoryError> {
+        let shared = lock(&self.shared);
+        Ok(shared
+            .pods
+            .values()
+            .map(|pod| ObservedPod {
+                left_endpoints: shared.left_endpoints.get(&pod.id.uid).copied(),
+                ..pod.clone()
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests;
