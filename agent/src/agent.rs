@@ -442,6 +442,7 @@ impl Agent {
             drain.exited(at);
         }
         drain.timeline.left_endpoints = pod.left_endpoints;
+        drain.in_service = pod.in_service;
         Ok(())
     }
 

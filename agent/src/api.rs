@@ -129,6 +129,7 @@ pub fn pod_message(pod: &PodDrain, node: &str) -> pb::Pod {
         owner_name: pod.meta.owner_name.clone(),
         pod_template_hash: pod.meta.pod_template_hash.clone(),
         node: node.to_owned(),
+        in_service: pod.in_service,
     }
 }
 
@@ -334,7 +335,7 @@ impl AgentService for AgentApi {
         let mut changed = self.handle.changed.clone();
         loop {
             let pod = self.find(request.pod.as_ref())?;
-            if pod.open == 0 {
+            if pod.open == 0 && !(request.until_left_endpoints && pod.in_service) {
                 let outcome = if pod.errors == 0 && pod.verdict != i32::from(pb::Verdict::Fail) {
                     pb::DrainOutcome::DrainedClean
                 } else {

@@ -113,6 +113,8 @@ pub struct PodEvent {
 pub struct PodDrain {
     pub id: PodId,
     pub meta: crate::inventory::PodMeta,
+    /// A ready endpoint of some Service now (Kubernetes source).
+    pub in_service: bool,
     pub slot: u32,
     pub addresses: Vec<IpAddr>,
     pub pids: Vec<u32>,
@@ -135,6 +137,7 @@ impl PodDrain {
         Self {
             id,
             meta: crate::inventory::PodMeta::default(),
+            in_service: false,
             slot,
             addresses: Vec::new(),
             pids: Vec::new(),

@@ -39,6 +39,8 @@ pub struct ObservedPod {
     /// When it stopped taking new connections from its Services (its endpoints no longer ready),
     /// for a source that knows.
     pub left_endpoints: Option<std::time::SystemTime>,
+    /// A ready endpoint of some Service now, for a source that knows.
+    pub in_service: bool,
 }
 
 /// What a pod belongs to, as the rollout gate groups pods: its top owner (a Deployment through
@@ -199,6 +201,7 @@ impl InventorySource for LocalSource {
                 meta: info.meta,
                 exited_at: None,
                 left_endpoints: None,
+                in_service: false,
                 id: PodId {
                     namespace: info.namespace.unwrap_or_else(|| LOCAL_NAMESPACE.into()),
                     name,

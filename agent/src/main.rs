@@ -80,15 +80,24 @@ enum Command {
     Gate(GateCommand),
     /// Block until a pod's open connections reach zero. Exit 0: drained clean; 1: drained with
     /// errors; 2: timed out; 3: could not ask (no agent, unknown pod).
+    ///
+    /// With --self, for a preStop exec hook in place of `sleep N`: the pod is the one this runs
+    /// in (POD_NAME and POD_NAMESPACE from the downward API), the agent is reached through the
+    /// node's socket (mount the host's /run/draingate), and it also waits until the pod is no
+    /// longer a ready endpoint of any Service. It logs why it returned.
+    #[command(verbatim_doc_comment)]
     WaitDrained {
         #[command(flatten)]
         agent: AgentFlag,
         /// The pod (name, or uid).
-        #[arg(long)]
-        pod: String,
+        #[arg(long, required_unless_present = "self_", conflicts_with = "self_")]
+        pod: Option<String>,
         /// Namespace of --pod.
         #[arg(long, short = 'n')]
         namespace: Option<String>,
+        /// This pod (POD_NAME, POD_NAMESPACE), once out of the Service endpoints: for preStop.
+        #[arg(long = "self", id = "self_")]
+        self_: bool,
         /// Give up after this long, e.g. `30s`, `2m` (at most 1h).
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         timeout: Duration,
@@ -358,8 +367,9 @@ fn main() -> ExitCode {
                 agent,
                 pod,
                 namespace,
+                self_,
                 timeout,
-            } => wait_drained(&agent.agent, pod, namespace, timeout).await,
+            } => wait_drained(&agent.agent, pod, namespace, self_, timeout).await,
         }
     });
     match result {
@@ -650,38 +660,72 @@ async fn events(
 
 async fn wait_drained(
     addr: &AgentAddr,
-    pod: String,
+    pod: Option<String>,
     namespace: Option<String>,
+    this_pod: bool,
     timeout: Duration,
 ) -> anyhow::Result<ExitCode> {
     if timeout > api::MAX_WAIT {
         anyhow::bail!("--timeout must be at most 1h");
     }
+    let (pod, namespace) = if this_pod {
+        let var =
+            |name: &str| {
+                std::env::var(name).ok().filter(|v| !v.is_empty()).with_context(|| {
+                format!(
+                    "--self needs {name}: set POD_NAME and POD_NAMESPACE from the downward API \
+                     (env valueFrom fieldRef metadata.name / metadata.namespace)"
+                )
+            })
+            };
+        (var("POD_NAME")?, Some(var("POD_NAMESPACE")?))
+    } else {
+        (pod.context("--pod or --self is required")?, namespace)
+    };
+    let started = std::time::Instant::now();
     let mut client = cli::connect(addr).await?;
     let response = client
         .wait_drained(pb::WaitDrainedRequest {
             pod: pod_ref(Some(pod), namespace),
             timeout: prost_types::Duration::try_from(timeout).ok(),
+            until_left_endpoints: this_pod,
         })
         .await
         .map_err(cli::CliError::from)?
         .into_inner();
     let pod = response.pod.unwrap_or_default();
     let name = pod.pod.clone().unwrap_or_default().name;
+    let waited = humantime::format_duration(Duration::from_millis(
+        u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+    ));
+    let service = if this_pod {
+        ", out of the Service endpoints"
+    } else {
+        ""
+    };
     match pb::DrainOutcome::try_from(response.outcome).unwrap_or(pb::DrainOutcome::Unspecified) {
         pb::DrainOutcome::DrainedClean => {
-            println!("{name}: drained clean (errors 0)");
+            println!(
+                "{name}: drained clean after {waited}{service} (0 connections open, 0 errors)"
+            );
             Ok(ExitCode::SUCCESS)
         }
         pb::DrainOutcome::DrainedDirty => {
-            println!("{name}: drained with {} errors: {}", pod.errors, pod.reason);
+            println!(
+                "{name}: drained after {waited}{service}, with {} errors: {}",
+                pod.errors, pod.reason
+            );
             Ok(ExitCode::from(1))
         }
         _ => {
+            let why = if pod.in_service && this_pod {
+                format!("still a ready endpoint, {} connections open", pod.open)
+            } else {
+                format!("{} connections open", pod.open)
+            };
             println!(
-                "{name}: timed out after {} with {} connections open",
-                humantime::format_duration(timeout),
-                pod.open
+                "{name}: timed out after {}: {why}",
+                humantime::format_duration(timeout)
             );
             Ok(ExitCode::from(2))
         }

@@ -258,6 +258,15 @@ fn the_watcher_follows_a_pod_from_listing_to_deletion() {
         );
     }
 
+    // Both web pods are ready endpoints of the Service.
+    let pods = snapshot_until(&mut source, "the endpoints", |p| {
+        find(p, "uid-web-1").is_some_and(|w| w.in_service)
+    });
+    assert!(
+        !find(&pods, "uid-cart-1").unwrap().in_service,
+        "in no Service"
+    );
+
     // Deletion: the API sets deletionTimestamp; the termination window opens there.
     let mut deleting = pod(
         "web-7c9d5b8f4-x2kqz",
@@ -292,7 +301,9 @@ fn the_watcher_follows_a_pod_from_listing_to_deletion() {
     let pods = snapshot_until(&mut source, "the endpoint removal", |p| {
         find(p, "uid-web-1").is_some_and(|w| w.left_endpoints.is_some())
     });
-    assert_eq!(find(&pods, "uid-web-2").unwrap().left_endpoints, None);
+    assert!(!find(&pods, "uid-web-1").unwrap().in_service);
+    let other = find(&pods, "uid-web-2").unwrap();
+    assert_eq!((other.left_endpoints, other.in_service), (None, true));
 
     // Its container terminates: the exit, as seen without hostPID.
     let mut exited = deleting.clone();

@@ -165,5 +165,37 @@ fn pods_events_and_wait_drained_against_a_live_agent() {
         "{}",
         String::from_utf8_lossy(&output.stdout)
     );
+    // The same, as a preStop hook asks it: the pod from the downward API's variables.
+    let output = Command::new(draingate_bin())
+        .args([
+            "wait-drained",
+            "--self",
+            "--agent",
+            &socket,
+            "--timeout",
+            "10s",
+        ])
+        .env("POD_NAME", &name)
+        .env("POD_NAMESPACE", "local")
+        .output()
+        .expect("run draingate");
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{said}");
+    assert!(
+        said.contains(&format!("{name}: drained clean after")),
+        "{said}"
+    );
+    assert!(said.contains("out of the Service endpoints"), "{said}");
+    let output = Command::new(draingate_bin())
+        .args(["wait-drained", "--self", "--agent", &socket])
+        .env_remove("POD_NAME")
+        .output()
+        .expect("run draingate");
+    assert_eq!(output.status.code(), Some(3));
+    assert!(
+        stderr(&output).contains("--self needs POD_NAME"),
+        "{}",
+        stderr(&output)
+    );
     drop(server);
 }

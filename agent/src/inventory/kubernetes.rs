@@ -269,6 +269,7 @@ pub fn observe(pod: &Pod) -> Option<ObservedPod> {
         meta: owner(pod),
         exited_at,
         left_endpoints: None,
+        in_service: false,
     })
 }
 
@@ -340,6 +341,10 @@ impl InventorySource for KubernetesSource {
             .values()
             .map(|pod| ObservedPod {
                 left_endpoints: shared.left_endpoints.get(&pod.id.uid).copied(),
+                in_service: shared
+                    .ready_in
+                    .get(&pod.id.uid)
+                    .is_some_and(|slices| !slices.is_empty()),
                 ..pod.clone()
             })
             .collect())

@@ -77,6 +77,9 @@ pub struct Pod {
     pub pod_template_hash: ::prost::alloc::string::String,
     #[prost(string, tag = "15")]
     pub node: ::prost::alloc::string::String,
+    /// A ready endpoint of some Service now (Kubernetes source; false in local mode).
+    #[prost(bool, tag = "16")]
+    pub in_service: bool,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListPodsRequest {}
@@ -156,6 +159,10 @@ pub struct WaitDrainedRequest {
     /// Give up after this long; the agent caps it.
     #[prost(message, optional, tag = "2")]
     pub timeout: ::core::option::Option<::prost_types::Duration>,
+    /// Also wait until the pod is no longer a ready endpoint of any Service (for a preStop hook:
+    /// new connections have stopped coming).
+    #[prost(bool, tag = "3")]
+    pub until_left_endpoints: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct WaitDrainedResponse {
