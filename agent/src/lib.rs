@@ -14,6 +14,7 @@ pub mod events;
 pub mod gate;
 pub mod http;
 pub mod inventory;
+pub mod lint;
 pub mod loader;
 pub mod rehearse;
 pub mod telemetry;

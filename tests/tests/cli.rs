@@ -199,3 +199,61 @@ fn pods_events_and_wait_drained_against_a_live_agent() {
     );
     drop(server);
 }
+
+#[test]
+fn lint_finds_the_junior_mistakes_and_passes_what_the_project_ships() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let junior = root.join("examples/junior.yaml");
+    let output = draingate(&["lint", "-o", "json", junior.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1), "an error finding exits 1");
+    let report: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("lint -o json prints JSON");
+    let rules: Vec<&str> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["rule"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            "pod-disruption-budget",
+            "strategy",
+            "pre-stop",
+            "readiness-probe"
+        ],
+        "{report:#}"
+    );
+    assert_eq!(
+        (report["errors"].as_u64(), report["warnings"].as_u64()),
+        (Some(2), Some(2))
+    );
+    for f in report["findings"].as_array().unwrap() {
+        assert!(f["line"].as_u64() > Some(0) && f["fix"].as_str().is_some_and(|s| !s.is_empty()));
+    }
+
+    let mut shipped: Vec<String> = std::fs::read_dir(root.join("deploy"))
+        .unwrap()
+        .map(|e| e.unwrap().path().display().to_string())
+        .collect();
+    shipped.push(root.join("examples/senior.yaml").display().to_string());
+    let args: Vec<&str> = std::iter::once("lint")
+        .chain(shipped.iter().map(String::as_str))
+        .collect();
+    let output = draingate(&args);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+
+    let output = draingate(&["lint", root.join("Cargo.toml").to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(3));
+    assert!(
+        stderr(&output).contains("not valid YAML")
+            || stderr(&output).contains("not a Kubernetes object"),
+        "{}",
+        stderr(&output)
+    );
+}
