@@ -13,6 +13,8 @@ use std::{
 
 use nix::sched::{CloneFlags, setns};
 
+pub mod kube_api;
+
 /// Panics, with the reason and the fix, unless the test runs as root. Kernel tests never skip
 /// silently: a run without root fails loudly.
 pub fn require_root() {

@@ -1,0 +1,175 @@
+//! The agent as the DaemonSet runs it (`deploy/agent.yaml`): `--source kubernetes`, as uid 0 with
+//! every capability gone but CAP_BPF and CAP_PERFMON, against a local server answering in the
+//! API server's JSON (`draingate_tests::kube_api`). The pod it lists has the address of a real
+//! network namespace, as a CNI would have set it up; the kernel programs must count that pod's
+//! refusals under its Kubernetes name, and its deletionTimestamp must open its window.
+
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant, SystemTime},
+};
+
+use draingate_tests::{
+    ChildGuard, Family, Link, PinDir, draingate_bin,
+    kube_api::{FakeKubeApi, pod},
+    require_root,
+};
+use serde_json::{Value, json};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+fn get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut conn = std::net::TcpStream::connect(addr).ok()?;
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    conn.read_to_string(&mut response).ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    Some((status, response.split_once("\r\n\r\n")?.1.to_owned()))
+}
+
+/// `draingate pods -o json` against the agent: the pod named `name`.
+fn pod_json(socket: &str, name: &str) -> Option<Value> {
+    let output = Command::new(draingate_bin())
+        .args(["pods", "--agent", socket, "-o", "json"])
+        .output()
+        .ok()?;
+    let all: Value = serde_json::from_slice(&output.stdout).ok()?;
+    all["pods"]
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == name)
+        .cloned()
+}
+
+fn wait_for(what: &str, mut check: impl FnMut() -> Option<Value>) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "never saw {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn the_kubernetes_agent_counts_a_pods_failures_with_only_cap_bpf_and_cap_perfmon() {
+    require_root();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    // The pod's network namespace (b), and a client beside it (a).
+    let link = Link::new("dgka", Family::V4);
+    let name = "web-7c9d5b8f4-x2kqz";
+    let listed = pod(
+        name,
+        "uid-kube-1",
+        &link.b_addr.to_string(),
+        Some(("web-7c9d5b8f4", "pod-template-hash", "7c9d5b8f4")),
+    );
+    let api = runtime.block_on(FakeKubeApi::start(vec![listed.clone()], vec![]));
+    let dir = std::env::temp_dir().join(format!("draingate-kube-agent-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temporary directory");
+    let kubeconfig = api.kubeconfig(&dir);
+    let pins = PinDir::new();
+    let socket = dir.join("agent.sock").display().to_string();
+    let http = format!("127.0.0.1:{}", free_port());
+    let log = std::fs::File::create(dir.join("agent.log")).expect("log");
+    let mut agent = ChildGuard(
+        Command::new("setpriv")
+            // uid 0 keeps only what the bounding set allows across exec: the DaemonSet's two.
+            .args(["--bounding-set=-all,+bpf,+perfmon", "--inh-caps=-all"])
+            .arg(draingate_bin())
+            .args(["agent", "--source", "kubernetes", "--node-name", "node-a"])
+            .args(["--grpc-addr", &format!("127.0.0.1:{}", free_port())])
+            .args(["--http-addr", &http, "--socket", &socket])
+            .arg("--pin-dir")
+            .arg(&pins.config.pin_dir)
+            .env("KUBECONFIG", &kubeconfig)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("run the agent"),
+    );
+    let agent_log = || std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while get(&http, "/readyz").map(|r| r.0) != Some(200) {
+        if let Ok(Some(status)) = agent.0.try_wait() {
+            panic!("the agent exited ({status}):\n{}", agent_log());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent never became ready: {:?}\n{}",
+            get(&http, "/readyz"),
+            agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Its capabilities really are the two.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.0.id())).unwrap();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    assert_eq!(
+        effective,
+        (1 << 38) | (1 << 39),
+        "CAP_PERFMON (38) and CAP_BPF (39) only"
+    );
+
+    // Listed under its Kubernetes identity, with its owner.
+    let seen = wait_for("the pod", || pod_json(&socket, name));
+    assert_eq!(seen["namespace"], "shop", "{seen:#}");
+    assert_eq!(seen["phase"], "running", "{seen:#}");
+    assert_eq!(seen["addresses"][0], link.b_addr.to_string());
+
+    // A refused connection to it is its failure, counted in the kernel.
+    let closed = std::net::SocketAddr::new(link.b_addr, 9);
+    assert!(link.a.run(|| std::net::TcpStream::connect(closed)).is_err());
+    wait_for("the refusal", || {
+        pod_json(&socket, name).filter(|p| p["refused"] == 1)
+    });
+
+    // Deleted: the deletionTimestamp opens its window; a refusal now is an error and fails it.
+    let mut deleting = listed;
+    deleting["metadata"]["deletionTimestamp"] =
+        json!(humantime::format_rfc3339_seconds(SystemTime::now()).to_string());
+    deleting["metadata"]["resourceVersion"] = json!("1002");
+    api.pod_event("MODIFIED", &deleting);
+    wait_for("the termination", || {
+        pod_json(&socket, name).filter(|p| p["phase"] == "terminating")
+    });
+    std::thread::sleep(Duration::from_millis(1100));
+    assert!(link.a.run(|| std::net::TcpStream::connect(closed)).is_err());
+    let failed = wait_for("the error in the window", || {
+        pod_json(&socket, name).filter(|p| p["errors"] == 1)
+    });
+    assert_eq!(failed["verdict"], "fail", "{failed:#}");
+    assert_eq!(failed["refused"], 2, "{failed:#}");
+    // Only this node's pods were asked for.
+    assert!(
+        api.requests()
+            .iter()
+            .filter(|(path, _)| path == "pods")
+            .all(
+                |(_, q)| q.get("fieldSelector").map(String::as_str) == Some("spec.nodeName=node-a")
+            )
+    );
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    let _ = agent.0.wait();
+    drop(runtime);
+    let _ = std::fs::remove_dir_all(&dir);
+}
