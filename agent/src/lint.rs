@@ -11,7 +11,7 @@
 //!   before its endpoints are removed (error).
 //! - `grace-period`: terminationGracePeriodSeconds at most the preStop leaves no time to drain
 //!   (error); less than 5 s after it is tight (warning).
-//! - `pod-disruption-budget`: no PodDisruptionBudget in the same files selects the pods of a
+//! - `pod-disruption-budget`: no `PodDisruptionBudget` in the same files selects the pods of a
 //!   workload with more than one replica, so a node drain may evict every replica at once
 //!   (warning).
 
@@ -179,7 +179,7 @@ struct Workload<'a> {
     strategy: Option<(String, Option<String>, Option<String>)>,
 }
 
-fn invalid(file: &str, doc: &Document, kind: &str, message: impl ToString) -> LintError {
+fn invalid(file: &str, doc: &Document, kind: &str, message: &dyn std::fmt::Display) -> LintError {
     LintError::Invalid {
         file: file.into(),
         line: doc.first_line,
@@ -198,7 +198,7 @@ fn int_or_string(
     })
 }
 
-/// Lints the files' documents together (a PodDisruptionBudget in one file covers a Deployment
+/// Lints the files' documents together (a `PodDisruptionBudget` in one file covers a Deployment
 /// in another). Findings come sorted by file and line.
 pub fn lint(files: &[(String, String)]) -> Result<Vec<Finding>, LintError> {
     let mut parsed = Vec::new();
@@ -220,7 +220,7 @@ pub fn lint(files: &[(String, String)]) -> Result<Vec<Finding>, LintError> {
             match (kind, api) {
                 ("Deployment", _) => {
                     let d: Deployment = serde_json::from_value(doc.value.clone())
-                        .map_err(|e| invalid(file, doc, kind, e))?;
+                        .map_err(|e| invalid(file, doc, kind, &e))?;
                     let spec = d.spec;
                     let strategy = spec.strategy.unwrap_or_default();
                     let rolling = strategy.rolling_update.unwrap_or_default();
@@ -239,9 +239,10 @@ pub fn lint(files: &[(String, String)]) -> Result<Vec<Finding>, LintError> {
                     });
                 }
                 ("Rollout", a) if a.starts_with("argoproj.io/") => {
-                    let template: PodTemplateSpec =
-                        serde_json::from_value(doc.value["spec"]["template"].clone())
-                            .map_err(|e| invalid(file, doc, kind, format!("spec.template: {e}")))?;
+                    let template: PodTemplateSpec = serde_json::from_value(
+                        doc.value["spec"]["template"].clone(),
+                    )
+                    .map_err(|e| invalid(file, doc, kind, &format!("spec.template: {e}")))?;
                     let metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta =
                         serde_json::from_value(doc.value["metadata"].clone()).unwrap_or_default();
                     workloads.push(Workload {
@@ -260,7 +261,7 @@ pub fn lint(files: &[(String, String)]) -> Result<Vec<Finding>, LintError> {
                 ("PodDisruptionBudget", _) => {
                     budgets.push(
                         serde_json::from_value(doc.value.clone())
-                            .map_err(|e| invalid(file, doc, kind, e))?,
+                            .map_err(|e| invalid(file, doc, kind, &e))?,
                     );
                 }
                 _ => {}
@@ -509,7 +510,7 @@ fn check(w: &Workload<'_>, budgets: &[PodDisruptionBudget], out: &mut Vec<Findin
                     "terminationGracePeriodSeconds {} leaves the app {}s after the preStop to \
                      finish its requests before SIGKILL",
                     grace.as_secs(),
-                    (grace - longest_pre_stop).as_secs_f64()
+                    grace.saturating_sub(longest_pre_stop).as_secs_f64()
                 ),
                 fix,
             );

@@ -77,7 +77,7 @@ enum Command {
     /// Check Deployments and Argo Rollouts against the practices that keep a rolling update from
     /// losing requests: maxUnavailable 0 with a surge, a readiness probe, a preStop that covers
     /// endpoint propagation and does not signal the app, a grace period longer than the preStop
-    /// plus the drain, a PodDisruptionBudget. Each finding has its line, why it loses requests,
+    /// plus the drain, a pod disruption budget. Each finding has its line, why it loses requests,
     /// and the fix. Exit 0: no error (warnings allowed); 1: an error finding; 3: a file could
     /// not be read or is not Kubernetes YAML.
     Lint {
@@ -97,7 +97,7 @@ enum Command {
     /// errors; 2: timed out; 3: could not ask (no agent, unknown pod).
     ///
     /// With --self, for a preStop exec hook in place of `sleep N`: the pod is the one this runs
-    /// in (POD_NAME and POD_NAMESPACE from the downward API), the agent is reached through the
+    /// in (`POD_NAME` and `POD_NAMESPACE` from the downward API), the agent is reached through the
     /// node's socket (mount the host's /run/draingate), and it also waits until the pod is no
     /// longer a ready endpoint of any Service. It logs why it returned.
     #[command(verbatim_doc_comment)]
@@ -110,7 +110,7 @@ enum Command {
         /// Namespace of --pod.
         #[arg(long, short = 'n')]
         namespace: Option<String>,
-        /// This pod (POD_NAME, POD_NAMESPACE), once out of the Service endpoints: for preStop.
+        /// This pod (`POD_NAME`, `POD_NAMESPACE`), once out of the Service endpoints: for preStop.
         #[arg(long = "self", id = "self_")]
         self_: bool,
         /// Give up after this long, e.g. `30s`, `2m` (at most 1h).

@@ -33,7 +33,7 @@ struct Shared {
     slice_watch: Watch,
 }
 
-/// The running fake API server. Its first pod watch and first EndpointSlice watch stream what
+/// The running fake API server. Its first pod watch and first `EndpointSlice` watch stream what
 /// is sent through [`FakeKubeApi::pod_event`] and [`FakeKubeApi::slice_event`]; later watches
 /// stay open and silent.
 pub struct FakeKubeApi {
@@ -92,7 +92,7 @@ impl FakeKubeApi {
         let _ = self.pod_tx.send(json!({"type": kind, "object": object}));
     }
 
-    /// Streams an EndpointSlice watch event.
+    /// Streams an `EndpointSlice` watch event.
     pub fn slice_event(&self, kind: &str, slice: &Value) {
         let _ = self.slice_tx.send(json!({"type": kind, "object": slice}));
     }
@@ -127,7 +127,7 @@ async fn pods_handler(
         "metadata": {"resourceVersion": "1001"},
         "items": shared.pods,
     });
-    answer(&shared, "pods", query, list, &shared.pod_watch)
+    answer(&shared, "pods", query, &list, &shared.pod_watch)
 }
 
 async fn slices_handler(
@@ -139,14 +139,14 @@ async fn slices_handler(
         "metadata": {"resourceVersion": "2001"},
         "items": shared.slices,
     });
-    answer(&shared, "endpointslices", query, list, &shared.slice_watch)
+    answer(&shared, "endpointslices", query, &list, &shared.slice_watch)
 }
 
 fn answer(
     shared: &Shared,
     path: &str,
     query: HashMap<String, String>,
-    list: Value,
+    list: &Value,
     watch: &Watch,
 ) -> Response {
     let watching = query.get("watch").is_some_and(|w| w == "true" || w == "1");

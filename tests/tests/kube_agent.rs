@@ -1,5 +1,5 @@
 //! The agent as the DaemonSet runs it (`deploy/agent.yaml`): `--source kubernetes`, as uid 0 with
-//! every capability gone but CAP_BPF and CAP_PERFMON, against a local server answering in the
+//! every capability gone but `CAP_BPF` and `CAP_PERFMON`, against a local server answering in the
 //! API server's JSON (`draingate_tests::kube_api`). The pod it lists has the address of a real
 //! network namespace, as a CNI would have set it up; the kernel programs must count that pod's
 //! refusals under its Kubernetes name, and its deletionTimestamp must open its window.
@@ -133,6 +133,21 @@ fn the_kubernetes_agent_counts_a_pods_failures_with_only_cap_bpf_and_cap_perfmon
     // Listed under its Kubernetes identity, with its owner.
     let seen = wait_for("the pod", || pod_json(&socket, name));
     assert_eq!(seen["namespace"], "shop", "{seen:#}");
+    assert_eq!(
+        (
+            &seen["owner_kind"],
+            &seen["owner_name"],
+            &seen["pod_template_hash"],
+            &seen["node"]
+        ),
+        (
+            &json!("Deployment"),
+            &json!("web"),
+            &json!("7c9d5b8f4"),
+            &json!("node-a")
+        ),
+        "{seen:#}"
+    );
     assert_eq!(seen["phase"], "running", "{seen:#}");
     assert_eq!(seen["addresses"][0], link.b_addr.to_string());
 

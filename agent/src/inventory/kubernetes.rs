@@ -1,12 +1,12 @@
 //! The `kubernetes` source: a kube-rs watch of the pods bound to this node (field selector
-//! `spec.nodeName`), and of the EndpointSlices that route to them.
+//! `spec.nodeName`), and of the `EndpointSlices` that route to them.
 //!
 //! - Each pod gives its namespace, name, uid, IPs (`status.podIPs`), owner (its controlling
-//!   ReplicaSet's Deployment, or Argo Rollout, named from the ReplicaSet's name and the pod's
-//!   `pod-template-hash` / `rollouts-pod-template-hash` label, so no read access to ReplicaSets is
+//!   `ReplicaSet`'s Deployment, or Argo Rollout, named from the `ReplicaSet`'s name and the pod's
+//!   `pod-template-hash` / `rollouts-pod-template-hash` label, so no read access to `ReplicaSets` is
 //!   needed), its deletionTimestamp (which opens its termination window) and whether all its
 //!   containers terminated (its exit, as seen without hostPID).
-//! - EndpointSlices say when a pod stopped taking new connections from its Services: the first
+//! - `EndpointSlices` say when a pod stopped taking new connections from its Services: the first
 //!   time one of its endpoints is no longer `ready` (terminating endpoints stay listed with
 //!   `ready: false`), or is removed, after it had been ready.
 //! - Pods on the host network are left out: their address is the node's.
@@ -45,7 +45,7 @@ struct Shared {
     pods: BTreeMap<String, ObservedPod>,
     /// Pods being listed again after a (re)connect; they replace `pods` at the list's end.
     relisting: Option<BTreeMap<String, ObservedPod>>,
-    /// Pods (by uid) with a ready endpoint in some EndpointSlice now, by slice.
+    /// Pods (by uid) with a ready endpoint in some `EndpointSlice` now, by slice.
     ready_in: HashMap<String, HashSet<String>>,
     /// When each pod left its Services' endpoints.
     left_endpoints: HashMap<String, SystemTime>,
@@ -59,7 +59,7 @@ pub struct KubernetesSource {
 }
 
 impl KubernetesSource {
-    /// Starts watching the pods bound to `node`, and the EndpointSlices, through `client`.
+    /// Starts watching the pods bound to `node`, and the `EndpointSlices`, through `client`.
     #[must_use]
     pub fn start(client: &Client, node: &str) -> Self {
         let shared = Arc::new(Mutex::new(Shared::default()));
@@ -94,7 +94,7 @@ impl KubernetesSource {
             while let Some(event) = stream.next().await {
                 match event {
                     Ok(event) => {
-                        apply_slice_event(&mut lock(&slice_shared), event, SystemTime::now())
+                        apply_slice_event(&mut lock(&slice_shared), event, SystemTime::now());
                     }
                     Err(err) => {
                         tracing::debug!(error = %err, "watching EndpointSlices; retrying");
@@ -109,13 +109,6 @@ impl KubernetesSource {
     #[must_use]
     pub fn status(&self) -> KubeStatus {
         lock(&self.shared).status.clone()
-    }
-
-    /// A handle that reads the status from another task (the HTTP face).
-    #[must_use]
-    pub fn status_handle(&self) -> impl Fn() -> KubeStatus + Send + Sync + 'static {
-        let shared = Arc::clone(&self.shared);
-        move || lock(&shared).status.clone()
     }
 }
 
@@ -303,7 +296,7 @@ fn owner(pod: &Pod) -> PodMeta {
                 };
             }
         };
-        // A Deployment's (or Rollout's) ReplicaSet is named `<owner>-<hash>`.
+        // A Deployment's (or Rollout's) `ReplicaSet` is named `<owner>-<hash>`.
         if let Some(name) = controller.name.strip_suffix(&format!("-{hash}")) {
             return PodMeta {
                 owner_kind: kind.into(),
