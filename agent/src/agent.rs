@@ -443,6 +443,7 @@ impl Agent {
         }
         drain.timeline.left_endpoints = pod.left_endpoints;
         drain.in_service = pod.in_service;
+        drain.grace_period = pod.grace_period;
         Ok(())
     }
 

@@ -130,6 +130,9 @@ pub fn pod_message(pod: &PodDrain, node: &str) -> pb::Pod {
         pod_template_hash: pod.meta.pod_template_hash.clone(),
         node: node.to_owned(),
         in_service: pod.in_service,
+        grace_period_seconds: pod
+            .grace_period
+            .map_or(0, |g| u32::try_from(g.as_secs()).unwrap_or(u32::MAX)),
     }
 }
 

@@ -115,6 +115,8 @@ pub struct PodDrain {
     pub meta: crate::inventory::PodMeta,
     /// A ready endpoint of some Service now (Kubernetes source).
     pub in_service: bool,
+    /// Its termination grace period, when the source knows it.
+    pub grace_period: Option<std::time::Duration>,
     pub slot: u32,
     pub addresses: Vec<IpAddr>,
     pub pids: Vec<u32>,
@@ -138,6 +140,7 @@ impl PodDrain {
             id,
             meta: crate::inventory::PodMeta::default(),
             in_service: false,
+            grace_period: None,
             slot,
             addresses: Vec::new(),
             pids: Vec::new(),

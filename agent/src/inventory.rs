@@ -41,6 +41,8 @@ pub struct ObservedPod {
     pub left_endpoints: Option<std::time::SystemTime>,
     /// A ready endpoint of some Service now, for a source that knows.
     pub in_service: bool,
+    /// Its termination grace period, for a source that knows.
+    pub grace_period: Option<std::time::Duration>,
 }
 
 /// What a pod belongs to, as the rollout gate groups pods: its top owner (a Deployment through
@@ -202,6 +204,7 @@ impl InventorySource for LocalSource {
                 exited_at: None,
                 left_endpoints: None,
                 in_service: false,
+                grace_period: None,
                 id: PodId {
                     namespace: info.namespace.unwrap_or_else(|| LOCAL_NAMESPACE.into()),
                     name,

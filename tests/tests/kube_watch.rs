@@ -109,6 +109,7 @@ fn the_watcher_follows_a_pod_from_listing_to_deletion() {
         ("Deployment", "web", "7c9d5b8f4")
     );
     assert_eq!(web.deleting_since, None);
+    assert_eq!(web.grace_period, Some(Duration::from_secs(30)));
     let cart = find(&pods, "uid-cart-1").unwrap();
     assert_eq!(
         (cart.meta.owner_kind.as_str(), cart.meta.owner_name.as_str()),

@@ -263,6 +263,11 @@ pub fn observe(pod: &Pod) -> Option<ObservedPod> {
         exited_at,
         left_endpoints: None,
         in_service: false,
+        grace_period: meta
+            .deletion_grace_period_seconds
+            .or_else(|| spec.and_then(|s| s.termination_grace_period_seconds))
+            .and_then(|s| u64::try_from(s).ok())
+            .map(std::time::Duration::from_secs),
     })
 }
 

@@ -80,6 +80,10 @@ pub struct Pod {
     /// A ready endpoint of some Service now (Kubernetes source; false in local mode).
     #[prost(bool, tag = "16")]
     pub in_service: bool,
+    /// Its termination grace period (Kubernetes: deletionGracePeriodSeconds once deleting, else
+    /// terminationGracePeriodSeconds); 0 when unknown.
+    #[prost(uint32, tag = "17")]
+    pub grace_period_seconds: u32,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListPodsRequest {}
