@@ -345,25 +345,7 @@ impl TestAgent {
     /// `GET path` on the agent's HTTP endpoints: status code and body.
     #[must_use]
     pub fn http_get(&self, path: &str) -> (u16, String) {
-        use std::io::{Read as _, Write as _};
-        let mut conn = std::net::TcpStream::connect(self.http).expect("connect to HTTP");
-        write!(
-            conn,
-            "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
-        )
-        .expect("send request");
-        let mut response = String::new();
-        conn.read_to_string(&mut response).expect("read response");
-        let status = response
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .expect("status code");
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, body)| body.to_owned())
-            .unwrap_or_default();
-        (status, body)
+        http_request(self.http, "GET", path, "").expect("HTTP request to the agent")
     }
 
     /// Polls the pod named `name` until `done` holds, and returns it as the API shows it; panics
@@ -441,6 +423,36 @@ impl Drop for ChildGuard {
         }
         let _ = self.0.wait();
     }
+}
+
+/// One HTTP/1.1 request (`body` sent as JSON when not empty) on a new connection: the status
+/// code and the body.
+pub fn http_request(
+    addr: impl std::net::ToSocketAddrs,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> std::io::Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut conn = std::net::TcpStream::connect(addr)?;
+    write!(
+        conn,
+        "{method} {path} HTTP/1.1\r\nHost: draingate\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut response = String::new();
+    conn.read_to_string(&mut response)?;
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status line in {response:?}")))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
 }
 
 /// The `draingate` binary of this build. `cargo xtask test` builds it before the tests run.

@@ -5,13 +5,12 @@
 //! rollout must be the rehearsal's; an agent killed mid-check must make it unknown.
 
 use std::{
-    io::{Read as _, Write as _},
     process::{Command, Stdio},
     sync::Mutex,
     time::{Duration, Instant},
 };
 
-use draingate_tests::{ChildGuard, PinDir, build_bin, draingate_bin, require_root};
+use draingate_tests::{ChildGuard, PinDir, build_bin, draingate_bin, http_request, require_root};
 use serde_json::Value;
 
 /// Each test rehearses a rollout: one at a time, as in the accuracy suite.
@@ -26,26 +25,7 @@ fn free_port() -> u16 {
 
 /// `METHOD path` with an optional JSON body against `addr`: status and body.
 fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut conn = std::net::TcpStream::connect(addr).expect("connect to the gate");
-    write!(
-        conn,
-        "{method} {path} HTTP/1.1\r\nHost: gate\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("send");
-    let mut response = String::new();
-    conn.read_to_string(&mut response).expect("read");
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status");
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    http_request(addr, method, path, body).expect("HTTP request to the gate")
 }
 
 /// Waits until `addr` answers `/healthz`.

@@ -10,7 +10,7 @@ use std::{
 };
 
 use draingate_tests::{
-    ChildGuard, Family, Link, PinDir, draingate_bin,
+    ChildGuard, Family, Link, PinDir, draingate_bin, http_request,
     kube_api::{FakeKubeApi, pod},
     require_root,
 };
@@ -24,17 +24,7 @@ fn free_port() -> u16 {
 }
 
 fn get(addr: &str, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read as _, Write as _};
-    let mut conn = std::net::TcpStream::connect(addr).ok()?;
-    write!(
-        conn,
-        "GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    conn.read_to_string(&mut response).ok()?;
-    let status = response.split(' ').nth(1)?.parse().ok()?;
-    Some((status, response.split_once("\r\n\r\n")?.1.to_owned()))
+    http_request(addr, "GET", path, "").ok()
 }
 
 /// `draingate pods -o json` against the agent: the pod named `name`.

@@ -77,8 +77,24 @@ fn assert_agent_matches_clients(report: &Value) {
         clients += n(&pod["client_connection_errors"]);
     }
     assert_eq!(agent, clients);
-    // Every failure the clients saw is a reset or a refusal some pod's kernel saw.
-    assert_eq!(n(&report["clients"]["failed"]), clients, "{report:#}");
+    // Every failure the clients saw is a reset or a refusal some pod's kernel saw, except those
+    // with no packet from any pod to see (a timeout, or an address that became unreachable as
+    // its pod's sandbox went: a rare race of the last connects to a removed pod). The report
+    // names those on their pod; they must stay rare.
+    let outcomes = &report["clients"]["outcomes"];
+    let invisible: u64 = ["timeout", "connect_timeout", "unreachable"]
+        .iter()
+        .map(|k| outcomes[*k].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(
+        n(&report["clients"]["failed"]),
+        clients + invisible,
+        "{report:#}"
+    );
+    assert!(
+        invisible <= 2,
+        "{invisible} failures no pod could see: {report:#}"
+    );
     assert_eq!(old_pods(report).len(), 3);
 }
 

@@ -256,27 +256,27 @@ fn flagger_body(
     Ok((hook, query))
 }
 
-/// 200 when the rollout is clean so far (pass, or nothing terminated yet); 412 with the reason
-/// otherwise, which Flagger does not retry.
-async fn flagger_gate(
-    State(gate): State<Arc<Gate>>,
+/// Answers a Flagger webhook: 200 when `yes` holds for the judgement, 412 (which Flagger does not
+/// retry) otherwise or when the gate cannot judge; the verdict body either way.
+async fn flagger_answer(
+    gate: &Gate,
     body: Result<Json<FlaggerHook>, JsonRejection>,
+    hook_type: &'static str,
+    yes: fn(&Judgement) -> bool,
 ) -> Response {
     let (hook, query) = match flagger_body(body) {
         Ok(parsed) => parsed,
         Err(response) => return *response,
     };
-    let judgement = gate.check(&query, Face::Flagger).await;
-    let (clean, body) = match &judgement {
+    let (answer, body) = match &gate.check(&query, Face::Flagger).await {
         Ok(j) => (
-            j.verdict == pb::Verdict::Pass
-                || (j.verdict == pb::Verdict::Pending && j.terminating_pods == 0),
+            yes(j),
             serde_json::to_value(VerdictBody::new(&query, j)).unwrap_or_default(),
         ),
         Err(e) => (false, serde_json::json!({ "error": e.to_string() })),
     };
-    tracing::info!(canary = %hook.name, namespace = %hook.namespace, phase = %hook.phase, clean, "flagger gate");
-    let status = if clean {
+    tracing::info!(canary = %hook.name, namespace = %hook.namespace, phase = %hook.phase, hook_type, answer, "flagger webhook");
+    let status = if answer {
         StatusCode::OK
     } else {
         StatusCode::PRECONDITION_FAILED
@@ -284,30 +284,24 @@ async fn flagger_gate(
     (status, Json(body)).into_response()
 }
 
+/// 200 when the rollout is clean so far (pass, or nothing terminated yet); 412 otherwise.
+async fn flagger_gate(
+    State(gate): State<Arc<Gate>>,
+    body: Result<Json<FlaggerHook>, JsonRejection>,
+) -> Response {
+    flagger_answer(&gate, body, "gate", |j| {
+        j.verdict == pb::Verdict::Pass
+            || (j.verdict == pb::Verdict::Pending && j.terminating_pods == 0)
+    })
+    .await
+}
+
 /// 200 (roll back) only when the rollout failed; 412 otherwise.
 async fn flagger_rollback(
     State(gate): State<Arc<Gate>>,
     body: Result<Json<FlaggerHook>, JsonRejection>,
 ) -> Response {
-    let (hook, query) = match flagger_body(body) {
-        Ok(parsed) => parsed,
-        Err(response) => return *response,
-    };
-    let judgement = gate.check(&query, Face::Flagger).await;
-    let (dirty, body) = match &judgement {
-        Ok(j) => (
-            j.verdict == pb::Verdict::Fail,
-            serde_json::to_value(VerdictBody::new(&query, j)).unwrap_or_default(),
-        ),
-        Err(e) => (false, serde_json::json!({ "error": e.to_string() })),
-    };
-    tracing::info!(canary = %hook.name, namespace = %hook.namespace, phase = %hook.phase, rollback = dirty, "flagger rollback");
-    let status = if dirty {
-        StatusCode::OK
-    } else {
-        StatusCode::PRECONDITION_FAILED
-    };
-    (status, Json(body)).into_response()
+    flagger_answer(&gate, body, "rollback", |j| j.verdict == pb::Verdict::Fail).await
 }
 
 /// Flagger's events, logged; always 200.

@@ -171,25 +171,13 @@ impl AgentProcess {
         agent
     }
 
-    fn get(&self, path: &str) -> Option<String> {
-        let mut conn = TcpStream::connect(self.http).ok()?;
-        write!(
-            conn,
-            "GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut response = String::new();
-        conn.read_to_string(&mut response).ok()?;
-        Some(response)
-    }
-
     fn ready(&self) -> bool {
-        self.get("/readyz")
-            .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+        draingate_tests::http_request(self.http, "GET", "/readyz", "")
+            .is_ok_and(|(status, _)| status == 200)
     }
 
     fn pods(&self) -> usize {
-        self.get("/metrics").map_or(0, |m| {
+        draingate_tests::http_request(self.http, "GET", "/metrics", "").map_or(0, |(_, m)| {
             m.lines()
                 .filter(|l| l.starts_with("draingate_pod_open_connections{"))
                 .count()
