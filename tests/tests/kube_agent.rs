@@ -2,7 +2,8 @@
 //! every capability gone but `CAP_BPF` and `CAP_PERFMON`, against a local server answering in the
 //! API server's JSON (`draingate_tests::kube_api`). The pod it lists has the address of a real
 //! network namespace, as a CNI would have set it up; the kernel programs must count that pod's
-//! refusals under its Kubernetes name, and its deletionTimestamp must open its window.
+//! refusals under its Kubernetes name, and its deletionTimestamp must open its window. When the
+//! API server goes away, `/readyz` must say so while the kernel keeps counting.
 
 use std::{
     process::{Command, Stdio},
@@ -173,8 +174,31 @@ fn the_kubernetes_agent_counts_a_pods_failures_with_only_cap_bpf_and_cap_perfmon
                 |(_, q)| q.get("fieldSelector").map(String::as_str) == Some("spec.nodeName=node-a")
             )
     );
+
+    // The API server goes away: /readyz says so, and the kernel keeps counting meanwhile.
+    drop(api);
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = get(&http, "/readyz");
+        if let Some((503, reason)) = &ready
+            && reason.contains("node-a")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never reported the lost API server: {ready:?}\n{}",
+            agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(link.a.run(|| std::net::TcpStream::connect(closed)).is_err());
+    let counted = wait_for("a refusal while the API is gone", || {
+        pod_json(&socket, name).filter(|p| p["refused"] == 3)
+    });
+    assert_eq!(counted["errors"], 2, "{counted:#}");
     agent.signal(nix::sys::signal::Signal::SIGTERM);
     let _ = agent.0.wait();
-    drop(runtime);
     let _ = std::fs::remove_dir_all(&dir);
 }
