@@ -34,6 +34,18 @@ pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:9562";
 /// Longest `wait` a check may ask for.
 pub const MAX_WAIT: Duration = Duration::from_mins(10);
 
+/// `wait` when it is within [`MAX_WAIT`]; both faces take their waits through this.
+pub fn check_wait(wait: Duration) -> Result<Duration, QueryError> {
+    if wait > MAX_WAIT {
+        return Err(QueryError(format!(
+            "wait {} is longer than the gate's limit of {}",
+            humantime::format_duration(wait),
+            humantime::format_duration(MAX_WAIT)
+        )));
+    }
+    Ok(wait)
+}
+
 /// The workload kinds whose pods the agents report with an owner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
@@ -649,8 +661,7 @@ impl Gate {
     /// The verdict now, from a fresh round of the agents' answers (or one shared with a
     /// concurrent check), falling back to the history when the agents no longer know the pods.
     pub async fn check(&self, query: &Query, face: Face) -> Result<Judgement, JudgeError> {
-        let round = self.pool.round().await;
-        self.observe(&round);
+        let round = self.round().await;
         let judged = judge(query, &round.answers, round.at);
         let result = match judged {
             Ok(j) if j.terminating_pods == 0 && j.verdict == pb::Verdict::Pending => {
@@ -709,8 +720,7 @@ impl Gate {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
-            let round = self.pool.round().await;
-            self.observe(&round);
+            let round = self.round().await;
             self.metrics.rollouts.clear();
             self.metrics.rollout_errors.clear();
             for query in rollouts_in(&round.answers) {
@@ -736,6 +746,15 @@ impl Gate {
                 .history
                 .set(i64::try_from(kept).unwrap_or(i64::MAX));
         }
+    }
+
+    /// A round of the agents' answers; a new one goes into the metrics once.
+    async fn round(&self) -> std::sync::Arc<pool::Round> {
+        let (round, new) = self.pool.round().await;
+        if new {
+            self.observe(&round);
+        }
+        round
     }
 
     fn observe(&self, round: &pool::Round) {
@@ -799,6 +818,17 @@ impl Gate {
 
 #[cfg(test)]
 mod tests;
+
+/// One connection per agent in flight: lifts the soft open-files limit to the hard one.
+pub fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(err) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!(error = %err, soft, "cannot raise the open-files limit");
+    }
+}
 
 /// Where the gate listens.
 #[derive(Debug, Clone)]

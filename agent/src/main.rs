@@ -483,7 +483,7 @@ async fn gate_serve(args: GateServeArgs) -> anyhow::Result<ExitCode> {
         }
         pool::Discovery::Static(agents)
     };
-    raise_fd_limit();
+    gate::raise_open_files_limit();
     let gate = std::sync::Arc::new(gate::Gate::new(gate::GateConfig {
         pool: pool::PoolConfig {
             discovery,
@@ -501,17 +501,6 @@ async fn gate_serve(args: GateServeArgs) -> anyhow::Result<ExitCode> {
     };
     gate::serve(gate, &listen, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// One connection per agent: lift the soft open-files limit to the hard one.
-fn raise_fd_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
-        && soft < hard
-        && let Err(err) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
-    {
-        tracing::warn!(error = %err, soft, "cannot raise the open-files limit");
-    }
 }
 
 async fn gate_check(args: GateCheckArgs) -> anyhow::Result<ExitCode> {

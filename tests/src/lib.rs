@@ -425,6 +425,15 @@ impl Drop for ChildGuard {
     }
 }
 
+/// A loopback port free now (for a process this test starts to listen on).
+#[must_use]
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
 /// One HTTP/1.1 request (`body` sent as JSON when not empty) on a new connection: the status
 /// code and the body.
 pub fn http_request(

@@ -10,18 +10,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use draingate_tests::{ChildGuard, PinDir, build_bin, draingate_bin, http_request, require_root};
+use draingate_tests::{
+    ChildGuard, PinDir, build_bin, draingate_bin, free_port, http_request, require_root,
+};
 use serde_json::Value;
 
 /// Each test rehearses a rollout: one at a time, as in the accuracy suite.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
 
 /// `METHOD path` with an optional JSON body against `addr`: status and body.
 fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {

@@ -11,18 +11,11 @@ use std::{
 };
 
 use draingate_tests::{
-    ChildGuard, Family, Link, PinDir, draingate_bin, http_request,
+    ChildGuard, Family, Link, PinDir, draingate_bin, free_port, http_request,
     kube_api::{FakeKubeApi, pod},
     require_root,
 };
 use serde_json::{Value, json};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
 
 fn get(addr: &str, path: &str) -> Option<(u16, String)> {
     http_request(addr, "GET", path, "").ok()

@@ -41,12 +41,7 @@ fn parse(request: &pb::CheckRequest) -> Result<(Query, Duration), Status> {
         Some(d) => Duration::try_from(d)
             .map_err(|_| Status::invalid_argument("wait must not be negative"))?,
     };
-    if wait > MAX_WAIT {
-        return Err(Status::invalid_argument(format!(
-            "wait is longer than the gate's limit of {}",
-            humantime::format_duration(MAX_WAIT)
-        )));
-    }
+    let wait = super::check_wait(wait).map_err(|e| Status::invalid_argument(e.0))?;
     Ok((query, wait))
 }
 

@@ -51,13 +51,7 @@ fn parse_wait(wait: Option<&str>) -> Result<Duration, QueryError> {
         humantime::parse_duration(wait)
             .map_err(|e| QueryError(format!("invalid wait {wait:?}: {e}")))
     })?;
-    if parsed > super::MAX_WAIT {
-        return Err(QueryError(format!(
-            "wait {wait} is longer than the gate's limit of {}",
-            humantime::format_duration(super::MAX_WAIT)
-        )));
-    }
-    Ok(parsed)
+    super::check_wait(parsed)
 }
 
 impl VerdictParams {

@@ -106,16 +106,17 @@ impl AgentPool {
     }
 
     /// A round of answers no older than the `reuse` setting; concurrent callers share one.
-    pub async fn round(&self) -> Arc<Round> {
+    /// The flag is true for the caller whose call asked the agents (a new round).
+    pub async fn round(&self) -> (Arc<Round>, bool) {
         let mut last = self.last.lock().await;
         if let Some(round) = last.as_ref()
             && round.started.elapsed() < self.config.reuse
         {
-            return Arc::clone(round);
+            return (Arc::clone(round), false);
         }
         let round = Arc::new(self.ask_all().await);
         *last = Some(Arc::clone(&round));
-        round
+        (round, true)
     }
 
     /// A connection to `target` for this round only. Kept connections would cost about

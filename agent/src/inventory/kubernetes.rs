@@ -88,13 +88,19 @@ impl KubernetesSource {
         });
         let slices: Api<EndpointSlice> = Api::all(client.clone());
         let slice_shared = Arc::clone(&shared);
+        let slice_node = node.to_owned();
         tokio::spawn(async move {
             let mut stream =
                 Box::pin(watcher(slices, watcher::Config::default()).default_backoff());
             while let Some(event) = stream.next().await {
                 match event {
                     Ok(event) => {
-                        apply_slice_event(&mut lock(&slice_shared), event, SystemTime::now());
+                        apply_slice_event(
+                            &mut lock(&slice_shared),
+                            &slice_node,
+                            event,
+                            SystemTime::now(),
+                        );
                     }
                     Err(err) => {
                         tracing::debug!(error = %err, "watching EndpointSlices; retrying");
@@ -153,8 +159,14 @@ fn apply_pod_event(shared: &mut Shared, event: watcher::Event<Pod>) {
     }
 }
 
-/// Records, per pod, when its last ready endpoint went away.
-fn apply_slice_event(shared: &mut Shared, event: watcher::Event<EndpointSlice>, now: SystemTime) {
+/// Records, per pod of `node`, when its last ready endpoint went away. Endpoints of other
+/// nodes are left out, so the state stays the size of this node's pods, not the cluster's.
+fn apply_slice_event(
+    shared: &mut Shared,
+    node: &str,
+    event: watcher::Event<EndpointSlice>,
+    now: SystemTime,
+) {
     let (slice, deleted) = match event {
         watcher::Event::Apply(s) | watcher::Event::InitApply(s) => (s, false),
         watcher::Event::Delete(s) => (s, true),
@@ -172,6 +184,7 @@ fn apply_slice_event(shared: &mut Shared, event: watcher::Event<EndpointSlice>, 
             .endpoints
             .iter()
             .flatten()
+            .filter(|e| e.node_name.as_deref().is_none_or(|n| n == node))
             .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
             .filter_map(|e| e.target_ref.as_ref())
             .filter(|r| r.kind.as_deref() == Some("Pod"))

@@ -220,16 +220,10 @@ fn status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn raise_fd_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-    }
-}
-
 fn main() {
     let args = Args::parse();
-    raise_fd_limit();
+    // A thousand agents' listeners and their connections.
+    draingate::gate::raise_open_files_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -248,22 +242,13 @@ async fn run(args: Args) {
     std::fs::create_dir_all(&dir).expect("temporary directory");
     let agents_file = dir.join("agents.txt");
     std::fs::write(&agents_file, addrs.join("\n")).expect("write the agents file");
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-    };
+    let free = || format!("127.0.0.1:{}", draingate_tests::free_port());
     let (http, grpc) = (free(), free());
     let gate = ChildGuard(
         Command::new(draingate_bin())
             .args(["gate", "serve", "--agents-file"])
             .arg(&agents_file)
-            .args([
-                "--http-addr",
-                &http.to_string(),
-                "--grpc-addr",
-                &grpc.to_string(),
-            ])
+            .args(["--http-addr", &http, "--grpc-addr", &grpc])
             .args(["--concurrency", &args.concurrency.to_string()])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
