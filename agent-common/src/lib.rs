@@ -151,6 +151,16 @@ pub mod event_kind {
     pub const EXIT: u8 = 6;
 }
 
+/// `reason` of a `CONNECT_FAILED` event: how the connect ended.
+pub mod connect_failure {
+    /// No answer from the address: a timeout, an ICMP error, or the client gave up. The address
+    /// never saw the connection, so only the client's side can count it (the peer view).
+    pub const NO_ANSWER: u32 = 0;
+    /// The address answered the SYN with a reset: refused there, and counted there when that
+    /// side is a watched pod.
+    pub const RESET: u32 = 1;
+}
+
 /// `slot` of an event that the kernel could not attribute to a pod.
 pub const NO_SLOT: u32 = u32::MAX;
 
@@ -163,7 +173,8 @@ pub struct NotableEvent {
     pub slot: u32,
     /// Process id (tgid) for SIGNAL and EXIT events.
     pub pid: u32,
-    /// `sk_rst_reason` of a reset sent, where the kernel gives one (6.10+); 0 otherwise.
+    /// `sk_rst_reason` of a reset sent, where the kernel gives one (6.10+); 0 otherwise. For
+    /// `CONNECT_FAILED`, one of [`connect_failure`].
     pub reason: u32,
     pub kind: u8,
     /// TCP state of the socket at the time, 0 when there was no socket.

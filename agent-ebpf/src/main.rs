@@ -24,8 +24,8 @@ use aya_ebpf::{
 };
 use draingate_common::{
     AddrKey, ConnKey, EVENTS_RING_BYTES, LossCounters, MAX_ADDRS, MAX_RESET_CONNS, MAX_SLOTS,
-    MAX_SOCKETS, MAX_TASKS, NO_SLOT, NotableEvent, SlotCounters, SocketEntry, event_kind,
-    tcp_state,
+    MAX_SOCKETS, MAX_TASKS, NO_SLOT, NotableEvent, SlotCounters, SocketEntry, connect_failure,
+    event_kind, tcp_state,
 };
 
 const AF_INET: u16 = 2;
@@ -336,13 +336,26 @@ fn emit_set_state_event(rec: &Record, slot: u32, old: u32, time_ns: u64) -> Resu
             AddrKey::v6(rec.get(&SSS_DADDR_V6)?),
         ),
     };
+    let conn = ConnKey {
+        local,
+        remote,
+        local_port: rec.get(&SSS_SPORT)?,
+        remote_port: rec.get(&SSS_DPORT)?,
+    };
+    // tcp_receive_reset marked the tuple if the SYN was answered with a reset.
+    let reason = if recently_reset(&conn, time_ns) {
+        connect_failure::RESET
+    } else {
+        connect_failure::NO_ANSWER
+    };
     emit(&NotableEvent {
         time_ns,
         slot,
+        reason,
         kind: event_kind::CONNECT_FAILED,
         tcp_state: old as u8,
-        local_port: rec.get(&SSS_SPORT)?,
-        remote_port: rec.get(&SSS_DPORT)?,
+        local_port: conn.local_port,
+        remote_port: conn.remote_port,
         local,
         remote,
         ..NotableEvent::default()
@@ -513,10 +526,6 @@ fn try_tcp_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
     let Some((slot, state)) = socket_or_address(sk, &local) else {
         return Ok(());
     };
-    // A reset answering our SYN is a failed connect, counted once when the socket closes.
-    if state == tcp_state::SYN_SENT {
-        return Ok(());
-    }
     let local_port: u16 = rec.get(&RCV_SPORT)?;
     let remote_port: u16 = rec.get(&RCV_DPORT)?;
     let conn = ConnKey {
@@ -525,6 +534,14 @@ fn try_tcp_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
         local_port,
         remote_port,
     };
+    // A reset answering our SYN is a failed connect, counted once when the socket closes; the
+    // mark tells that close the peer answered (refused, and counted there), which a connect
+    // that got no answer at all did not.
+    if state == tcp_state::SYN_SENT {
+        // A full map evicts its oldest entry (LRU); a failed update only loses the mark.
+        let _ = RESET_CONNS.insert(&conn, now(), 0);
+        return Ok(());
+    }
     if !first_reset(&conn, now()) {
         return Ok(());
     }

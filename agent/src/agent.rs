@@ -2,14 +2,14 @@
 //! notable events from the ring buffer, and keeps every pod's drain state for the API.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     net::IpAddr,
     os::unix::fs::MetadataExt as _,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
-use draingate_common::{MAX_SLOTS, NO_SLOT, NotableEvent, event_kind, tcp_state};
+use draingate_common::{MAX_SLOTS, NO_SLOT, NotableEvent, connect_failure, event_kind, tcp_state};
 use tokio::sync::{broadcast, watch};
 
 use crate::{
@@ -80,6 +80,55 @@ pub struct AgentState {
     pub node: String,
     /// Why the inventory may be incomplete now (API server unreachable), for /readyz.
     pub inventory_problem: Option<String>,
+    /// This node's clients' connects that got no answer from an address that is not a pod here,
+    /// oldest first, for the gate to match with pods on other nodes (the peer view).
+    pub peer_failures: VecDeque<PodEvent>,
+    /// The newest peer failure dropped for room: the list is complete only after it.
+    pub peer_failures_dropped_at: Option<SystemTime>,
+}
+
+/// Most peer failures kept for the gate; older ones are dropped first, and the gate is told.
+pub const MAX_PEER_FAILURES: usize = 1024;
+
+impl AgentState {
+    /// Records a connect by a pod here that got no answer from `event.remote`: a failure of the
+    /// pod at that address, if it is a pod here inside its window, else one for the gate.
+    fn peer_failure(&mut self, event: &PodEvent) -> Option<PodEvent> {
+        // The pod that had the address at the time: the newest one seen before it.
+        let target = self
+            .pods
+            .values_mut()
+            .filter(|p| {
+                p.addresses.contains(&event.remote)
+                    && p.timeline.first_seen.is_none_or(|seen| seen <= event.time)
+            })
+            .max_by_key(|p| p.timeline.first_seen);
+        let Some(target) = target else {
+            if self.peer_failures.len() == MAX_PEER_FAILURES
+                && let Some(dropped) = self.peer_failures.pop_front()
+            {
+                self.peer_failures_dropped_at = Some(dropped.time);
+            }
+            self.peer_failures.push_back(event.clone());
+            return None;
+        };
+        if !target.in_window(event.time) {
+            return None;
+        }
+        target.peer_failures += 1;
+        let seen = PodEvent {
+            pod: target.id.clone(),
+            kind: EventKind::PeerConnectFailed,
+            local: event.remote,
+            local_port: event.remote_port,
+            remote: event.local,
+            remote_port: event.local_port,
+            in_window: true,
+            ..event.clone()
+        };
+        target.push_event(seen.clone());
+        Some(seen)
+    }
 }
 
 impl AgentState {
@@ -306,8 +355,9 @@ impl Agent {
             if !seen.contains(uid) && drain.timeline.gone_at.is_none() {
                 tracing::info!(pod = %drain.id.name, uid, "pod gone");
                 drain.timeline.gone_at = Some(now);
-                for addr in std::mem::take(&mut drain.addresses) {
-                    self.probes.unwatch(addr)?;
+                // The addresses stay on record: peers' connects to them are still its failures.
+                for addr in &drain.addresses {
+                    self.probes.unwatch(*addr)?;
                 }
                 for pid in std::mem::take(&mut drain.pids) {
                     self.probes.untrack_task(pid)?;
@@ -333,8 +383,9 @@ impl Agent {
             }
             if let Some(gone) = drain.timeline.gone_at {
                 let since = now.duration_since(gone).unwrap_or_default();
-                if since >= linger {
+                if since >= linger && !drain.window_closed {
                     drain.window_closed = true;
+                    drain.timeline.window_closed_at = Some(gone + linger);
                 }
                 if since >= linger + retention {
                     expired.push(uid.clone());
@@ -345,6 +396,14 @@ impl Agent {
             if let Some(drain) = state.pods.remove(&uid) {
                 self.free_slots.insert(drain.slot);
             }
+        }
+        // Peer failures are kept as long as finished pods are.
+        while state
+            .peer_failures
+            .front()
+            .is_some_and(|f| now.duration_since(f.time).unwrap_or_default() >= linger + retention)
+        {
+            state.peer_failures.pop_front();
         }
         self.last_loss = lost_total;
         // After the first resync, what no pod claimed back is stale: stop watching those
@@ -531,11 +590,7 @@ impl Agent {
                 else {
                     return;
                 };
-                let in_window = pod
-                    .timeline
-                    .terminating_since
-                    .is_some_and(|since| time >= since)
-                    && !pod.window_closed;
+                let in_window = pod.in_window(time);
                 let pod_event = PodEvent {
                     pod: pod.id.clone(),
                     kind,
@@ -549,8 +604,15 @@ impl Agent {
                     in_window,
                 };
                 pod.push_event(pod_event.clone());
+                let peer = (kind == EventKind::ConnectFailed
+                    && event.reason == connect_failure::NO_ANSWER)
+                    .then(|| state.peer_failure(&pod_event))
+                    .flatten();
                 // Nobody following is fine.
                 let _ = self.events.send(pod_event);
+                if let Some(peer) = peer {
+                    let _ = self.events.send(peer);
+                }
             }
         }
     }
@@ -574,7 +636,89 @@ pub fn describe(id: &PodId) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::process_alive;
+    use std::{
+        net::IpAddr,
+        time::{Duration, SystemTime},
+    };
+
+    use super::{AgentState, MAX_PEER_FAILURES, process_alive};
+    use crate::{
+        drain::{EventKind, PodDrain, PodEvent},
+        inventory::PodId,
+    };
+
+    fn t(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + secs)
+    }
+
+    fn id(name: &str) -> PodId {
+        PodId {
+            namespace: "default".into(),
+            name: name.into(),
+            uid: format!("uid-{name}"),
+        }
+    }
+
+    /// A connect by `client` (10.0.0.1) to `to` at `secs` that got no answer.
+    fn no_answer(to: &str, secs: u64) -> PodEvent {
+        PodEvent {
+            pod: id("client"),
+            kind: EventKind::ConnectFailed,
+            time: t(secs),
+            local: IpAddr::from([10, 0, 0, 1]),
+            local_port: 40_000,
+            remote: to.parse().unwrap(),
+            remote_port: 8080,
+            tcp_state: "SYN_SENT",
+            reason: 0,
+            in_window: false,
+        }
+    }
+
+    #[test]
+    fn a_connect_to_a_pod_here_that_got_no_answer_is_that_pods_failure_in_its_window() {
+        let mut state = AgentState::default();
+        let mut server = PodDrain::new(id("server"), 1, t(0));
+        server.addresses = vec!["10.0.0.2".parse().unwrap()];
+        state.pods.insert("uid-server".into(), server);
+
+        // Running: not its drain's failure, and not the gate's either (the pod is here).
+        assert!(state.peer_failure(&no_answer("10.0.0.2", 10)).is_none());
+        assert!(state.peer_failures.is_empty());
+
+        state.pods.get_mut("uid-server").unwrap().open_window(t(20));
+        let seen = state.peer_failure(&no_answer("10.0.0.2", 30)).unwrap();
+        assert_eq!(seen.kind, EventKind::PeerConnectFailed);
+        assert_eq!(
+            (seen.local, seen.remote),
+            (
+                "10.0.0.2".parse::<IpAddr>().unwrap(),
+                IpAddr::from([10, 0, 0, 1])
+            )
+        );
+        let server = &state.pods["uid-server"];
+        assert_eq!((server.peer_failures, server.errors()), (1, 1));
+        assert_eq!(server.events.len(), 1);
+        assert!(
+            server
+                .verdict_and_reason()
+                .1
+                .contains("1 connects to it got no answer")
+        );
+        assert!(state.peer_failures.is_empty());
+    }
+
+    #[test]
+    fn connects_to_other_addresses_are_kept_for_the_gate_bounded() {
+        let mut state = AgentState::default();
+        for i in 0..MAX_PEER_FAILURES as u64 + 2 {
+            assert!(state.peer_failure(&no_answer("10.9.0.1", i)).is_none());
+        }
+        assert_eq!(state.peer_failures.len(), MAX_PEER_FAILURES);
+        // The two oldest went, and the gate is told from when the list is whole.
+        assert_eq!(state.peer_failures_dropped_at, Some(t(1)));
+        assert_eq!(state.peer_failures.front().unwrap().time, t(2));
+    }
 
     #[test]
     fn a_process_is_alive_until_it_exits() {

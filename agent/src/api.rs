@@ -3,6 +3,7 @@
 
 use std::{path::PathBuf, pin::Pin, time::Duration};
 
+use draingate_common::connect_failure;
 use draingate_proto::v1::{
     self as pb,
     agent_server::{Agent as AgentService, AgentServer},
@@ -124,6 +125,7 @@ pub fn pod_message(pod: &PodDrain, node: &str) -> pb::Pod {
             drained_at: timestamp(t.drained_at),
             exited_at: timestamp(t.exited_at),
             sigkill_at: timestamp(t.sigkill_at),
+            window_closed_at: timestamp(t.window_closed_at),
         }),
         owner_kind: pod.meta.owner_kind.clone(),
         owner_name: pod.meta.owner_name.clone(),
@@ -133,6 +135,7 @@ pub fn pod_message(pod: &PodDrain, node: &str) -> pb::Pod {
         grace_period_seconds: pod
             .grace_period
             .map_or(0, |g| u32::try_from(g.as_secs()).unwrap_or(u32::MAX)),
+        peer_failures: pod.peer_failures,
     }
 }
 
@@ -150,6 +153,7 @@ pub fn event_message(event: &PodEvent) -> pb::Event {
             EventKind::ResetReceived => pb::EventKind::ResetReceived,
             EventKind::Refused => pb::EventKind::Refused,
             EventKind::ConnectFailed => pb::EventKind::ConnectFailed,
+            EventKind::PeerConnectFailed => pb::EventKind::PeerConnectFailed,
         }
         .into(),
         time: Some(prost_types::Timestamp::from(event.time)),
@@ -158,10 +162,16 @@ pub fn event_message(event: &PodEvent) -> pb::Event {
         remote_address: event.remote.to_string(),
         remote_port: event.remote_port.into(),
         tcp_state: event.tcp_state.to_owned(),
-        reason: if event.reason == 0 {
-            String::new()
-        } else {
-            event.reason.to_string()
+        reason: match event.kind {
+            EventKind::ConnectFailed | EventKind::PeerConnectFailed => {
+                if event.reason == connect_failure::RESET {
+                    "reset".into()
+                } else {
+                    "no answer".into()
+                }
+            }
+            _ if event.reason == 0 => String::new(),
+            _ => event.reason.to_string(),
         },
         in_window: event.in_window,
     }
@@ -181,9 +191,10 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 impl AgentService for AgentApi {
     async fn list_pods(
         &self,
-        _request: Request<pb::ListPodsRequest>,
+        request: Request<pb::ListPodsRequest>,
     ) -> Result<Response<pb::ListPodsResponse>, Status> {
         let state = self.state();
+        let with_peers = request.get_ref().peer_failures;
         Ok(Response::new(pb::ListPodsResponse {
             pods: state
                 .pods
@@ -192,6 +203,14 @@ impl AgentService for AgentApi {
                 .collect(),
             lost_events: state.lost_events,
             node: state.node.clone(),
+            peer_failures: if with_peers {
+                state.peer_failures.iter().map(event_message).collect()
+            } else {
+                Vec::new()
+            },
+            peer_failures_complete_since: timestamp(
+                state.peer_failures_dropped_at.filter(|_| with_peers),
+            ),
         }))
     }
 

@@ -150,6 +150,7 @@ pub fn pod_json(pod: &pb::Pod) -> Value {
             "refused": window.refused,
             "failed_connects": window.failed_connects,
         },
+        "peer_failures": pod.peer_failures,
         "errors": pod.errors,
         "open_at_exit": pod.open_at_exit,
         "verdict": verdict_name(pod.verdict),
@@ -167,6 +168,7 @@ pub fn pod_json(pod: &pb::Pod) -> Value {
             "drained_at": rfc3339(t.drained_at.as_ref()),
             "exited_at": rfc3339(t.exited_at.as_ref()),
             "sigkill_at": rfc3339(t.sigkill_at.as_ref()),
+            "window_closed_at": rfc3339(t.window_closed_at.as_ref()),
         },
     })
 }
@@ -204,6 +206,7 @@ pub fn event_kind_name(kind: i32) -> &'static str {
         pb::EventKind::ResetReceived => EventKind::ResetReceived,
         pb::EventKind::Refused => EventKind::Refused,
         pb::EventKind::ConnectFailed => EventKind::ConnectFailed,
+        pb::EventKind::PeerConnectFailed => EventKind::PeerConnectFailed,
         pb::EventKind::Unspecified => return "unknown",
     };
     kind.as_str()

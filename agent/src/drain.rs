@@ -68,6 +68,8 @@ pub struct Timeline {
     pub left_endpoints: Option<SystemTime>,
     /// Its addresses (namespace) disappeared; the window closes a linger later.
     pub gone_at: Option<SystemTime>,
+    /// The window closed (`gone_at` plus the linger): the totals are final.
+    pub window_closed_at: Option<SystemTime>,
 }
 
 /// What kind of failure an event is.
@@ -77,6 +79,8 @@ pub enum EventKind {
     ResetReceived,
     Refused,
     ConnectFailed,
+    /// A client on this node got no answer connecting to this pod (the peer view).
+    PeerConnectFailed,
 }
 
 impl EventKind {
@@ -87,6 +91,7 @@ impl EventKind {
             Self::ResetReceived => "reset_received",
             Self::Refused => "refused",
             Self::ConnectFailed => "connect_failed",
+            Self::PeerConnectFailed => "peer_connect_failed",
         }
     }
 }
@@ -102,7 +107,8 @@ pub struct PodEvent {
     pub remote: IpAddr,
     pub remote_port: u16,
     pub tcp_state: &'static str,
-    /// Kernel reset reason number (6.10+), 0 when unknown.
+    /// Kernel reset reason number (6.10+), 0 when unknown; for a failed connect, one of
+    /// `draingate_common::connect_failure`.
     pub reason: u32,
     /// Inside the termination window: counts as an error (for kinds that are errors).
     pub in_window: bool,
@@ -118,6 +124,7 @@ pub struct PodDrain {
     /// Its termination grace period, when the source knows it.
     pub grace_period: Option<std::time::Duration>,
     pub slot: u32,
+    /// Its addresses; once it is gone, the last ones it had (peers may still try them).
     pub addresses: Vec<IpAddr>,
     pub pids: Vec<u32>,
     /// Counters over the pod's life (while the agent watched it), frozen when the window closes;
@@ -129,6 +136,8 @@ pub struct PodDrain {
     /// Why the counts are incomplete, when they are.
     pub lost: Option<String>,
     pub window_closed: bool,
+    /// Connects to the pod by clients on this node that got no answer, inside the window.
+    pub peer_failures: u64,
     pub events: VecDeque<PodEvent>,
     pub events_dropped: u64,
 }
@@ -152,6 +161,7 @@ impl PodDrain {
             open_at_exit: None,
             lost: None,
             window_closed: false,
+            peer_failures: 0,
             events: VecDeque::new(),
             events_dropped: 0,
         }
@@ -212,13 +222,22 @@ impl PodDrain {
         }
     }
 
-    /// Failures inside the window: resets the pod sent or received on its connections and
-    /// connections it refused. Its own failed connects to others are shown but are not its
-    /// drain's failures.
+    /// Failures inside the window: resets the pod sent or received on its connections,
+    /// connections it refused, and connects to it that got no answer (the peer view). Its own
+    /// failed connects to others are shown but are not its drain's failures.
     #[must_use]
     pub fn errors(&self) -> u64 {
         let w = self.window();
-        w.resets_sent + w.resets_received + w.refused
+        w.resets_sent + w.resets_received + w.refused + self.peer_failures
+    }
+
+    /// Whether a failure at `time` falls inside the termination window.
+    #[must_use]
+    pub fn in_window(&self, time: SystemTime) -> bool {
+        self.timeline
+            .terminating_since
+            .is_some_and(|since| time >= since)
+            && !self.window_closed
     }
 
     #[must_use]
@@ -249,13 +268,14 @@ impl PodDrain {
         let errors = self.errors();
         if errors > 0 {
             let w = self.window();
-            return (
-                Verdict::Fail,
-                format!(
-                    "{errors} errors while terminating: {} resets sent, {} received, {} refused",
-                    w.resets_sent, w.resets_received, w.refused
-                ),
+            let mut reason = format!(
+                "{errors} errors while terminating: {} resets sent, {} received, {} refused",
+                w.resets_sent, w.resets_received, w.refused
             );
+            if self.peer_failures > 0 {
+                reason += &format!(", {} connects to it got no answer", self.peer_failures);
+            }
+            return (Verdict::Fail, reason);
         }
         if let Some(open) = self.open_at_exit.filter(|&open| open > 0) {
             return (

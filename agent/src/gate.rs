@@ -7,10 +7,15 @@
 //! is conclusive even with a node missing); it is `unknown` when an agent could not be asked or
 //! a pod's evidence is incomplete (never `pass`); `pending` while a pod still drains or none has
 //! started terminating; `pass` when every terminated pod passed.
+//!
+//! Before the rule, each pod gets the peer view from the other nodes (`PeerIndex`): connects
+//! to its addresses by clients there that got no answer inside its window fail it, and a node
+//! that dropped such evidence from that time makes it `unknown`.
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     fmt::Write as _,
+    net::{IpAddr, SocketAddr},
     sync::Mutex,
     time::{Duration, SystemTime},
 };
@@ -206,6 +211,34 @@ pub struct AgentAnswer {
     pub result: Result<pb::ListPodsResponse, String>,
     /// Every workload with a pod on the node, terminating or not: (namespace, kind, name).
     pub workloads: std::collections::HashSet<(String, String, String)>,
+    /// The node's clients' connects that got no answer from an address not on that node.
+    pub peer_failures: Vec<PeerFailure>,
+    /// The agent dropped older peer failures: its list is complete only from this time on.
+    pub peer_failures_complete_since: Option<SystemTime>,
+}
+
+/// A client's connect that got no answer, kept small (a round may hold many).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerFailure {
+    pub time: SystemTime,
+    /// The address it connected to.
+    pub remote: IpAddr,
+    /// The client's address and port.
+    pub client: SocketAddr,
+}
+
+impl PeerFailure {
+    /// From an agent's event; `None` for one that is malformed (never trusted to parse).
+    fn from_event(event: &pb::Event) -> Option<Self> {
+        Some(Self {
+            time: SystemTime::try_from(event.time?).ok()?,
+            remote: event.remote_address.parse().ok()?,
+            client: SocketAddr::new(
+                event.local_address.parse().ok()?,
+                u16::try_from(event.local_port).ok()?,
+            ),
+        })
+    }
 }
 
 impl AgentAnswer {
@@ -227,11 +260,21 @@ impl AgentAnswer {
             .collect();
         list.pods.retain(|p| pod_verdict(p) != pb::Verdict::None);
         list.pods.shrink_to_fit();
+        let peer_failures = std::mem::take(&mut list.peer_failures)
+            .iter()
+            .filter_map(PeerFailure::from_event)
+            .collect();
+        let peer_failures_complete_since = list
+            .peer_failures_complete_since
+            .take()
+            .map(|t| SystemTime::try_from(t).unwrap_or(SystemTime::UNIX_EPOCH));
         Self {
             target,
             node,
             result: Ok(list),
             workloads,
+            peer_failures,
+            peer_failures_complete_since,
         }
     }
 
@@ -243,6 +286,8 @@ impl AgentAnswer {
             node,
             result: Err(error),
             workloads: std::collections::HashSet::new(),
+            peer_failures: Vec::new(),
+            peer_failures_complete_since: None,
         }
     }
 
@@ -361,6 +406,10 @@ pub fn judge(
     if !known && unreachable.is_empty() {
         return Err(JudgeError::UnknownWorkload(query.describe()));
     }
+    let peers = PeerIndex::new(answers, &pods);
+    for pod in &mut pods {
+        peers.apply(pod);
+    }
     pods.sort_by_key(pod_name);
 
     let with =
@@ -462,6 +511,111 @@ pub fn judge(
         checked_at,
         from_history: false,
     })
+}
+
+fn time(t: Option<&prost_types::Timestamp>) -> Option<SystemTime> {
+    t.and_then(|t| SystemTime::try_from(*t).ok())
+}
+
+/// Every node's clients' failed connects to the judged pods' addresses, by address, gathered
+/// in one pass over the round; and which nodes dropped such evidence, from when.
+struct PeerIndex<'a> {
+    by_address: HashMap<IpAddr, Vec<(&'a str, PeerFailure)>>,
+    incomplete: Vec<(&'a str, SystemTime)>,
+}
+
+impl<'a> PeerIndex<'a> {
+    fn new(answers: &'a [AgentAnswer], pods: &[pb::Pod]) -> Self {
+        let mut by_address: HashMap<IpAddr, Vec<(&'a str, PeerFailure)>> = pods
+            .iter()
+            .flat_map(|p| p.addresses.iter().filter_map(|a| a.parse().ok()))
+            .map(|a| (a, Vec::new()))
+            .collect();
+        let mut incomplete = Vec::new();
+        for answer in answers.iter().filter(|a| a.result.is_ok()) {
+            let node = answer.node.as_deref().unwrap_or(answer.target.as_str());
+            for failure in &answer.peer_failures {
+                if let Some(list) = by_address.get_mut(&failure.remote) {
+                    list.push((node, *failure));
+                }
+            }
+            if let Some(complete) = answer.peer_failures_complete_since {
+                incomplete.push((node, complete));
+            }
+        }
+        Self {
+            by_address,
+            incomplete,
+        }
+    }
+
+    /// The peer view of one judged pod: connects to its addresses by clients on other nodes
+    /// that got no answer inside its window (its agent counted its own node's already). Any
+    /// such failure fails the pod; a node whose list is incomplete for the window makes a
+    /// passing or pending pod `unknown`. Updates the pod's `errors`, `peer_failures`, verdict
+    /// and reason.
+    fn apply(&self, pod: &mut pb::Pod) {
+        let timeline = pod.timeline.unwrap_or_default();
+        let Some(since) = time(timeline.terminating_since.as_ref()) else {
+            return;
+        };
+        let until = time(timeline.window_closed_at.as_ref());
+        let elsewhere = |node: &str| pod.node.is_empty() || node != pod.node;
+        let mut count = 0u64;
+        let mut first: Option<(&str, PeerFailure)> = None;
+        for address in pod
+            .addresses
+            .iter()
+            .filter_map(|a| a.parse::<IpAddr>().ok())
+        {
+            for &(node, failure) in self.by_address.get(&address).into_iter().flatten() {
+                if elsewhere(node)
+                    && failure.time >= since
+                    && until.is_none_or(|until| failure.time < until)
+                {
+                    count += 1;
+                    if first.is_none_or(|(_, f)| failure.time < f.time) {
+                        first = Some((node, failure));
+                    }
+                }
+            }
+        }
+        let verdict = pod_verdict(pod);
+        if let Some((node, failure)) = first {
+            pod.peer_failures += count;
+            pod.errors += count;
+            let what = format!(
+                "{count} connects to it from other nodes got no answer (first: {} on {node} \
+                 to {} at {})",
+                failure.client,
+                failure.remote,
+                humantime::format_rfc3339_millis(failure.time)
+            );
+            if matches!(verdict, pb::Verdict::Unknown | pb::Verdict::Fail) {
+                // Lost data stays unknown, as on the agent; a failure adds to the reason.
+                pod.reason = format!("{}; {what}", pod.reason);
+            } else {
+                pod.verdict = pb::Verdict::Fail.into();
+                pod.reason = what;
+            }
+            return;
+        }
+        let incomplete: Vec<String> = self
+            .incomplete
+            .iter()
+            .filter(|&&(node, complete)| elsewhere(node) && since < complete)
+            .map(|(node, complete)| {
+                format!(
+                    "{node} dropped failed connects older than {}",
+                    humantime::format_rfc3339_millis(*complete)
+                )
+            })
+            .collect();
+        if !incomplete.is_empty() && matches!(verdict, pb::Verdict::Pass | pb::Verdict::Pending) {
+            pod.verdict = pb::Verdict::Unknown.into();
+            pod.reason = format!("peer view incomplete: {}", incomplete.join("; "));
+        }
+    }
 }
 
 /// Every rollout with terminated pods in one round of answers: (namespace, kind, name, hash)
@@ -833,8 +987,8 @@ pub fn raise_open_files_limit() {
 /// Where the gate listens.
 #[derive(Debug, Clone)]
 pub struct GateListen {
-    pub http: std::net::SocketAddr,
-    pub grpc: std::net::SocketAddr,
+    pub http: SocketAddr,
+    pub grpc: SocketAddr,
 }
 
 /// Serves both faces, and polls the agents, until `shutdown` resolves.
@@ -846,7 +1000,7 @@ pub async fn serve(
     use draingate_proto::v1::gate_server::GateServer;
 
     use crate::api::ServeError;
-    let bind = |addr: std::net::SocketAddr| async move {
+    let bind = |addr: SocketAddr| async move {
         tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| ServeError::Listen {

@@ -607,7 +607,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
 async fn pods(addr: &AgentAddr, output: PodsOutput) -> anyhow::Result<ExitCode> {
     let mut client = cli::connect(addr).await?;
     let response = client
-        .list_pods(pb::ListPodsRequest {})
+        .list_pods(pb::ListPodsRequest::default())
         .await
         .map_err(cli::CliError::from)?
         .into_inner();
@@ -642,7 +642,7 @@ async fn top(addr: &AgentAddr) -> anyhow::Result<ExitCode> {
             _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
         }
         let response = client
-            .list_pods(pb::ListPodsRequest {})
+            .list_pods(pb::ListPodsRequest::default())
             .await
             .map_err(cli::CliError::from)?
             .into_inner();

@@ -56,9 +56,15 @@ fn connect(link: &Link, addr: SocketAddr) -> std::io::Result<TcpStream> {
 
 /// Starts the test server in namespace `b` and waits until it accepts connections.
 fn start_server(link: &Link, mode: &str) -> (ChildGuard, SocketAddr) {
+    start_server_with(link, &["--mode", mode])
+}
+
+fn start_server_with(link: &Link, args: &[&str]) -> (ChildGuard, SocketAddr) {
     let addr = SocketAddr::new(link.b_addr, PORT);
     let listen = addr.to_string();
-    let server = ChildGuard::spawn_in(&link.b, SERVER, &["--listen", &listen, "--mode", mode]);
+    let mut all = vec!["--listen", listen.as_str()];
+    all.extend_from_slice(args);
+    let server = ChildGuard::spawn_in(&link.b, SERVER, &all);
     let deadline = Instant::now() + Duration::from_secs(10);
     while connect(link, addr).is_err() {
         assert!(Instant::now() < deadline, "the test server never listened");
@@ -294,4 +300,127 @@ fn a_new_pod_that_reuses_a_gone_pods_namespace_inode_is_a_new_pod() {
     );
     let new = agent.wait_for_pod(current.name(), |_| true);
     assert_eq!(new.pod.expect("pod ref").uid, format!("netns-{old_inode}"));
+}
+
+/// The peer view on one node: after a pod drained and exited, a client here connects to its
+/// address and gets no answer (its node now answers "host unreachable", as for a sandbox that
+/// is gone). The pod never saw that connect; the client's kernel did, and the pod fails for it.
+/// A connect the pod refused with a reset is counted once, by the pod, not again as a peer's.
+#[test]
+fn a_connect_that_gets_no_answer_from_a_terminated_pod_fails_it_and_a_refusal_counts_once() {
+    require_root();
+    let link = Link::new("peer", Family::V4);
+    let agent = TestAgent::start();
+    // It stops listening at SIGTERM and exits a second later: time for the agent to tie the
+    // signal to a process it may not have scanned yet.
+    let (mut server, addr) = start_server_with(&link, &["--mode", "slow", "--drain-time", "1s"]);
+    let (pod_name, client_name) = (link.b.name().to_owned(), link.a.name().to_owned());
+    agent.wait_for_pod(&pod_name, |p| !p.addresses.is_empty());
+    agent.wait_for_pod(&client_name, |p| !p.addresses.is_empty());
+    server.signal(Signal::SIGTERM);
+    assert!(server.0.wait().expect("server exit").success());
+    let pod = agent.wait_for_pod(&pod_name, |p| {
+        !matches!(verdict(p), Verdict::None | Verdict::Pending)
+    });
+    assert_eq!(verdict(&pod), Verdict::Pass, "{pod:#?}");
+
+    // (Connects made before the server listened failed too.)
+    let failed_before = agent
+        .wait_for_pod(&client_name, |_| true)
+        .total
+        .expect("totals")
+        .failed_connects;
+    let status = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            link.b.name(),
+            "iptables",
+            "-A",
+            "INPUT",
+            "-p",
+            "tcp",
+        ])
+        .args(["--dport", &PORT.to_string(), "-j", "REJECT"])
+        .args(["--reject-with", "icmp-host-unreachable"])
+        .status()
+        .expect("run iptables");
+    assert!(status.success(), "iptables: {status}");
+    let unanswered = connect(&link, addr).expect_err("no answer from the pod");
+    assert_eq!(
+        unanswered.raw_os_error(),
+        Some(nix::libc::EHOSTUNREACH),
+        "{unanswered}"
+    );
+    let refused = connect(&link, SocketAddr::new(link.b_addr, 9)).expect_err("refused");
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+
+    let pod = agent.wait_for_pod(&pod_name, |p| p.errors >= 2);
+    assert_eq!(verdict(&pod), Verdict::Fail, "{pod:#?}");
+    let window = pod.window.expect("window");
+    assert_eq!(
+        (pod.errors, pod.peer_failures, window.refused),
+        (2, 1, 1),
+        "{pod:#?}"
+    );
+    assert!(
+        pod.reason.contains("1 connects to it got no answer"),
+        "{}",
+        pod.reason
+    );
+    // Both were the client's own failed connects too.
+    let client = agent.wait_for_pod(&client_name, |p| {
+        p.total
+            .is_some_and(|t| t.failed_connects == failed_before + 2)
+    });
+    assert_eq!(client.errors, 0, "{client:#?}");
+
+    // The events say which was which. (A refusal's reason is the kernel's reset reason, which
+    // differs between kernels.)
+    let expected = [
+        (&pod_name, "peer_connect_failed", Some("no answer")),
+        (&pod_name, "refused", None),
+        (&client_name, "connect_failed", Some("no answer")),
+        (&client_name, "connect_failed", Some("reset")),
+    ];
+    let ours = [link.a_addr.to_string(), link.b_addr.to_string()];
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let events = agent.with_client(async |client| {
+            let mut stream = client
+                .stream_events(draingate_proto::v1::StreamEventsRequest::default())
+                .await
+                .expect("events")
+                .into_inner();
+            let mut all = Vec::new();
+            while let Some(event) = stream.message().await.expect("event") {
+                all.push(event);
+            }
+            all
+        });
+        let seen: Vec<(String, String, String)> = events
+            .iter()
+            .filter(|e| ours.contains(&e.remote_address))
+            .map(|e| {
+                (
+                    e.pod.as_ref().map(|p| p.name.clone()).unwrap_or_default(),
+                    draingate::cli::event_kind_name(e.kind).to_owned(),
+                    e.reason.clone(),
+                )
+            })
+            .collect();
+        let missing: Vec<_> = expected
+            .iter()
+            .filter(|(pod, kind, reason)| {
+                !seen.iter().any(|(p, k, r)| {
+                    p == *pod && k == kind && reason.is_none_or(|reason| reason == r)
+                })
+            })
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no {missing:?} in {seen:#?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -207,7 +207,9 @@ impl AgentPool {
 
 async fn ask(channel: Channel, timeout: Duration) -> Result<pb::ListPodsResponse, String> {
     let mut client = AgentClient::new(channel).max_decoding_message_size(MAX_ANSWER_BYTES);
-    let request = tonic::Request::new(pb::ListPodsRequest {});
+    let request = tonic::Request::new(pb::ListPodsRequest {
+        peer_failures: true,
+    });
     match tokio::time::timeout(timeout, client.list_pods(request)).await {
         Err(_) => Err(format!("no answer within {timeout:?}")),
         Ok(Err(status)) => Err(match status.code() {

@@ -36,8 +36,53 @@ fn answer(node: &str, pods: Vec<pb::Pod>) -> AgentAnswer {
             pods,
             lost_events: 0,
             node: node.into(),
+            ..pb::ListPodsResponse::default()
         },
     )
+}
+
+fn at(secs: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + secs)
+}
+
+/// A client's connect on `node` to `to` at `secs` that got no answer.
+fn no_answer(client: &str, to: &str, secs: u64) -> pb::Event {
+    pb::Event {
+        kind: pb::EventKind::ConnectFailed.into(),
+        time: Some(at(secs).into()),
+        local_address: client.into(),
+        local_port: 40_000,
+        remote_address: to.into(),
+        remote_port: 8080,
+        reason: "no answer".into(),
+        ..pb::Event::default()
+    }
+}
+
+fn clients(node: &str, failures: Vec<pb::Event>, complete_since: Option<u64>) -> AgentAnswer {
+    AgentAnswer::answered(
+        format!("{node}:9560"),
+        Some(node.into()),
+        pb::ListPodsResponse {
+            node: node.into(),
+            peer_failures: failures,
+            peer_failures_complete_since: complete_since.map(|s| at(s).into()),
+            ..pb::ListPodsResponse::default()
+        },
+    )
+}
+
+/// A pod at 10.1.0.5 that passed on n1, its window open from 100 s to 200 s.
+fn drained_at_n1() -> AgentAnswer {
+    let mut p = pod("web-a-1", "a", Pass, 0);
+    p.addresses = vec!["10.1.0.5".into()];
+    p.timeline = Some(pb::Timeline {
+        terminating_since: Some(at(100).into()),
+        drained_at: Some(at(110).into()),
+        window_closed_at: Some(at(200).into()),
+        ..pb::Timeline::default()
+    });
+    answer("n1", vec![p])
 }
 
 fn down(node: &str) -> AgentAnswer {
@@ -249,4 +294,72 @@ fn history_keeps_final_verdicts_bounded_by_size_and_age() {
     d.old = None;
     history.record(&d, &judged);
     assert!(history.is_empty(), "a verdict without its hash is not kept");
+}
+
+#[test]
+fn connects_from_other_nodes_that_got_no_answer_fail_the_pod() {
+    let answers = [
+        drained_at_n1(),
+        clients(
+            "n2",
+            vec![
+                no_answer("10.2.0.9", "10.1.0.5", 50),  // before the window
+                no_answer("10.2.0.9", "10.1.0.5", 150), // inside: counts
+                no_answer("10.2.0.7", "10.1.0.6", 150), // another address
+                no_answer("10.2.0.9", "10.1.0.5", 250), // after it closed
+            ],
+            None,
+        ),
+    ];
+    let j = judge(&web(None), &answers, SystemTime::now()).unwrap();
+    assert_eq!(j.verdict, Fail, "{}", j.reason);
+    assert_eq!(j.failed_requests, 1);
+    let p = &j.pods[0];
+    assert_eq!((p.errors, p.peer_failures), (1, 1));
+    assert!(
+        p.reason.contains("10.2.0.9:40000 on n2") && p.reason.contains("10.1.0.5"),
+        "{}",
+        p.reason
+    );
+    assert!(j.reason.contains("web-a-1 on n1"), "{}", j.reason);
+}
+
+#[test]
+fn the_pods_own_node_is_not_counted_twice() {
+    // n1's agent counted its own clients in the pod's `peer_failures` already.
+    let mut own = drained_at_n1();
+    own.peer_failures =
+        clients("n1", vec![no_answer("10.1.0.9", "10.1.0.5", 150)], None).peer_failures;
+    assert_eq!(verdict_of(&web(None), &[own]), Pass);
+}
+
+#[test]
+fn a_node_that_dropped_peer_evidence_from_the_window_makes_it_unknown() {
+    let answers = [drained_at_n1(), clients("n2", Vec::new(), Some(120))];
+    let j = judge(&web(None), &answers, SystemTime::now()).unwrap();
+    assert_eq!(j.verdict, Unknown, "{}", j.reason);
+    assert!(j.reason.contains("n2 dropped"), "{}", j.reason);
+    // Dropped before the window opened: the window's evidence is whole.
+    let answers = [drained_at_n1(), clients("n2", Vec::new(), Some(90))];
+    assert_eq!(verdict_of(&web(None), &answers), Pass);
+}
+
+#[test]
+fn malformed_peer_failures_are_skipped_not_trusted() {
+    let mut no_time = no_answer("10.2.0.9", "10.1.0.5", 150);
+    no_time.time = None;
+    let answers = [
+        drained_at_n1(),
+        clients(
+            "n2",
+            vec![
+                no_answer("10.2.0.9", "not an address", 150),
+                no_answer("nonsense", "10.1.0.5", 150),
+                no_time,
+            ],
+            None,
+        ),
+    ];
+    assert!(answers[1].peer_failures.is_empty());
+    assert_eq!(verdict_of(&web(None), &answers), Pass);
 }

@@ -38,6 +38,10 @@ pub struct Timeline {
     pub exited_at: ::core::option::Option<::prost_types::Timestamp>,
     #[prost(message, optional, tag = "6")]
     pub sigkill_at: ::core::option::Option<::prost_types::Timestamp>,
+    /// The termination window closed: the pod's addresses went away, plus a linger for peers'
+    /// late failures. Unset while it is open (or never opened).
+    #[prost(message, optional, tag = "7")]
+    pub window_closed_at: ::core::option::Option<::prost_types::Timestamp>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Pod {
@@ -84,9 +88,18 @@ pub struct Pod {
     /// terminationGracePeriodSeconds); 0 when unknown.
     #[prost(uint32, tag = "17")]
     pub grace_period_seconds: u32,
+    /// The peer view: connects to this pod's addresses by clients on this node that failed with no
+    /// answer from the pod (timeout or unreachable), inside the window. The pod never saw them; they
+    /// are part of `errors`. The gate adds clients' failures from other nodes.
+    #[prost(uint64, tag = "18")]
+    pub peer_failures: u64,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
-pub struct ListPodsRequest {}
+pub struct ListPodsRequest {
+    /// Also send `peer_failures` (the rollout gate asks; people do not need them).
+    #[prost(bool, tag = "1")]
+    pub peer_failures: bool,
+}
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ListPodsResponse {
     #[prost(message, repeated, tag = "1")]
@@ -97,6 +110,15 @@ pub struct ListPodsResponse {
     /// The node this agent watches (NODE_NAME from the downward API, or the host name).
     #[prost(string, tag = "3")]
     pub node: ::prost::alloc::string::String,
+    /// Connects by this node's pods that failed with no answer, to addresses that are not pods on
+    /// this node (those are counted in the pod's own `peer_failures`), oldest first, kept as long as
+    /// finished pods are. Only when asked for. The gate matches them to pods on other nodes.
+    #[prost(message, repeated, tag = "4")]
+    pub peer_failures: ::prost::alloc::vec::Vec<Event>,
+    /// Set when older peer failures were dropped (the list is bounded): it is complete only for
+    /// failures at or after this time.
+    #[prost(message, optional, tag = "5")]
+    pub peer_failures_complete_since: ::core::option::Option<::prost_types::Timestamp>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct GetPodRequest {
@@ -140,7 +162,8 @@ pub struct Event {
     /// Kernel TCP state name at the time of the event, e.g. "ESTABLISHED".
     #[prost(string, tag = "8")]
     pub tcp_state: ::prost::alloc::string::String,
-    /// Kernel reset reason where the kernel gives one (tcp_send_reset on 6.10+).
+    /// Kernel reset reason where the kernel gives one (tcp_send_reset on 6.10+). For a failed
+    /// connect: "reset" (the address refused it) or "no answer" (timeout or unreachable).
     #[prost(string, tag = "9")]
     pub reason: ::prost::alloc::string::String,
     /// Whether the event falls inside the pod's termination window (counts as an error).
@@ -256,6 +279,9 @@ pub enum EventKind {
     ResetReceived = 2,
     Refused = 3,
     ConnectFailed = 4,
+    /// A client on this node connected to the pod and got no answer (the pod's side of a
+    /// CONNECT_FAILED with reason "no answer"); local is the pod's address, remote the client's.
+    PeerConnectFailed = 5,
 }
 impl EventKind {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -269,6 +295,7 @@ impl EventKind {
             Self::ResetReceived => "EVENT_KIND_RESET_RECEIVED",
             Self::Refused => "EVENT_KIND_REFUSED",
             Self::ConnectFailed => "EVENT_KIND_CONNECT_FAILED",
+            Self::PeerConnectFailed => "EVENT_KIND_PEER_CONNECT_FAILED",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -279,6 +306,7 @@ impl EventKind {
             "EVENT_KIND_RESET_RECEIVED" => Some(Self::ResetReceived),
             "EVENT_KIND_REFUSED" => Some(Self::Refused),
             "EVENT_KIND_CONNECT_FAILED" => Some(Self::ConnectFailed),
+            "EVENT_KIND_PEER_CONNECT_FAILED" => Some(Self::PeerConnectFailed),
             _ => None,
         }
     }

@@ -41,6 +41,9 @@ struct Args {
     /// Pods per agent (Kubernetes' default maximum per node is 110).
     #[arg(long, default_value_t = 110)]
     pods: usize,
+    /// Failed connects each agent reports for the peer view (to addresses of no pod checked).
+    #[arg(long, default_value_t = 32)]
+    peer_failures: usize,
     /// Measured checks (each alternated with a bare fan-out).
     #[arg(long, default_value_t = 40)]
     checks: usize,
@@ -101,7 +104,7 @@ impl Agent for SimAgent {
 
 /// Node `node`'s pods: two old pods of the rollout checked (drained clean), the rest running
 /// pods of other workloads, as a busy node has them.
-fn node_pods(node: usize, pods: usize) -> pb::ListPodsResponse {
+fn node_pods(node: usize, pods: usize, peers: usize) -> pb::ListPodsResponse {
     let now = prost_types::Timestamp::from(std::time::SystemTime::now());
     let pod = |i: usize, namespace: &str, owner: &str, hash: &str, verdict: pb::Verdict| pb::Pod {
         pod: Some(pb::PodRef {
@@ -152,14 +155,30 @@ fn node_pods(node: usize, pods: usize) -> pb::ListPodsResponse {
             pb::Verdict::None,
         ));
     }
+    // A busy node's clients also failed some connects to addresses that are no pod of the
+    // rollout (a peer list the gate must scan).
+    let peer_failures = (0..peers)
+        .map(|i| pb::Event {
+            kind: pb::EventKind::ConnectFailed.into(),
+            time: Some(now),
+            local_address: format!("10.{}.{}.{}", node / 256, node % 256, i % 100 + 2),
+            local_port: 40_000 + u32::try_from(i).unwrap_or(0),
+            remote_address: format!("10.250.{}.{}", node % 256, i),
+            remote_port: 5432,
+            reason: "no answer".into(),
+            ..pb::Event::default()
+        })
+        .collect();
     pb::ListPodsResponse {
         pods: list,
         lost_events: 0,
         node: format!("node-{node}"),
+        peer_failures,
+        peer_failures_complete_since: None,
     }
 }
 
-async fn start_agents(count: usize, pods: usize) -> Vec<String> {
+async fn start_agents(count: usize, pods: usize, peers: usize) -> Vec<String> {
     let mut addrs = Vec::with_capacity(count);
     for node in 0..count {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -167,7 +186,7 @@ async fn start_agents(count: usize, pods: usize) -> Vec<String> {
             .expect("bind an agent");
         addrs.push(listener.local_addr().expect("address").to_string());
         let service = AgentServer::new(SimAgent {
-            pods: Arc::new(node_pods(node, pods)),
+            pods: Arc::new(node_pods(node, pods, peers)),
         });
         tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
@@ -193,7 +212,7 @@ async fn bare_fanout(
         tasks.spawn(async move {
             let _permit = limit.acquire_owned().await;
             client
-                .list_pods(pb::ListPodsRequest {})
+                .list_pods(pb::ListPodsRequest::default())
                 .await
                 .map_or(0, |r| r.into_inner().pods.len())
         });
@@ -237,7 +256,7 @@ async fn run(args: Args) {
         "starting {} simulated agents with {} pods each",
         args.agents, args.pods
     );
-    let addrs = start_agents(args.agents, args.pods).await;
+    let addrs = start_agents(args.agents, args.pods, args.peer_failures).await;
     let dir = std::env::temp_dir().join(format!("draingate-gate-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temporary directory");
     let agents_file = dir.join("agents.txt");
@@ -346,8 +365,8 @@ async fn run(args: Args) {
     );
     let (b50, b99) = (percentile(&bare_times, 50), percentile(&bare_times, 99));
     let command = format!(
-        "sudo -E cargo xtask bench --only gate (draingate-gate-bench --agents {} --pods {} --checks {} --concurrency {})",
-        args.agents, args.pods, args.checks, args.concurrency
+        "sudo -E cargo xtask bench --only gate (draingate-gate-bench --agents {} --pods {} --peer-failures {} --checks {} --concurrency {})",
+        args.agents, args.pods, args.peer_failures, args.checks, args.concurrency
     );
     let mut report = String::new();
     let _ = writeln!(
@@ -358,8 +377,9 @@ async fn run(args: Args) {
     let _ = writeln!(
         report,
         "{} simulated agents (real tonic servers on loopback, {} pods each: {} pods, {} of them \
-         terminated pods of the rollout checked) and the real `draingate gate serve` on the same \
-         2 cores. Each check makes the gate ask every agent afresh ({} at a time); the baseline, \
+         terminated pods of the rollout checked; each also reports {} failed connects of its \
+         clients for the peer view, {} in all, to addresses of no pod checked) and the real \
+         `draingate gate serve` on the same 2 cores. Each check makes the gate ask every agent afresh ({} at a time); the baseline, \
          alternated with it, is this process asking the same agents itself over kept \
          connections: the bare gRPC fan-out, without aggregation, the gate hop or connection \
          set-up. The gate opens its connections per round: kept ones cost about 50 KiB each \
@@ -368,6 +388,8 @@ async fn run(args: Args) {
         args.pods,
         args.agents * args.pods,
         2 * args.agents,
+        args.peer_failures,
+        args.peer_failures * args.agents,
         args.concurrency,
         args.checks
     );
