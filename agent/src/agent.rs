@@ -731,7 +731,7 @@ mod tests {
         assert!(process_alive(pid));
         child.kill().expect("kill");
         // Killed but not yet reaped: a zombie, which is not alive.
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(100));
         assert!(!process_alive(pid));
         child.wait().expect("reap");
         assert!(!process_alive(pid));

@@ -2,7 +2,7 @@
 //! Pure bookkeeping: the agent feeds it counters, processes and events; nothing here touches the
 //! kernel, so every rule is unit-tested.
 
-use std::{collections::VecDeque, net::IpAddr, time::SystemTime};
+use std::{collections::VecDeque, fmt::Write as _, net::IpAddr, time::SystemTime};
 
 use crate::{inventory::PodId, loader::SlotTotals};
 
@@ -273,7 +273,11 @@ impl PodDrain {
                 w.resets_sent, w.resets_received, w.refused
             );
             if self.peer_failures > 0 {
-                reason += &format!(", {} connects to it got no answer", self.peer_failures);
+                let _ = write!(
+                    reason,
+                    ", {} connects to it got no answer",
+                    self.peer_failures
+                );
             }
             return (Verdict::Fail, reason);
         }

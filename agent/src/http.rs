@@ -40,7 +40,7 @@ pub fn render_metrics(state: &AgentState) -> String {
     let errors = Family::<PodLabels, Gauge>::default();
     let open_at_exit = Family::<PodLabels, Gauge>::default();
     let verdict = Family::<VerdictLabels, Gauge>::default();
-    let counters: [(&str, &str, Family<PodLabels, Counter>); 6] = [
+    let counters: [(&str, &str, Family<PodLabels, Counter>); 7] = [
         (
             "accepted",
             "Connections the pod accepted",
@@ -67,6 +67,11 @@ pub fn render_metrics(state: &AgentState) -> String {
             "Connects by the pod that were never established",
             Family::default(),
         ),
+        (
+            "peer_failures",
+            "Connects to the pod by clients on this node that got no answer, inside its window",
+            Family::default(),
+        ),
     ];
     for pod in state.pods.values() {
         let labels = PodLabels {
@@ -91,6 +96,7 @@ pub fn render_metrics(state: &AgentState) -> String {
             t.resets_received,
             t.refused,
             t.failed_connects,
+            pod.peer_failures,
         ]) {
             family.get_or_create(&labels).inc_by(value);
         }

@@ -11,9 +11,11 @@ use std::{
 };
 
 use draingate_tests::{
-    ChildGuard, PinDir, build_bin, draingate_bin, free_port, http_request, require_root,
+    ChildGuard, Family, Link, PinDir, build_bin, draingate_bin, free_port, http_request,
+    kube_api::{self, FakeKubeApi},
+    require_root,
 };
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// Each test rehearses a rollout: one at a time, as in the accuracy suite.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -453,4 +455,160 @@ fn a_clean_rehearsed_rollout_passes_through_the_gate_and_bad_questions_are_4xx()
         "{metrics}"
     );
     drop(held);
+}
+
+/// A `draingate agent --source kubernetes` process for node `node`, whose API server is `api`;
+/// returns it with its gRPC address once it is ready.
+fn kube_agent(
+    node: &str,
+    api: &FakeKubeApi,
+    dir: &std::path::Path,
+    pins: &PinDir,
+) -> (ChildGuard, String) {
+    let grpc = format!("127.0.0.1:{}", free_port());
+    let http_addr = format!("127.0.0.1:{}", free_port());
+    let mut agent = ChildGuard(
+        Command::new(draingate_bin())
+            .args(["agent", "--source", "kubernetes", "--node-name", node])
+            .args(["--grpc-addr", &grpc, "--http-addr", &http_addr])
+            .arg("--socket")
+            .arg(dir.join(format!("{node}.sock")))
+            .arg("--pin-dir")
+            .arg(&pins.config.pin_dir)
+            .env("KUBECONFIG", api.kubeconfig(&dir.join(node)))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run draingate agent"),
+    );
+    wait_healthy(&http_addr, &mut agent);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http(&http_addr, "GET", "/readyz", "").0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the agent of {node} never became ready"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (agent, grpc)
+}
+
+/// The peer view across nodes. A pod of the rollout on node-a drains clean and the gate says
+/// pass; then a client pod on node-b connects to the pod's address and gets no answer (as from
+/// a sandbox that is gone). Only node-b's kernel saw that; the gate must match it to the pod on
+/// node-a and fail the rollout, naming the client and its node. Each node's agent is a real
+/// `--source kubernetes` process against its own local API server (`kube_api`: the API's JSON,
+/// written by hand; no API server runs here) with its own kernel programs.
+#[test]
+fn a_failed_connect_seen_only_on_another_node_fails_the_rollout_through_the_gate() {
+    require_root();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    // a: the client pod's namespace (node-b); b: the server pod's (node-a).
+    let link = Link::new("dgpx", Family::V4);
+    let server = kube_api::pod(
+        "web-7c9d5b8f4-p33r",
+        "uid-peer-server",
+        &link.b_addr.to_string(),
+        Some(("web-7c9d5b8f4", "pod-template-hash", "7c9d5b8f4")),
+    );
+    let mut client = kube_api::pod(
+        "shop-client",
+        "uid-peer-client",
+        &link.a_addr.to_string(),
+        None,
+    );
+    client["spec"]["nodeName"] = json!("node-b");
+    let api_a = runtime.block_on(FakeKubeApi::start(vec![server.clone()], vec![]));
+    let api_b = runtime.block_on(FakeKubeApi::start(vec![client], vec![]));
+    let dir = std::env::temp_dir().join(format!("draingate-gate-peer-{}", std::process::id()));
+    for node in ["node-a", "node-b"] {
+        std::fs::create_dir_all(dir.join(node)).expect("temporary directory");
+    }
+    let (pins_a, pins_b) = (PinDir::new(), PinDir::new());
+    let (_agent_a, grpc_a) = kube_agent("node-a", &api_a, &dir, &pins_a);
+    let (_agent_b, grpc_b) = kube_agent("node-b", &api_b, &dir, &pins_b);
+    let (_gate, _http, gate) = gate_serve(&[grpc_a, grpc_b]);
+    let rollout = json!({"namespace": "shop", "workload": "web", "old_hash": "7c9d5b8f4"});
+
+    // Deleted with nothing open: it drained clean, and the gate says so.
+    let mut deleting = server;
+    deleting["metadata"]["deletionTimestamp"] =
+        json!(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string());
+    deleting["metadata"]["resourceVersion"] = json!("1002");
+    api_a.pod_event("MODIFIED", &deleting);
+    let (code, answer) = gate_check(&gate, &rollout, &["--wait", "--timeout", "30s"]);
+    assert_eq!(
+        (code, &answer["verdict"]),
+        (0, &json!("pass")),
+        "{answer:#}"
+    );
+
+    // Its address now answers "host unreachable"; the client on node-b tries it.
+    let status = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            link.b.name(),
+            "iptables",
+            "-A",
+            "INPUT",
+            "-p",
+            "tcp",
+        ])
+        .args([
+            "--dport",
+            "8080",
+            "-j",
+            "REJECT",
+            "--reject-with",
+            "icmp-host-unreachable",
+        ])
+        .status()
+        .expect("run iptables");
+    assert!(status.success(), "iptables: {status}");
+    let target = std::net::SocketAddr::new(link.b_addr, 8080);
+    let (unanswered, client_port) = link.a.run(|| {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket
+            .bind(&std::net::SocketAddr::new(link.a_addr, 0).into())
+            .expect("bind");
+        let port = socket
+            .local_addr()
+            .expect("address")
+            .as_socket()
+            .expect("inet")
+            .port();
+        (
+            socket.connect_timeout(&target.into(), Duration::from_secs(2)),
+            port,
+        )
+    });
+    let err = unanswered.expect_err("no answer from the pod");
+    assert_eq!(err.raw_os_error(), Some(nix::libc::EHOSTUNREACH), "{err}");
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let answer = loop {
+        let (code, answer) = gate_check(&gate, &rollout, &[]);
+        if code == 1 {
+            break answer;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gate never saw the peer's failure: {answer:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(answer["verdict"], "fail", "{answer:#}");
+    assert_eq!(answer["failedRequests"], 1, "{answer:#}");
+    let reason = answer["reason"].as_str().expect("reason");
+    let client = format!("{}:{client_port} on node-b", link.a_addr);
+    assert!(
+        reason.contains("web-7c9d5b8f4-p33r on node-a") && reason.contains(&client),
+        "the reason names the pod and the client that saw it fail: {reason}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
