@@ -539,7 +539,7 @@ fn try_tcp_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
     // that got no answer at all did not.
     if state == tcp_state::SYN_SENT {
         // A full map evicts its oldest entry (LRU); a failed update only loses the mark.
-        let _ = RESET_CONNS.insert(&conn, now(), 0);
+        let _ = RESET_CONNS.insert(conn, now(), 0);
         return Ok(());
     }
     if !first_reset(&conn, now()) {
