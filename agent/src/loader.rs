@@ -253,6 +253,17 @@ fn map_err(map: &'static str) -> impl FnOnce(MapError) -> LoaderError {
     }
 }
 
+/// The benchmark's empty program, attached while this lives.
+pub struct FloorProbe {
+    _ebpf: Ebpf,
+}
+
+impl std::fmt::Debug for FloorProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FloorProbe").finish_non_exhaustive()
+    }
+}
+
 impl KernelProbes {
     /// Reads this kernel's tracepoint layouts, loads the programs with them, and attaches them,
     /// or takes over the programs, links and maps that an earlier agent pinned.
@@ -352,6 +363,43 @@ impl KernelProbes {
             _links: links,
             resumed: resumed == HOOKS.len(),
         })
+    }
+
+    /// The empty `floor` program alone on `sock:inet_sock_set_state`, for the benchmark: its
+    /// kernel time per run is the fixed cost of any program there. The object's maps are
+    /// created under `pin_dir` (remove it with [`Self::remove_pins`]); dropping the returned
+    /// value detaches the program.
+    pub fn attach_floor(pin_dir: &Path) -> Result<FloorProbe, LoaderError> {
+        std::fs::create_dir_all(pin_dir).map_err(|source| LoaderError::PinDir {
+            path: pin_dir.to_owned(),
+            source,
+        })?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(EBPF_OBJECT)
+            .map_err(|err| {
+                classify(err, "create eBPF maps", |source| LoaderError::Load {
+                    pin_dir: pin_dir.to_owned(),
+                    source: Box::new(source),
+                })
+            })?;
+        let hook = &HOOKS[0];
+        let program: &mut TracePoint = ebpf
+            .program_mut("floor")
+            .ok_or(LoaderError::MissingProgram("floor"))?
+            .try_into()
+            .map_err(|source| attach_error(hook, source))?;
+        program.load().map_err(|err| {
+            classify(err, "load eBPF programs", |source| {
+                attach_error(hook, source)
+            })
+        })?;
+        program.attach(hook.category, hook.name).map_err(|err| {
+            classify(err, "attach to tracepoints", |source| {
+                attach_error(hook, source)
+            })
+        })?;
+        Ok(FloorProbe { _ebpf: ebpf })
     }
 
     /// Detaches the programs and frees the maps pinned under `pin_dir` (once no agent holds

@@ -228,7 +228,8 @@ impl Drop for AgentProcess {
 
 /// Run time and count of each draingate program now, by (truncated) name.
 fn program_stats() -> Vec<(String, Duration, u64)> {
-    const NAMES: [&str; 5] = [
+    const NAMES: [&str; 6] = [
+        "floor",
         "inet_sock_set_state",
         "tcp_send_reset",
         "tcp_receive_reset",
@@ -335,6 +336,28 @@ fn main() {
             baseline.push(load(&link, target, args.rate, args.seconds));
         }
     }
+    // The floor: the same load with only an empty program on inet_sock_set_state, which is
+    // what any program run costs here before doing anything.
+    eprintln!("floor: an empty program on sock:inet_sock_set_state");
+    let floor_pins =
+        std::env::temp_dir().join(format!("draingate-bench-floor-{}", std::process::id()));
+    let floor = {
+        let probe = draingate::loader::KernelProbes::attach_floor(&floor_pins)
+            .expect("attach the empty program");
+        let before = program_stats();
+        let _ = load(&link, target, args.rate, args.seconds);
+        let after = program_stats();
+        drop(probe);
+        let _ = draingate::loader::KernelProbes::remove_pins(&floor_pins);
+        let stat = |stats: &[(String, Duration, u64)]| {
+            stats
+                .iter()
+                .find(|(n, ..)| n == "floor")
+                .map_or((Duration::ZERO, 0), |(_, t, c)| (*t, *c))
+        };
+        let ((t0, c0), (t1, c1)) = (stat(&before), stat(&after));
+        (t1.saturating_sub(t0), c1.saturating_sub(c0))
+    };
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
 
     let b_rate = median(baseline.iter().map(|r| r.per_second).collect());
@@ -373,15 +396,35 @@ fn main() {
         report,
         "### Kernel time per program run (BPF statistics, during the agent runs)\n"
     );
-    let _ = writeln!(report, "| program | runs | average ns per run | target |");
-    let _ = writeln!(report, "|---|---|---|---|");
-    for (name, time, count) in &kernel {
-        let avg = if *count == 0 {
+    let average = |time: Duration, count: u64| {
+        if count == 0 {
             0.0
         } else {
-            time.as_nanos() as f64 / *count as f64
-        };
-        let _ = writeln!(report, "| {name} | {count} | {avg:.0} | <= 150 |");
+            time.as_nanos() as f64 / count as f64
+        }
+    };
+    let floor_ns = average(floor.0, floor.1);
+    let _ = writeln!(
+        report,
+        "The floor is an empty program alone on `sock:inet_sock_set_state` under the same load \
+         ({} runs): {floor_ns:.0} ns per run is what the kernel charges any program there before \
+         it does anything (the call into BPF and the statistics' own clock reads). \
+         \"Own work\" is the average minus that floor.\n",
+        floor.1
+    );
+    let _ = writeln!(
+        report,
+        "| program | runs | average ns per run | own work (minus floor) | ratio to floor | target |"
+    );
+    let _ = writeln!(report, "|---|---|---|---|---|---|");
+    for (name, time, count) in &kernel {
+        let avg = average(*time, *count);
+        let _ = writeln!(
+            report,
+            "| {name} | {count} | {avg:.0} | {:.0} | {:.2} | <= 150 |",
+            avg - floor_ns,
+            if floor_ns > 0.0 { avg / floor_ns } else { 0.0 }
+        );
     }
 
     // Memory with many pods.
