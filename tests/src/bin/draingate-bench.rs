@@ -339,16 +339,15 @@ fn main() {
     // The floor: the same load with only an empty program on inet_sock_set_state, which is
     // what any program run costs here before doing anything.
     eprintln!("floor: an empty program on sock:inet_sock_set_state");
-    let floor_pins =
-        std::env::temp_dir().join(format!("draingate-bench-floor-{}", std::process::id()));
     let floor = {
-        let probe = draingate::loader::KernelProbes::attach_floor(&floor_pins)
+        // Its maps go to a pin directory of its own on bpffs, removed on drop.
+        let floor_pins = draingate_tests::PinDir::new();
+        let probe = draingate::loader::KernelProbes::attach_floor(&floor_pins.config.pin_dir)
             .expect("attach the empty program");
         let before = program_stats();
         let _ = load(&link, target, args.rate, args.seconds);
         let after = program_stats();
         drop(probe);
-        let _ = draingate::loader::KernelProbes::remove_pins(&floor_pins);
         let stat = |stats: &[(String, Duration, u64)]| {
             stats
                 .iter()
