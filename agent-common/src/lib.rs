@@ -138,6 +138,39 @@ pub struct ConnKey {
 /// still sending, or closing, after the first reset destroyed the socket) count once.
 pub const MAX_RESET_CONNS: u32 = 16_384;
 
+/// The `sock:inet_sock_set_state` record as kernels since 4.16 lay it out (field, offset): the
+/// program compiled against it loads each field straight from the record. The loader uses that
+/// program only when tracefs shows exactly this layout, and otherwise the one that takes every
+/// offset from tracefs at load time.
+pub mod set_state_layout {
+    pub const SKADDR: usize = 8;
+    pub const OLDSTATE: usize = 16;
+    pub const NEWSTATE: usize = 20;
+    pub const SPORT: usize = 24;
+    pub const DPORT: usize = 26;
+    pub const FAMILY: usize = 28;
+    pub const PROTOCOL: usize = 30;
+    pub const SADDR: usize = 32;
+    pub const DADDR: usize = 36;
+    pub const SADDR_V6: usize = 40;
+    pub const DADDR_V6: usize = 56;
+
+    /// Every field: its tracefs name, offset and size.
+    pub const FIELDS: [(&str, usize, usize); 11] = [
+        ("skaddr", SKADDR, 8),
+        ("oldstate", OLDSTATE, 4),
+        ("newstate", NEWSTATE, 4),
+        ("sport", SPORT, 2),
+        ("dport", DPORT, 2),
+        ("family", FAMILY, 2),
+        ("protocol", PROTOCOL, 2),
+        ("saddr", SADDR, 4),
+        ("daddr", DADDR, 4),
+        ("saddr_v6", SADDR_V6, 16),
+        ("daddr_v6", DADDR_V6, 16),
+    ];
+}
+
 /// Kinds of [`NotableEvent`].
 pub mod event_kind {
     pub const RESET_SENT: u8 = 1;

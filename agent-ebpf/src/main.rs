@@ -25,7 +25,7 @@ use aya_ebpf::{
 use draingate_common::{
     AddrKey, ConnKey, EVENTS_RING_BYTES, LossCounters, MAX_ADDRS, MAX_RESET_CONNS, MAX_SLOTS,
     MAX_SOCKETS, MAX_TASKS, NO_SLOT, NotableEvent, SlotCounters, SocketEntry, connect_failure,
-    event_kind, tcp_state,
+    event_kind, set_state_layout, tcp_state,
 };
 
 const AF_INET: u16 = 2;
@@ -35,6 +35,8 @@ const SIGKILL: u32 = 9;
 const SIGTERM: u32 = 15;
 /// `BPF_NOEXIST`: insert only, never overwrite.
 const NOEXIST: u64 = 1;
+/// The error of an insert with [`NOEXIST`] when the key is there.
+const EEXIST: i32 = 17;
 /// Offset global value of a field this kernel does not have.
 const ABSENT: u64 = u64::MAX;
 
@@ -247,33 +249,162 @@ fn run(result: Result<(), i32>) -> u32 {
 /// `cargo xtask bench` runs it alone on `sock:inet_sock_set_state` as the floor under the
 /// programs' kernel time.
 #[tracepoint]
-#[expect(
-    clippy::needless_pass_by_value,
-    reason = "the tracepoint macro fixes the signature"
-)]
 fn floor(_ctx: TracePointContext) -> u32 {
     0
 }
 
+/// A field of the `sock:inet_sock_set_state` record.
+#[derive(Clone, Copy)]
+enum Sss {
+    Skaddr,
+    OldState,
+    NewState,
+    Sport,
+    Dport,
+    Family,
+    Protocol,
+    Saddr,
+    Daddr,
+    SaddrV6,
+    DaddrV6,
+}
+
+/// How a program reads the record's fields.
+trait SetStateFields {
+    fn field<T: Copy>(&self, field: Sss) -> Result<T, i32>;
+}
+
+impl SetStateFields for Record {
+    fn field<T: Copy>(&self, field: Sss) -> Result<T, i32> {
+        let offset = match field {
+            Sss::Skaddr => &SSS_SKADDR,
+            Sss::OldState => &SSS_OLDSTATE,
+            Sss::NewState => &SSS_NEWSTATE,
+            Sss::Sport => &SSS_SPORT,
+            Sss::Dport => &SSS_DPORT,
+            Sss::Family => &SSS_FAMILY,
+            Sss::Protocol => &SSS_PROTOCOL,
+            Sss::Saddr => &SSS_SADDR,
+            Sss::Daddr => &SSS_DADDR,
+            Sss::SaddrV6 => &SSS_SADDR_V6,
+            Sss::DaddrV6 => &SSS_DADDR_V6,
+        };
+        Self::get(self, offset)
+    }
+}
+
+/// The record read in place at [`set_state_layout`]'s offsets: compile-time constants, which
+/// the verifier accepts for context loads (an offset from a global it does not). No copy, no
+/// helper call.
+struct FixedLayout<'a>(&'a TracePointContext);
+
+impl SetStateFields for FixedLayout<'_> {
+    // Inlined, the offset becomes an immediate of the load, which is what the verifier accepts.
+    #[inline(always)]
+    fn field<T: Copy>(&self, field: Sss) -> Result<T, i32> {
+        use set_state_layout as l;
+        let offset = match field {
+            Sss::Skaddr => l::SKADDR,
+            Sss::OldState => l::OLDSTATE,
+            Sss::NewState => l::NEWSTATE,
+            Sss::Sport => l::SPORT,
+            Sss::Dport => l::DPORT,
+            Sss::Family => l::FAMILY,
+            Sss::Protocol => l::PROTOCOL,
+            Sss::Saddr => l::SADDR,
+            Sss::Daddr => l::DADDR,
+            Sss::SaddrV6 => l::SADDR_V6,
+            Sss::DaddrV6 => l::DADDR_V6,
+        };
+        #[expect(
+            clippy::cast_ptr_alignment,
+            reason = "the record is 8-byte aligned and each field aligned for its size"
+        )]
+        let load = |at: usize| -> u64 {
+            // SAFETY: the loader attaches this program only where tracefs shows this layout,
+            // so the field is at this offset inside the record (aligned for its size); the
+            // verifier checks the bounds. Volatile keeps each load whole, at an immediate
+            // offset from the context, which is the only form the verifier accepts.
+            unsafe {
+                let at = self.0.as_ptr().cast::<u8>().add(at);
+                match size_of::<T>() {
+                    1 => u64::from(core::ptr::read_volatile(at)),
+                    2 => u64::from(core::ptr::read_volatile(at.cast::<u16>())),
+                    4 => u64::from(core::ptr::read_volatile(at.cast::<u32>())),
+                    _ => core::ptr::read_volatile(at.cast::<u64>()),
+                }
+            }
+        };
+        let mut bytes = [0u8; 16];
+        match size_of::<T>() {
+            1 | 2 | 4 | 8 => bytes[..8].copy_from_slice(&load(offset).to_ne_bytes()),
+            16 => {
+                bytes[..8].copy_from_slice(&load(offset).to_ne_bytes());
+                bytes[8..].copy_from_slice(&load(offset + 8).to_ne_bytes());
+            }
+            _ => return Err(-1),
+        }
+        // SAFETY: `bytes` holds at least `size_of::<T>()` bytes of the field, in memory order
+        // (little-endian values keep their low bytes first), and every field type is plain data.
+        Ok(unsafe { core::mem::transmute_copy(&bytes) })
+    }
+}
+
+/// Offsets from tracefs, on any kernel: the record is copied once, then read from the copy.
 #[tracepoint]
 #[expect(
     clippy::needless_pass_by_value,
     reason = "the tracepoint macro fixes the signature"
 )]
 fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    run(try_inet_sock_set_state(&ctx))
+    run(Record::read(&ctx).and_then(|rec| set_state(&rec)))
 }
 
-fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
-    let rec = Record::read(ctx)?;
-    if rec.get::<u16>(&SSS_PROTOCOL)? != IPPROTO_TCP {
+/// The same program for the layout in [`set_state_layout`] (kernels since 4.16): the loader's
+/// choice when tracefs shows exactly that layout.
+#[tracepoint]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the tracepoint macro fixes the signature"
+)]
+fn inet_sock_set_state_fixed(ctx: TracePointContext) -> u32 {
+    run(set_state(&FixedLayout(&ctx)))
+}
+
+fn set_state<F: SetStateFields>(rec: &F) -> Result<(), i32> {
+    let new: u32 = rec.field(Sss::NewState)?;
+    // The closing handshake changes nothing that is counted: the socket stays open until it
+    // reaches CLOSE. Most transitions of a connection are these, so they cost only this test.
+    // (The socket table keeps the last state before them, which only names the state of a
+    // reset received while closing.)
+    if matches!(
+        new,
+        tcp_state::FIN_WAIT1
+            | tcp_state::FIN_WAIT2
+            | tcp_state::CLOSE_WAIT
+            | tcp_state::LAST_ACK
+            | tcp_state::CLOSING
+            | tcp_state::TIME_WAIT
+    ) {
         return Ok(());
     }
-    let sk: u64 = rec.get(&SSS_SKADDR)?;
-    let old: u32 = rec.get(&SSS_OLDSTATE)?;
-    let new: u32 = rec.get(&SSS_NEWSTATE)?;
-    // The clock is read only where a time is kept: most transitions need none.
-    let tracked = SOCKETS.get_ptr_mut(sk);
+    if rec.field::<u16>(Sss::Protocol)? != IPPROTO_TCP {
+        return Ok(());
+    }
+    let sk: u64 = rec.field(Sss::Skaddr)?;
+    let old: u32 = rec.field(Sss::OldState)?;
+    // A connect starting or a connection being accepted is a socket not in the table yet (a
+    // socket leaves it on reaching CLOSE): straight to the address lookup. The clock is read
+    // only where a time is kept.
+    let starting = matches!(
+        (old, new),
+        (tcp_state::CLOSE, tcp_state::SYN_SENT) | (tcp_state::LISTEN, tcp_state::SYN_RECV)
+    );
+    let tracked = if starting {
+        None
+    } else {
+        SOCKETS.get_ptr_mut(sk)
+    };
     let slot = if let Some(entry) = tracked {
         // SAFETY: entries are only written by these programs; a racing update of the state
         // field is harmless (the last transition wins).
@@ -289,10 +420,10 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         if new == tcp_state::CLOSE || new == tcp_state::LISTEN {
             return Ok(());
         }
-        let family: u16 = rec.get(&SSS_FAMILY)?;
+        let family: u16 = rec.field(Sss::Family)?;
         let local = match family {
-            AF_INET => AddrKey::v4(rec.get(&SSS_SADDR)?),
-            AF_INET6 => AddrKey::v6(rec.get(&SSS_SADDR_V6)?),
+            AF_INET => AddrKey::v4(rec.field(Sss::Saddr)?),
+            AF_INET6 => AddrKey::v6(rec.field(Sss::SaddrV6)?),
             _ => return Ok(()),
         };
         let Some(slot) = pod_of(&local) else {
@@ -303,10 +434,11 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             state: new,
             since_ns: now(),
         };
-        if SOCKETS.insert(sk, entry, NOEXIST).is_ok() {
-            add_open(slot, 1);
-        } else {
-            loss(|l| l.socket_table_full += 1);
+        match SOCKETS.insert(sk, entry, NOEXIST) {
+            Ok(()) => add_open(slot, 1),
+            // Tracked after all: keep the entry that is there.
+            Err(err) if err == -EEXIST => {}
+            Err(_) => loss(|l| l.socket_table_full += 1),
         }
         slot
     };
@@ -323,7 +455,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
                 c.failed_connects += 1;
                 c.win_failed_connects += w(win);
             });
-            emit_set_state_event(&rec, slot, old, now())?;
+            emit_set_state_event(rec, slot, old, now())?;
         }
         _ => {}
     }
@@ -336,23 +468,28 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     Ok(())
 }
 
-fn emit_set_state_event(rec: &Record, slot: u32, old: u32, time_ns: u64) -> Result<(), i32> {
-    let family: u16 = rec.get(&SSS_FAMILY)?;
+fn emit_set_state_event<F: SetStateFields>(
+    rec: &F,
+    slot: u32,
+    old: u32,
+    time_ns: u64,
+) -> Result<(), i32> {
+    let family: u16 = rec.field(Sss::Family)?;
     let (local, remote) = match family {
         AF_INET => (
-            AddrKey::v4(rec.get(&SSS_SADDR)?),
-            AddrKey::v4(rec.get(&SSS_DADDR)?),
+            AddrKey::v4(rec.field(Sss::Saddr)?),
+            AddrKey::v4(rec.field(Sss::Daddr)?),
         ),
         _ => (
-            AddrKey::v6(rec.get(&SSS_SADDR_V6)?),
-            AddrKey::v6(rec.get(&SSS_DADDR_V6)?),
+            AddrKey::v6(rec.field(Sss::SaddrV6)?),
+            AddrKey::v6(rec.field(Sss::DaddrV6)?),
         ),
     };
     let conn = ConnKey {
         local,
         remote,
-        local_port: rec.get(&SSS_SPORT)?,
-        remote_port: rec.get(&SSS_DPORT)?,
+        local_port: rec.field(Sss::Sport)?,
+        remote_port: rec.field(Sss::Dport)?,
     };
     // tcp_receive_reset marked the tuple if the SYN was answered with a reset.
     let reason = if recently_reset(&conn, time_ns) {

@@ -210,13 +210,26 @@ impl SlotTotals {
 #[derive(Debug, Clone)]
 pub struct ProbeConfig {
     pub pin_dir: PathBuf,
+    /// Use the `inet_sock_set_state` program compiled against the usual record layout when
+    /// tracefs shows exactly that layout (it reads the record in place); otherwise, or when
+    /// false, the one that takes every offset from tracefs and copies the record first.
+    pub fixed_layout: bool,
+}
+
+impl ProbeConfig {
+    /// The probes pinned under `pin_dir`, with the defaults otherwise.
+    #[must_use]
+    pub fn at(pin_dir: PathBuf) -> Self {
+        Self {
+            pin_dir,
+            fixed_layout: true,
+        }
+    }
 }
 
 impl Default for ProbeConfig {
     fn default() -> Self {
-        Self {
-            pin_dir: PathBuf::from(draingate_common::DEFAULT_PIN_DIR),
-        }
+        Self::at(PathBuf::from(draingate_common::DEFAULT_PIN_DIR))
     }
 }
 
@@ -236,6 +249,9 @@ pub struct KernelProbes {
     events: Option<RingBuf<MapData>>,
     /// Whether the programs were already attached by an earlier agent (a restart).
     pub resumed: bool,
+    /// The `inet_sock_set_state` program this agent loaded (`inet_sock_set_state_fixed` or
+    /// `inet_sock_set_state`); empty when it took over an earlier agent's.
+    pub set_state_program: &'static str,
 }
 
 impl std::fmt::Debug for KernelProbes {
@@ -270,8 +286,20 @@ impl KernelProbes {
     pub fn load(config: &ProbeConfig) -> Result<Self, LoaderError> {
         let root = tracefs::root()?;
         let mut offsets = Vec::new();
+        // The program each hook loads, by the hook's (pin) name.
+        let mut programs: Vec<&'static str> = Vec::new();
         for hook in HOOKS {
             let format = TracepointFormat::read(&root, hook.category, hook.name)?;
+            programs.push(
+                if hook.program == "inet_sock_set_state"
+                    && config.fixed_layout
+                    && format.has_layout(&draingate_common::set_state_layout::FIELDS)
+                {
+                    "inet_sock_set_state_fixed"
+                } else {
+                    hook.program
+                },
+            );
             for &(global, field, need) in hook.globals {
                 let offset = match (format.offset(field), need) {
                     (Ok(offset), _) => offset,
@@ -311,7 +339,8 @@ impl KernelProbes {
 
         let mut links = Vec::new();
         let mut resumed = 0;
-        for hook in HOOKS {
+        let mut set_state_program = "";
+        for (hook, name) in HOOKS.iter().zip(programs) {
             let pin = links_dir.join(hook.program);
             if let Ok(link) = PinnedLink::from_pin(&pin) {
                 // An earlier agent's program is still attached and counting into the same pinned
@@ -320,9 +349,13 @@ impl KernelProbes {
                 resumed += 1;
                 continue;
             }
+            tracing::debug!(hook = hook.program, program = name, "loading");
+            if hook.program == "inet_sock_set_state" {
+                set_state_program = name;
+            }
             let program: &mut TracePoint = ebpf
-                .program_mut(hook.program)
-                .ok_or(LoaderError::MissingProgram(hook.program))?
+                .program_mut(name)
+                .ok_or(LoaderError::MissingProgram(name))?
                 .try_into()
                 .map_err(|source| attach_error(hook, source))?;
             program.load().map_err(|err| {
@@ -362,6 +395,7 @@ impl KernelProbes {
             _ebpf: ebpf,
             _links: links,
             resumed: resumed == HOOKS.len(),
+            set_state_program,
         })
     }
 

@@ -530,9 +530,7 @@ async fn gate_check(args: GateCheckArgs) -> anyhow::Result<ExitCode> {
 
 async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let mut config = AgentConfig {
-        probes: ProbeConfig {
-            pin_dir: args.pin_dir,
-        },
+        probes: ProbeConfig::at(args.pin_dir),
         linger: args.linger,
         retention: args.retention,
         ..AgentConfig::default()

@@ -225,9 +225,7 @@ impl EmbeddedAgent {
     ) -> Result<Self, RehearseError> {
         let pins = PathBuf::from(format!("/sys/fs/bpf/draingate-rehearse-{id}"));
         let config = AgentConfig {
-            probes: ProbeConfig {
-                pin_dir: pins.clone(),
-            },
+            probes: ProbeConfig::at(pins.clone()),
             // New pods must be watched before their first connection: resync often.
             resync: Duration::from_millis(100),
             ..AgentConfig::default()

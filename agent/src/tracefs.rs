@@ -124,6 +124,18 @@ impl TracepointFormat {
         Ok(Self { tracepoint, fields })
     }
 
+    /// Whether each of `fields` (name, offset, size) is in the record exactly so.
+    #[must_use]
+    pub fn has_layout(&self, fields: &[(&str, usize, usize)]) -> bool {
+        fields.iter().all(|&(name, offset, size)| {
+            self.fields.iter().any(|f| {
+                f.name == name
+                    && usize::try_from(f.offset) == Ok(offset)
+                    && usize::try_from(f.size) == Ok(size)
+            })
+        })
+    }
+
     /// The offset of `field` in the record, or an error that names the tracepoint and field.
     pub fn offset(&self, field: &str) -> Result<u64, TracefsError> {
         self.fields

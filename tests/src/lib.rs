@@ -197,7 +197,7 @@ impl PinDir {
             next_id()
         ));
         Self {
-            config: draingate::loader::ProbeConfig { pin_dir },
+            config: draingate::loader::ProbeConfig::at(pin_dir),
         }
     }
 }

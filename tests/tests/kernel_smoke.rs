@@ -69,11 +69,23 @@ fn drain_events(probes: &mut KernelProbes) -> Vec<NotableEvent> {
     events
 }
 
-fn counts_connections_per_pod_address(family: Family) {
+/// `fixed`: the program that reads this kernel's record layout in place (the default here), or
+/// the one that takes every offset from tracefs (any other kernel's choice): both must count
+/// the same.
+fn counts_connections_per_pod_address(family: Family, fixed: bool) {
     require_root();
-    let pins = PinDir::new();
+    let mut pins = PinDir::new();
+    pins.config.fixed_layout = fixed;
     let mut probes = KernelProbes::load(&pins.config).expect("load and attach the programs");
     assert!(!probes.resumed);
+    assert_eq!(
+        probes.set_state_program,
+        if fixed {
+            "inet_sock_set_state_fixed"
+        } else {
+            "inet_sock_set_state"
+        }
+    );
     let watched = Link::new("smoke", family);
     // A second link with the same traffic whose addresses are not watched: it counts nowhere.
     let unwatched = Link::new("other", family);
@@ -153,17 +165,28 @@ fn counts_connections_per_pod_address(family: Family) {
 
 #[test]
 fn counts_ipv4_connections_per_pod_address() {
-    counts_connections_per_pod_address(Family::V4);
+    counts_connections_per_pod_address(Family::V4, true);
 }
 
 #[test]
 fn counts_ipv6_connections_per_pod_address() {
-    counts_connections_per_pod_address(Family::V6);
+    counts_connections_per_pod_address(Family::V6, true);
 }
 
-fn counts_refused_connections(family: Family) {
+#[test]
+fn counts_ipv4_connections_with_offsets_from_tracefs() {
+    counts_connections_per_pod_address(Family::V4, false);
+}
+
+#[test]
+fn counts_ipv6_connections_with_offsets_from_tracefs() {
+    counts_connections_per_pod_address(Family::V6, false);
+}
+
+fn counts_refused_connections(family: Family, fixed: bool) {
     require_root();
-    let pins = PinDir::new();
+    let mut pins = PinDir::new();
+    pins.config.fixed_layout = fixed;
     let mut probes = KernelProbes::load(&pins.config).expect("load and attach the programs");
     let link = Link::new("refuse", family);
     probes
@@ -211,22 +234,43 @@ fn counts_refused_connections(family: Family) {
         assert_eq!(event.local_port, CLOSED_PORT);
         assert_eq!(std::net::IpAddr::from(event.remote), link.a_addr);
     }
-    let failed = events
+    let failed: Vec<_> = events
         .iter()
         .filter(|e| e.kind == event_kind::CONNECT_FAILED && e.slot == CLIENT_SLOT)
-        .count();
-    assert_eq!(failed as u64, CONNECTIONS, "{events:?}");
+        .collect();
+    assert_eq!(failed.len() as u64, CONNECTIONS, "{events:?}");
+    // Each says the address answered (refused, counted there), so none is a peer's failure.
+    for event in &failed {
+        assert_eq!(
+            event.reason,
+            draingate_common::connect_failure::RESET,
+            "{event:?}"
+        );
+        assert_eq!(std::net::IpAddr::from(event.local), link.a_addr);
+        assert_eq!(std::net::IpAddr::from(event.remote), link.b_addr);
+        assert_eq!(event.remote_port, CLOSED_PORT);
+    }
     assert_eq!(events.len() as u64, 2 * CONNECTIONS, "{events:?}");
 }
 
 #[test]
 fn counts_ipv4_refused_connections_with_events() {
-    counts_refused_connections(Family::V4);
+    counts_refused_connections(Family::V4, true);
+}
+
+#[test]
+fn counts_ipv4_refused_connections_with_offsets_from_tracefs() {
+    counts_refused_connections(Family::V4, false);
 }
 
 #[test]
 fn counts_ipv6_refused_connections_with_events() {
-    counts_refused_connections(Family::V6);
+    counts_refused_connections(Family::V6, true);
+}
+
+#[test]
+fn counts_ipv6_refused_connections_with_offsets_from_tracefs() {
+    counts_refused_connections(Family::V6, false);
 }
 
 #[test]

@@ -86,3 +86,23 @@ fn a_missing_tracepoint_names_it() {
         "{err}"
     );
 }
+
+#[test]
+fn the_compiled_in_set_state_layout_is_recognised_and_any_difference_is_not() {
+    use draingate_common::set_state_layout::FIELDS;
+    let format = TracepointFormat::parse("sock:inet_sock_set_state".into(), INET_SOCK_SET_STATE)
+        .expect("parse");
+    assert!(format.has_layout(&FIELDS));
+    // A field moved, resized or gone: the program that takes offsets from tracefs is used.
+    for (from, to) in [
+        ("offset:28;\tsize:2", "offset:44;\tsize:2"),
+        ("offset:24;\tsize:2", "offset:24;\tsize:4"),
+        ("__u16 protocol;", "__u16 proto;"),
+    ] {
+        assert!(INET_SOCK_SET_STATE.contains(from), "{from}");
+        let changed = INET_SOCK_SET_STATE.replacen(from, to, 1);
+        let format =
+            TracepointFormat::parse("sock:inet_sock_set_state".into(), &changed).expect("parse");
+        assert!(!format.has_layout(&FIELDS), "{from} -> {to}");
+    }
+}
