@@ -17,6 +17,7 @@ use aya::{
     programs::{
         ProgramError, TracePoint,
         links::{FdLink, PinnedLink},
+        trace_point::TracePointLinkId,
     },
     util::nr_cpus,
 };
@@ -353,21 +354,7 @@ impl KernelProbes {
             if hook.program == "inet_sock_set_state" {
                 set_state_program = name;
             }
-            let program: &mut TracePoint = ebpf
-                .program_mut(name)
-                .ok_or(LoaderError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| attach_error(hook, source))?;
-            program.load().map_err(|err| {
-                classify(err, "load eBPF programs", |source| {
-                    attach_error(hook, source)
-                })
-            })?;
-            let link_id = program.attach(hook.category, hook.name).map_err(|err| {
-                classify(err, "attach to tracepoints", |source| {
-                    attach_error(hook, source)
-                })
-            })?;
+            let (program, link_id) = load_and_attach(&mut ebpf, name, hook)?;
             let link = program
                 .take_link(link_id)
                 .map_err(|source| attach_error(hook, source))?;
@@ -417,22 +404,7 @@ impl KernelProbes {
                     source: Box::new(source),
                 })
             })?;
-        let hook = &HOOKS[0];
-        let program: &mut TracePoint = ebpf
-            .program_mut("floor")
-            .ok_or(LoaderError::MissingProgram("floor"))?
-            .try_into()
-            .map_err(|source| attach_error(hook, source))?;
-        program.load().map_err(|err| {
-            classify(err, "load eBPF programs", |source| {
-                attach_error(hook, source)
-            })
-        })?;
-        program.attach(hook.category, hook.name).map_err(|err| {
-            classify(err, "attach to tracepoints", |source| {
-                attach_error(hook, source)
-            })
-        })?;
+        load_and_attach(&mut ebpf, "floor", &HOOKS[0])?;
         Ok(FloorProbe { _ebpf: ebpf })
     }
 
@@ -581,6 +553,30 @@ where
 {
     let map = ebpf.take_map(name).ok_or(LoaderError::MissingMap(name))?;
     T::try_from(map).map_err(map_err(name))
+}
+
+/// Loads program `name` of the object and attaches it to `hook`'s tracepoint.
+fn load_and_attach<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+    hook: &Hook,
+) -> Result<(&'a mut TracePoint, TracePointLinkId), LoaderError> {
+    let program: &mut TracePoint = ebpf
+        .program_mut(name)
+        .ok_or(LoaderError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| attach_error(hook, source))?;
+    program.load().map_err(|err| {
+        classify(err, "load eBPF programs", |source| {
+            attach_error(hook, source)
+        })
+    })?;
+    let link_id = program.attach(hook.category, hook.name).map_err(|err| {
+        classify(err, "attach to tracepoints", |source| {
+            attach_error(hook, source)
+        })
+    })?;
+    Ok((program, link_id))
 }
 
 fn attach_error(hook: &Hook, source: ProgramError) -> LoaderError {

@@ -61,6 +61,31 @@ impl Netns {
         run("ip", &full);
     }
 
+    /// Makes TCP connects to `port` here answer "host unreachable" (an iptables REJECT), as a
+    /// node answers for the address of a pod whose sandbox is gone: the connect gets no answer
+    /// from any socket.
+    pub fn unreachable_port(&self, port: u16) {
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.name,
+                "iptables",
+                "-A",
+                "INPUT",
+                "-p",
+                "tcp",
+                "--dport",
+                &port.to_string(),
+                "-j",
+                "REJECT",
+                "--reject-with",
+                "icmp-host-unreachable",
+            ],
+        );
+    }
+
     /// Runs `f` on a thread that has entered this namespace, and returns its result. Sockets made
     /// inside keep belonging to the namespace wherever they are used afterwards.
     pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {

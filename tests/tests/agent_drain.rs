@@ -330,22 +330,7 @@ fn a_connect_that_gets_no_answer_from_a_terminated_pod_fails_it_and_a_refusal_co
         .total
         .expect("totals")
         .failed_connects;
-    let status = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            link.b.name(),
-            "iptables",
-            "-A",
-            "INPUT",
-            "-p",
-            "tcp",
-        ])
-        .args(["--dport", &PORT.to_string(), "-j", "REJECT"])
-        .args(["--reject-with", "icmp-host-unreachable"])
-        .status()
-        .expect("run iptables");
-    assert!(status.success(), "iptables: {status}");
+    link.b.unreachable_port(PORT);
     let unanswered = connect(&link, addr).expect_err("no answer from the pod");
     assert_eq!(
         unanswered.raw_os_error(),

@@ -547,28 +547,7 @@ fn a_failed_connect_seen_only_on_another_node_fails_the_rollout_through_the_gate
     );
 
     // Its address now answers "host unreachable"; the client on node-b tries it.
-    let status = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            link.b.name(),
-            "iptables",
-            "-A",
-            "INPUT",
-            "-p",
-            "tcp",
-        ])
-        .args([
-            "--dport",
-            "8080",
-            "-j",
-            "REJECT",
-            "--reject-with",
-            "icmp-host-unreachable",
-        ])
-        .status()
-        .expect("run iptables");
-    assert!(status.success(), "iptables: {status}");
+    link.b.unreachable_port(8080);
     let target = std::net::SocketAddr::new(link.b_addr, 8080);
     let (unanswered, client_port) = link.a.run(|| {
         let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)

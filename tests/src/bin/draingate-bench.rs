@@ -417,6 +417,10 @@ fn main() {
     );
     let _ = writeln!(report, "|---|---|---|---|---|---|");
     for (name, time, count) in &kernel {
+        if *count == 0 {
+            let _ = writeln!(report, "| {name} | 0 | - | - | - | <= 150 |");
+            continue;
+        }
         let avg = average(*time, *count);
         let _ = writeln!(
             report,
