@@ -2,7 +2,7 @@
 //! notable events from the ring buffer, and keeps every pod's drain state for the API.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, VecDeque},
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     os::unix::fs::MetadataExt as _,
     sync::{Arc, Mutex},
@@ -17,6 +17,7 @@ use crate::{
     events,
     inventory::{InventorySource, ObservedPod, PodId},
     loader::{KernelProbes, LoaderError, ProbeConfig},
+    peers::PeerLog,
 };
 
 /// How the agent behaves; the defaults are what `draingate agent` uses.
@@ -81,14 +82,9 @@ pub struct AgentState {
     /// Why the inventory may be incomplete now (API server unreachable), for /readyz.
     pub inventory_problem: Option<String>,
     /// This node's clients' connects that got no answer from an address that is not a pod here,
-    /// oldest first, for the gate to match with pods on other nodes (the peer view).
-    pub peer_failures: VecDeque<PodEvent>,
-    /// The newest peer failure dropped for room: the list is complete only after it.
-    pub peer_failures_dropped_at: Option<SystemTime>,
+    /// for the gate to match with pods on other nodes (the peer view).
+    pub peer_failures: PeerLog,
 }
-
-/// Most peer failures kept for the gate; older ones are dropped first, and the gate is told.
-pub const MAX_PEER_FAILURES: usize = 1024;
 
 impl AgentState {
     /// Records a connect by a pod here that got no answer from `event.remote`: a failure of the
@@ -104,12 +100,7 @@ impl AgentState {
             })
             .max_by_key(|p| p.timeline.first_seen);
         let Some(target) = target else {
-            if self.peer_failures.len() == MAX_PEER_FAILURES
-                && let Some(dropped) = self.peer_failures.pop_front()
-            {
-                self.peer_failures_dropped_at = Some(dropped.time);
-            }
-            self.peer_failures.push_back(event.clone());
+            self.peer_failures.record(event.clone());
             return None;
         };
         if !target.in_window(event.time) {
@@ -398,12 +389,8 @@ impl Agent {
             }
         }
         // Peer failures are kept as long as finished pods are.
-        while state
-            .peer_failures
-            .front()
-            .is_some_and(|f| now.duration_since(f.time).unwrap_or_default() >= linger + retention)
-        {
-            state.peer_failures.pop_front();
+        if let Some(before) = now.checked_sub(linger + retention) {
+            state.peer_failures.expire(before);
         }
         self.last_loss = lost_total;
         // After the first resync, what no pod claimed back is stale: stop watching those
@@ -641,7 +628,7 @@ mod tests {
         time::{Duration, SystemTime},
     };
 
-    use super::{AgentState, MAX_PEER_FAILURES, process_alive};
+    use super::{AgentState, process_alive};
     use crate::{
         drain::{EventKind, PodDrain, PodEvent},
         inventory::PodId,
@@ -709,15 +696,41 @@ mod tests {
     }
 
     #[test]
-    fn connects_to_other_addresses_are_kept_for_the_gate_bounded() {
+    fn connects_to_other_addresses_are_kept_for_the_gate_bounded_per_address() {
+        use crate::peers::{MAX_ADDRESSES, PER_ADDRESS};
         let mut state = AgentState::default();
-        for i in 0..MAX_PEER_FAILURES as u64 + 2 {
+        // One client hammers a dead address; another address failed once, earlier.
+        assert!(state.peer_failure(&no_answer("10.8.0.1", 0)).is_none());
+        for i in 1..=PER_ADDRESS as u64 + 2 {
             assert!(state.peer_failure(&no_answer("10.9.0.1", i)).is_none());
         }
-        assert_eq!(state.peer_failures.len(), MAX_PEER_FAILURES);
-        // The two oldest went, and the gate is told from when the list is whole.
-        assert_eq!(state.peer_failures_dropped_at, Some(t(1)));
-        assert_eq!(state.peer_failures.front().unwrap().time, t(2));
+        let log = &state.peer_failures;
+        assert_eq!(log.len(), PER_ADDRESS + 1);
+        // The hammered address lost its two oldest, and says from when it is whole; the other
+        // address's record is untouched and whole.
+        let gaps: Vec<_> = log.gaps().collect();
+        assert_eq!(gaps, [("10.9.0.1".parse().unwrap(), t(2))]);
+        assert!(log.events().any(|e| e.remote.to_string() == "10.8.0.1"));
+        assert_eq!(log.complete_since, None);
+
+        // Too many addresses: the one whose newest failure is oldest goes, and every address's
+        // record is then whole only after that failure.
+        for i in 0..MAX_ADDRESSES as u64 {
+            let to = format!("10.7.{}.{}", i / 250, i % 250 + 1);
+            state.peer_failure(&no_answer(&to, 100 + i));
+        }
+        // Both earlier addresses went; the newest failure lost with them is 10.9.0.1's last.
+        let log = &state.peer_failures;
+        assert_eq!(log.len(), MAX_ADDRESSES);
+        assert!(
+            !log.events()
+                .any(|e| e.remote.to_string().starts_with("10.8."))
+        );
+        assert_eq!(log.complete_since, Some(t(PER_ADDRESS as u64 + 2)));
+
+        // Kept as long as finished pods: older ones expire, and their addresses with them.
+        state.peer_failures.expire(t(100));
+        assert!(state.peer_failures.events().all(|e| e.time >= t(100)));
     }
 
     #[test]

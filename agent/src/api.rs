@@ -204,13 +204,25 @@ impl AgentService for AgentApi {
             lost_events: state.lost_events,
             node: state.node.clone(),
             peer_failures: if with_peers {
-                state.peer_failures.iter().map(event_message).collect()
+                state.peer_failures.events().map(event_message).collect()
             } else {
                 Vec::new()
             },
             peer_failures_complete_since: timestamp(
-                state.peer_failures_dropped_at.filter(|_| with_peers),
+                state.peer_failures.complete_since.filter(|_| with_peers),
             ),
+            peer_gaps: if with_peers {
+                state
+                    .peer_failures
+                    .gaps()
+                    .map(|(address, since)| pb::PeerGap {
+                        address: address.to_string(),
+                        complete_since: timestamp(Some(since)),
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
         }))
     }
 

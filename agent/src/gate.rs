@@ -215,7 +215,14 @@ pub struct AgentAnswer {
     pub peer_failures: Vec<PeerFailure>,
     /// The agent dropped older peer failures: its list is complete only from this time on.
     pub peer_failures_complete_since: Option<SystemTime>,
+    /// Addresses whose failures the agent kept only from some time on.
+    pub peer_gaps: Vec<(IpAddr, SystemTime)>,
 }
+
+/// Most peer failures one round keeps across all agents (about 72 bytes each); an agent whose
+/// failures no longer fit counts as having dropped them all, so pods it could have seen fail
+/// are `unknown`, never `pass`.
+pub const MAX_PEER_FAILURES_PER_ROUND: usize = 262_144;
 
 /// A client's connect that got no answer, kept small (a round may hold many).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,7 +251,23 @@ impl PeerFailure {
 impl AgentAnswer {
     /// An agent's answer, kept small: running pods only leave their workload's name.
     #[must_use]
-    pub fn answered(target: String, node: Option<String>, mut list: pb::ListPodsResponse) -> Self {
+    pub fn answered(target: String, node: Option<String>, list: pb::ListPodsResponse) -> Self {
+        Self::answered_within(
+            target,
+            node,
+            list,
+            &std::sync::atomic::AtomicUsize::new(usize::MAX),
+        )
+    }
+
+    /// [`Self::answered`], taking its peer failures out of the round's `budget`.
+    #[must_use]
+    pub fn answered_within(
+        target: String,
+        node: Option<String>,
+        mut list: pb::ListPodsResponse,
+        budget: &std::sync::atomic::AtomicUsize,
+    ) -> Self {
         let workloads = list
             .pods
             .iter()
@@ -260,14 +283,35 @@ impl AgentAnswer {
             .collect();
         list.pods.retain(|p| pod_verdict(p) != pb::Verdict::None);
         list.pods.shrink_to_fit();
-        let peer_failures = std::mem::take(&mut list.peer_failures)
-            .iter()
-            .filter_map(PeerFailure::from_event)
-            .collect();
-        let peer_failures_complete_since = list
+        let events = std::mem::take(&mut list.peer_failures);
+        let mut peer_failures_complete_since = list
             .peer_failures_complete_since
             .take()
             .map(|t| SystemTime::try_from(t).unwrap_or(SystemTime::UNIX_EPOCH));
+        let wanted = events.len();
+        let granted = budget
+            .fetch_update(
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+                |left| Some(left.saturating_sub(wanted)),
+            )
+            .map_or(0, |left| left.min(wanted));
+        let peer_failures = if granted < wanted {
+            // Over the round's bound: this node's evidence is incomplete for every window.
+            peer_failures_complete_since = Some(SystemTime::now());
+            Vec::new()
+        } else {
+            events.iter().filter_map(PeerFailure::from_event).collect()
+        };
+        let peer_gaps = std::mem::take(&mut list.peer_gaps)
+            .iter()
+            .filter_map(|gap| {
+                Some((
+                    gap.address.parse().ok()?,
+                    SystemTime::try_from(gap.complete_since?).ok()?,
+                ))
+            })
+            .collect();
         Self {
             target,
             node,
@@ -275,6 +319,7 @@ impl AgentAnswer {
             workloads,
             peer_failures,
             peer_failures_complete_since,
+            peer_gaps,
         }
     }
 
@@ -288,6 +333,7 @@ impl AgentAnswer {
             workloads: std::collections::HashSet::new(),
             peer_failures: Vec::new(),
             peer_failures_complete_since: None,
+            peer_gaps: Vec::new(),
         }
     }
 
@@ -518,10 +564,12 @@ fn time(t: Option<&prost_types::Timestamp>) -> Option<SystemTime> {
 }
 
 /// Every node's clients' failed connects to the judged pods' addresses, by address, gathered
-/// in one pass over the round; and which nodes dropped such evidence, from when.
+/// in one pass over the round; and which nodes dropped such evidence, from when (for every
+/// address, or for one).
 struct PeerIndex<'a> {
     by_address: HashMap<IpAddr, Vec<(&'a str, PeerFailure)>>,
     incomplete: Vec<(&'a str, SystemTime)>,
+    gaps: HashMap<IpAddr, Vec<(&'a str, SystemTime)>>,
 }
 
 impl<'a> PeerIndex<'a> {
@@ -532,6 +580,7 @@ impl<'a> PeerIndex<'a> {
             .map(|a| (a, Vec::new()))
             .collect();
         let mut incomplete = Vec::new();
+        let mut gaps: HashMap<IpAddr, Vec<(&'a str, SystemTime)>> = HashMap::new();
         for answer in answers.iter().filter(|a| a.result.is_ok()) {
             let node = answer.node.as_deref().unwrap_or(answer.target.as_str());
             for failure in &answer.peer_failures {
@@ -542,10 +591,16 @@ impl<'a> PeerIndex<'a> {
             if let Some(complete) = answer.peer_failures_complete_since {
                 incomplete.push((node, complete));
             }
+            for &(address, complete) in &answer.peer_gaps {
+                if by_address.contains_key(&address) {
+                    gaps.entry(address).or_default().push((node, complete));
+                }
+            }
         }
         Self {
             by_address,
             incomplete,
+            gaps,
         }
     }
 
@@ -561,13 +616,14 @@ impl<'a> PeerIndex<'a> {
         };
         let until = time(timeline.window_closed_at.as_ref());
         let elsewhere = |node: &str| pod.node.is_empty() || node != pod.node;
-        let mut count = 0u64;
-        let mut first: Option<(&str, PeerFailure)> = None;
-        for address in pod
+        let addresses: Vec<IpAddr> = pod
             .addresses
             .iter()
-            .filter_map(|a| a.parse::<IpAddr>().ok())
-        {
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        let mut count = 0u64;
+        let mut first: Option<(&str, PeerFailure)> = None;
+        for &address in &addresses {
             for &(node, failure) in self.by_address.get(&address).into_iter().flatten() {
                 if elsewhere(node)
                     && failure.time >= since
@@ -600,9 +656,11 @@ impl<'a> PeerIndex<'a> {
             }
             return;
         }
+        let for_its_addresses = addresses.iter().filter_map(|a| self.gaps.get(a)).flatten();
         let incomplete: Vec<String> = self
             .incomplete
             .iter()
+            .chain(for_its_addresses)
             .filter(|&&(node, complete)| elsewhere(node) && since < complete)
             .map(|(node, complete)| {
                 format!(

@@ -16,6 +16,7 @@ pub mod http;
 pub mod inventory;
 pub mod lint;
 pub mod loader;
+pub mod peers;
 pub mod rehearse;
 pub mod telemetry;
 pub mod tracefs;

@@ -151,8 +151,12 @@ impl AgentPool {
             }
         };
         let mut tasks = tokio::task::JoinSet::new();
+        let budget = Arc::new(std::sync::atomic::AtomicUsize::new(
+            super::MAX_PEER_FAILURES_PER_ROUND,
+        ));
         for (index, target) in targets.iter().enumerate() {
             let limit = Arc::clone(&self.limit);
+            let budget = Arc::clone(&budget);
             let timeout = self.config.timeout;
             let target = target.clone();
             tasks.spawn(async move {
@@ -163,7 +167,7 @@ impl AgentPool {
                 };
                 // Kept small at once: a round of 1,000 full answers would be 100k pods.
                 let answer = match result {
-                    Ok(list) => AgentAnswer::answered(String::new(), None, list),
+                    Ok(list) => AgentAnswer::answered_within(String::new(), None, list, &budget),
                     Err(err) => AgentAnswer::unreachable(String::new(), None, err),
                 };
                 (index, answer)

@@ -363,3 +363,46 @@ fn malformed_peer_failures_are_skipped_not_trusted() {
     assert!(answers[1].peer_failures.is_empty());
     assert_eq!(verdict_of(&web(None), &answers), Pass);
 }
+
+#[test]
+fn a_gap_in_one_addresses_record_makes_only_its_pod_unknown() {
+    let with_gap = |address: &str| {
+        let mut answer = clients("n2", Vec::new(), None);
+        answer.peer_gaps = vec![(address.parse().unwrap(), at(120))];
+        answer
+    };
+    let j = judge(
+        &web(None),
+        &[drained_at_n1(), with_gap("10.1.0.5")],
+        SystemTime::now(),
+    )
+    .unwrap();
+    assert_eq!(j.verdict, Unknown, "{}", j.reason);
+    assert!(j.reason.contains("n2 dropped"), "{}", j.reason);
+    // A gap for an address that is no pod of the rollout changes nothing.
+    assert_eq!(
+        verdict_of(&web(None), &[drained_at_n1(), with_gap("10.9.9.9")]),
+        Pass
+    );
+}
+
+#[test]
+fn peer_failures_beyond_the_rounds_bound_count_as_dropped_never_as_clean() {
+    use std::sync::atomic::AtomicUsize;
+    let failures = || pb::ListPodsResponse {
+        node: "n2".into(),
+        peer_failures: vec![
+            no_answer("10.2.0.9", "10.1.0.5", 150),
+            no_answer("10.2.0.9", "10.1.0.6", 150),
+        ],
+        ..pb::ListPodsResponse::default()
+    };
+    let budget = AtomicUsize::new(3);
+    let first = AgentAnswer::answered_within("n2:9560".into(), None, failures(), &budget);
+    assert_eq!(first.peer_failures.len(), 2);
+    assert_eq!(first.peer_failures_complete_since, None);
+    // One left in the round's budget: this node's evidence is dropped and said to be.
+    let second = AgentAnswer::answered_within("n3:9560".into(), None, failures(), &budget);
+    assert!(second.peer_failures.is_empty());
+    assert!(second.peer_failures_complete_since.is_some());
+}

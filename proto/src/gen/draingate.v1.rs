@@ -111,14 +111,26 @@ pub struct ListPodsResponse {
     #[prost(string, tag = "3")]
     pub node: ::prost::alloc::string::String,
     /// Connects by this node's pods that failed with no answer, to addresses that are not pods on
-    /// this node (those are counted in the pod's own `peer_failures`), oldest first, kept as long as
-    /// finished pods are. Only when asked for. The gate matches them to pods on other nodes.
+    /// this node (those are counted in the pod's own `peer_failures`), kept as long as finished
+    /// pods are, at most 16 per address and 128 addresses. Only when asked for. The gate matches
+    /// them to pods on other nodes.
     #[prost(message, repeated, tag = "4")]
     pub peer_failures: ::prost::alloc::vec::Vec<Event>,
-    /// Set when older peer failures were dropped (the list is bounded): it is complete only for
-    /// failures at or after this time.
+    /// Set when an address's failures were dropped whole (too many addresses): the record of every
+    /// address is complete only for failures at or after this time.
     #[prost(message, optional, tag = "5")]
     pub peer_failures_complete_since: ::core::option::Option<::prost_types::Timestamp>,
+    /// Addresses that lost older failures (too many for one address), and from when each record
+    /// is complete.
+    #[prost(message, repeated, tag = "6")]
+    pub peer_gaps: ::prost::alloc::vec::Vec<PeerGap>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PeerGap {
+    #[prost(string, tag = "1")]
+    pub address: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "2")]
+    pub complete_since: ::core::option::Option<::prost_types::Timestamp>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct GetPodRequest {

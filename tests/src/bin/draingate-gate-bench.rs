@@ -175,6 +175,7 @@ fn node_pods(node: usize, pods: usize, peers: usize) -> pb::ListPodsResponse {
         node: format!("node-{node}"),
         peer_failures,
         peer_failures_complete_since: None,
+        peer_gaps: Vec::new(),
     }
 }
 
