@@ -355,7 +355,7 @@ impl Agent {
                 }
                 drain.exited(now);
             }
-            if !drain.window_closed {
+            if !drain.window_closed() {
                 if drain.timeline.terminating_since.is_none()
                     && let Some(since) = self.probes.window_since(drain.slot)?
                 {
@@ -374,8 +374,7 @@ impl Agent {
             }
             if let Some(gone) = drain.timeline.gone_at {
                 let since = now.duration_since(gone).unwrap_or_default();
-                if since >= linger && !drain.window_closed {
-                    drain.window_closed = true;
+                if since >= linger && !drain.window_closed() {
                     drain.timeline.window_closed_at = Some(gone + linger);
                 }
                 if since >= linger + retention {

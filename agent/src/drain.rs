@@ -135,7 +135,6 @@ pub struct PodDrain {
     pub open_at_exit: Option<u64>,
     /// Why the counts are incomplete, when they are.
     pub lost: Option<String>,
-    pub window_closed: bool,
     /// Connects to the pod by clients on this node that got no answer, inside the window.
     pub peer_failures: u64,
     pub events: VecDeque<PodEvent>,
@@ -160,7 +159,6 @@ impl PodDrain {
             },
             open_at_exit: None,
             lost: None,
-            window_closed: false,
             peer_failures: 0,
             events: VecDeque::new(),
             events_dropped: 0,
@@ -177,7 +175,7 @@ impl PodDrain {
 
     /// New counters from the kernel. Ignored once the window closed (final totals).
     pub fn update_totals(&mut self, totals: SlotTotals, now: SystemTime) {
-        if self.window_closed {
+        if self.window_closed() {
             return;
         }
         self.totals = totals;
@@ -231,13 +229,19 @@ impl PodDrain {
         w.resets_sent + w.resets_received + w.refused + self.peer_failures
     }
 
+    /// Whether the window closed (its totals are final).
+    #[must_use]
+    pub fn window_closed(&self) -> bool {
+        self.timeline.window_closed_at.is_some()
+    }
+
     /// Whether a failure at `time` falls inside the termination window.
     #[must_use]
     pub fn in_window(&self, time: SystemTime) -> bool {
         self.timeline
             .terminating_since
             .is_some_and(|since| time >= since)
-            && !self.window_closed
+            && !self.window_closed()
     }
 
     #[must_use]

@@ -98,7 +98,7 @@ fn totals_freeze_when_the_window_closes() {
     let mut pod = pod();
     pod.open_window(t(1));
     pod.update_totals(totals(0, 0, 0), t(2));
-    pod.window_closed = true;
+    pod.timeline.window_closed_at = Some(t(3));
     pod.update_totals(totals(0, 9, 9), t(3));
     assert_eq!(pod.errors(), 0);
 }
