@@ -179,6 +179,16 @@ fn answer(
         .expect("response")
 }
 
+/// A runtime for a [`FakeKubeApi`] to serve on while the test itself blocks (one worker).
+#[must_use]
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
 /// A running pod of node `node-a` in namespace `shop`, as the API lists it; `owner` is its
 /// controlling ReplicaSet with the hash label name and value.
 #[must_use]

@@ -501,11 +501,7 @@ fn kube_agent(
 #[test]
 fn a_failed_connect_seen_only_on_another_node_fails_the_rollout_through_the_gate() {
     require_root();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = kube_api::runtime();
     // a: the client pod's namespace (node-b); b: the server pod's (node-a).
     let link = Link::new("dgpx", Family::V4);
     let server = kube_api::pod(

@@ -49,11 +49,7 @@ fn wait_for(what: &str, mut check: impl FnMut() -> Option<Value>) -> Value {
 #[test]
 fn the_kubernetes_agent_counts_a_pods_failures_with_only_cap_bpf_and_cap_perfmon() {
     require_root();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = draingate_tests::kube_api::runtime();
     // The pod's network namespace (b), and a client beside it (a).
     let link = Link::new("dgka", Family::V4);
     let name = "web-7c9d5b8f4-x2kqz";

@@ -202,11 +202,7 @@ fn the_watcher_follows_a_pod_from_listing_to_deletion() {
 
 #[test]
 fn an_unreachable_api_server_is_a_readiness_problem_not_a_crash() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = draingate_tests::kube_api::runtime();
     let source = runtime.block_on(async {
         // A port nothing listens on.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
