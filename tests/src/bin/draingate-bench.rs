@@ -246,6 +246,20 @@ fn program_stats() -> Vec<(String, Duration, u64)> {
         .collect()
 }
 
+/// Run time and count of each program since `before` (a [`program_stats`] reading).
+fn program_stats_since(before: &[(String, Duration, u64)]) -> Vec<(String, Duration, u64)> {
+    program_stats()
+        .into_iter()
+        .map(|(name, time, count)| {
+            let (t0, c0) = before
+                .iter()
+                .find(|(n, ..)| *n == name)
+                .map_or((Duration::ZERO, 0), |(_, t, c)| (*t, *c));
+            (name, time.saturating_sub(t0), count.saturating_sub(c0))
+        })
+        .collect()
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -317,17 +331,13 @@ fn main() {
         let cpu_before = agent.cpu();
         with_agent.push(load(&link, target, args.rate, args.seconds));
         agent_cpu.push(agent.cpu().saturating_sub(cpu_before).as_secs_f64() / args.seconds as f64);
-        for (name, time, count) in program_stats() {
-            let (t0, c0) = before
-                .iter()
-                .find(|(n, ..)| *n == name)
-                .map_or((Duration::ZERO, 0), |(_, t, c)| (*t, *c));
+        for (name, time, count) in program_stats_since(&before) {
             match kernel.iter_mut().find(|(n, ..)| *n == name) {
                 Some(entry) => {
-                    entry.1 += time.saturating_sub(t0);
-                    entry.2 += count - c0;
+                    entry.1 += time;
+                    entry.2 += count;
                 }
-                None => kernel.push((name, time.saturating_sub(t0), count - c0)),
+                None => kernel.push((name, time, count)),
             }
         }
         drop(agent);
@@ -346,16 +356,11 @@ fn main() {
             .expect("attach the empty program");
         let before = program_stats();
         let _ = load(&link, target, args.rate, args.seconds);
-        let after = program_stats();
+        let ran = program_stats_since(&before);
         drop(probe);
-        let stat = |stats: &[(String, Duration, u64)]| {
-            stats
-                .iter()
-                .find(|(n, ..)| n == "floor")
-                .map_or((Duration::ZERO, 0), |(_, t, c)| (*t, *c))
-        };
-        let ((t0, c0), (t1, c1)) = (stat(&before), stat(&after));
-        (t1.saturating_sub(t0), c1.saturating_sub(c0))
+        ran.into_iter()
+            .find(|(n, ..)| n == "floor")
+            .map_or((Duration::ZERO, 0), |(_, t, c)| (t, c))
     };
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
 
