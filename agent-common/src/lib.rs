@@ -13,12 +13,99 @@ pub const MAX_SLOTS: u32 = 512;
 /// Most addresses mapped to pods at once (a pod usually has one IPv4 and maybe one IPv6 address).
 pub const MAX_ADDRS: u32 = 4 * MAX_SLOTS;
 
+/// Buckets of one generation of the address table (a power of two): with at most
+/// [`MAX_ADDRS`] addresses, three cells per bucket, it is never more than a third full.
+pub const ADDR_BUCKETS: u32 = 2 * MAX_ADDRS;
+
+/// Cells per bucket of the address table.
+pub const ADDR_BUCKET_CELLS: usize = 3;
+
+/// Buckets an address may live in: the one it hashes to (its home) and the ones after it.
+pub const ADDR_PROBE_BUCKETS: u32 = 8;
+
+/// A bucket of the address table (64 bytes, one cache line).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AddrBucket {
+    /// Each cell's address, as [`addr_words`] gives it; all zero marks an empty cell (`::` is
+    /// never a pod's address).
+    pub addr: [[u64; 2]; ADDR_BUCKET_CELLS],
+    /// Each cell's pod slot.
+    pub slot: [u32; ADDR_BUCKET_CELLS],
+    /// Buckets a lookup of an address whose home is this bucket scans, this one first: 0 when
+    /// no watched address has this home.
+    pub probes: u32,
+}
+
+/// Address → pod slot, one generation: built whole by user space from the watched addresses,
+/// read by the programs with no lock and no key hashing by the kernel. User space writes the
+/// generation the programs are not reading, then flips the `ADDR_GEN` map's value, then
+/// waits for the programs still running on the old one before it ever writes that one again.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AddrTable {
+    pub buckets: [AddrBucket; ADDR_BUCKETS as usize],
+}
+
+/// An address as the address table stores and compares it: its 16 bytes as two native-endian
+/// words.
+#[must_use]
+pub const fn addr_words(addr: &AddrKey) -> [u64; 2] {
+    let a = &addr.addr;
+    [
+        u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]),
+        u64::from_ne_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]),
+    ]
+}
+
+/// [`addr_words`] of the IPv4 address whose four octets, in network order, are `raw`'s bytes in
+/// memory (a `u32` loaded from a tracepoint record), without going through the bytes.
+#[must_use]
+pub const fn addr_words_v4(raw: u32) -> [u64; 2] {
+    // The mapped address `::ffff:a.b.c.d`: the second word's bytes are 0 0 ff ff a b c d.
+    #[cfg(target_endian = "little")]
+    let second = 0xffff_0000 | ((raw as u64) << 32);
+    #[cfg(target_endian = "big")]
+    let second = 0xffff_0000_0000 | raw as u64;
+    [0, second]
+}
+
+/// The home bucket of an address in the address table.
+#[must_use]
+pub const fn addr_home(words: [u64; 2]) -> u32 {
+    let mixed = words[0].wrapping_mul(0xC2B2_AE3D_27D4_EB4F) ^ words[1];
+    (mixed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - ADDR_BUCKETS.trailing_zeros())) as u32
+}
+
 /// Most pod processes tracked for exit events.
 pub const MAX_TASKS: u32 = 16_384;
 
-/// Most TCP sockets of pods tracked at once (the open-connection gauge). When it is full, new
-/// sockets are not tracked and `LossCounters::socket_table_full` says so.
+/// Most TCP sockets of pods tracked at once (the open-connection gauge): the socket table's
+/// cells. A socket that finds no free cell in its [`SOCKET_PROBE_BUCKETS`] buckets is not
+/// tracked, and `LossCounters::socket_table_full` says so.
 pub const MAX_SOCKETS: u32 = 262_144;
+
+/// Cells per bucket of the socket table (one 64-byte cache line).
+pub const SOCKET_BUCKET_CELLS: usize = 4;
+
+/// Buckets of the socket table (a power of two).
+pub const SOCKET_BUCKETS: u32 = MAX_SOCKETS / SOCKET_BUCKET_CELLS as u32;
+
+/// Buckets a socket may live in: the one its address hashes to (its home) and the ones after it.
+pub const SOCKET_PROBE_BUCKETS: u32 = 8;
+
+/// The home bucket of the socket at kernel address `sk` (Fibonacci hashing: socket addresses
+/// are slab-aligned, so their low bits say little).
+#[must_use]
+pub const fn socket_home(sk: u64) -> u32 {
+    (sk.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - SOCKET_BUCKETS.trailing_zeros())) as u32
+}
+
+/// The `probe`-th bucket (0 is home) of a socket whose home is `home`.
+#[must_use]
+pub const fn socket_bucket(home: u32, probe: u32) -> u32 {
+    home.wrapping_add(probe) & (SOCKET_BUCKETS - 1)
+}
 
 /// Ring buffer size for notable events, in bytes (a power of two, a multiple of the page size).
 pub const EVENTS_RING_BYTES: u32 = 1 << 20;
@@ -29,7 +116,7 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/draingate";
 /// An IP address as the kernel programs see it: IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`), so
 /// one map serves both families and a dual-stack socket's IPv4-mapped address matches its pod.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct AddrKey {
     /// The address in network byte order.
     pub addr: [u8; 16],
@@ -113,15 +200,24 @@ pub struct LossCounters {
     pub ring_full: u64,
 }
 
-/// What the socket table remembers of a pod's socket, keyed by the socket's kernel address.
+/// A bucket of the socket table: pod sockets not yet closed, by kernel address. It is an array
+/// map's value, so the kernel inlines its lookup: no hashing of a key, no bucket lock, no
+/// allocation. A program claims a free cell with an atomic compare-and-exchange on `sk`, then
+/// writes the cell's `slot` and `state`; only the socket's own transitions, which the kernel
+/// serialises, read or free the cell after that.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct SocketEntry {
-    pub slot: u32,
-    /// The TCP state it last entered.
-    pub state: u32,
-    /// When it started being tracked (`bpf_ktime_get_boot_ns`).
-    pub since_ns: u64,
+pub struct SocketBucket {
+    /// Each cell's socket kernel address; 0 marks a free cell.
+    pub sk: [u64; SOCKET_BUCKET_CELLS],
+    /// Each cell's pod slot.
+    pub slot: [u32; SOCKET_BUCKET_CELLS],
+    /// Each cell's TCP state: the last one it entered before the closing handshake.
+    pub state: [u8; SOCKET_BUCKET_CELLS],
+    pub pad: u32,
+    /// Sockets whose home is this bucket that live in a later one. While it is 0, a lookup that
+    /// misses here is done: one cache line. Changed only by atomic adds.
+    pub spilled: u64,
 }
 
 /// A connection by its 4-tuple, as the pod sees it.
@@ -262,7 +358,12 @@ pub mod tcp_state {
 const _: () = assert!(size_of::<AddrKey>() == 16);
 const _: () = assert!(size_of::<SlotCounters>() == 96);
 const _: () = assert!(size_of::<LossCounters>() == 24);
-const _: () = assert!(size_of::<SocketEntry>() == 16);
+const _: () = assert!(SOCKET_PROBE_BUCKETS <= SOCKET_BUCKETS);
+const _: () = assert!(size_of::<SocketBucket>() == 64);
+const _: () = assert!(SOCKET_BUCKETS.is_power_of_two());
+const _: () = assert!(size_of::<AddrBucket>() == 64);
+const _: () = assert!(ADDR_BUCKETS.is_power_of_two());
+const _: () = assert!(ADDR_PROBE_BUCKETS <= ADDR_BUCKETS);
 const _: () = assert!(size_of::<NotableEvent>() == 64);
 const _: () = assert!(size_of::<ConnKey>() == 36);
 
@@ -284,6 +385,17 @@ mod tests {
     }
 
     #[test]
+    fn ipv4_words_from_a_raw_u32_equal_those_from_the_bytes() {
+        for octets in [[198, 18, 0, 7], [10, 244, 3, 200], [255, 255, 255, 255], [0, 0, 0, 1]] {
+            assert_eq!(
+                super::addr_words_v4(u32::from_ne_bytes(octets)),
+                super::addr_words(&AddrKey::v4(octets)),
+                "{octets:?}"
+            );
+        }
+    }
+
+    #[test]
     fn ipv6_round_trips() {
         let ip = IpAddr::V6(Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 9));
         assert_eq!(IpAddr::from(AddrKey::from(ip)), ip);
@@ -300,7 +412,9 @@ mod user {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::LossCounters {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::SocketEntry {}
+    unsafe impl aya::Pod for super::SocketBucket {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AddrBucket {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::NotableEvent {}
     // SAFETY: as above.

@@ -7,12 +7,13 @@
 //! exception is process exit, which runs in the exiting task.
 #![no_std]
 #![no_main]
-// The bpf target has no compare-and-swap, so `AtomicU64::fetch_add` is not offered; the
-// intrinsic lowers to the BPF atomic add instruction that every kernel supports.
+// Rust's bpf target declares no compare-and-swap, so `AtomicU64` offers neither `fetch_add`
+// nor `compare_exchange`; the intrinsics lower to the BPF atomic instructions (add, and the
+// compare-and-exchange of kernels since 5.12).
 #![feature(core_intrinsics)]
 #![expect(
     internal_features,
-    reason = "atomic add without compare-and-swap on bpf"
+    reason = "atomics on bpf, whose Rust target declares no compare-and-swap"
 )]
 
 use aya_ebpf::{
@@ -23,9 +24,11 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use draingate_common::{
-    AddrKey, ConnKey, EVENTS_RING_BYTES, LossCounters, MAX_ADDRS, MAX_RESET_CONNS, MAX_SLOTS,
-    MAX_SOCKETS, MAX_TASKS, NO_SLOT, NotableEvent, SlotCounters, SocketEntry, connect_failure,
-    event_kind, set_state_layout, tcp_state,
+    ADDR_BUCKETS, ADDR_BUCKET_CELLS, ADDR_PROBE_BUCKETS, AddrKey, AddrTable, ConnKey,
+    EVENTS_RING_BYTES, LossCounters, MAX_ADDRS, MAX_RESET_CONNS, MAX_SLOTS,
+    MAX_TASKS, NO_SLOT, addr_home, addr_words, addr_words_v4, NotableEvent, SOCKET_BUCKET_CELLS, SOCKET_BUCKETS, SOCKET_PROBE_BUCKETS,
+    SlotCounters, SocketBucket, connect_failure, event_kind, set_state_layout, socket_bucket,
+    socket_home, tcp_state,
 };
 
 const AF_INET: u16 = 2;
@@ -33,10 +36,6 @@ const AF_INET6: u16 = 10;
 const IPPROTO_TCP: u16 = 6;
 const SIGKILL: u32 = 9;
 const SIGTERM: u32 = 15;
-/// `BPF_NOEXIST`: insert only, never overwrite.
-const NOEXIST: u64 = 1;
-/// The error of an insert with [`NOEXIST`] when the key is there.
-const EEXIST: i32 = 17;
 /// Offset global value of a field this kernel does not have.
 const ABSENT: u64 = u64::MAX;
 
@@ -85,17 +84,28 @@ offsets!(
     EXIT_GROUP_DEAD,
 );
 
-/// Address → pod slot, kept by user space.
+/// Address → pod slot, kept by user space: the record of what is watched. The programs read
+/// [`ADDR_TABLE`], which user space builds from it.
 #[map]
 static POD_ADDRS: HashMap<AddrKey, u32> = HashMap::pinned(MAX_ADDRS, 0);
+
+/// Address → pod slot as the programs read it: two generations of [`AddrTable`], the current
+/// one named by [`ADDR_GEN`] (its low bit).
+#[map]
+static ADDR_TABLE: Array<AddrTable> = Array::pinned(2, 0);
+
+/// The generation of [`ADDR_TABLE`] to read, counted up by user space at each rebuild.
+#[map]
+static ADDR_GEN: Array<u64> = Array::pinned(1, 0);
 
 /// Process (tgid) → pod slot, kept by user space, for exit events.
 #[map]
 static POD_TASKS: HashMap<u32, u32> = HashMap::pinned(MAX_TASKS, 0);
 
-/// Pod sockets not yet closed, by kernel socket address: the open-connection gauge.
+/// Pod sockets not yet closed, by kernel socket address: the open-connection gauge's socket
+/// table (see [`SocketBucket`]).
 #[map]
-static SOCKETS: HashMap<u64, SocketEntry> = HashMap::pinned(MAX_SOCKETS, 0);
+static SOCKET_TABLE: Array<SocketBucket> = Array::pinned(SOCKET_BUCKETS, 0);
 
 /// Connections already counted as reset, with when (boot-clock ns). An LRU: forgetting an old
 /// one only risks counting a late repeat, never losing a first reset.
@@ -205,11 +215,7 @@ fn add_open(slot: u32, delta: u64) {
     if let Some(open) = OPEN.get_ptr_mut(slot) {
         // SAFETY: an aligned u64 map value that lives as long as the map; every write to it is
         // this atomic add.
-        unsafe {
-            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
-                open, delta,
-            );
-        }
+        unsafe { atomic_add(open, delta) };
     }
 }
 
@@ -225,9 +231,38 @@ fn w(in_window: bool) -> u64 {
     u64::from(in_window)
 }
 
+/// The pod slot of a watched address.
 fn pod_of(addr: &AddrKey) -> Option<u32> {
-    // SAFETY: the value is copied out at once; user space replaces entries atomically.
-    unsafe { POD_ADDRS.get(addr) }.copied()
+    pod_of_words(addr_words(addr))
+}
+
+/// The pod slot of a watched address given as [`addr_words`]. The kernel inlines both array
+/// lookups; a watched address costs one bucket (one cache line) unless its home bucket
+/// overflowed when user space built the table.
+fn pod_of_words(words: [u64; 2]) -> Option<u32> {
+    let generation = ADDR_GEN.get_ptr(0)?;
+    // SAFETY: an aligned u64 map value; user space replaces it whole.
+    let generation = unsafe { core::ptr::read_volatile(generation) };
+    let table = ADDR_TABLE.get_ptr((generation & 1) as u32)?;
+    let home = addr_home(words);
+    let mask = ADDR_BUCKETS as usize - 1;
+    // SAFETY: the generation being read is not written until every program that could have
+    // started on it has finished (user space waits for that, see `AddrTable`); the masked index
+    // is in bounds.
+    let probes = unsafe { (*table).buckets[home as usize & mask].probes };
+    for probe in 0..ADDR_PROBE_BUCKETS {
+        if probe >= probes {
+            return None;
+        }
+        // SAFETY: as above.
+        let bucket = unsafe { &(*table).buckets[(home + probe) as usize & mask] };
+        for index in 0..ADDR_BUCKET_CELLS {
+            if bucket.addr[index] == words {
+                return Some(bucket.slot[index]);
+            }
+        }
+    }
+    None
 }
 
 fn emit(event: &NotableEvent) {
@@ -400,45 +435,31 @@ fn set_state<F: SetStateFields>(rec: &F) -> Result<(), i32> {
         (old, new),
         (tcp_state::CLOSE, tcp_state::SYN_SENT) | (tcp_state::LISTEN, tcp_state::SYN_RECV)
     );
-    let tracked = if starting {
-        None
-    } else {
-        SOCKETS.get_ptr_mut(sk)
-    };
-    let slot = if let Some(entry) = tracked {
-        // SAFETY: entries are only written by these programs; a racing update of the state
-        // field is harmless (the last transition wins).
-        let slot = unsafe { (*entry).slot };
+    let tracked = if starting { None } else { find_socket(sk) };
+    let slot = if let Some(cell) = &tracked {
         if new != tcp_state::CLOSE {
-            // Through the pointer in hand: one hash lookup per transition, not two.
-            // SAFETY: as above.
-            unsafe { (*entry).state = new };
+            cell.set_state(new);
         }
-        slot
+        cell.slot()
     } else {
         // Listeners and closed sockets are not connections; nothing to start tracking.
         if new == tcp_state::CLOSE || new == tcp_state::LISTEN {
             return Ok(());
         }
+        // The address straight from the record's words, as the address table stores it.
         let family: u16 = rec.field(Sss::Family)?;
         let local = match family {
-            AF_INET => AddrKey::v4(rec.field(Sss::Saddr)?),
-            AF_INET6 => AddrKey::v6(rec.field(Sss::SaddrV6)?),
+            AF_INET => addr_words_v4(rec.field(Sss::Saddr)?),
+            AF_INET6 => rec.field(Sss::SaddrV6)?,
             _ => return Ok(()),
         };
-        let Some(slot) = pod_of(&local) else {
+        let Some(slot) = pod_of_words(local) else {
             return Ok(());
         };
-        let entry = SocketEntry {
-            slot,
-            state: new,
-            since_ns: now(),
-        };
-        match SOCKETS.insert(sk, entry, NOEXIST) {
-            Ok(()) => add_open(slot, 1),
-            // Tracked after all: keep the entry that is there.
-            Err(err) if err == -EEXIST => {}
-            Err(_) => loss(|l| l.socket_table_full += 1),
+        if track_socket(sk, slot, new) {
+            add_open(slot, 1);
+        } else {
+            loss(|l| l.socket_table_full += 1);
         }
         slot
     };
@@ -460,12 +481,144 @@ fn set_state<F: SetStateFields>(rec: &F) -> Result<(), i32> {
         _ => {}
     }
 
-    // A new entry was inserted with this state, a tracked one updated above; only a close
+    // A new cell was claimed with this state, a tracked one updated above; only a close
     // remains to do.
-    if new == tcp_state::CLOSE && SOCKETS.remove(sk).is_ok() {
+    if new == tcp_state::CLOSE
+        && let Some(cell) = tracked
+    {
+        cell.free();
         add_open(slot, u64::MAX);
     }
     Ok(())
+}
+
+/// A tracked socket's cell in [`SOCKET_TABLE`].
+struct SocketCell {
+    bucket: *mut SocketBucket,
+    index: usize,
+    /// Its home bucket, when it lives in a later one.
+    spilled_from: Option<*mut SocketBucket>,
+}
+
+impl SocketCell {
+    /// The cell's index, visibly in bounds: to the compiler (no bounds check, whose panic path
+    /// the verifier rejects) and to the verifier (the mask bounds the register).
+    fn index(&self) -> usize {
+        self.index % SOCKET_BUCKET_CELLS
+    }
+
+    fn slot(&self) -> u32 {
+        // SAFETY: a pointer into an array map value, which lives as long as the map; the cell
+        // is this socket's, and its transitions do not race.
+        unsafe { (*self.bucket).slot[self.index()] }
+    }
+
+    fn state(&self) -> u32 {
+        // SAFETY: as in `slot`.
+        u32::from(unsafe { (*self.bucket).state[self.index()] })
+    }
+
+    fn set_state(&self, state: u32) {
+        // SAFETY: as in `slot`.
+        unsafe { (*self.bucket).state[self.index()] = state as u8 };
+    }
+
+    /// Frees the cell: the socket is gone.
+    fn free(self) {
+        if let Some(home) = self.spilled_from {
+            // SAFETY: as in `slot`; `spilled` is only ever changed by atomic adds.
+            unsafe { atomic_add(&raw mut (*home).spilled, u64::MAX) };
+        }
+        // SAFETY: as in `slot`; an aligned 64-bit store is not torn, and the next claim of the
+        // cell is a compare-and-exchange against this 0.
+        unsafe { core::ptr::write_volatile(&raw mut (*self.bucket).sk[self.index()], 0) };
+    }
+}
+
+/// Adds `delta` (wrapping: `u64::MAX` is -1) to `*target`, atomically.
+///
+/// # Safety
+/// `target` is valid and aligned, and every write to it is an atomic operation.
+unsafe fn atomic_add(target: *mut u64, delta: u64) {
+    // SAFETY: the caller's promise.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            target, delta,
+        );
+    }
+}
+
+/// The cell of socket `sk`, if it is tracked. A miss costs one bucket (one cache line) unless
+/// sockets spilled from that bucket into the next ones.
+fn find_socket(sk: u64) -> Option<SocketCell> {
+    if sk == 0 {
+        return None;
+    }
+    let home_index = socket_home(sk);
+    let home = SOCKET_TABLE.get_ptr_mut(home_index)?;
+    for probe in 0..SOCKET_PROBE_BUCKETS {
+        let bucket = if probe == 0 {
+            home
+        } else {
+            SOCKET_TABLE.get_ptr_mut(socket_bucket(home_index, probe))?
+        };
+        for index in 0..SOCKET_BUCKET_CELLS {
+            // SAFETY: an array map value; another CPU may be claiming or freeing a cell, and an
+            // aligned 64-bit load is not torn.
+            if unsafe { core::ptr::read_volatile(&raw const (*bucket).sk[index]) } == sk {
+                return Some(SocketCell {
+                    bucket,
+                    index,
+                    spilled_from: (probe != 0).then_some(home),
+                });
+            }
+        }
+        // SAFETY: as above.
+        if probe == 0 && unsafe { core::ptr::read_volatile(&raw const (*home).spilled) } == 0 {
+            return None;
+        }
+    }
+    None
+}
+
+/// Claims a free cell for socket `sk` in its home bucket or the next ones; false when all are
+/// taken. Two CPUs can race for a cell: the compare-and-exchange lets one win and sends the
+/// other on to the next cell.
+fn track_socket(sk: u64, slot: u32, state: u32) -> bool {
+    let home_index = socket_home(sk);
+    for probe in 0..SOCKET_PROBE_BUCKETS {
+        let Some(bucket) = SOCKET_TABLE.get_ptr_mut(socket_bucket(home_index, probe)) else {
+            return false;
+        };
+        for index in 0..SOCKET_BUCKET_CELLS {
+            // SAFETY: an array map value; cells are claimed only by this compare-and-exchange.
+            let won = unsafe {
+                let cell = &raw mut (*bucket).sk[index];
+                core::ptr::read_volatile(cell) == 0
+                    && core::intrinsics::atomic_cxchg::<
+                        u64,
+                        { core::intrinsics::AtomicOrdering::Relaxed },
+                        { core::intrinsics::AtomicOrdering::Relaxed },
+                    >(cell, 0, sk)
+                        .1
+            };
+            if won {
+                // SAFETY: the cell is ours now.
+                unsafe {
+                    (*bucket).slot[index] = slot;
+                    (*bucket).state[index] = state as u8;
+                }
+                if probe != 0
+                    && let Some(home) = SOCKET_TABLE.get_ptr_mut(home_index)
+                {
+                    // SAFETY: `spilled` is only ever changed by atomic adds.
+                    unsafe { atomic_add(&raw mut (*home).spilled, 1) };
+                }
+                return true;
+            }
+        }
+    }
+    false
 }
 
 fn emit_set_state_event<F: SetStateFields>(
@@ -626,9 +779,8 @@ fn recently_reset(conn: &ConnKey, time_ns: u64) -> bool {
 /// The pod of a reset: the tracked socket's, else the local address's, with the socket's last
 /// TCP state (0 when untracked).
 fn socket_or_address(sk: u64, local: &AddrKey) -> Option<(u32, u32)> {
-    // SAFETY: the value is copied out at once.
-    match unsafe { SOCKETS.get(sk) } {
-        Some(entry) => Some((entry.slot, entry.state)),
+    match find_socket(sk) {
+        Some(cell) => Some((cell.slot(), cell.state())),
         None => pod_of(local).map(|slot| (slot, 0)),
     }
 }

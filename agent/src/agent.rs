@@ -401,6 +401,9 @@ impl Agent {
             }
         }
         drop(state);
+        // The kernel sees this pass's address changes at once, in one table rebuild (outside
+        // the state lock: it waits for running programs).
+        self.probes.apply_addresses()?;
         self.publish();
         Ok(())
     }

@@ -6,6 +6,7 @@
 //! so a restart loses no counts and no open-connection state.
 
 use std::{
+    collections::BTreeMap,
     io,
     net::IpAddr,
     path::{Path, PathBuf},
@@ -21,7 +22,10 @@ use aya::{
     },
     util::nr_cpus,
 };
-use draingate_common::{AddrKey, LossCounters, MAX_SLOTS, SlotCounters};
+use draingate_common::{
+    ADDR_BUCKETS, ADDR_PROBE_BUCKETS, AddrBucket, AddrKey, LossCounters, MAX_SLOTS, SlotCounters,
+    addr_home, addr_words,
+};
 
 use crate::tracefs::{self, TracefsError, TracepointFormat};
 
@@ -163,6 +167,13 @@ pub enum LoaderError {
     },
     #[error("pod slot {slot} is out of range (at most {max})", max = MAX_SLOTS - 1)]
     SlotOutOfRange { slot: u32 },
+    #[error(
+        "address {addr} finds no free cell in the kernel's address table near its hash; it is \
+         not watched"
+    )]
+    AddressTableFull { addr: IpAddr },
+    #[error("waiting for running kernel programs to finish (membarrier) failed: {0}")]
+    Membarrier(#[source] io::Error),
 }
 
 /// A pod slot's counters summed over CPUs.
@@ -242,6 +253,12 @@ pub struct KernelProbes {
     _ebpf: Ebpf,
     _links: Vec<PinnedLink>,
     pod_addrs: HashMap<MapData, AddrKey, u32>,
+    addr_table: Array<MapData, AddrTableValue>,
+    addr_gen: Array<MapData, u64>,
+    /// The watched addresses, as in `pod_addrs`; the address table is built from this.
+    watched: BTreeMap<AddrKey, u32>,
+    /// Whether `watched` changed since the address table was last built.
+    addrs_changed: bool,
     pod_tasks: HashMap<MapData, u32, u32>,
     slot_counters: PerCpuArray<MapData, SlotCounters>,
     windows: Array<MapData, u64>,
@@ -371,8 +388,18 @@ impl KernelProbes {
             );
         }
 
-        Ok(Self {
-            pod_addrs: take_map(&mut ebpf, "POD_ADDRS")?,
+        let pod_addrs: HashMap<MapData, AddrKey, u32> = take_map(&mut ebpf, "POD_ADDRS")?;
+        let watched = pod_addrs
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err("POD_ADDRS"))?;
+        let mut probes = Self {
+            pod_addrs,
+            addr_table: take_map(&mut ebpf, "ADDR_TABLE")?,
+            addr_gen: take_map(&mut ebpf, "ADDR_GEN")?,
+            watched,
+            // Built afresh from the record: a table pinned by an older agent may predate it.
+            addrs_changed: true,
             pod_tasks: take_map(&mut ebpf, "POD_TASKS")?,
             slot_counters: take_map(&mut ebpf, "SLOT_COUNTERS")?,
             windows: take_map(&mut ebpf, "WINDOWS")?,
@@ -383,7 +410,9 @@ impl KernelProbes {
             _links: links,
             resumed: resumed == HOOKS.len(),
             set_state_program,
-        })
+        };
+        probes.apply_addresses()?;
+        Ok(probes)
     }
 
     /// The empty `floor` program alone on `sock:inet_sock_set_state`, for the benchmark: its
@@ -417,20 +446,52 @@ impl KernelProbes {
         }
     }
 
-    /// Counts sockets whose local address is `addr` under pod `slot` from now on.
+    /// Counts sockets whose local address is `addr` under pod `slot`, from the next
+    /// [`Self::apply_addresses`] on.
     pub fn watch(&mut self, addr: IpAddr, slot: u32) -> Result<(), LoaderError> {
         check_slot(slot)?;
+        let key = AddrKey::from(addr);
         self.pod_addrs
-            .insert(AddrKey::from(addr), slot, 0)
-            .map_err(map_err("POD_ADDRS"))
+            .insert(key, slot, 0)
+            .map_err(map_err("POD_ADDRS"))?;
+        if self.watched.insert(key, slot) != Some(slot) {
+            self.addrs_changed = true;
+        }
+        Ok(())
     }
 
-    /// Stops counting new sockets of `addr`. An address that was not watched is not an error.
+    /// Stops counting new sockets of `addr`, from the next [`Self::apply_addresses`] on. An
+    /// address that was not watched is not an error.
     pub fn unwatch(&mut self, addr: IpAddr) -> Result<(), LoaderError> {
-        match self.pod_addrs.remove(&AddrKey::from(addr)) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(map_err("POD_ADDRS")(source)),
+        let key = AddrKey::from(addr);
+        match self.pod_addrs.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(source) => return Err(map_err("POD_ADDRS")(source)),
         }
+        if self.watched.remove(&key).is_some() {
+            self.addrs_changed = true;
+        }
+        Ok(())
+    }
+
+    /// Hands the programs the addresses watched now, if they changed: builds the address table
+    /// whole into the generation the programs are not reading, makes it current, and waits
+    /// until no program still runs on the old one (so that the next change may rewrite it).
+    /// One call per batch of changes: the wait is one RCU grace period (about 8 ms here).
+    pub fn apply_addresses(&mut self) -> Result<(), LoaderError> {
+        if !self.addrs_changed {
+            return Ok(());
+        }
+        let table = build_addr_table(&self.watched)?;
+        let current = self.addr_gen.get(&0, 0).map_err(map_err("ADDR_GEN"))?;
+        let next = current.wrapping_add(1);
+        self.addr_table
+            .set((next & 1) as u32, &*table, 0)
+            .map_err(map_err("ADDR_TABLE"))?;
+        self.addr_gen.set(0, next, 0).map_err(map_err("ADDR_GEN"))?;
+        wait_for_running_programs()?;
+        self.addrs_changed = false;
+        Ok(())
     }
 
     /// The watched addresses and their slots (after a restart: what the last agent set).
@@ -540,6 +601,69 @@ impl KernelProbes {
     }
 }
 
+/// One generation of the kernel's address table, as user space writes it: the layout of
+/// `draingate_common::AddrTable`.
+type AddrTableValue = [AddrBucket; ADDR_BUCKETS as usize];
+
+/// Builds the address table for `watched`: each address in the first bucket from its home on
+/// with a free cell, and each home bucket records how many buckets its lookups scan.
+fn build_addr_table(watched: &BTreeMap<AddrKey, u32>) -> Result<Box<AddrTableValue>, LoaderError> {
+    let mut table: Box<AddrTableValue> = vec![AddrBucket::default(); ADDR_BUCKETS as usize]
+        .into_boxed_slice()
+        .try_into()
+        .expect("ADDR_BUCKETS buckets");
+    let mask = ADDR_BUCKETS - 1;
+    for (key, &slot) in watched {
+        let words = addr_words(key);
+        if words == [0, 0] {
+            // `::` marks an empty cell, and is no pod's address.
+            continue;
+        }
+        let home = addr_home(words);
+        let placed = (0..ADDR_PROBE_BUCKETS).find_map(|probe| {
+            let bucket = &mut table[((home + probe) & mask) as usize];
+            let cell = bucket.addr.iter().position(|a| *a == [0, 0])?;
+            bucket.addr[cell] = words;
+            bucket.slot[cell] = slot;
+            Some(probe)
+        });
+        let Some(probe) = placed else {
+            return Err(LoaderError::AddressTableFull {
+                addr: IpAddr::from(*key),
+            });
+        };
+        let home = &mut table[home as usize];
+        home.probes = home.probes.max(probe + 1);
+    }
+    Ok(table)
+}
+
+/// Returns once every kernel program that was running has finished: `membarrier(2)`
+/// `MEMBARRIER_CMD_GLOBAL` waits for an RCU grace period, and tracepoint programs run inside an
+/// RCU read-side section. Kernels booted with `nohz_full` refuse that command; there the wait is
+/// 100 ms, a thousand times the longest program run, but not a proof.
+fn wait_for_running_programs() -> Result<(), LoaderError> {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: membarrier takes two integers and touches no memory of ours.
+    let done = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if done == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EINVAL) {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            tracing::warn!(
+                "membarrier(MEMBARRIER_CMD_GLOBAL) is refused (nohz_full?); address table \
+                 changes wait 100 ms for running programs instead"
+            );
+        });
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        return Ok(());
+    }
+    Err(LoaderError::Membarrier(err))
+}
+
 fn check_slot(slot: u32) -> Result<(), LoaderError> {
     if slot >= MAX_SLOTS {
         return Err(LoaderError::SlotOutOfRange { slot });
@@ -607,4 +731,102 @@ where
         source = current.source();
     }
     other(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::BTreeMap,
+        net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    };
+
+    use draingate_common::{
+        ADDR_BUCKET_CELLS, ADDR_BUCKETS, ADDR_PROBE_BUCKETS, AddrKey, MAX_ADDRS, addr_home,
+        addr_words,
+    };
+
+    use super::{AddrTableValue, LoaderError, build_addr_table};
+
+    /// The programs' lookup (`pod_of` in the eBPF crate), step for step.
+    fn lookup(table: &AddrTableValue, addr: IpAddr) -> Option<u32> {
+        let words = addr_words(&AddrKey::from(addr));
+        let home = addr_home(words);
+        let probes = table[home as usize].probes.min(ADDR_PROBE_BUCKETS);
+        (0..probes).find_map(|probe| {
+            let bucket = &table[((home + probe) & (ADDR_BUCKETS - 1)) as usize];
+            (0..ADDR_BUCKET_CELLS)
+                .find(|&cell| bucket.addr[cell] == words)
+                .map(|cell| bucket.slot[cell])
+        })
+    }
+
+    fn watched(addrs: impl IntoIterator<Item = (IpAddr, u32)>) -> BTreeMap<AddrKey, u32> {
+        addrs
+            .into_iter()
+            .map(|(addr, slot)| (AddrKey::from(addr), slot))
+            .collect()
+    }
+
+    #[test]
+    fn a_full_node_of_addresses_is_found_and_nothing_else() {
+        // As many addresses as the kernel record holds: a pod CIDR's IPv4 addresses in a row
+        // and as many IPv6 ones, which is what a dual-stack node hands out.
+        let half = MAX_ADDRS / 2;
+        let addrs: Vec<(IpAddr, u32)> = (0..half)
+            .flat_map(|i| {
+                let [_, _, c, d] = i.to_be_bytes();
+                [
+                    (IpAddr::V4(Ipv4Addr::new(10, 244, c, d)), i % 512),
+                    (
+                        IpAddr::V6(Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, i as u16)),
+                        (i + 7) % 512,
+                    ),
+                ]
+            })
+            .collect();
+        let table = build_addr_table(&watched(addrs.iter().copied())).expect("all placed");
+        for &(addr, slot) in &addrs {
+            assert_eq!(lookup(&table, addr), Some(slot), "{addr}");
+        }
+        // Addresses next to the watched ones, and `::`, find nothing.
+        for i in half..half + 4096 {
+            let [_, _, c, d] = i.to_be_bytes();
+            assert_eq!(lookup(&table, IpAddr::V4(Ipv4Addr::new(10, 245, c, d))), None);
+        }
+        assert_eq!(lookup(&table, IpAddr::V6(Ipv6Addr::UNSPECIFIED)), None);
+    }
+
+    #[test]
+    fn an_empty_table_finds_nothing_and_the_unspecified_address_is_never_stored() {
+        let table = build_addr_table(&watched([(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 3)]))
+            .expect("built");
+        assert!(table.iter().all(|b| b.probes == 0 && b.addr == [[0; 2]; 3]));
+        assert_eq!(lookup(&table, IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))), None);
+    }
+
+    #[test]
+    fn addresses_that_share_a_home_spill_over_and_the_first_that_finds_no_cell_is_named() {
+        // Addresses whose home is bucket 0: the table places them in buckets 0..8, three each.
+        let colliding: Vec<IpAddr> = (0u32..)
+            .map(|i| IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)))
+            .filter(|addr| addr_home(addr_words(&AddrKey::from(*addr))) == 0)
+            .take(ADDR_PROBE_BUCKETS as usize * ADDR_BUCKET_CELLS + 1)
+            .collect();
+        let (fit, over) = colliding.split_at(colliding.len() - 1);
+        let table =
+            build_addr_table(&watched(fit.iter().map(|a| (*a, 9)))).expect("24 fit in 8 buckets");
+        assert_eq!(table[0].probes, ADDR_PROBE_BUCKETS);
+        for addr in fit {
+            assert_eq!(lookup(&table, *addr), Some(9), "{addr}");
+        }
+        // The 25th cannot be placed within reach of a lookup: an error naming the address
+        // (which one of the 25 that is depends on their order in the map).
+        match build_addr_table(&watched(colliding.iter().map(|a| (*a, 9)))) {
+            Err(LoaderError::AddressTableFull { addr }) => {
+                assert!(colliding.contains(&addr), "{addr}");
+                assert_eq!(over.len(), 1);
+            }
+            other => panic!("expected AddressTableFull, got {:?}", other.map(|_| ())),
+        }
+    }
 }

@@ -95,6 +95,7 @@ fn counts_connections_per_pod_address(family: Family, fixed: bool) {
     probes
         .watch(watched.a_addr, CLIENT_SLOT)
         .expect("watch client");
+    probes.apply_addresses().expect("hand the addresses to the kernel");
 
     // Open connections are counted while open, on both sides; the listener is not a connection.
     let listen = SocketAddr::new(watched.b_addr, PORT);
@@ -154,6 +155,7 @@ fn counts_connections_per_pod_address(family: Family, fixed: bool) {
 
     // After unwatch, new connections are no longer counted for that address.
     probes.unwatch(watched.b_addr).expect("unwatch");
+    probes.apply_addresses().expect("hand the addresses to the kernel");
     exchange(&watched, CONNECTIONS);
     let client = wait_for(&probes, CLIENT_SLOT, |t| t.opened == total + CONNECTIONS);
     assert_eq!(client.opened, total + CONNECTIONS);
@@ -195,6 +197,7 @@ fn counts_refused_connections(family: Family, fixed: bool) {
     probes
         .watch(link.a_addr, CLIENT_SLOT)
         .expect("watch client");
+    probes.apply_addresses().expect("hand the addresses to the kernel");
 
     let target = SocketAddr::new(link.b_addr, CLOSED_PORT);
     for _ in 0..CONNECTIONS {
@@ -283,6 +286,7 @@ fn an_agent_restart_loses_no_counts_and_no_open_connections() {
 
     let mut first = KernelProbes::load(&pins.config).expect("first agent");
     first.watch(link.b_addr, SERVER_SLOT).expect("watch");
+    first.apply_addresses().expect("hand the addresses to the kernel");
     let before = link.a.run(|| TcpStream::connect(listen).expect("connect"));
     let accepted_before = listener.accept().expect("accept");
     wait_for(&first, SERVER_SLOT, |t| t.open == 1);
@@ -321,6 +325,7 @@ fn a_reused_four_tuple_that_fails_again_counts_again() {
     probes
         .watch(link.b_addr, SERVER_SLOT)
         .expect("watch server");
+    probes.apply_addresses().expect("hand the addresses to the kernel");
     let listen = SocketAddr::new(link.b_addr, PORT);
     let listener = link.b.run(|| TcpListener::bind(listen).expect("bind"));
     let client_port = 40_123;
