@@ -185,6 +185,12 @@ pub struct SlotCounters {
     pub win_resets_received: u64,
     pub win_refused: u64,
     pub win_failed_connects: u64,
+    /// Pod sockets that entered the socket table on this CPU.
+    pub sockets_tracked: u64,
+    /// Pod sockets that left it (closed) on this CPU. A socket may enter on one CPU and leave on
+    /// another, so only the difference of the sums over all CPUs means something: the pod's
+    /// open connections.
+    pub sockets_untracked: u64,
 }
 
 /// Per CPU: events the kernel programs could not account for. Any non-zero field means counts
@@ -356,7 +362,7 @@ pub mod tcp_state {
 }
 
 const _: () = assert!(size_of::<AddrKey>() == 16);
-const _: () = assert!(size_of::<SlotCounters>() == 96);
+const _: () = assert!(size_of::<SlotCounters>() == 112);
 const _: () = assert!(size_of::<LossCounters>() == 24);
 const _: () = assert!(SOCKET_PROBE_BUCKETS <= SOCKET_BUCKETS);
 const _: () = assert!(size_of::<SocketBucket>() == 64);

@@ -122,11 +122,6 @@ const RESET_REPEAT_NS: u64 = 1_000_000_000;
 #[map]
 static WINDOWS: Array<u64> = Array::pinned(MAX_SLOTS, 0);
 
-/// Per pod slot: its open connections, a gauge shared by all CPUs and updated atomically, so
-/// that a program can read it whole (at process exit).
-#[map]
-static OPEN: Array<u64> = Array::pinned(MAX_SLOTS, 0);
-
 /// Per pod slot, per CPU counters.
 #[map]
 static SLOT_COUNTERS: PerCpuArray<SlotCounters> = PerCpuArray::pinned(MAX_SLOTS, 0);
@@ -210,20 +205,62 @@ fn count(slot: u32, update: impl FnOnce(&mut SlotCounters, bool)) {
     }
 }
 
-/// Adds `delta` (wrapping: `u64::MAX` is -1) to `slot`'s open-connection gauge, atomically.
-fn add_open(slot: u32, delta: u64) {
-    if let Some(open) = OPEN.get_ptr_mut(slot) {
-        // SAFETY: an aligned u64 map value that lives as long as the map; every write to it is
-        // this atomic add.
-        unsafe { atomic_add(open, delta) };
+/// Counts a socket of `slot` entering (`true`) or leaving the socket table, on this CPU: the
+/// open-connection gauge is the difference summed over CPUs. Per CPU, so that no cache line
+/// bounces between CPUs (a shared gauge updated atomically cost about 35 ns per run here).
+fn count_socket(slot: u32, tracked: bool) {
+    if let Some(counters) = SLOT_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU entry, and programs do not migrate between CPUs while running.
+        let counters = unsafe { &mut *counters };
+        if tracked {
+            counters.sockets_tracked += 1;
+        } else {
+            counters.sockets_untracked += 1;
+        }
     }
 }
 
+/// Most CPUs [`open_now`] sums over; user space sets [`NR_CPUS`] to this machine's number of
+/// possible CPUs.
+const MAX_CPUS: u32 = 4096;
+
+/// This machine's number of possible CPUs, set by user space at load time.
+#[unsafe(no_mangle)]
+static NR_CPUS: u64 = 0;
+
+/// `slot`'s open connections now: its per-CPU socket counts summed over every CPU (rare: at a
+/// pod process's exit).
 fn open_now(slot: u32) -> u64 {
-    OPEN.get_ptr(slot).map_or(0, |open| {
-        // SAFETY: as in `add_open`; an aligned 64-bit load is not torn.
-        unsafe { core::ptr::read_volatile(open) }
-    })
+    let cpus = global(&NR_CPUS).min(u64::from(MAX_CPUS)) as u32;
+    let map = core::ptr::from_ref(&SLOT_COUNTERS)
+        .cast_mut()
+        .cast::<core::ffi::c_void>();
+    let (mut tracked, mut untracked) = (0u64, 0u64);
+    for cpu in 0..MAX_CPUS {
+        if cpu >= cpus {
+            break;
+        }
+        // SAFETY: the map pointer is the map's definition, which the loader relocates; the
+        // helper returns null for a CPU or key out of range.
+        let counters = unsafe {
+            aya_ebpf::helpers::bpf_map_lookup_percpu_elem(
+                map,
+                core::ptr::from_ref(&slot).cast(),
+                cpu,
+            )
+        }
+        .cast::<SlotCounters>();
+        if counters.is_null() {
+            continue;
+        }
+        // SAFETY: a per-CPU map value, read while another CPU may count into it: the totals
+        // can be off by a socket in flight, never torn (aligned 64-bit loads).
+        unsafe {
+            tracked = tracked.wrapping_add(core::ptr::read_volatile(&raw const (*counters).sockets_tracked));
+            untracked = untracked.wrapping_add(core::ptr::read_volatile(&raw const (*counters).sockets_untracked));
+        }
+    }
+    tracked.saturating_sub(untracked)
 }
 
 /// `1` inside the window, `0` outside: added to the window counters.
@@ -457,7 +494,7 @@ fn set_state<F: SetStateFields>(rec: &F) -> Result<(), i32> {
             return Ok(());
         };
         if track_socket(sk, slot, new) {
-            add_open(slot, 1);
+            count_socket(slot, true);
         } else {
             loss(|l| l.socket_table_full += 1);
         }
@@ -487,7 +524,7 @@ fn set_state<F: SetStateFields>(rec: &F) -> Result<(), i32> {
         && let Some(cell) = tracked
     {
         cell.free();
-        add_open(slot, u64::MAX);
+        count_socket(slot, false);
     }
     Ok(())
 }

@@ -174,6 +174,8 @@ pub enum LoaderError {
     AddressTableFull { addr: IpAddr },
     #[error("waiting for running kernel programs to finish (membarrier) failed: {0}")]
     Membarrier(#[source] io::Error),
+    #[error("reading this machine's possible CPUs failed: {0}")]
+    PossibleCpus(#[source] io::Error),
 }
 
 /// A pod slot's counters summed over CPUs.
@@ -200,6 +202,7 @@ pub struct SlotTotals {
 impl SlotTotals {
     fn sum(per_cpu: &PerCpuValues<SlotCounters>) -> Self {
         let mut totals = Self::default();
+        let (mut tracked, mut untracked) = (0u64, 0u64);
         for cpu in per_cpu.iter() {
             totals.accepted += cpu.accepted;
             totals.opened += cpu.opened;
@@ -213,7 +216,11 @@ impl SlotTotals {
             totals.win_resets_received += cpu.win_resets_received;
             totals.win_refused += cpu.win_refused;
             totals.win_failed_connects += cpu.win_failed_connects;
+            tracked = tracked.wrapping_add(cpu.sockets_tracked);
+            untracked = untracked.wrapping_add(cpu.sockets_untracked);
         }
+        // Never negative unless a close was counted without its open (a bug); show 0 then.
+        totals.open = tracked.saturating_sub(untracked);
         totals
     }
 }
@@ -262,7 +269,6 @@ pub struct KernelProbes {
     pod_tasks: HashMap<MapData, u32, u32>,
     slot_counters: PerCpuArray<MapData, SlotCounters>,
     windows: Array<MapData, u64>,
-    open: Array<MapData, u64>,
     loss: PerCpuArray<MapData, LossCounters>,
     events: Option<RingBuf<MapData>>,
     /// Whether the programs were already attached by an earlier agent (a restart).
@@ -348,6 +354,9 @@ impl KernelProbes {
         for (global, offset) in &offsets {
             loader.override_global(global, offset, true);
         }
+        // What `sched_process_exit` sums the per-CPU socket counts over.
+        let possible_cpus = nr_cpus().map_err(|(_, err)| LoaderError::PossibleCpus(err))? as u64;
+        loader.override_global("NR_CPUS", &possible_cpus, true);
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(|err| {
             classify(err, "create eBPF maps", |source| LoaderError::Load {
                 pin_dir: config.pin_dir.clone(),
@@ -403,7 +412,6 @@ impl KernelProbes {
             pod_tasks: take_map(&mut ebpf, "POD_TASKS")?,
             slot_counters: take_map(&mut ebpf, "SLOT_COUNTERS")?,
             windows: take_map(&mut ebpf, "WINDOWS")?,
-            open: take_map(&mut ebpf, "OPEN")?,
             loss: take_map(&mut ebpf, "LOSS")?,
             events: Some(take_map(&mut ebpf, "EVENTS")?),
             _ebpf: ebpf,
@@ -537,11 +545,7 @@ impl KernelProbes {
             .slot_counters
             .get(&slot, 0)
             .map_err(map_err("SLOT_COUNTERS"))?;
-        let mut totals = SlotTotals::sum(&per_cpu);
-        // Never negative unless a close was counted without its open (a bug); show 0 then.
-        let open = self.open.get(&slot, 0).map_err(map_err("OPEN"))?;
-        totals.open = u64::try_from(open.cast_signed().max(0)).unwrap_or(0);
-        Ok(totals)
+        Ok(SlotTotals::sum(&per_cpu))
     }
 
     /// Zeroes pod `slot`'s counters, before the slot is given to a new pod.
@@ -561,8 +565,7 @@ impl KernelProbes {
         self.slot_counters
             .set(slot, zeros, 0)
             .map_err(map_err("SLOT_COUNTERS"))?;
-        self.windows.set(slot, 0, 0).map_err(map_err("WINDOWS"))?;
-        self.open.set(slot, 0, 0).map_err(map_err("OPEN"))
+        self.windows.set(slot, 0, 0).map_err(map_err("WINDOWS"))
     }
 
     /// When pod `slot`'s termination window opened (boot clock), if it has.
