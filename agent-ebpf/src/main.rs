@@ -276,6 +276,7 @@ fn pod_of(addr: &AddrKey) -> Option<u32> {
 /// The pod slot of a watched address given as [`addr_words`]. The kernel inlines both array
 /// lookups; a watched address costs one bucket (one cache line) unless its home bucket
 /// overflowed when user space built the table.
+#[inline(always)]
 fn pod_of_words(words: [u64; 2]) -> Option<u32> {
     let generation = ADDR_GEN.get_ptr(0)?;
     // SAFETY: an aligned u64 map value; user space replaces it whole.
@@ -507,7 +508,13 @@ fn set_state<F: SetStateFields>(rec: &F) -> Result<(), i32> {
             c.win_accepted += w(win);
             c.last_accept_ns = now();
         }),
-        (tcp_state::SYN_SENT, tcp_state::ESTABLISHED) => count(slot, |c, _| c.opened += 1),
+        (tcp_state::SYN_SENT, tcp_state::ESTABLISHED) => {
+            // No window counter: the window's own connects are not its failures.
+            if let Some(counters) = SLOT_COUNTERS.get_ptr_mut(slot) {
+                // SAFETY: per-CPU entry, and programs do not migrate between CPUs while running.
+                unsafe { (*counters).opened += 1 };
+            }
+        }
         (tcp_state::SYN_SENT, tcp_state::CLOSE) => {
             count(slot, |c, win| {
                 c.failed_connects += 1;
@@ -587,6 +594,7 @@ unsafe fn atomic_add(target: *mut u64, delta: u64) {
 
 /// The cell of socket `sk`, if it is tracked. A miss costs one bucket (one cache line) unless
 /// sockets spilled from that bucket into the next ones.
+#[inline(always)]
 fn find_socket(sk: u64) -> Option<SocketCell> {
     if sk == 0 {
         return None;
@@ -621,6 +629,7 @@ fn find_socket(sk: u64) -> Option<SocketCell> {
 /// Claims a free cell for socket `sk` in its home bucket or the next ones; false when all are
 /// taken. Two CPUs can race for a cell: the compare-and-exchange lets one win and sends the
 /// other on to the next cell.
+#[inline(always)]
 fn track_socket(sk: u64, slot: u32, state: u32) -> bool {
     let home_index = socket_home(sk);
     for probe in 0..SOCKET_PROBE_BUCKETS {
