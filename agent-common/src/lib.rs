@@ -101,10 +101,11 @@ pub const fn socket_home(sk: u64) -> u32 {
     (sk.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - SOCKET_BUCKETS.trailing_zeros())) as u32
 }
 
-/// The `probe`-th bucket (0 is home) of a socket whose home is `home`.
+/// The `probe`-th bucket (0 is home) of a socket whose home is `home`, in a table of
+/// `mask + 1` buckets (the programs' table is [`SOCKET_BUCKETS`]; tests shrink it to fill it).
 #[must_use]
-pub const fn socket_bucket(home: u32, probe: u32) -> u32 {
-    home.wrapping_add(probe) & (SOCKET_BUCKETS - 1)
+pub const fn socket_bucket(home: u32, probe: u32, mask: u32) -> u32 {
+    (home & mask).wrapping_add(probe) & mask
 }
 
 /// Ring buffer size for notable events, in bytes (a power of two, a multiple of the page size).
@@ -392,7 +393,12 @@ mod tests {
 
     #[test]
     fn ipv4_words_from_a_raw_u32_equal_those_from_the_bytes() {
-        for octets in [[198, 18, 0, 7], [10, 244, 3, 200], [255, 255, 255, 255], [0, 0, 0, 1]] {
+        for octets in [
+            [198, 18, 0, 7],
+            [10, 244, 3, 200],
+            [255, 255, 255, 255],
+            [0, 0, 0, 1],
+        ] {
             assert_eq!(
                 super::addr_words_v4(u32::from_ne_bytes(octets)),
                 super::addr_words(&AddrKey::v4(octets)),

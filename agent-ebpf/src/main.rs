@@ -24,11 +24,11 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use draingate_common::{
-    ADDR_BUCKETS, ADDR_BUCKET_CELLS, ADDR_PROBE_BUCKETS, AddrKey, AddrTable, ConnKey,
-    EVENTS_RING_BYTES, LossCounters, MAX_ADDRS, MAX_RESET_CONNS, MAX_SLOTS,
-    MAX_TASKS, NO_SLOT, addr_home, addr_words, addr_words_v4, NotableEvent, SOCKET_BUCKET_CELLS, SOCKET_BUCKETS, SOCKET_PROBE_BUCKETS,
-    SlotCounters, SocketBucket, connect_failure, event_kind, set_state_layout, socket_bucket,
-    socket_home, tcp_state,
+    ADDR_BUCKET_CELLS, ADDR_BUCKETS, ADDR_PROBE_BUCKETS, AddrKey, AddrTable, ConnKey,
+    EVENTS_RING_BYTES, LossCounters, MAX_ADDRS, MAX_RESET_CONNS, MAX_SLOTS, MAX_TASKS, NO_SLOT,
+    NotableEvent, SOCKET_BUCKET_CELLS, SOCKET_BUCKETS, SOCKET_PROBE_BUCKETS, SlotCounters,
+    SocketBucket, addr_home, addr_words, addr_words_v4, connect_failure, event_kind,
+    set_state_layout, socket_bucket, socket_home, tcp_state,
 };
 
 const AF_INET: u16 = 2;
@@ -256,8 +256,12 @@ fn open_now(slot: u32) -> u64 {
         // SAFETY: a per-CPU map value, read while another CPU may count into it: the totals
         // can be off by a socket in flight, never torn (aligned 64-bit loads).
         unsafe {
-            tracked = tracked.wrapping_add(core::ptr::read_volatile(&raw const (*counters).sockets_tracked));
-            untracked = untracked.wrapping_add(core::ptr::read_volatile(&raw const (*counters).sockets_untracked));
+            tracked = tracked.wrapping_add(core::ptr::read_volatile(
+                &raw const (*counters).sockets_tracked,
+            ));
+            untracked = untracked.wrapping_add(core::ptr::read_volatile(
+                &raw const (*counters).sockets_untracked,
+            ));
         }
     }
     tracked.saturating_sub(untracked)
@@ -276,7 +280,6 @@ fn pod_of(addr: &AddrKey) -> Option<u32> {
 /// The pod slot of a watched address given as [`addr_words`]. The kernel inlines both array
 /// lookups; a watched address costs one bucket (one cache line) unless its home bucket
 /// overflowed when user space built the table.
-#[inline(always)]
 fn pod_of_words(words: [u64; 2]) -> Option<u32> {
     let generation = ADDR_GEN.get_ptr(0)?;
     // SAFETY: an aligned u64 map value; user space replaces it whole.
@@ -592,20 +595,29 @@ unsafe fn atomic_add(target: *mut u64, delta: u64) {
     }
 }
 
+/// Buckets of the socket table in use, minus one, set by user space at load time: all of them
+/// ([`SOCKET_BUCKETS`]), except in tests that fill a small table.
+#[unsafe(no_mangle)]
+static SOCKET_MASK: u64 = 0;
+
+fn socket_mask() -> u32 {
+    global(&SOCKET_MASK) as u32 & (SOCKET_BUCKETS - 1)
+}
+
 /// The cell of socket `sk`, if it is tracked. A miss costs one bucket (one cache line) unless
 /// sockets spilled from that bucket into the next ones.
-#[inline(always)]
 fn find_socket(sk: u64) -> Option<SocketCell> {
     if sk == 0 {
         return None;
     }
-    let home_index = socket_home(sk);
+    let mask = socket_mask();
+    let home_index = socket_bucket(socket_home(sk), 0, mask);
     let home = SOCKET_TABLE.get_ptr_mut(home_index)?;
     for probe in 0..SOCKET_PROBE_BUCKETS {
         let bucket = if probe == 0 {
             home
         } else {
-            SOCKET_TABLE.get_ptr_mut(socket_bucket(home_index, probe))?
+            SOCKET_TABLE.get_ptr_mut(socket_bucket(home_index, probe, mask))?
         };
         for index in 0..SOCKET_BUCKET_CELLS {
             // SAFETY: an array map value; another CPU may be claiming or freeing a cell, and an
@@ -629,11 +641,11 @@ fn find_socket(sk: u64) -> Option<SocketCell> {
 /// Claims a free cell for socket `sk` in its home bucket or the next ones; false when all are
 /// taken. Two CPUs can race for a cell: the compare-and-exchange lets one win and sends the
 /// other on to the next cell.
-#[inline(always)]
 fn track_socket(sk: u64, slot: u32, state: u32) -> bool {
-    let home_index = socket_home(sk);
+    let mask = socket_mask();
+    let home_index = socket_bucket(socket_home(sk), 0, mask);
     for probe in 0..SOCKET_PROBE_BUCKETS {
-        let Some(bucket) = SOCKET_TABLE.get_ptr_mut(socket_bucket(home_index, probe)) else {
+        let Some(bucket) = SOCKET_TABLE.get_ptr_mut(socket_bucket(home_index, probe, mask)) else {
             return false;
         };
         for index in 0..SOCKET_BUCKET_CELLS {
@@ -646,7 +658,7 @@ fn track_socket(sk: u64, slot: u32, state: u32) -> bool {
                         { core::intrinsics::AtomicOrdering::Relaxed },
                         { core::intrinsics::AtomicOrdering::Relaxed },
                     >(cell, 0, sk)
-                        .1
+                    .1
             };
             if won {
                 // SAFETY: the cell is ours now.

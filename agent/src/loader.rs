@@ -23,8 +23,8 @@ use aya::{
     util::nr_cpus,
 };
 use draingate_common::{
-    ADDR_BUCKETS, ADDR_PROBE_BUCKETS, AddrBucket, AddrKey, LossCounters, MAX_SLOTS, SlotCounters,
-    addr_home, addr_words,
+    ADDR_BUCKETS, ADDR_PROBE_BUCKETS, AddrBucket, AddrKey, LossCounters, MAX_SLOTS, SOCKET_BUCKETS,
+    SlotCounters, addr_home, addr_words,
 };
 
 use crate::tracefs::{self, TracefsError, TracepointFormat};
@@ -176,6 +176,8 @@ pub enum LoaderError {
     Membarrier(#[source] io::Error),
     #[error("reading this machine's possible CPUs failed: {0}")]
     PossibleCpus(#[source] io::Error),
+    #[error("socket table buckets must be a power of two of at most {SOCKET_BUCKETS}, not {0}")]
+    SocketBuckets(u32),
 }
 
 /// A pod slot's counters summed over CPUs.
@@ -233,6 +235,9 @@ pub struct ProbeConfig {
     /// tracefs shows exactly that layout (it reads the record in place); otherwise, or when
     /// false, the one that takes every offset from tracefs and copies the record first.
     pub fixed_layout: bool,
+    /// Buckets of the socket table the programs use (four sockets each): a power of two, at
+    /// most (and by default) `SOCKET_BUCKETS`. Tests use a few to fill the table.
+    pub socket_buckets: u32,
 }
 
 impl ProbeConfig {
@@ -242,6 +247,7 @@ impl ProbeConfig {
         Self {
             pin_dir,
             fixed_layout: true,
+            socket_buckets: SOCKET_BUCKETS,
         }
     }
 }
@@ -357,6 +363,11 @@ impl KernelProbes {
         // What `sched_process_exit` sums the per-CPU socket counts over.
         let possible_cpus = nr_cpus().map_err(|(_, err)| LoaderError::PossibleCpus(err))? as u64;
         loader.override_global("NR_CPUS", &possible_cpus, true);
+        if !config.socket_buckets.is_power_of_two() || config.socket_buckets > SOCKET_BUCKETS {
+            return Err(LoaderError::SocketBuckets(config.socket_buckets));
+        }
+        let socket_mask = u64::from(config.socket_buckets - 1);
+        loader.override_global("SOCKET_MASK", &socket_mask, true);
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(|err| {
             classify(err, "create eBPF maps", |source| LoaderError::Load {
                 pin_dir: config.pin_dir.clone(),
@@ -494,7 +505,7 @@ impl KernelProbes {
         let current = self.addr_gen.get(&0, 0).map_err(map_err("ADDR_GEN"))?;
         let next = current.wrapping_add(1);
         self.addr_table
-            .set((next & 1) as u32, &*table, 0)
+            .set((next & 1) as u32, table, 0)
             .map_err(map_err("ADDR_TABLE"))?;
         self.addr_gen.set(0, next, 0).map_err(map_err("ADDR_GEN"))?;
         wait_for_running_programs()?;
@@ -794,15 +805,18 @@ mod tests {
         // Addresses next to the watched ones, and `::`, find nothing.
         for i in half..half + 4096 {
             let [_, _, c, d] = i.to_be_bytes();
-            assert_eq!(lookup(&table, IpAddr::V4(Ipv4Addr::new(10, 245, c, d))), None);
+            assert_eq!(
+                lookup(&table, IpAddr::V4(Ipv4Addr::new(10, 245, c, d))),
+                None
+            );
         }
         assert_eq!(lookup(&table, IpAddr::V6(Ipv6Addr::UNSPECIFIED)), None);
     }
 
     #[test]
     fn an_empty_table_finds_nothing_and_the_unspecified_address_is_never_stored() {
-        let table = build_addr_table(&watched([(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 3)]))
-            .expect("built");
+        let table =
+            build_addr_table(&watched([(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 3)])).expect("built");
         assert!(table.iter().all(|b| b.probes == 0 && b.addr == [[0; 2]; 3]));
         assert_eq!(lookup(&table, IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))), None);
     }

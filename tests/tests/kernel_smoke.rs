@@ -95,7 +95,9 @@ fn counts_connections_per_pod_address(family: Family, fixed: bool) {
     probes
         .watch(watched.a_addr, CLIENT_SLOT)
         .expect("watch client");
-    probes.apply_addresses().expect("hand the addresses to the kernel");
+    probes
+        .apply_addresses()
+        .expect("hand the addresses to the kernel");
 
     // Open connections are counted while open, on both sides; the listener is not a connection.
     let listen = SocketAddr::new(watched.b_addr, PORT);
@@ -155,7 +157,9 @@ fn counts_connections_per_pod_address(family: Family, fixed: bool) {
 
     // After unwatch, new connections are no longer counted for that address.
     probes.unwatch(watched.b_addr).expect("unwatch");
-    probes.apply_addresses().expect("hand the addresses to the kernel");
+    probes
+        .apply_addresses()
+        .expect("hand the addresses to the kernel");
     exchange(&watched, CONNECTIONS);
     let client = wait_for(&probes, CLIENT_SLOT, |t| t.opened == total + CONNECTIONS);
     assert_eq!(client.opened, total + CONNECTIONS);
@@ -197,7 +201,9 @@ fn counts_refused_connections(family: Family, fixed: bool) {
     probes
         .watch(link.a_addr, CLIENT_SLOT)
         .expect("watch client");
-    probes.apply_addresses().expect("hand the addresses to the kernel");
+    probes
+        .apply_addresses()
+        .expect("hand the addresses to the kernel");
 
     let target = SocketAddr::new(link.b_addr, CLOSED_PORT);
     for _ in 0..CONNECTIONS {
@@ -286,7 +292,9 @@ fn an_agent_restart_loses_no_counts_and_no_open_connections() {
 
     let mut first = KernelProbes::load(&pins.config).expect("first agent");
     first.watch(link.b_addr, SERVER_SLOT).expect("watch");
-    first.apply_addresses().expect("hand the addresses to the kernel");
+    first
+        .apply_addresses()
+        .expect("hand the addresses to the kernel");
     let before = link.a.run(|| TcpStream::connect(listen).expect("connect"));
     let accepted_before = listener.accept().expect("accept");
     wait_for(&first, SERVER_SLOT, |t| t.open == 1);
@@ -325,7 +333,9 @@ fn a_reused_four_tuple_that_fails_again_counts_again() {
     probes
         .watch(link.b_addr, SERVER_SLOT)
         .expect("watch server");
-    probes.apply_addresses().expect("hand the addresses to the kernel");
+    probes
+        .apply_addresses()
+        .expect("hand the addresses to the kernel");
     let listen = SocketAddr::new(link.b_addr, PORT);
     let listener = link.b.run(|| TcpListener::bind(listen).expect("bind"));
     let client_port = 40_123;
@@ -367,4 +377,72 @@ fn a_reused_four_tuple_that_fails_again_counts_again() {
         .filter(|e| e.kind == event_kind::RESET_SENT && e.remote_port == client_port)
         .count();
     assert_eq!(resets, 2);
+}
+
+/// The socket table shrunk to 4 buckets (16 cells) and filled: sockets beyond it are not
+/// tracked and each miss is counted as a loss, never silent; the tracked ones close back to 0;
+/// and the freed cells (and the buckets sockets spilled into) take new sockets again.
+#[test]
+fn a_full_socket_table_counts_what_it_cannot_track_and_frees_its_cells() {
+    require_root();
+    let mut pins = PinDir::new();
+    pins.config.socket_buckets = 4;
+    let mut probes = KernelProbes::load(&pins.config).expect("load and attach the programs");
+    let link = Link::new("full", Family::V4);
+    probes
+        .watch(link.b_addr, SERVER_SLOT)
+        .expect("watch server");
+    probes
+        .watch(link.a_addr, CLIENT_SLOT)
+        .expect("watch client");
+    probes
+        .apply_addresses()
+        .expect("hand the addresses to the kernel");
+    let listen = SocketAddr::new(link.b_addr, PORT);
+    let listener = link.b.run(|| TcpListener::bind(listen).expect("bind"));
+    let open_connections = |n: usize| -> Vec<(TcpStream, TcpStream)> {
+        (0..n)
+            .map(|_| {
+                let client = link.a.run(|| TcpStream::connect(listen).expect("connect"));
+                (client, listener.accept().expect("accept").0)
+            })
+            .collect()
+    };
+
+    // 12 connections are 24 pod sockets for 16 cells: the first 8 connections fill the table.
+    let held = open_connections(12);
+    let server = wait_for(&probes, SERVER_SLOT, |t| t.accepted == 12);
+    let client = wait_for(&probes, CLIENT_SLOT, |t| t.opened == 12);
+    assert_eq!(
+        (server.accepted, client.opened),
+        (12, 12),
+        "every connection counts"
+    );
+    assert_eq!(
+        server.open + client.open,
+        16,
+        "one socket per cell: {server:?} {client:?}"
+    );
+    let lost = probes.loss().expect("loss").socket_table_full;
+    // Each of the 8 untracked sockets is a loss at least once (again at each later try).
+    assert!(lost >= 8, "sockets not tracked must be counted: {lost}");
+
+    drop(held);
+    let server = wait_for(&probes, SERVER_SLOT, |t| t.open == 0);
+    let client = wait_for(&probes, CLIENT_SLOT, |t| t.open == 0);
+    assert_eq!((server.open, client.open), (0, 0), "tracked sockets closed");
+
+    // The cells are free again: the table is whole.
+    let held = open_connections(8);
+    let server = wait_for(&probes, SERVER_SLOT, |t| t.open == 8);
+    let client = wait_for(&probes, CLIENT_SLOT, |t| t.open == 8);
+    assert_eq!((server.open, client.open), (8, 8));
+    assert_eq!(
+        probes.loss().expect("loss").socket_table_full,
+        lost,
+        "a table with room loses nothing"
+    );
+    drop(held);
+    let server = wait_for(&probes, SERVER_SLOT, |t| t.open == 0);
+    assert_eq!(server.open, 0);
 }
