@@ -36,6 +36,10 @@ const AF_INET6: u16 = 10;
 const IPPROTO_TCP: u16 = 6;
 const SIGKILL: u32 = 9;
 const SIGTERM: u32 = 15;
+/// `BPF_F_MMAPABLE`: an array map whose values start on a page boundary, so that each 64-byte
+/// bucket is one cache line (a plain array's values start 8-byte aligned, after its header, and
+/// a bucket would straddle two).
+const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// Offset global value of a field this kernel does not have.
 const ABSENT: u64 = u64::MAX;
 
@@ -92,7 +96,7 @@ static POD_ADDRS: HashMap<AddrKey, u32> = HashMap::pinned(MAX_ADDRS, 0);
 /// Address → pod slot as the programs read it: two generations of [`AddrTable`], the current
 /// one named by [`ADDR_GEN`] (its low bit).
 #[map]
-static ADDR_TABLE: Array<AddrTable> = Array::pinned(2, 0);
+static ADDR_TABLE: Array<AddrTable> = Array::pinned(2, BPF_F_MMAPABLE);
 
 /// The generation of [`ADDR_TABLE`] to read, counted up by user space at each rebuild.
 #[map]
@@ -105,7 +109,7 @@ static POD_TASKS: HashMap<u32, u32> = HashMap::pinned(MAX_TASKS, 0);
 /// Pod sockets not yet closed, by kernel socket address: the open-connection gauge's socket
 /// table (see [`SocketBucket`]).
 #[map]
-static SOCKET_TABLE: Array<SocketBucket> = Array::pinned(SOCKET_BUCKETS, 0);
+static SOCKET_TABLE: Array<SocketBucket> = Array::pinned(SOCKET_BUCKETS, BPF_F_MMAPABLE);
 
 /// Connections already counted as reset, with when (boot-clock ns). An LRU: forgetting an old
 /// one only risks counting a late repeat, never losing a first reset.
