@@ -164,8 +164,7 @@ impl From<AddrKey> for core::net::IpAddr {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SlotCounters {
-    /// Connections the pod accepted: child sockets of its listeners, which the handshake's last ACK
-    /// creates (`LISTEN` → `SYN_RECV`; the move to `ESTABLISHED` follows at once).
+    /// Connections the pod accepted (`SYN_RECV` → `ESTABLISHED`).
     pub accepted: u64,
     /// Connections the pod opened (`SYN_SENT` → `ESTABLISHED`).
     pub opened: u64,

@@ -468,23 +468,11 @@ fn set_state<F: SetStateFields>(rec: &F) -> Result<(), i32> {
     ) {
         return Ok(());
     }
-    let old: u32 = rec.field(Sss::OldState)?;
-    // A listener's child socket is created by the handshake's last ACK, and counted as accepted
-    // then (LISTEN → SYN_RECV); its move to ESTABLISHED right after changes nothing counted.
-    if (old, new) == (tcp_state::SYN_RECV, tcp_state::ESTABLISHED) {
-        return Ok(());
-    }
     if rec.field::<u16>(Sss::Protocol)? != IPPROTO_TCP {
         return Ok(());
     }
     let sk: u64 = rec.field(Sss::Skaddr)?;
-    // The state the socket table keeps: a socket in SYN_RECV is a connection established but
-    // for the one transition skipped above.
-    let recorded = if new == tcp_state::SYN_RECV {
-        tcp_state::ESTABLISHED
-    } else {
-        new
-    };
+    let old: u32 = rec.field(Sss::OldState)?;
     // A connect starting or a connection being accepted is a socket not in the table yet (a
     // socket leaves it on reaching CLOSE): straight to the address lookup. The clock is read
     // only where a time is kept.
@@ -495,7 +483,7 @@ fn set_state<F: SetStateFields>(rec: &F) -> Result<(), i32> {
     let tracked = if starting { None } else { find_socket(sk) };
     let slot = if let Some(cell) = &tracked {
         if new != tcp_state::CLOSE {
-            cell.set_state(recorded);
+            cell.set_state(new);
         }
         cell.slot()
     } else {
@@ -513,7 +501,7 @@ fn set_state<F: SetStateFields>(rec: &F) -> Result<(), i32> {
         let Some(slot) = pod_of_words(local) else {
             return Ok(());
         };
-        if track_socket(sk, slot, recorded) {
+        if track_socket(sk, slot, new) {
             count_socket(slot, true);
         } else {
             loss(|l| l.socket_table_full += 1);
@@ -522,13 +510,12 @@ fn set_state<F: SetStateFields>(rec: &F) -> Result<(), i32> {
     };
 
     match (old, new) {
-        (tcp_state::LISTEN, tcp_state::SYN_RECV) => count(slot, |c, win| {
+        (tcp_state::SYN_RECV, tcp_state::ESTABLISHED) => count(slot, |c, win| {
             c.accepted += 1;
             c.win_accepted += w(win);
             c.last_accept_ns = now();
         }),
-        // A simultaneous open (both ends connecting) goes through SYN_RECV too.
-        (tcp_state::SYN_SENT, tcp_state::ESTABLISHED | tcp_state::SYN_RECV) => {
+        (tcp_state::SYN_SENT, tcp_state::ESTABLISHED) => {
             // No window counter: the window's own connects are not its failures.
             if let Some(counters) = SLOT_COUNTERS.get_ptr_mut(slot) {
                 // SAFETY: per-CPU entry, and programs do not migrate between CPUs while running.
