@@ -260,6 +260,44 @@ fn program_stats_since(before: &[(String, Duration, u64)]) -> Vec<(String, Durat
         .collect()
 }
 
+/// Nanoseconds per run, 0 without runs.
+fn average(time: Duration, count: u64) -> f64 {
+    if count == 0 {
+        0.0
+    } else {
+        time.as_nanos() as f64 / count as f64
+    }
+}
+
+/// One agent round's `inet_sock_set_state` program and the floor beside it: (run time, runs).
+struct Paired {
+    program: (Duration, u64),
+    floor: (Duration, u64),
+}
+
+impl Paired {
+    fn program_ns(&self) -> f64 {
+        average(self.program.0, self.program.1)
+    }
+
+    fn floor_ns(&self) -> f64 {
+        average(self.floor.0, self.floor.1)
+    }
+
+    fn own_ns(&self) -> f64 {
+        self.program_ns() - self.floor_ns()
+    }
+
+    fn ratio(&self) -> f64 {
+        let floor = self.floor_ns();
+        if floor > 0.0 {
+            self.program_ns() / floor
+        } else {
+            0.0
+        }
+    }
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -317,6 +355,7 @@ fn main() {
     let _ = load(&link, target, args.rate, 1);
     let (mut baseline, mut with_agent) = (Vec::new(), Vec::new());
     let mut kernel: Vec<(String, Duration, u64)> = Vec::new();
+    let mut paired: Vec<Paired> = Vec::new();
     let mut agent_cpu = Vec::new();
     for round in 0..args.rounds {
         // ABBA order: any drift over time (TIME_WAIT build-up, thermal) falls on both sides.
@@ -327,11 +366,28 @@ fn main() {
         }
         eprintln!("round {}/{}: with agent", round + 1, args.rounds);
         let agent = AgentProcess::start(&format!("load{round}"));
+        // The floor: an empty program on the same tracepoint, attached after the agent's so
+        // that it runs right after it on every event. Its maps go to a pin directory of its
+        // own, removed on drop.
+        let floor_pins = draingate_tests::PinDir::new();
+        let floor_probe = draingate::loader::KernelProbes::attach_floor(&floor_pins.config.pin_dir)
+            .expect("attach the empty program");
         let before = program_stats();
         let cpu_before = agent.cpu();
         with_agent.push(load(&link, target, args.rate, args.seconds));
         agent_cpu.push(agent.cpu().saturating_sub(cpu_before).as_secs_f64() / args.seconds as f64);
-        for (name, time, count) in program_stats_since(&before) {
+        let ran = program_stats_since(&before);
+        drop(floor_probe);
+        let find = |name: &str| {
+            ran.iter()
+                .find(|(n, ..)| n == name)
+                .map_or((Duration::ZERO, 0), |(_, t, c)| (*t, *c))
+        };
+        paired.push(Paired {
+            program: find("inet_sock_set_state"),
+            floor: find("floor"),
+        });
+        for (name, time, count) in ran.into_iter().filter(|(n, ..)| n != "floor") {
             match kernel.iter_mut().find(|(n, ..)| *n == name) {
                 Some(entry) => {
                     entry.1 += time;
@@ -346,22 +402,6 @@ fn main() {
             baseline.push(load(&link, target, args.rate, args.seconds));
         }
     }
-    // The floor: the same load with only an empty program on inet_sock_set_state, which is
-    // what any program run costs here before doing anything.
-    eprintln!("floor: an empty program on sock:inet_sock_set_state");
-    let floor = {
-        // Its maps go to a pin directory of its own on bpffs, removed on drop.
-        let floor_pins = draingate_tests::PinDir::new();
-        let probe = draingate::loader::KernelProbes::attach_floor(&floor_pins.config.pin_dir)
-            .expect("attach the empty program");
-        let before = program_stats();
-        let _ = load(&link, target, args.rate, args.seconds);
-        let ran = program_stats_since(&before);
-        drop(probe);
-        ran.into_iter()
-            .find(|(n, ..)| n == "floor")
-            .map_or((Duration::ZERO, 0), |(_, t, c)| (t, c))
-    };
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
 
     let b_rate = median(baseline.iter().map(|r| r.per_second).collect());
@@ -400,21 +440,17 @@ fn main() {
         report,
         "### Kernel time per program run (BPF statistics, during the agent runs)\n"
     );
-    let average = |time: Duration, count: u64| {
-        if count == 0 {
-            0.0
-        } else {
-            time.as_nanos() as f64 / count as f64
-        }
-    };
-    let floor_ns = average(floor.0, floor.1);
+    let floor_ns = median(paired.iter().map(Paired::floor_ns).collect());
+    let own_ns = median(paired.iter().map(Paired::own_ns).collect());
+    let ratio = median(paired.iter().map(Paired::ratio).collect());
     let _ = writeln!(
         report,
-        "The floor is an empty program alone on `sock:inet_sock_set_state` under the same load \
-         ({} runs): {floor_ns:.0} ns per run is what the kernel charges any program there before \
-         it does anything (the call into BPF and the statistics' own clock reads). \
-         \"Own work\" is the average minus that floor.\n",
-        floor.1
+        "In each agent round an empty program (the floor) is attached to \
+         `sock:inet_sock_set_state` after the agent's, so it runs right after it on the same \
+         events: its time per run is what the kernel charges any program there before it does \
+         anything (the call into BPF and the statistics' own clock reads), under the same load \
+         at the same moment. \"Own work\" is the agent's average minus the floor's (the rounds' \
+         medians). The with-agent column above carries the floor's cost too.\n"
     );
     let _ = writeln!(
         report,
@@ -434,6 +470,30 @@ fn main() {
             if floor_ns > 0.0 { avg / floor_ns } else { 0.0 }
         );
     }
+    let _ = writeln!(
+        report,
+        "\n`inet_sock_set_state` beside the floor, round by round:\n"
+    );
+    let _ = writeln!(
+        report,
+        "| round | program ns per run | floor ns per run | own work | ratio to floor |"
+    );
+    let _ = writeln!(report, "|---|---|---|---|---|");
+    for (round, p) in paired.iter().enumerate() {
+        let _ = writeln!(
+            report,
+            "| {} | {:.0} | {:.0} | {:.0} | {:.2} |",
+            round + 1,
+            p.program_ns(),
+            p.floor_ns(),
+            p.own_ns(),
+            p.ratio()
+        );
+    }
+    let _ = writeln!(
+        report,
+        "| median | | {floor_ns:.0} | {own_ns:.0} | {ratio:.2} |"
+    );
 
     // Memory with many pods.
     eprintln!("memory: creating {} pods", args.pods);
