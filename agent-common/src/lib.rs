@@ -164,10 +164,23 @@ impl From<AddrKey> for core::net::IpAddr {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SlotCounters {
+    // The fields every connection changes come first, together: they share a cache line or two
+    // (the kernel places per-CPU values 8-byte aligned), the rest are touched only by failures.
     /// Connections the pod accepted (`SYN_RECV` → `ESTABLISHED`).
     pub accepted: u64,
+    /// Connections accepted while the pod's termination window was open (`WINDOWS`). The
+    /// `win_` counts are counted in the kernel, so that nothing depends on when user space reads.
+    pub win_accepted: u64,
+    /// Kernel time (`bpf_ktime_get_boot_ns`) of the last accepted connection.
+    pub last_accept_ns: u64,
     /// Connections the pod opened (`SYN_SENT` → `ESTABLISHED`).
     pub opened: u64,
+    /// Pod sockets that entered the socket table on this CPU.
+    pub sockets_tracked: u64,
+    /// Pod sockets that left it (closed) on this CPU. A socket may enter on one CPU and leave on
+    /// another, so only the difference of the sums over all CPUs means something: the pod's
+    /// open connections.
+    pub sockets_untracked: u64,
     /// Resets the pod sent on its connections.
     pub resets_sent: u64,
     /// Resets the pod received on established connections.
@@ -177,21 +190,13 @@ pub struct SlotCounters {
     pub refused: u64,
     /// Connects by the pod that never got established (`SYN_SENT` → `CLOSE`).
     pub failed_connects: u64,
-    /// Kernel time (`bpf_ktime_get_boot_ns`) of the last accepted connection.
-    pub last_accept_ns: u64,
-    /// The same counts, only while the pod's termination window is open (`WINDOWS`): counted in
-    /// the kernel, so that nothing depends on when user space reads.
-    pub win_accepted: u64,
     pub win_resets_sent: u64,
     pub win_resets_received: u64,
     pub win_refused: u64,
     pub win_failed_connects: u64,
-    /// Pod sockets that entered the socket table on this CPU.
-    pub sockets_tracked: u64,
-    /// Pod sockets that left it (closed) on this CPU. A socket may enter on one CPU and leave on
-    /// another, so only the difference of the sums over all CPUs means something: the pod's
-    /// open connections.
-    pub sockets_untracked: u64,
+    /// Unused: makes the value two whole cache lines, and its size differs from the earlier
+    /// 112-byte layout, so that maps pinned by an older agent are refused, not misread.
+    pub reserved: [u64; 2],
 }
 
 /// Per CPU: events the kernel programs could not account for. Any non-zero field means counts
@@ -363,7 +368,7 @@ pub mod tcp_state {
 }
 
 const _: () = assert!(size_of::<AddrKey>() == 16);
-const _: () = assert!(size_of::<SlotCounters>() == 112);
+const _: () = assert!(size_of::<SlotCounters>() == 128);
 const _: () = assert!(size_of::<LossCounters>() == 24);
 const _: () = assert!(SOCKET_PROBE_BUCKETS <= SOCKET_BUCKETS);
 const _: () = assert!(size_of::<SocketBucket>() == 64);
