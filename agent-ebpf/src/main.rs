@@ -488,12 +488,16 @@ fn set_state<F: SetStateFields>(rec: &F) -> Result<(), i32> {
         (old, new),
         (tcp_state::CLOSE, tcp_state::SYN_SENT) | (tcp_state::LISTEN, tcp_state::SYN_RECV)
     );
-    let tracked = if starting { None } else { find_socket(sk) };
-    let slot = if let Some(cell) = &tracked {
+    let tracked = if starting {
+        SocketCell::MISSING
+    } else {
+        find_socket(sk)
+    };
+    let slot = if tracked.found() {
         if new != tcp_state::CLOSE {
-            cell.set_state(new);
+            tracked.set_state(new);
         }
-        cell.slot()
+        tracked.slot()
     } else {
         // Listeners and closed sockets are not connections; nothing to start tracking.
         if new == tcp_state::CLOSE || new == tcp_state::LISTEN {
@@ -542,24 +546,36 @@ fn set_state<F: SetStateFields>(rec: &F) -> Result<(), i32> {
 
     // A new cell was claimed with this state, a tracked one updated above; only a close
     // remains to do.
-    if new == tcp_state::CLOSE
-        && let Some(cell) = tracked
-    {
-        cell.free();
+    if new == tcp_state::CLOSE && tracked.found() {
+        tracked.free();
         count_socket(slot, false);
     }
     Ok(())
 }
 
-/// A tracked socket's cell in [`SOCKET_TABLE`].
+/// A tracked socket's cell in [`SOCKET_TABLE`], or [`SocketCell::MISSING`]. Not an `Option`:
+/// every field is defined on every path, so that LLVM never spills an undefined register (the
+/// `None` of an `Option` leaves its payload undefined), which the verifier rejects once the
+/// table code is inlined.
 struct SocketCell {
+    /// Null for no cell.
     bucket: *mut SocketBucket,
     index: usize,
-    /// Its home bucket, when it lives in a later one.
-    spilled_from: Option<*mut SocketBucket>,
+    /// Its home bucket when it lives in a later one, else null.
+    spilled_from: *mut SocketBucket,
 }
 
 impl SocketCell {
+    const MISSING: Self = Self {
+        bucket: core::ptr::null_mut(),
+        index: 0,
+        spilled_from: core::ptr::null_mut(),
+    };
+
+    fn found(&self) -> bool {
+        !self.bucket.is_null()
+    }
+
     /// The cell's index, visibly in bounds: to the compiler (no bounds check, whose panic path
     /// the verifier rejects) and to the verifier (the mask bounds the register).
     fn index(&self) -> usize {
@@ -584,9 +600,9 @@ impl SocketCell {
 
     /// Frees the cell: the socket is gone.
     fn free(self) {
-        if let Some(home) = self.spilled_from {
+        if !self.spilled_from.is_null() {
             // SAFETY: as in `slot`; `spilled` is only ever changed by atomic adds.
-            unsafe { atomic_add(&raw mut (*home).spilled, u64::MAX) };
+            unsafe { atomic_add(&raw mut (*self.spilled_from).spilled, u64::MAX) };
         }
         // SAFETY: as in `slot`; an aligned 64-bit store is not torn, and the next claim of the
         // cell is a compare-and-exchange against this 0.
@@ -616,43 +632,63 @@ fn socket_mask() -> u32 {
     global(&SOCKET_MASK) as u32 & (SOCKET_BUCKETS - 1)
 }
 
-/// The cell of socket `sk`, if it is tracked. A miss costs one bucket (one cache line) unless
-/// sockets spilled from that bucket into the next ones.
-fn find_socket(sk: u64) -> Option<SocketCell> {
+/// The cell of socket `sk`, or [`SocketCell::MISSING`] if it is not tracked. A miss costs one
+/// bucket (one cache line) unless sockets spilled from that bucket into the next ones.
+#[inline(always)]
+#[expect(
+    clippy::inline_always,
+    reason = "saves a BPF-to-BPF call and its return (through the return thunk of CPUs with \
+              SRSO mitigations) at most runs"
+)]
+fn find_socket(sk: u64) -> SocketCell {
     if sk == 0 {
-        return None;
+        return SocketCell::MISSING;
     }
     let mask = socket_mask();
     let home_index = socket_bucket(socket_home(sk), 0, mask);
-    let home = SOCKET_TABLE.get_ptr_mut(home_index)?;
+    let Some(home) = SOCKET_TABLE.get_ptr_mut(home_index) else {
+        return SocketCell::MISSING;
+    };
     for probe in 0..SOCKET_PROBE_BUCKETS {
         let bucket = if probe == 0 {
             home
         } else {
-            SOCKET_TABLE.get_ptr_mut(socket_bucket(home_index, probe, mask))?
+            match SOCKET_TABLE.get_ptr_mut(socket_bucket(home_index, probe, mask)) {
+                Some(bucket) => bucket,
+                None => return SocketCell::MISSING,
+            }
         };
         for index in 0..SOCKET_BUCKET_CELLS {
             // SAFETY: an array map value; another CPU may be claiming or freeing a cell, and an
             // aligned 64-bit load is not torn.
             if unsafe { core::ptr::read_volatile(&raw const (*bucket).sk[index]) } == sk {
-                return Some(SocketCell {
+                return SocketCell {
                     bucket,
                     index,
-                    spilled_from: (probe != 0).then_some(home),
-                });
+                    spilled_from: if probe == 0 {
+                        core::ptr::null_mut()
+                    } else {
+                        home
+                    },
+                };
             }
         }
         // SAFETY: as above.
         if probe == 0 && unsafe { core::ptr::read_volatile(&raw const (*home).spilled) } == 0 {
-            return None;
+            return SocketCell::MISSING;
         }
     }
-    None
+    SocketCell::MISSING
 }
 
 /// Claims a free cell for socket `sk` in its home bucket or the next ones; false when all are
 /// taken. Two CPUs can race for a cell: the compare-and-exchange lets one win and sends the
 /// other on to the next cell.
+#[inline(always)]
+#[expect(
+    clippy::inline_always,
+    reason = "saves a BPF-to-BPF call and its return at every connection start"
+)]
 fn track_socket(sk: u64, slot: u32, state: u32) -> bool {
     let mask = socket_mask();
     let home_index = socket_bucket(socket_home(sk), 0, mask);
@@ -849,9 +885,11 @@ fn recently_reset(conn: &ConnKey, time_ns: u64) -> bool {
 /// The pod of a reset: the tracked socket's, else the local address's, with the socket's last
 /// TCP state (0 when untracked).
 fn socket_or_address(sk: u64, local: &AddrKey) -> Option<(u32, u32)> {
-    match find_socket(sk) {
-        Some(cell) => Some((cell.slot(), cell.state())),
-        None => pod_of(local).map(|slot| (slot, 0)),
+    let cell = find_socket(sk);
+    if cell.found() {
+        Some((cell.slot(), cell.state()))
+    } else {
+        pod_of(local).map(|slot| (slot, 0))
     }
 }
 
