@@ -111,6 +111,12 @@ pub const fn socket_bucket(home: u32, probe: u32, mask: u32) -> u32 {
 /// Ring buffer size for notable events, in bytes (a power of two, a multiple of the page size).
 pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 
+/// The layout of the pinned maps: bump it whenever a pinned map's key, value or size changes,
+/// so that an agent refuses maps pinned by one of another layout (it would misread them, and
+/// their still-attached programs would count in the old layout) instead of taking them over.
+/// 2: `SlotCounters` of 128 bytes, the socket and address array tables.
+pub const MAP_LAYOUT: u64 = 2;
+
 /// Where the maps are pinned so that an agent restart loses no counts and no socket state.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/draingate";
 

@@ -98,9 +98,12 @@ static POD_ADDRS: HashMap<AddrKey, u32> = HashMap::pinned(MAX_ADDRS, 0);
 #[map]
 static ADDR_TABLE: Array<AddrTable> = Array::pinned(2, BPF_F_MMAPABLE);
 
-/// The generation of [`ADDR_TABLE`] to read, counted up by user space at each rebuild.
+/// Entry 0: the generation of [`ADDR_TABLE`] to read, counted up by user space at each
+/// rebuild. Entry 1: the layout of the pinned maps ([`draingate_common::MAP_LAYOUT`]), written
+/// by user space, so that an agent of another layout refuses the pins instead of misreading
+/// them.
 #[map]
-static ADDR_GEN: Array<u64> = Array::pinned(1, 0);
+static ADDR_GEN: Array<u64> = Array::pinned(2, 0);
 
 /// Process (tgid) → pod slot, kept by user space, for exit events.
 #[map]

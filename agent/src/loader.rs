@@ -14,7 +14,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf},
     programs::{
         ProgramError, TracePoint,
         links::{FdLink, PinnedLink},
@@ -23,8 +23,8 @@ use aya::{
     util::nr_cpus,
 };
 use draingate_common::{
-    ADDR_BUCKETS, ADDR_PROBE_BUCKETS, AddrBucket, AddrKey, LossCounters, MAX_SLOTS, SOCKET_BUCKETS,
-    SlotCounters, addr_home, addr_words,
+    ADDR_BUCKETS, ADDR_PROBE_BUCKETS, AddrBucket, AddrKey, LossCounters, MAP_LAYOUT, MAX_SLOTS,
+    SOCKET_BUCKETS, SlotCounters, addr_home, addr_words,
 };
 
 use crate::tracefs::{self, TracefsError, TracepointFormat};
@@ -178,6 +178,43 @@ pub enum LoaderError {
     PossibleCpus(#[source] io::Error),
     #[error("socket table buckets must be a power of two of at most {SOCKET_BUCKETS}, not {0}")]
     SocketBuckets(u32),
+    #[error(
+        "the maps pinned under {} have another layout ({}) than this agent's ({expected}): an \
+         agent of another version pinned them. Stop every draingate agent on this node, then \
+         `rm -r {}` (its counts are lost) and start this one",
+        pin_dir.display(),
+        pinned.map_or_else(|| "older".to_owned(), |v| v.to_string()),
+        pin_dir.display()
+    )]
+    PinnedLayout {
+        pin_dir: PathBuf,
+        pinned: Option<u64>,
+        expected: u64,
+    },
+}
+
+/// Refuses maps pinned under `pin_dir` by an agent of another [`MAP_LAYOUT`]; nothing pinned
+/// is fine.
+fn check_pinned_layout(pin_dir: &Path) -> Result<(), LoaderError> {
+    let pinned_gen = pin_dir.join("ADDR_GEN");
+    if !pin_dir.join("SLOT_COUNTERS").exists() && !pinned_gen.exists() {
+        return Ok(());
+    }
+    // Layouts before the stamp had a one-entry ADDR_GEN (or none): reading entry 1 fails.
+    let pinned = MapData::from_pin(&pinned_gen)
+        .ok()
+        .and_then(|data| Array::<_, u64>::try_from(Map::Array(data)).ok())
+        .and_then(|array| array.get(&1, 0).ok())
+        .filter(|&layout| layout != 0);
+    if pinned == Some(MAP_LAYOUT) {
+        Ok(())
+    } else {
+        Err(LoaderError::PinnedLayout {
+            pin_dir: pin_dir.to_owned(),
+            pinned,
+            expected: MAP_LAYOUT,
+        })
+    }
 }
 
 /// A pod slot's counters summed over CPUs.
@@ -355,6 +392,7 @@ impl KernelProbes {
             }
         })?;
 
+        check_pinned_layout(&config.pin_dir)?;
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(&config.pin_dir);
         for (global, offset) in &offsets {
@@ -374,6 +412,12 @@ impl KernelProbes {
                 source: Box::new(source),
             })
         })?;
+        // Stamp the layout at once, before anything can fail and leave the maps pinned unstamped.
+        let mut layout: Array<&mut MapData, u64> = ebpf
+            .map_mut("ADDR_GEN")
+            .ok_or(LoaderError::MissingMap("ADDR_GEN"))
+            .and_then(|map| Array::try_from(map).map_err(map_err("ADDR_GEN")))?;
+        layout.set(1, MAP_LAYOUT, 0).map_err(map_err("ADDR_GEN"))?;
 
         let mut links = Vec::new();
         let mut resumed = 0;
@@ -687,7 +731,7 @@ fn check_slot(slot: u32) -> Result<(), LoaderError> {
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoaderError>
 where
-    T: TryFrom<aya::maps::Map, Error = MapError>,
+    T: TryFrom<Map, Error = MapError>,
 {
     let map = ebpf.take_map(name).ok_or(LoaderError::MissingMap(name))?;
     T::try_from(map).map_err(map_err(name))

@@ -118,6 +118,10 @@ fn counts_connections_per_pod_address(family: Family, fixed: bool) {
     assert_ne!(server.last_accept_ns, 0);
     drop(held);
     drop(listener);
+    // The held connections close back to 0 open. Waiting for it also lets their server
+    // sockets leave the states (FIN_WAIT1, CLOSING, LAST_ACK) in which port 8080 cannot be
+    // bound again, even with SO_REUSEADDR.
+    wait_for(&probes, SERVER_SLOT, |t| t.open == 0);
 
     exchange(&watched, CONNECTIONS);
     exchange(&unwatched, CONNECTIONS);
@@ -445,4 +449,46 @@ fn a_full_socket_table_counts_what_it_cannot_track_and_frees_its_cells() {
     drop(held);
     let server = wait_for(&probes, SERVER_SLOT, |t| t.open == 0);
     assert_eq!(server.open, 0);
+}
+
+/// Maps pinned by an agent of another map layout (here: its stamp rewritten, or missing as with
+/// agents from before the stamp) are refused with what to do, never taken over and misread;
+/// the same layout is taken over as before.
+#[test]
+fn maps_pinned_with_another_layout_are_refused_not_misread() {
+    use aya::maps::{Array, Map, MapData};
+    use draingate::loader::LoaderError;
+    require_root();
+    let pins = PinDir::new();
+    drop(KernelProbes::load(&pins.config).expect("first agent"));
+    let stamp = |layout: u64| {
+        let data =
+            MapData::from_pin(pins.config.pin_dir.join("ADDR_GEN")).expect("pinned ADDR_GEN");
+        let mut array: Array<_, u64> = Array::try_from(Map::Array(data)).expect("an array");
+        array.set(1, layout, 0).expect("write the stamp");
+    };
+    for (layout, pinned) in [
+        (
+            draingate_common::MAP_LAYOUT + 1,
+            Some(draingate_common::MAP_LAYOUT + 1),
+        ),
+        (0, None),
+    ] {
+        stamp(layout);
+        let Err(err) = KernelProbes::load(&pins.config) else {
+            panic!("maps of layout {layout} were taken over");
+        };
+        assert!(
+            matches!(&err, LoaderError::PinnedLayout { pinned: p, expected, .. }
+                if *p == pinned && *expected == draingate_common::MAP_LAYOUT),
+            "{err:?}"
+        );
+        let message = err.to_string();
+        assert!(
+            message.contains(&format!("rm -r {}", pins.config.pin_dir.display())),
+            "{message}"
+        );
+    }
+    stamp(draingate_common::MAP_LAYOUT);
+    KernelProbes::load(&pins.config).expect("the same layout is taken over");
 }
