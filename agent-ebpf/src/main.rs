@@ -291,9 +291,7 @@ fn pod_of(addr: &AddrKey) -> Option<u32> {
 #[expect(
     clippy::inline_always,
     reason = "saves a BPF-to-BPF call and its return (through the return thunk of CPUs with \
-              SRSO mitigations) at every connection start. find_socket and track_socket stay \
-              calls: inlined, LLVM spilled a register left undefined on one path, which the \
-              verifier rejects"
+              SRSO mitigations) at every connection start"
 )]
 fn pod_of_words(words: [u64; 2]) -> Option<u32> {
     let generation = ADDR_GEN.get_ptr(0)?;
