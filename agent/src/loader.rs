@@ -413,11 +413,10 @@ impl KernelProbes {
             })
         })?;
         // Stamp the layout at once, before anything can fail and leave the maps pinned unstamped.
-        let mut layout: Array<&mut MapData, u64> = ebpf
-            .map_mut("ADDR_GEN")
-            .ok_or(LoaderError::MissingMap("ADDR_GEN"))
-            .and_then(|map| Array::try_from(map).map_err(map_err("ADDR_GEN")))?;
-        layout.set(1, MAP_LAYOUT, 0).map_err(map_err("ADDR_GEN"))?;
+        let mut addr_gen: Array<MapData, u64> = take_map(&mut ebpf, "ADDR_GEN")?;
+        addr_gen
+            .set(1, MAP_LAYOUT, 0)
+            .map_err(map_err("ADDR_GEN"))?;
 
         let mut links = Vec::new();
         let mut resumed = 0;
@@ -460,7 +459,7 @@ impl KernelProbes {
         let mut probes = Self {
             pod_addrs,
             addr_table: take_map(&mut ebpf, "ADDR_TABLE")?,
-            addr_gen: take_map(&mut ebpf, "ADDR_GEN")?,
+            addr_gen,
             watched,
             // Built afresh from the record: a table pinned by an older agent may predate it.
             addrs_changed: true,
