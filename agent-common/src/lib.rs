@@ -114,7 +114,8 @@ pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 /// The layout of the pinned maps: bump it whenever a pinned map's key, value or size changes,
 /// so that an agent refuses maps pinned by one of another layout (it would misread them, and
 /// their still-attached programs would count in the old layout) instead of taking them over.
-/// 2: `SlotCounters` of 128 bytes, the socket and address array tables.
+/// 2: `SlotCounters` of 128 bytes (with the released-socket counts), the socket and address
+/// array tables.
 pub const MAP_LAYOUT: u64 = 2;
 
 /// Where the maps are pinned so that an agent restart loses no counts and no socket state.
@@ -183,10 +184,18 @@ pub struct SlotCounters {
     pub opened: u64,
     /// Pod sockets that entered the socket table on this CPU.
     pub sockets_tracked: u64,
-    /// Pod sockets that left it (closed) on this CPU. A socket may enter on one CPU and leave on
-    /// another, so only the difference of the sums over all CPUs means something: the pod's
-    /// open connections.
+    /// Pod sockets that left it (closed) on this CPU without the pod's process closing them
+    /// first (a reset, an abort). A socket may enter on one CPU and leave on another, so only
+    /// sums over all CPUs mean something: the pod's open connections are `sockets_tracked -
+    /// sockets_untracked - released_closed`.
     pub sockets_untracked: u64,
+    /// Tracked pod sockets that the pod's process closed, or shut down for sending
+    /// (`FIN_WAIT1` or `LAST_ACK`): the process no longer holds them. The connections its
+    /// processes still hold are `sockets_tracked - sockets_untracked - sockets_released`, the
+    /// count an exit cuts.
+    pub sockets_released: u64,
+    /// Released sockets that then left the table (their closing handshake ended).
+    pub released_closed: u64,
     /// Resets the pod sent on its connections.
     pub resets_sent: u64,
     /// Resets the pod received on established connections.
@@ -200,9 +209,6 @@ pub struct SlotCounters {
     pub win_resets_received: u64,
     pub win_refused: u64,
     pub win_failed_connects: u64,
-    /// Unused: makes the value two whole cache lines, and its size differs from the earlier
-    /// 112-byte layout, so that maps pinned by an older agent are refused, not misread.
-    pub reserved: [u64; 2],
 }
 
 /// Per CPU: events the kernel programs could not account for. Any non-zero field means counts
@@ -331,8 +337,9 @@ pub struct NotableEvent {
     pub pad: u8,
     pub local_port: u16,
     pub remote_port: u16,
-    /// EXIT: the pod's open connections when its last process exited.
-    pub open: u32,
+    /// EXIT: the pod's connections that its processes still held (had not closed) when the
+    /// last one exited: the exit cuts them.
+    pub held: u32,
     pub local: AddrKey,
     pub remote: AddrKey,
 }

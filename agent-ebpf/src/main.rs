@@ -212,22 +212,41 @@ fn count(slot: u32, update: impl FnOnce(&mut SlotCounters, bool)) {
     }
 }
 
-/// Counts a socket of `slot` entering (`true`) or leaving the socket table, on this CPU: the
-/// open-connection gauge is the difference summed over CPUs. Per CPU, so that no cache line
-/// bounces between CPUs (a shared gauge updated atomically cost about 35 ns per run here).
-fn count_socket(slot: u32, tracked: bool) {
+/// How a socket moves through the socket table's counts (see [`SlotCounters`]).
+#[derive(Clone, Copy)]
+enum SocketCount {
+    /// It entered the table.
+    Tracked,
+    /// It left the table (reached `CLOSE`) while its process still held it.
+    Untracked,
+    /// Its process closed it, or shut it down for sending.
+    Released,
+    /// It left the table after its process had released it.
+    ReleasedClosed,
+}
+
+/// Counts a socket of `slot` moving as `how`, on this CPU: the gauges are differences of sums
+/// over CPUs. Per CPU, so that no cache line bounces between CPUs (a shared gauge updated
+/// atomically cost about 35 ns per run here).
+fn count_socket(slot: u32, how: SocketCount) {
     if let Some(counters) = SLOT_COUNTERS.get_ptr_mut(slot) {
         // SAFETY: per-CPU entry, and programs do not migrate between CPUs while running.
         let counters = unsafe { &mut *counters };
-        if tracked {
-            counters.sockets_tracked += 1;
-        } else {
-            counters.sockets_untracked += 1;
+        match how {
+            SocketCount::Tracked => counters.sockets_tracked += 1,
+            SocketCount::Untracked => counters.sockets_untracked += 1,
+            SocketCount::Released => counters.sockets_released += 1,
+            SocketCount::ReleasedClosed => counters.released_closed += 1,
         }
     }
 }
 
-/// Most CPUs [`open_now`] sums over; user space sets [`NR_CPUS`] to this machine's number of
+/// Whether a tracked socket's recorded state says its process released it.
+fn released(state: u32) -> bool {
+    matches!(state, tcp_state::FIN_WAIT1 | tcp_state::LAST_ACK)
+}
+
+/// Most CPUs [`held_now`] sums over; user space sets [`NR_CPUS`] to this machine's number of
 /// possible CPUs.
 const MAX_CPUS: u32 = 4096;
 
@@ -235,14 +254,14 @@ const MAX_CPUS: u32 = 4096;
 #[unsafe(no_mangle)]
 static NR_CPUS: u64 = 0;
 
-/// `slot`'s open connections now: its per-CPU socket counts summed over every CPU (rare: at a
-/// pod process's exit).
-fn open_now(slot: u32) -> u64 {
+/// The connections `slot`'s processes hold now (tracked, and neither closed nor released): its
+/// per-CPU socket counts summed over every CPU (rare: at a pod process's exit).
+fn held_now(slot: u32) -> u64 {
     let cpus = global(&NR_CPUS).min(u64::from(MAX_CPUS)) as u32;
     let map = core::ptr::from_ref(&SLOT_COUNTERS)
         .cast_mut()
         .cast::<core::ffi::c_void>();
-    let (mut tracked, mut untracked) = (0u64, 0u64);
+    let (mut tracked, mut gone) = (0u64, 0u64);
     for cpu in 0..MAX_CPUS {
         if cpu >= cpus {
             break;
@@ -266,12 +285,16 @@ fn open_now(slot: u32) -> u64 {
             tracked = tracked.wrapping_add(core::ptr::read_volatile(
                 &raw const (*counters).sockets_tracked,
             ));
-            untracked = untracked.wrapping_add(core::ptr::read_volatile(
-                &raw const (*counters).sockets_untracked,
-            ));
+            gone = gone
+                .wrapping_add(core::ptr::read_volatile(
+                    &raw const (*counters).sockets_untracked,
+                ))
+                .wrapping_add(core::ptr::read_volatile(
+                    &raw const (*counters).sockets_released,
+                ));
         }
     }
-    tracked.saturating_sub(untracked)
+    tracked.saturating_sub(gone)
 }
 
 /// `1` inside the window, `0` outside: added to the window counters.
@@ -462,18 +485,12 @@ fn inet_sock_set_state_fixed(ctx: TracePointContext) -> u32 {
 
 fn set_state<F: SetStateFields>(rec: &F) -> Result<(), i32> {
     let new: u32 = rec.field(Sss::NewState)?;
-    // The closing handshake changes nothing that is counted: the socket stays open until it
-    // reaches CLOSE. Most transitions of a connection are these, so they cost only this test.
-    // (The socket table keeps the last state before them, which only names the state of a
-    // reset received while closing.)
+    // The rest of the closing handshake changes nothing that is counted: the socket stays open
+    // until it reaches CLOSE. Many transitions of a connection are these, so they cost only
+    // this test.
     if matches!(
         new,
-        tcp_state::FIN_WAIT1
-            | tcp_state::FIN_WAIT2
-            | tcp_state::CLOSE_WAIT
-            | tcp_state::LAST_ACK
-            | tcp_state::CLOSING
-            | tcp_state::TIME_WAIT
+        tcp_state::FIN_WAIT2 | tcp_state::CLOSE_WAIT | tcp_state::CLOSING | tcp_state::TIME_WAIT
     ) {
         return Ok(());
     }
@@ -481,6 +498,18 @@ fn set_state<F: SetStateFields>(rec: &F) -> Result<(), i32> {
         return Ok(());
     }
     let sk: u64 = rec.field(Sss::Skaddr)?;
+    // The process closed the socket (or shut it down for sending), first or after its peer:
+    // it no longer holds the connection, so an exit from here on cuts nothing, though the
+    // connection stays open until the kernel ends its closing handshake. The cell keeps this
+    // state until CLOSE (it also names the state of a reset while closing).
+    if matches!(new, tcp_state::FIN_WAIT1 | tcp_state::LAST_ACK) {
+        let cell = find_socket(sk);
+        if cell.found() && !released(cell.state()) {
+            cell.set_state(new);
+            count_socket(cell.slot(), SocketCount::Released);
+        }
+        return Ok(());
+    }
     let old: u32 = rec.field(Sss::OldState)?;
     // A connect starting or a connection being accepted is a socket not in the table yet (a
     // socket leaves it on reaching CLOSE): straight to the address lookup. The clock is read
@@ -515,7 +544,7 @@ fn set_state<F: SetStateFields>(rec: &F) -> Result<(), i32> {
             return Ok(());
         };
         if track_socket(sk, slot, new) {
-            count_socket(slot, true);
+            count_socket(slot, SocketCount::Tracked);
         } else {
             loss(|l| l.socket_table_full += 1);
         }
@@ -548,8 +577,13 @@ fn set_state<F: SetStateFields>(rec: &F) -> Result<(), i32> {
     // A new cell was claimed with this state, a tracked one updated above; only a close
     // remains to do.
     if new == tcp_state::CLOSE && tracked.found() {
+        let how = if released(tracked.state()) {
+            SocketCount::ReleasedClosed
+        } else {
+            SocketCount::Untracked
+        };
         tracked.free();
-        count_socket(slot, false);
+        count_socket(slot, how);
     }
     Ok(())
 }
@@ -1027,7 +1061,7 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i32> {
         time_ns: now(),
         slot,
         pid: tgid,
-        open: open_now(slot).min(u64::from(u32::MAX)) as u32,
+        held: held_now(slot).min(u64::from(u32::MAX)) as u32,
         kind: event_kind::EXIT,
         ..NotableEvent::default()
     });

@@ -558,8 +558,8 @@ impl Agent {
                     if let Ok(totals) = self.probes.slot_totals(pod.slot) {
                         pod.update_totals(totals, time);
                     }
-                    // The kernel read the gauge at the exit itself.
-                    pod.exited_with_open(time, u64::from(event.open));
+                    // The kernel counted the connections still held at the exit itself.
+                    pod.exited_with_open(time, u64::from(event.held));
                     tracing::info!(pod = %pod.id.name, open_at_exit = ?pod.open_at_exit, "last process exited");
                 }
             }

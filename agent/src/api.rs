@@ -136,6 +136,7 @@ pub fn pod_message(pod: &PodDrain, node: &str) -> pb::Pod {
             .grace_period
             .map_or(0, |g| u32::try_from(g.as_secs()).unwrap_or(u32::MAX)),
         peer_failures: pod.peer_failures,
+        pids: pod.pids.clone(),
     }
 }
 

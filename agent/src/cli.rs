@@ -161,6 +161,7 @@ pub fn pod_json(pod: &pb::Pod) -> Value {
         "node": pod.node,
         "in_service": pod.in_service,
         "grace_period_seconds": pod.grace_period_seconds,
+        "pids": pod.pids,
         "timeline": {
             "terminating_since": rfc3339(t.terminating_since.as_ref()),
             "last_accepted": rfc3339(t.last_accepted.as_ref()),

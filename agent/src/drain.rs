@@ -131,7 +131,9 @@ pub struct PodDrain {
     /// the kernel also counts the window's share (`win_*`).
     pub totals: SlotTotals,
     pub timeline: Timeline,
-    /// `open` when its last process exited.
+    /// The connections its processes still held (had not closed) when the last one exited:
+    /// the exit cut them. Connections they had closed but whose closing handshake was still
+    /// going on are not counted.
     pub open_at_exit: Option<u64>,
     /// Why the counts are incomplete, when they are.
     pub lost: Option<String>,
@@ -187,17 +189,18 @@ impl PodDrain {
         }
     }
 
-    /// The last process exited at `at`, noticed late (by a rescan): `open` now stands in for
-    /// the count at the exit.
+    /// The last process exited at `at`, noticed late (by a rescan): the connections held now
+    /// stand in for the count at the exit.
     pub fn exited(&mut self, at: SystemTime) {
-        self.exited_with_open(at, self.totals.open);
+        self.exited_with_open(at, self.totals.held);
     }
 
-    /// The last process exited at `at` with `open` connections (as the kernel saw at the exit).
-    pub fn exited_with_open(&mut self, at: SystemTime, open: u64) {
+    /// The last process exited at `at` still holding `held` connections (as the kernel saw at
+    /// the exit): connections its processes had not closed, which the exit cut.
+    pub fn exited_with_open(&mut self, at: SystemTime, held: u64) {
         if self.timeline.exited_at.is_none() {
             self.timeline.exited_at = Some(at);
-            self.open_at_exit = Some(open);
+            self.open_at_exit = Some(held);
         }
     }
 
@@ -288,7 +291,10 @@ impl PodDrain {
         if let Some(open) = self.open_at_exit.filter(|&open| open > 0) {
             return (
                 Verdict::Fail,
-                format!("{open} connections still open when the last process exited"),
+                format!(
+                    "{open} connections still open, not closed by the pod, when its last \
+                     process exited"
+                ),
             );
         }
         if self.totals.open > 0 {

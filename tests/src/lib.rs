@@ -65,25 +65,25 @@ impl Netns {
     /// node answers for the address of a pod whose sandbox is gone: the connect gets no answer
     /// from any socket.
     pub fn unreachable_port(&self, port: u16) {
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &self.name,
-                "iptables",
-                "-A",
-                "INPUT",
-                "-p",
-                "tcp",
-                "--dport",
-                &port.to_string(),
-                "-j",
-                "REJECT",
-                "--reject-with",
-                "icmp-host-unreachable",
-            ],
-        );
+        self.iptables(&[
+            "-A",
+            "INPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            &port.to_string(),
+            "-j",
+            "REJECT",
+            "--reject-with",
+            "icmp-host-unreachable",
+        ]);
+    }
+
+    /// Runs `iptables ARGS` (IPv4) in this namespace, panicking with its output when it fails.
+    pub fn iptables(&self, args: &[&str]) {
+        let mut full = vec!["netns", "exec", self.name.as_str(), "iptables"];
+        full.extend_from_slice(args);
+        run("ip", &full);
     }
 
     /// Runs `f` on a thread that has entered this namespace, and returns its result. Sockets made

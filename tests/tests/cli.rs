@@ -83,7 +83,7 @@ fn pods_events_and_wait_drained_against_a_live_agent() {
         &["--listen", &listen, "--mode", "graceful"],
     );
     let name = link.b.name().to_owned();
-    let _ = agent.wait_for_pod(&name, |p| !p.addresses.is_empty());
+    let _ = agent.wait_for_pod(&name, |p| !p.addresses.is_empty() && !p.pids.is_empty());
 
     let output = draingate(&["pods", "--agent", &socket, "-o", "json"]);
     assert!(output.status.success(), "{}", stderr(&output));
@@ -98,6 +98,7 @@ fn pods_events_and_wait_drained_against_a_live_agent() {
     assert_eq!(pod["phase"], "running");
     assert_eq!(pod["verdict"], "none");
     assert_eq!(pod["addresses"][0], link.b_addr.to_string());
+    assert_eq!(pod["pids"], serde_json::json!([server.0.id()]), "{pod:#}");
     for field in [
         "uid",
         "open",

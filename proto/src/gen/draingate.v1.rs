@@ -62,7 +62,9 @@ pub struct Pod {
     pub window: ::core::option::Option<Counters>,
     #[prost(uint64, tag = "7")]
     pub errors: u64,
-    /// `open` when the pod's last process exited.
+    /// Connections the pod's processes still held (had not closed) when the last one exited: the
+    /// exit cut them. Connections already closed by the pod, still in the kernel's closing
+    /// handshake, are not counted.
     #[prost(uint64, tag = "8")]
     pub open_at_exit: u64,
     #[prost(enumeration = "Verdict", tag = "9")]
@@ -93,6 +95,10 @@ pub struct Pod {
     /// are part of `errors`. The gate adds clients' failures from other nodes.
     #[prost(uint64, tag = "18")]
     pub peer_failures: u64,
+    /// The pod's processes (tgids) the agent knows now: their termination signals and exits are
+    /// traced. Empty with the Kubernetes source (no hostPID) and once they are gone.
+    #[prost(uint32, repeated, tag = "19")]
+    pub pids: ::prost::alloc::vec::Vec<u32>,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListPodsRequest {
