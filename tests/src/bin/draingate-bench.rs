@@ -6,6 +6,9 @@
 //! - Kernel time per program run, from the kernel's BPF statistics (`kernel.bpf_stats_enabled`).
 //! - The agent's resident memory with 110 pods (network namespaces with an address each).
 //!
+//! With `--against DRAINGATE`, only this: kernel time per `inet_sock_set_state` run of this
+//! build's agent against another build's, both attached at once under the same load.
+//!
 //! Prints a Markdown report (and writes it to `--out`).
 #![expect(
     clippy::cast_precision_loss,
@@ -42,6 +45,15 @@ struct Args {
     /// Where to write the Markdown report.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Instead of the above, compare kernel time per run with another build's agent (the path
+    /// of its `draingate` binary): both agents run at once, in both attach orders, for
+    /// `--rounds` pairs of runs. For changes smaller than the run-to-run noise of the overhead
+    /// rounds (about 15 ns here).
+    #[arg(long, value_name = "DRAINGATE")]
+    against: Option<PathBuf>,
+    /// What to call the other build in the report (a commit, say); its path by default.
+    #[arg(long, requires = "against")]
+    against_label: Option<String>,
 }
 
 /// One load run's outcome.
@@ -143,17 +155,24 @@ struct AgentProcess {
 
 impl AgentProcess {
     fn start(tag: &str) -> Self {
+        Self::start_binary(&draingate_bin(), tag, 0)
+    }
+
+    /// Starts `binary`'s agent on pins of its own and on ports 19560 + 2 × `index` (gRPC) and
+    /// the next one (HTTP), so that agents of different indexes can run at once.
+    fn start_binary(binary: &std::path::Path, tag: &str, index: u16) -> Self {
         let pins = PathBuf::from(format!(
             "/sys/fs/bpf/draingate-bench-{}-{tag}",
             std::process::id()
         ));
         let socket = format!("/tmp/draingate-bench-{}-{tag}.sock", std::process::id());
-        let http: SocketAddr = "127.0.0.1:19561".parse().expect("address");
-        let child = Command::new(draingate_bin())
+        let grpc = SocketAddr::from(([127, 0, 0, 1], 19_560 + 2 * index));
+        let http = SocketAddr::from(([127, 0, 0, 1], 19_561 + 2 * index));
+        let child = Command::new(binary)
             .args([
                 "agent",
                 "--grpc-addr",
-                "127.0.0.1:19560",
+                &grpc.to_string(),
                 "--http-addr",
                 &http.to_string(),
             ])
@@ -161,7 +180,7 @@ impl AgentProcess {
             .arg(&pins)
             .stderr(Stdio::null())
             .spawn()
-            .expect("start draingate agent");
+            .unwrap_or_else(|err| panic!("start {} agent: {err}", binary.display()));
         let agent = Self { child, pins, http };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !agent.ready() {
@@ -298,6 +317,166 @@ impl Paired {
     }
 }
 
+/// Ids of the loaded `inet_sock_set_state` programs.
+fn set_state_program_ids() -> Vec<u32> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| {
+            p.name_as_str()
+                .is_some_and(|n| !n.is_empty() && "inet_sock_set_state".starts_with(n))
+        })
+        .map(|p| p.id())
+        .collect()
+}
+
+/// Run time and count of the programs with these ids, summed.
+fn stats_of(ids: &[u32]) -> (Duration, u64) {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| ids.contains(&p.id()))
+        .fold((Duration::ZERO, 0), |(t, c), p| {
+            (t + p.run_time(), c + p.run_count())
+        })
+}
+
+/// One run of the comparison: this build's and the other's `inet_sock_set_state`, ns per run.
+struct AbRun {
+    this_first: bool,
+    this_ns: f64,
+    other_ns: f64,
+}
+
+/// `--against`: this build's agent and another build's, attached at once so that both programs
+/// see the same events at the same moment; the order alternates, since the program attached
+/// second runs on caches the first one warmed.
+fn against(args: &Args, other: &std::path::Path, link: &Link, target: SocketAddr) -> String {
+    let label = args
+        .against_label
+        .clone()
+        .unwrap_or_else(|| other.display().to_string());
+    let mut runs = Vec::new();
+    for round in 0..args.rounds.max(1) {
+        for this_first in [true, false] {
+            eprintln!(
+                "pair {}/{}: {} attached first",
+                round + 1,
+                args.rounds.max(1),
+                if this_first {
+                    "this build"
+                } else {
+                    "the other"
+                }
+            );
+            let order = if this_first {
+                [(draingate_bin(), "this"), (other.to_path_buf(), "other")]
+            } else {
+                [(other.to_path_buf(), "other"), (draingate_bin(), "this")]
+            };
+            let mut agents = Vec::new();
+            let mut ids: Vec<(&str, Vec<u32>)> = Vec::new();
+            for (index, (binary, who)) in order.iter().enumerate() {
+                let before = set_state_program_ids();
+                let tag = format!("ab{round}{who}");
+                agents.push(AgentProcess::start_binary(binary, &tag, index as u16));
+                let mine: Vec<u32> = set_state_program_ids()
+                    .into_iter()
+                    .filter(|id| !before.contains(id))
+                    .collect();
+                assert!(!mine.is_empty(), "{} attached no program", binary.display());
+                ids.push((who, mine));
+            }
+            let ids_of = |who: &str| {
+                ids.iter()
+                    .find(|(w, _)| *w == who)
+                    .map(|(_, i)| i.clone())
+                    .unwrap_or_default()
+            };
+            let (this_ids, other_ids) = (ids_of("this"), ids_of("other"));
+            let (this_before, other_before) = (stats_of(&this_ids), stats_of(&other_ids));
+            let run = load(link, target, args.rate, args.seconds);
+            let (this_after, other_after) = (stats_of(&this_ids), stats_of(&other_ids));
+            drop(agents);
+            let ns = |after: (Duration, u64), before: (Duration, u64)| {
+                average(after.0.saturating_sub(before.0), after.1 - before.1)
+            };
+            runs.push(AbRun {
+                this_first,
+                this_ns: ns(this_after, this_before),
+                other_ns: ns(other_after, other_before),
+            });
+            eprintln!(
+                "  {:.0} connections/s; this {:.1} ns, other {:.1} ns per run",
+                run.per_second,
+                runs.last().map_or(0.0, |r| r.this_ns),
+                runs.last().map_or(0.0, |r| r.other_ns)
+            );
+        }
+    }
+    ab_report(args, &label, &runs)
+}
+
+fn ab_report(args: &Args, label: &str, runs: &[AbRun]) -> String {
+    let mut report = String::new();
+    let _ = writeln!(
+        report,
+        "## Kernel time against another build
+
+Reproduce: `sudo cargo xtask bench --only \
+         overhead -- --against <other draingate> --against-label {label} --rounds {} --seconds \
+         {} --rate {}`
+",
+        args.rounds, args.seconds, args.rate
+    );
+    let _ = writeln!(
+        report,
+        "`sock:inet_sock_set_state`, average ns per run from the kernel's BPF statistics, of \
+         this build's agent and of {label}'s, both attached at once under the overhead load, so \
+         that both programs see the same events at the same moment. The program attached \
+         second runs on caches the first one warmed (20 to 30 ns cheaper here), so each pair \
+         runs in both orders and is averaged.\n"
+    );
+    let _ = writeln!(
+        report,
+        "| run | attached first | this build | {label} | this - other |"
+    );
+    let _ = writeln!(report, "|---|---|---|---|---|");
+    for (i, r) in runs.iter().enumerate() {
+        let _ = writeln!(
+            report,
+            "| {} | {} | {:.1} | {:.1} | {:+.1} |",
+            i + 1,
+            if r.this_first { "this" } else { label },
+            r.this_ns,
+            r.other_ns,
+            r.this_ns - r.other_ns
+        );
+    }
+    let pairs: Vec<f64> = runs
+        .chunks_exact(2)
+        .map(|p| (p[0].this_ns - p[0].other_ns + p[1].this_ns - p[1].other_ns) / 2.0)
+        .collect();
+    let mean = |f: fn(&AbRun) -> f64| runs.iter().map(f).sum::<f64>() / runs.len().max(1) as f64;
+    let (this_mean, other_mean) = (mean(|r| r.this_ns), mean(|r| r.other_ns));
+    let _ = writeln!(
+        report,
+        "| mean | both orders | {this_mean:.1} | {other_mean:.1} | {:+.1} (ratio {:.3}) |",
+        this_mean - other_mean,
+        if other_mean > 0.0 {
+            this_mean / other_mean
+        } else {
+            0.0
+        }
+    );
+    let listed: Vec<String> = pairs.iter().map(|d| format!("{d:+.1}")).collect();
+    let _ = writeln!(
+        report,
+        "
+Difference per pair (both orders averaged), ns per run: {}.",
+        listed.join(", ")
+    );
+    report
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -305,6 +484,15 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 fn main() {
     let args = Args::parse();
+    if let Some(other) = &args.against
+        && !other.is_file()
+    {
+        eprintln!(
+            "--against {}: no such file; give the path of another build's draingate binary",
+            other.display()
+        );
+        std::process::exit(2);
+    }
     require_root();
     let mut report = String::new();
     let command = format!(
@@ -353,6 +541,15 @@ fn main() {
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
     // Warm up once, unmeasured.
     let _ = load(&link, target, args.rate, 1);
+    if let Some(other) = &args.against {
+        let report = against(&args, other, &link, target);
+        let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
+        print!("{report}");
+        if let Some(out) = &args.out {
+            draingate_tests::write_section(out, "Kernel time against another build", &report);
+        }
+        return;
+    }
     let (mut baseline, mut with_agent) = (Vec::new(), Vec::new());
     let mut kernel: Vec<(String, Duration, u64)> = Vec::new();
     let mut paired: Vec<Paired> = Vec::new();
@@ -534,5 +731,39 @@ fn main() {
     print!("{report}");
     if let Some(out) = args.out {
         draingate_tests::write_section(&out, "Node agent overhead", &report);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::{AbRun, Args, ab_report};
+
+    #[test]
+    fn the_comparison_averages_both_attach_orders() {
+        let args = Args::parse_from(["draingate-bench", "--against", "/x", "--rounds", "2"]);
+        let run = |this_first, this_ns, other_ns| AbRun {
+            this_first,
+            this_ns,
+            other_ns,
+        };
+        // The first-attached program pays 20 ns more; this build costs 5 ns more per run.
+        let runs = [
+            run(true, 145.0, 120.0),
+            run(false, 125.0, 140.0),
+            run(true, 147.0, 122.0),
+            run(false, 127.0, 142.0),
+        ];
+        let report = ab_report(&args, "base", &runs);
+        assert!(
+            report.contains("| mean | both orders | 136.0 | 131.0 | +5.0 (ratio 1.038) |"),
+            "{report}"
+        );
+        assert!(report.contains("ns per run: +5.0, +5.0."), "{report}");
+        assert!(
+            report.contains("| 2 | base | 125.0 | 140.0 | -15.0 |"),
+            "{report}"
+        );
     }
 }
