@@ -189,10 +189,12 @@ impl PodDrain {
         }
     }
 
-    /// The last process exited at `at`, noticed late (by a rescan): the connections held now
-    /// stand in for the count at the exit.
+    /// The last process exited at `at`, noticed late (by a rescan, or from container statuses
+    /// without hostPID): the connections still open now stand in for the count at the exit.
+    /// Not `held`, which is 0 once no process is left: the exit released every socket, and
+    /// those still open are ones it may have cut.
     pub fn exited(&mut self, at: SystemTime) {
-        self.exited_with_open(at, self.totals.held);
+        self.exited_with_open(at, self.totals.open);
     }
 
     /// The last process exited at `at` still holding `held` connections (as the kernel saw at

@@ -228,9 +228,6 @@ pub struct SlotTotals {
     pub failed_connects: u64,
     /// Connections in any state but LISTEN and CLOSE, now.
     pub open: u64,
-    /// Of those, the ones the pod's processes still hold: not closed or shut down for sending
-    /// (the rest are in the kernel's closing handshake). An exit cuts these.
-    pub held: u64,
     /// Boot-clock time of the last accepted connection, 0 when none.
     pub last_accept_ns: u64,
     /// Counted by the kernel only while the termination window was open.
@@ -244,8 +241,7 @@ pub struct SlotTotals {
 impl SlotTotals {
     fn sum(per_cpu: &PerCpuValues<SlotCounters>) -> Self {
         let mut totals = Self::default();
-        let (mut tracked, mut untracked, mut released, mut released_closed) =
-            (0u64, 0u64, 0u64, 0u64);
+        let (mut tracked, mut gone) = (0u64, 0u64);
         for cpu in per_cpu.iter() {
             totals.accepted += cpu.accepted;
             totals.opened += cpu.opened;
@@ -260,14 +256,13 @@ impl SlotTotals {
             totals.win_refused += cpu.win_refused;
             totals.win_failed_connects += cpu.win_failed_connects;
             tracked = tracked.wrapping_add(cpu.sockets_tracked);
-            untracked = untracked.wrapping_add(cpu.sockets_untracked);
-            released = released.wrapping_add(cpu.sockets_released);
-            released_closed = released_closed.wrapping_add(cpu.released_closed);
+            // Sockets leave the table untracked, or closed after their process released them.
+            gone = gone
+                .wrapping_add(cpu.sockets_untracked)
+                .wrapping_add(cpu.released_closed);
         }
         // Never negative unless a close was counted without its open (a bug); show 0 then.
-        let open_or_released = tracked.saturating_sub(untracked);
-        totals.open = open_or_released.saturating_sub(released_closed);
-        totals.held = open_or_released.saturating_sub(released);
+        totals.open = tracked.saturating_sub(gone);
         totals
     }
 }

@@ -24,7 +24,6 @@ fn totals(open: u64, resets_sent: u64, refused: u64) -> SlotTotals {
     SlotTotals {
         accepted: 100,
         open,
-        held: open,
         resets_sent: 7 + resets_sent,
         refused,
         win_resets_sent: resets_sent,

@@ -2,7 +2,9 @@
 //! the kernel's connection tracking announces every new connection with its translation. The
 //! table itself is no record: a connection refused at its SYN is deleted from it at once. So the
 //! event stream (`conntrack -E -e NEW`, conntrack-tools) is read as it happens, into a map from
-//! the client's port to the backend, which is bounded by the 64k ports.
+//! the client's port to the backend, which is bounded by the 64k ports. The load generator takes
+//! its source ports in turn over the whole range, so a port's latest announcement stays its last
+//! connection's until the cycle comes round again.
 
 use std::{
     collections::HashMap,

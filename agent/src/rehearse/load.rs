@@ -214,6 +214,7 @@ impl LoadGenerator {
         let live = Arc::new(LiveCounters::default());
         let config = Arc::new(config);
         let started = Instant::now();
+        let ports = Arc::new(PortCycle::new());
         let workers = (0..config.clients)
             .map(|id| {
                 let client = Client {
@@ -223,6 +224,7 @@ impl LoadGenerator {
                     live: Arc::clone(&live),
                     failures: failures.clone(),
                     stop: stop_rx.clone(),
+                    ports: Arc::clone(&ports),
                 };
                 runtime.spawn(client.run())
             })
@@ -274,6 +276,35 @@ struct Client {
     live: Arc<LiveCounters>,
     failures: mpsc::UnboundedSender<FailureNote>,
     stop: watch::Receiver<bool>,
+    ports: Arc<PortCycle>,
+}
+
+/// The clients' source ports, handed out in turn over the whole range, so that a port comes
+/// back only after tens of thousands of connections (over 6 s at 10,000 a second). A failure is
+/// attributed to a pod by its port in conntrack's announcements well after it happened; the
+/// kernel's own choice gives a refused connect's port to the next connect at once, and the
+/// port's latest announcement is then that next connection's.
+#[derive(Debug)]
+struct PortCycle {
+    next: AtomicU64,
+}
+
+impl PortCycle {
+    /// The range the rehearsal's client namespace has (`ip_local_port_range`).
+    const FIRST: u16 = 1024;
+    const LAST: u16 = 65_000;
+
+    fn new() -> Self {
+        Self {
+            next: AtomicU64::new(0),
+        }
+    }
+
+    fn take(&self) -> u16 {
+        let span = u64::from(Self::LAST - Self::FIRST) + 1;
+        let offset = self.next.fetch_add(1, Ordering::Relaxed) % span;
+        Self::FIRST + u16::try_from(offset).unwrap_or(0)
+    }
 }
 
 /// A connection and the port it has on the client side.
@@ -382,33 +413,57 @@ impl Client {
         }
     }
 
-    /// Connects with a non-blocking socket, so that the client port is known also when the
-    /// connection fails (getsockname keeps it after a refusal).
+    /// Connects from the next port of the cycle with a non-blocking socket, so that the client
+    /// port is known also when the connection fails.
     async fn connect(&self) -> Result<Conn, Failed> {
         let target = self.config.target;
         let fail = |outcome, port| Failed { outcome, port };
-        let socket = Socket::new(
-            Domain::for_address(target),
-            Type::STREAM,
-            Some(Protocol::TCP),
-        )
-        .map_err(|_| fail(Outcome::Error, 0))?;
-        socket
-            .set_nonblocking(true)
+        // A port still taken (a connection of the last cycle still open, or its TIME_WAIT not
+        // reusable yet) is skipped: that is the client's business, not a failure of the pod.
+        let mut attempts = 0;
+        let (socket, port) = loop {
+            attempts += 1;
+            let port = self.ports.take();
+            let socket = Socket::new(
+                Domain::for_address(target),
+                Type::STREAM,
+                Some(Protocol::TCP),
+            )
             .map_err(|_| fail(Outcome::Error, 0))?;
-        socket
-            .set_tcp_nodelay(true)
-            .map_err(|_| fail(Outcome::Error, 0))?;
-        match socket.connect(&target.into()) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-            Err(e) => return Err(fail(classify(&e), 0)),
-        }
-        let port = socket
-            .local_addr()
-            .ok()
-            .and_then(|a| a.as_socket())
-            .map_or(0, |a| a.port());
+            socket
+                .set_nonblocking(true)
+                .map_err(|_| fail(Outcome::Error, 0))?;
+            socket
+                .set_tcp_nodelay(true)
+                .map_err(|_| fail(Outcome::Error, 0))?;
+            // Binding a port whose last connection is in TIME_WAIT; connect then decides, with
+            // tcp_tw_reuse, whether the 4-tuple may be used again.
+            socket
+                .set_reuse_address(true)
+                .map_err(|_| fail(Outcome::Error, 0))?;
+            let local: SocketAddr = match target {
+                SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, port).into(),
+                SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, port).into(),
+            };
+            let port_taken = |e: &io::Error| {
+                matches!(
+                    e.raw_os_error(),
+                    Some(libc::EADDRINUSE | libc::EADDRNOTAVAIL)
+                )
+            };
+            match socket.bind(&local.into()) {
+                Ok(()) => {}
+                Err(e) if port_taken(&e) && attempts < 64 => continue,
+                Err(e) => return Err(fail(classify(&e), 0)),
+            }
+            match socket.connect(&target.into()) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+                Err(e) if port_taken(&e) && attempts < 64 => continue,
+                Err(e) => return Err(fail(classify(&e), port)),
+            }
+            break (socket, port);
+        };
         let stream = TcpStream::from_std(std::net::TcpStream::from(socket))
             .map_err(|_| fail(Outcome::Error, port))?;
         match tokio::time::timeout(self.config.connect_timeout, stream.writable()).await {
@@ -533,4 +588,21 @@ enum Body {
 
 fn invalid(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PortCycle;
+
+    #[test]
+    fn ports_come_back_only_after_the_whole_range() {
+        let ports = PortCycle::new();
+        let first = ports.take();
+        assert_eq!(first, PortCycle::FIRST);
+        let span = usize::from(PortCycle::LAST - PortCycle::FIRST) + 1;
+        let taken: Vec<u16> = (1..span).map(|_| ports.take()).collect();
+        assert!(!taken.contains(&first));
+        assert_eq!(taken.last(), Some(&PortCycle::LAST));
+        assert_eq!(ports.take(), first, "then the cycle starts again");
+    }
 }
