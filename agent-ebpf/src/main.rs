@@ -124,6 +124,22 @@ static RESET_CONNS: LruHashMap<ConnKey, u64> = LruHashMap::pinned(MAX_RESET_CONN
 /// again) failing anew.
 const RESET_REPEAT_NS: u64 = 1_000_000_000;
 
+/// The low bit of a [`RESET_CONNS`] time marks a refusal (a reset for a segment that matched no
+/// socket) rather than a reset of a connection. A refusal never hides a later refusal (a client
+/// may connect from the same port again at once and be refused again: a new failure), only a
+/// connection's reset that follows it within [`REFUSAL_RACE_NS`]: the reset of a connection
+/// whose socket was just unhashed (a listener closing with connections in its accept queue)
+/// while another CPU already answered the peer's next segment as matching no socket.
+const REFUSAL_MARK: u64 = 1;
+
+/// How soon after a refusal a reset of the same 4-tuple is that race, not a new failure.
+const REFUSAL_RACE_NS: u64 = 10_000_000;
+
+/// A [`RESET_CONNS`] time for a connection's reset (low bit clear).
+fn reset_time(time_ns: u64) -> u64 {
+    time_ns & !REFUSAL_MARK
+}
+
 /// Per pod slot: when its termination window opened (boot-clock ns), 0 while none is open.
 /// Opened here on SIGTERM/SIGKILL to a known pod process, or by user space.
 #[map]
@@ -867,6 +883,8 @@ fn try_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
             c.refused += 1;
             c.win_refused += w(win);
         });
+        // A full map evicts its oldest entry (LRU); a failed update only loses the mark.
+        let _ = RESET_CONNS.insert(conn, time_ns | REFUSAL_MARK, 0);
     } else {
         count(slot, |c, win| {
             c.resets_sent += 1;
@@ -892,21 +910,29 @@ fn try_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
 /// insert are one atomic step (`BPF_NOEXIST`), so two CPUs cannot both count it.
 fn first_reset(conn: &ConnKey, time_ns: u64) -> bool {
     const BPF_NOEXIST: u64 = 1;
-    if RESET_CONNS.insert(conn, time_ns, BPF_NOEXIST).is_ok() {
+    let stamp = reset_time(time_ns);
+    if RESET_CONNS.insert(conn, stamp, BPF_NOEXIST).is_ok() {
         return true;
     }
-    match RESET_CONNS.get_ptr_mut(conn) {
-        // SAFETY: a plain u64 map value; two CPUs racing on a reused tuple's stale entry could
-        // both count it, which needs two new failures of one tuple within nanoseconds.
-        Some(at) if time_ns.saturating_sub(unsafe { *at }) > RESET_REPEAT_NS => {
-            // SAFETY: as above.
-            unsafe { *at = time_ns };
-            true
-        }
-        Some(_) => false,
+    let Some(at) = RESET_CONNS.get_ptr_mut(conn) else {
         // Evicted between the two calls: the reset is not a known repeat.
-        None => true,
+        return true;
+    };
+    // SAFETY: a plain u64 map value; two CPUs racing on a reused tuple's stale entry could both
+    // count it, which needs two new failures of one tuple within nanoseconds.
+    let last = unsafe { *at };
+    let age = time_ns.saturating_sub(reset_time(last));
+    let repeat = if last & REFUSAL_MARK == 0 {
+        age <= RESET_REPEAT_NS
+    } else {
+        age <= REFUSAL_RACE_NS
+    };
+    if !repeat || last & REFUSAL_MARK != 0 {
+        // Now a connection's reset: the peer's late segments are answered as its repeats.
+        // SAFETY: as above.
+        unsafe { *at = stamp };
     }
+    !repeat
 }
 
 /// Whether the 4-tuple was reset within [`RESET_REPEAT_NS`]: a segment answered now is a late
@@ -914,7 +940,7 @@ fn first_reset(conn: &ConnKey, time_ns: u64) -> bool {
 fn recently_reset(conn: &ConnKey, time_ns: u64) -> bool {
     // SAFETY: the value is copied out at once.
     unsafe { RESET_CONNS.get(conn) }
-        .is_some_and(|&at| time_ns.saturating_sub(at) <= RESET_REPEAT_NS)
+        .is_some_and(|&at| at & REFUSAL_MARK == 0 && time_ns.saturating_sub(at) <= RESET_REPEAT_NS)
 }
 
 /// The pod of a reset: the tracked socket's, else the local address's, with the socket's last
@@ -983,7 +1009,7 @@ fn try_tcp_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
     // that got no answer at all did not.
     if state == tcp_state::SYN_SENT {
         // A full map evicts its oldest entry (LRU); a failed update only loses the mark.
-        let _ = RESET_CONNS.insert(conn, now(), 0);
+        let _ = RESET_CONNS.insert(conn, reset_time(now()), 0);
         return Ok(());
     }
     if !first_reset(&conn, now()) {

@@ -383,6 +383,77 @@ fn a_reused_four_tuple_that_fails_again_counts_again() {
     assert_eq!(resets, 2);
 }
 
+/// A refusal marks its 4-tuple only against the race of a connection's reset that another CPU
+/// answered as a refusal a moment before: a client refused again from the same port is a new
+/// failure, and so is a later connection of that tuple that is reset.
+#[test]
+fn a_four_tuple_refused_again_counts_again_and_so_does_its_later_reset() {
+    use socket2::{Domain, SockAddr, Socket, Type};
+
+    require_root();
+    let pins = PinDir::new();
+    let mut probes = KernelProbes::load(&pins.config).expect("load and attach the programs");
+    let link = Link::new("refuse4", Family::V4);
+    probes
+        .watch(link.b_addr, SERVER_SLOT)
+        .expect("watch server");
+    probes
+        .apply_addresses()
+        .expect("hand the addresses to the kernel");
+    let target = SocketAddr::new(link.b_addr, CLOSED_PORT);
+    let client_port = 40_321;
+    let socket_from_port = || {
+        link.a.run(|| {
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+            socket.set_reuse_address(true).expect("SO_REUSEADDR");
+            socket
+                .bind(&SockAddr::from(SocketAddr::new(link.a_addr, client_port)))
+                .expect("bind the client port");
+            socket
+        })
+    };
+    for _ in 0..2 {
+        let err = socket_from_port()
+            .connect(&SockAddr::from(target))
+            .expect_err("nothing listens");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    }
+    wait_for(&probes, SERVER_SLOT, |t| t.refused == 2);
+
+    // Well past the race's 10 ms: the same tuple connects and is reset.
+    std::thread::sleep(Duration::from_millis(50));
+    let listener = link.b.run(|| TcpListener::bind(target).expect("bind"));
+    let client = socket_from_port();
+    client.connect(&SockAddr::from(target)).expect("connect");
+    let (accepted, _) = listener.accept().expect("accept");
+    let accepted = Socket::from(accepted);
+    accepted
+        .set_linger(Some(Duration::ZERO))
+        .expect("SO_LINGER 0");
+    drop(accepted);
+    let mut byte = [0u8; 1];
+    let err = TcpStream::from(client)
+        .read(&mut byte)
+        .expect_err("the server reset the connection");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+    let totals = wait_for(&probes, SERVER_SLOT, |t| t.resets_sent == 1);
+    assert_eq!((totals.refused, totals.resets_sent), (2, 1), "{totals:?}");
+    let events = drain_events(&mut probes);
+    let of_port = |kind| {
+        events
+            .iter()
+            .filter(|e| e.kind == kind && e.remote_port == client_port)
+            .count()
+    };
+    assert_eq!(
+        (
+            of_port(event_kind::REFUSED),
+            of_port(event_kind::RESET_SENT)
+        ),
+        (2, 1)
+    );
+}
+
 /// The socket table shrunk to 4 buckets (16 cells) and filled: sockets beyond it are not
 /// tracked and each miss is counted as a loss, never silent; the tracked ones close back to 0;
 /// and the freed cells (and the buckets sockets spilled into) take new sockets again.
