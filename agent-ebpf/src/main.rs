@@ -367,8 +367,7 @@ const WAKE_AT_BYTES: u64 = EVENTS_RING_BYTES as u64 / 4;
 enum Wake {
     /// At once, when the agent has read everything before it (the ring buffer's default): for
     /// a termination signal, whose process user space may have to look up while it still
-    /// exists, and a pod process's exit, which carries the connections it held (the agent
-    /// must not take the exit from its own rescan first, which sees only what is open later).
+    /// exists.
     Now,
     /// With the next batch: the agent reads the ring every `EVENT_POLL` (100 ms) anyway, and
     /// a quarter-full ring wakes it. A wakeup is an interrupt and a task wakeup inside the
@@ -1184,7 +1183,7 @@ fn try_sched_process_exit<F: Fields>(rec: &F) -> Result<(), i32> {
             kind: event_kind::EXIT,
             ..NotableEvent::default()
         },
-        Wake::Now,
+        Wake::Batched,
     );
     Ok(())
 }

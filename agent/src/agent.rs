@@ -261,10 +261,6 @@ impl Agent {
             tokio::select! {
                 () = &mut shutdown => break,
                 _ = ticker.tick() => {
-                    // Events first: what the kernel saw (an exit, with what it held) comes
-                    // before what the rescan infers later.
-                    let batch = read_events(ring.get_mut());
-                    self.handle_events(&batch);
                     let started = std::time::Instant::now();
                     let result = self.resync();
                     tracing::debug!(elapsed_us = started.elapsed().as_micros(), "resync");
@@ -629,10 +625,10 @@ fn process_alive(pid: u32) -> bool {
     })
 }
 
-/// How often the agent reads the ring buffer of events without being woken (and it reads it
-/// before each resync too). The kernel programs wake it at once only for termination signals
-/// and pod process exits, and when a burst has filled a quarter of the ring; every other
-/// event (resets, refusals, failed connects) waits for this poll, at most this long. The
+/// How often the agent reads the ring buffer of events without being woken. The kernel
+/// programs wake it at once only for termination signals (whose process it may have to look
+/// up while it exists) and when a burst has filled a quarter of the ring; every other event
+/// (resets, refusals, failed connects, exits) waits for this poll, at most this long. The
 /// counts themselves are in the kernel's counters and never wait.
 pub const EVENT_POLL: Duration = Duration::from_millis(100);
 
