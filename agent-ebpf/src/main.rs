@@ -27,8 +27,8 @@ use draingate_common::{
     ADDR_BUCKET_CELLS, ADDR_BUCKETS, ADDR_PROBE_BUCKETS, AddrKey, AddrTable, ConnKey,
     EVENTS_RING_BYTES, LossCounters, MAX_ADDRS, MAX_RESET_CONNS, MAX_SLOTS, MAX_TASKS, NO_SLOT,
     NotableEvent, SOCKET_BUCKET_CELLS, SOCKET_BUCKETS, SOCKET_PROBE_BUCKETS, SlotCounters,
-    SocketBucket, addr_home, addr_words, addr_words_v4, connect_failure, event_kind, exit_layout,
-    set_state_layout, signal_layout, socket_bucket, socket_home, tcp_state,
+    SocketBucket, addr_home, addr_words, addr_words_v4, connect_failure, event_kind,
+    set_state_layout, socket_bucket, socket_home, tcp_state,
 };
 
 const AF_INET: u16 = 2;
@@ -358,34 +358,8 @@ fn pod_of_words(words: [u64; 2]) -> Option<u32> {
     None
 }
 
-/// Unread bytes in [`EVENTS`] from which an event wakes the agent at once: a quarter of the
-/// ring, so that a burst is read long before the ring is full.
-const WAKE_AT_BYTES: u64 = EVENTS_RING_BYTES as u64 / 4;
-
-/// How an event tells the agent it is there.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Wake {
-    /// At once, when the agent has read everything before it (the ring buffer's default): for
-    /// a termination signal, whose process user space may have to look up while it still
-    /// exists.
-    Now,
-    /// With the next batch: the agent reads the ring every `EVENT_POLL` (100 ms) anyway, and
-    /// a quarter-full ring wakes it. A wakeup is an interrupt and a task wakeup inside the
-    /// program's run (about 8 µs per event measured in a VM, where the interrupt exits to the
-    /// hypervisor), which a storm of resets would otherwise pay for each one.
-    Batched,
-}
-
-fn emit(event: &NotableEvent, wake: Wake) {
-    const BPF_RB_NO_WAKEUP: u64 = 1;
-    const BPF_RB_FORCE_WAKEUP: u64 = 2;
-    const BPF_RB_AVAIL_DATA: u64 = 0;
-    let flags = match wake {
-        Wake::Now => 0,
-        Wake::Batched if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKE_AT_BYTES => BPF_RB_FORCE_WAKEUP,
-        Wake::Batched => BPF_RB_NO_WAKEUP,
-    };
-    if EVENTS.output::<NotableEvent>(event, flags).is_err() {
+fn emit(event: &NotableEvent) {
+    if EVENTS.output::<NotableEvent>(event, 0).is_err() {
         loss(|l| l.ring_full += 1);
     }
 }
@@ -447,9 +421,9 @@ impl SetStateFields for Record {
     }
 }
 
-/// A record read in place at the offsets of a layout compiled in ([`set_state_layout`],
-/// [`signal_layout`], [`exit_layout`]): compile-time constants, which the verifier accepts for
-/// context loads (an offset from a global it does not). No copy, no helper call.
+/// The record read in place at [`set_state_layout`]'s offsets: compile-time constants, which
+/// the verifier accepts for context loads (an offset from a global it does not). No copy, no
+/// helper call.
 struct FixedLayout<'a>(&'a TracePointContext);
 
 impl SetStateFields for FixedLayout<'_> {
@@ -457,7 +431,7 @@ impl SetStateFields for FixedLayout<'_> {
     #[inline(always)]
     fn field<T: Copy>(&self, field: Sss) -> Result<T, i32> {
         use set_state_layout as l;
-        self.at(match field {
+        let offset = match field {
             Sss::Skaddr => l::SKADDR,
             Sss::OldState => l::OLDSTATE,
             Sss::NewState => l::NEWSTATE,
@@ -469,25 +443,13 @@ impl SetStateFields for FixedLayout<'_> {
             Sss::Daddr => l::DADDR,
             Sss::SaddrV6 => l::SADDR_V6,
             Sss::DaddrV6 => l::DADDR_V6,
-        })
-    }
-}
-
-impl FixedLayout<'_> {
-    /// The field of `T`'s size at `offset`, a compile-time constant once inlined.
-    #[inline(always)]
-    #[expect(
-        clippy::inline_always,
-        reason = "inlined, the offset becomes an immediate of the load, the only form the \
-                  verifier accepts for a context load"
-    )]
-    fn at<T: Copy>(&self, offset: usize) -> Result<T, i32> {
+        };
         #[expect(
             clippy::cast_ptr_alignment,
             reason = "the record is 8-byte aligned and each field aligned for its size"
         )]
         let load = |at: usize| -> u64 {
-            // SAFETY: the loader attaches a fixed program only where tracefs shows its layout,
+            // SAFETY: the loader attaches this program only where tracefs shows this layout,
             // so the field is at this offset inside the record (aligned for its size); the
             // verifier checks the bounds. Volatile keeps each load whole, at an immediate
             // offset from the context, which is the only form the verifier accepts.
@@ -513,31 +475,6 @@ impl FixedLayout<'_> {
         // SAFETY: `bytes` holds at least `size_of::<T>()` bytes of the field, in memory order
         // (little-endian values keep their low bytes first), and every field type is plain data.
         Ok(unsafe { core::mem::transmute_copy(&bytes) })
-    }
-}
-
-/// How the signal and exit programs read a record's field: at the offset tracefs gave
-/// (`global`, from a copy of the record) or in place at the one the fixed program is compiled
-/// for (`fixed`).
-trait Fields {
-    #[expect(
-        clippy::trivially_copy_pass_by_ref,
-        reason = "the reference is what makes the global's read volatile"
-    )]
-    fn read<T: Copy>(&self, global: &'static u64, fixed: usize) -> Result<T, i32>;
-}
-
-impl Fields for Record {
-    fn read<T: Copy>(&self, global: &'static u64, _fixed: usize) -> Result<T, i32> {
-        self.get(global)
-    }
-}
-
-impl Fields for FixedLayout<'_> {
-    #[inline(always)]
-    #[expect(clippy::inline_always, reason = "as in `FixedLayout::at`")]
-    fn read<T: Copy>(&self, _global: &'static u64, fixed: usize) -> Result<T, i32> {
-        self.at(fixed)
     }
 }
 
@@ -870,21 +807,18 @@ fn emit_set_state_event<F: SetStateFields>(
     } else {
         connect_failure::NO_ANSWER
     };
-    emit(
-        &NotableEvent {
-            time_ns,
-            slot,
-            reason,
-            kind: event_kind::CONNECT_FAILED,
-            tcp_state: old as u8,
-            local_port: conn.local_port,
-            remote_port: conn.remote_port,
-            local,
-            remote,
-            ..NotableEvent::default()
-        },
-        Wake::Batched,
-    );
+    emit(&NotableEvent {
+        time_ns,
+        slot,
+        reason,
+        kind: event_kind::CONNECT_FAILED,
+        tcp_state: old as u8,
+        local_port: conn.local_port,
+        remote_port: conn.remote_port,
+        local,
+        remote,
+        ..NotableEvent::default()
+    });
     Ok(())
 }
 
@@ -1021,21 +955,18 @@ fn socket_or_address(sk: u64, local: &AddrKey) -> Option<(u32, u32)> {
 }
 
 fn emit_reset(kind: u8, slot: u32, state: u32, reason: u32, conn: &ConnKey) {
-    emit(
-        &NotableEvent {
-            time_ns: now(),
-            slot,
-            reason,
-            kind,
-            tcp_state: state as u8,
-            local_port: conn.local_port,
-            remote_port: conn.remote_port,
-            local: conn.local,
-            remote: conn.remote,
-            ..NotableEvent::default()
-        },
-        Wake::Batched,
-    );
+    emit(&NotableEvent {
+        time_ns: now(),
+        slot,
+        reason,
+        kind,
+        tcp_state: state as u8,
+        local_port: conn.local_port,
+        remote_port: conn.remote_port,
+        local: conn.local,
+        remote: conn.remote,
+        ..NotableEvent::default()
+    });
 }
 
 #[tracepoint]
@@ -1098,26 +1029,16 @@ fn try_tcp_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
     reason = "the tracepoint macro fixes the signature"
 )]
 fn signal_generate(ctx: TracePointContext) -> u32 {
-    run(Record::read(&ctx).and_then(|rec| try_signal_generate(&rec)))
+    run(try_signal_generate(&ctx))
 }
 
-/// The same program for the layout in [`signal_layout`]: most signals on a node (SIGCHLD,
-/// the Go runtime's SIGURG, ...) cost it one load from the record.
-#[tracepoint]
-#[expect(
-    clippy::needless_pass_by_value,
-    reason = "the tracepoint macro fixes the signature"
-)]
-fn signal_generate_fixed(ctx: TracePointContext) -> u32 {
-    run(try_signal_generate(&FixedLayout(&ctx)))
-}
-
-fn try_signal_generate<F: Fields>(rec: &F) -> Result<(), i32> {
-    let signal: u32 = rec.read(&SIG_SIG, signal_layout::SIG)?;
+fn try_signal_generate(ctx: &TracePointContext) -> Result<(), i32> {
+    let rec = Record::read(ctx)?;
+    let signal: u32 = rec.get(&SIG_SIG)?;
     if signal != SIGTERM && signal != SIGKILL {
         return Ok(());
     }
-    let pid: u32 = rec.read(&SIG_PID, signal_layout::PID)?;
+    let pid: u32 = rec.get(&SIG_PID)?;
     // SAFETY: the value is copied out at once.
     let slot = unsafe { POD_TASKS.get(pid) }.copied().unwrap_or(NO_SLOT);
     let time_ns = now();
@@ -1131,17 +1052,14 @@ fn try_signal_generate<F: Fields>(rec: &F) -> Result<(), i32> {
         unsafe { *since = time_ns };
     }
     // Sent for every SIGTERM/SIGKILL (rare): user space resolves processes it did not know yet.
-    emit(
-        &NotableEvent {
-            time_ns,
-            slot,
-            pid,
-            kind: event_kind::SIGNAL,
-            signal: signal as u8,
-            ..NotableEvent::default()
-        },
-        Wake::Now,
-    );
+    emit(&NotableEvent {
+        time_ns,
+        slot,
+        pid,
+        kind: event_kind::SIGNAL,
+        signal: signal as u8,
+        ..NotableEvent::default()
+    });
     Ok(())
 }
 
@@ -1151,22 +1069,13 @@ fn try_signal_generate<F: Fields>(rec: &F) -> Result<(), i32> {
     reason = "the tracepoint macro fixes the signature"
 )]
 fn sched_process_exit(ctx: TracePointContext) -> u32 {
-    run(Record::read(&ctx).and_then(|rec| try_sched_process_exit(&rec)))
+    run(try_sched_process_exit(&ctx))
 }
 
-/// The same program for the layout in [`exit_layout`]: a thread's exit costs it one load.
-#[tracepoint]
-#[expect(
-    clippy::needless_pass_by_value,
-    reason = "the tracepoint macro fixes the signature"
-)]
-fn sched_process_exit_fixed(ctx: TracePointContext) -> u32 {
-    run(try_sched_process_exit(&FixedLayout(&ctx)))
-}
-
-fn try_sched_process_exit<F: Fields>(rec: &F) -> Result<(), i32> {
+fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i32> {
+    let rec = Record::read(ctx)?;
     // Only the last thread of a process matters.
-    if rec.read::<u8>(&EXIT_GROUP_DEAD, exit_layout::GROUP_DEAD)? == 0 {
+    if rec.get::<u8>(&EXIT_GROUP_DEAD)? == 0 {
         return Ok(());
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
@@ -1174,17 +1083,14 @@ fn try_sched_process_exit<F: Fields>(rec: &F) -> Result<(), i32> {
     let Some(&slot) = (unsafe { POD_TASKS.get(tgid) }) else {
         return Ok(());
     };
-    emit(
-        &NotableEvent {
-            time_ns: now(),
-            slot,
-            pid: tgid,
-            held: held_now(slot).min(u64::from(u32::MAX)) as u32,
-            kind: event_kind::EXIT,
-            ..NotableEvent::default()
-        },
-        Wake::Batched,
-    );
+    emit(&NotableEvent {
+        time_ns: now(),
+        slot,
+        pid: tgid,
+        held: held_now(slot).min(u64::from(u32::MAX)) as u32,
+        kind: event_kind::EXIT,
+        ..NotableEvent::default()
+    });
     Ok(())
 }
 

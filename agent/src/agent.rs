@@ -9,7 +9,6 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use aya::maps::{MapData, RingBuf};
 use draingate_common::{MAX_SLOTS, NO_SLOT, NotableEvent, connect_failure, event_kind, tcp_state};
 use tokio::sync::{broadcast, watch};
 
@@ -252,8 +251,6 @@ impl Agent {
                 source: source.into(),
             })
         })?;
-        let mut poll = tokio::time::interval(EVENT_POLL);
-        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ticker = tokio::time::interval(self.config.resync);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
@@ -271,29 +268,24 @@ impl Agent {
                 }
                 guard = ring.readable_mut() => {
                     let Ok(mut guard) = guard else { continue };
-                    let batch = read_events(guard.get_inner_mut());
+                    let mut batch = Vec::new();
+                    while let Some(record) = guard.get_inner_mut().next() {
+                        if let Some(event) = events::decode(&record[..]) {
+                            batch.push(event);
+                        } else {
+                            tracing::warn!(len = record.len(), "malformed event record");
+                        }
+                    }
                     guard.clear_ready();
-                    self.handle_events(&batch);
-                }
-                // Most events wake no one (see `EVENT_POLL`): they are read here.
-                _ = poll.tick() => {
-                    let batch = read_events(ring.get_mut());
-                    self.handle_events(&batch);
+                    for event in batch {
+                        self.handle_event(&event);
+                    }
+                    self.publish();
                 }
             }
         }
         tracing::info!("agent stopping; programs stay attached and maps pinned");
         Ok(())
-    }
-
-    fn handle_events(&mut self, batch: &[NotableEvent]) {
-        if batch.is_empty() {
-            return;
-        }
-        for event in batch {
-            self.handle_event(event);
-        }
-        self.publish();
     }
 
     fn publish(&self) {
@@ -623,26 +615,6 @@ fn process_alive(pid: u32) -> bool {
             .and_then(|(_, rest)| rest.split_whitespace().next())
             .is_some_and(|state| state != "Z" && state != "X")
     })
-}
-
-/// How often the agent reads the ring buffer of events without being woken. The kernel
-/// programs wake it at once only for termination signals (whose process it may have to look
-/// up while it exists) and when a burst has filled a quarter of the ring; every other event
-/// (resets, refusals, failed connects, exits) waits for this poll, at most this long. The
-/// counts themselves are in the kernel's counters and never wait.
-pub const EVENT_POLL: Duration = Duration::from_millis(100);
-
-/// Every event record in the ring now; a malformed one is logged and skipped.
-fn read_events(ring: &mut RingBuf<MapData>) -> Vec<NotableEvent> {
-    let mut batch = Vec::new();
-    while let Some(record) = ring.next() {
-        if let Some(event) = events::decode(&record[..]) {
-            batch.push(event);
-        } else {
-            tracing::warn!(len = record.len(), "malformed event record");
-        }
-    }
-    batch
 }
 
 /// The identity of a pod as the API names it (for errors).

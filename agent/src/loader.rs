@@ -45,17 +45,11 @@ enum Need {
 
 /// A kernel program and the tracepoint it attaches to, with the record fields it reads: each
 /// field's offset becomes the program global of the given name.
-/// A field of a record layout a program is compiled against: its tracefs name, offset and size.
-type LayoutField = (&'static str, usize, usize);
-
 struct Hook {
     program: &'static str,
     category: &'static str,
     name: &'static str,
     globals: &'static [(&'static str, &'static str, Need)],
-    /// The program compiled against one record layout (each field's name, offset and size),
-    /// which reads the record in place: loaded instead where tracefs shows exactly that layout.
-    fixed: Option<(&'static str, &'static [LayoutField])>,
 }
 
 use Need::{Optional, Required};
@@ -78,10 +72,6 @@ const HOOKS: &[Hook] = &[
             ("SSS_SADDR_V6", "saddr_v6", Required),
             ("SSS_DADDR_V6", "daddr_v6", Required),
         ],
-        fixed: Some((
-            "inet_sock_set_state_fixed",
-            &draingate_common::set_state_layout::FIELDS,
-        )),
     },
     Hook {
         program: "tcp_send_reset",
@@ -94,7 +84,6 @@ const HOOKS: &[Hook] = &[
             ("RST_SADDR", "saddr", Required),
             ("RST_DADDR", "daddr", Required),
         ],
-        fixed: None,
     },
     Hook {
         program: "tcp_receive_reset",
@@ -110,27 +99,18 @@ const HOOKS: &[Hook] = &[
             ("RCV_SADDR_V6", "saddr_v6", Required),
             ("RCV_DADDR_V6", "daddr_v6", Required),
         ],
-        fixed: None,
     },
     Hook {
         program: "signal_generate",
         category: "signal",
         name: "signal_generate",
         globals: &[("SIG_SIG", "sig", Required), ("SIG_PID", "pid", Required)],
-        fixed: Some((
-            "signal_generate_fixed",
-            &draingate_common::signal_layout::FIELDS,
-        )),
     },
     Hook {
         program: "sched_process_exit",
         category: "sched",
         name: "sched_process_exit",
         globals: &[("EXIT_GROUP_DEAD", "group_dead", Required)],
-        fixed: Some((
-            "sched_process_exit_fixed",
-            &draingate_common::exit_layout::FIELDS,
-        )),
     },
 ];
 
@@ -291,10 +271,9 @@ impl SlotTotals {
 #[derive(Debug, Clone)]
 pub struct ProbeConfig {
     pub pin_dir: PathBuf,
-    /// Use the programs compiled against the usual record layouts (`inet_sock_set_state`,
-    /// `signal_generate`, `sched_process_exit`) where tracefs shows exactly that layout (they
-    /// read the record in place); otherwise, or when false, the ones that take every offset
-    /// from tracefs and copy the record first.
+    /// Use the `inet_sock_set_state` program compiled against the usual record layout when
+    /// tracefs shows exactly that layout (it reads the record in place); otherwise, or when
+    /// false, the one that takes every offset from tracefs and copies the record first.
     pub fixed_layout: bool,
     /// Buckets of the socket table the programs use (four sockets each): a power of two, at
     /// most (and by default) `SOCKET_BUCKETS`. Tests use a few to fill the table.
@@ -343,9 +322,6 @@ pub struct KernelProbes {
     /// The `inet_sock_set_state` program this agent loaded (`inet_sock_set_state_fixed` or
     /// `inet_sock_set_state`); empty when it took over an earlier agent's.
     pub set_state_program: &'static str,
-    /// Every program this agent loaded, by name (`signal_generate_fixed`, ...); empty when it
-    /// took over an earlier agent's.
-    pub programs: Vec<&'static str>,
 }
 
 impl std::fmt::Debug for KernelProbes {
@@ -363,19 +339,9 @@ fn map_err(map: &'static str) -> impl FnOnce(MapError) -> LoaderError {
     }
 }
 
-/// The benchmark's empty program on each hook, attached while this lives.
+/// The benchmark's empty program, attached while this lives.
 pub struct FloorProbe {
-    _objects: Vec<Ebpf>,
-    ids: Vec<(&'static str, u32)>,
-}
-
-impl FloorProbe {
-    /// The kernel's id of the empty program on each hook, by the name of the agent's program
-    /// there (`inet_sock_set_state`, `tcp_send_reset`, ...).
-    #[must_use]
-    pub fn program_ids(&self) -> &[(&'static str, u32)] {
-        &self.ids
-    }
+    _ebpf: Ebpf,
 }
 
 impl std::fmt::Debug for FloorProbe {
@@ -394,10 +360,16 @@ impl KernelProbes {
         let mut programs: Vec<&'static str> = Vec::new();
         for hook in HOOKS {
             let format = TracepointFormat::read(&root, hook.category, hook.name)?;
-            programs.push(match hook.fixed {
-                Some((fixed, layout)) if config.fixed_layout && format.has_layout(layout) => fixed,
-                _ => hook.program,
-            });
+            programs.push(
+                if hook.program == "inet_sock_set_state"
+                    && config.fixed_layout
+                    && format.has_layout(&draingate_common::set_state_layout::FIELDS)
+                {
+                    "inet_sock_set_state_fixed"
+                } else {
+                    hook.program
+                },
+            );
             for &(global, field, need) in hook.globals {
                 let offset = match (format.offset(field), need) {
                     (Ok(offset), _) => offset,
@@ -452,7 +424,6 @@ impl KernelProbes {
         let mut links = Vec::new();
         let mut resumed = 0;
         let mut set_state_program = "";
-        let mut loaded_programs = Vec::new();
         for (hook, name) in HOOKS.iter().zip(programs) {
             let pin = links_dir.join(hook.program);
             if let Ok(link) = PinnedLink::from_pin(&pin) {
@@ -466,7 +437,6 @@ impl KernelProbes {
             if hook.program == "inet_sock_set_state" {
                 set_state_program = name;
             }
-            loaded_programs.push(name);
             let (program, link_id) = load_and_attach(&mut ebpf, name, hook)?;
             let link = program
                 .take_link(link_id)
@@ -505,46 +475,31 @@ impl KernelProbes {
             _links: links,
             resumed: resumed == HOOKS.len(),
             set_state_program,
-            programs: loaded_programs,
         };
         probes.apply_addresses()?;
         Ok(probes)
     }
 
-    /// The empty `floor` program on every tracepoint the agent uses, for the benchmark: its
-    /// kernel time per run on a tracepoint is the fixed cost of any program there. Each hook
-    /// gets its own copy of the program, so that each has its own statistics
-    /// ([`FloorProbe::program_ids`]). The object's maps are created under `pin_dir` (remove it
-    /// with [`Self::remove_pins`]); dropping the returned value detaches the programs.
+    /// The empty `floor` program alone on `sock:inet_sock_set_state`, for the benchmark: its
+    /// kernel time per run is the fixed cost of any program there. The object's maps are
+    /// created under `pin_dir` (remove it with [`Self::remove_pins`]); dropping the returned
+    /// value detaches the program.
     pub fn attach_floor(pin_dir: &Path) -> Result<FloorProbe, LoaderError> {
         std::fs::create_dir_all(pin_dir).map_err(|source| LoaderError::PinDir {
             path: pin_dir.to_owned(),
             source,
         })?;
-        let mut objects = Vec::new();
-        let mut ids = Vec::new();
-        for hook in HOOKS {
-            let mut ebpf = EbpfLoader::new()
-                .default_map_pin_directory(pin_dir)
-                .load(EBPF_OBJECT)
-                .map_err(|err| {
-                    classify(err, "create eBPF maps", |source| LoaderError::Load {
-                        pin_dir: pin_dir.to_owned(),
-                        source: Box::new(source),
-                    })
-                })?;
-            let (program, _) = load_and_attach(&mut ebpf, "floor", hook)?;
-            let id = program
-                .info()
-                .map_err(|source| attach_error(hook, source))?
-                .id();
-            ids.push((hook.program, id));
-            objects.push(ebpf);
-        }
-        Ok(FloorProbe {
-            _objects: objects,
-            ids,
-        })
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(EBPF_OBJECT)
+            .map_err(|err| {
+                classify(err, "create eBPF maps", |source| LoaderError::Load {
+                    pin_dir: pin_dir.to_owned(),
+                    source: Box::new(source),
+                })
+            })?;
+        load_and_attach(&mut ebpf, "floor", &HOOKS[0])?;
+        Ok(FloorProbe { _ebpf: ebpf })
     }
 
     /// Detaches the programs and frees the maps pinned under `pin_dir` (once no agent holds

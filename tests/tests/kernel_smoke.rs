@@ -12,7 +12,7 @@ use draingate::{
     events,
     loader::{KernelProbes, SlotTotals},
 };
-use draingate_common::{NO_SLOT, NotableEvent, event_kind};
+use draingate_common::{NotableEvent, event_kind};
 use draingate_tests::{Family, Link, PinDir, require_root};
 
 const CONNECTIONS: u64 = 7;
@@ -562,77 +562,4 @@ fn maps_pinned_with_another_layout_are_refused_not_misread() {
     }
     stamp(draingate_common::MAP_LAYOUT);
     KernelProbes::load(&pins.config).expect("the same layout is taken over");
-}
-
-/// A pod process's SIGTERM opens its pod's window in the kernel, and its exit is reported with
-/// the connections it still held; a SIGTERM to a process of no pod is reported for user space
-/// to resolve, without a pod, and its exit not at all. `fixed`: the programs that read this
-/// kernel's record layouts in place (the default here), or the ones that take every offset
-/// from tracefs (any other kernel's choice).
-fn reports_signals_and_exits_of_pod_processes(fixed: bool) {
-    use nix::{sys::signal, unistd::Pid};
-    require_root();
-    let mut pins = PinDir::new();
-    pins.config.fixed_layout = fixed;
-    let mut probes = KernelProbes::load(&pins.config).expect("load and attach the programs");
-    let expected = if fixed {
-        ["signal_generate_fixed", "sched_process_exit_fixed"]
-    } else {
-        ["signal_generate", "sched_process_exit"]
-    };
-    for program in expected {
-        assert!(probes.programs.contains(&program), "{:?}", probes.programs);
-    }
-    let spawn = || {
-        std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .expect("spawn sleep")
-    };
-    let (mut pod_process, mut stranger) = (spawn(), spawn());
-    let (pod_pid, stranger_pid) = (pod_process.id(), stranger.id());
-    probes
-        .track_task(pod_pid, SERVER_SLOT)
-        .expect("track the pod's process");
-    assert_eq!(probes.window_since(SERVER_SLOT).expect("window"), None);
-    for child in [&mut stranger, &mut pod_process] {
-        let pid = Pid::from_raw(child.id().cast_signed());
-        signal::kill(pid, signal::Signal::SIGTERM).expect("SIGTERM");
-        let _ = child.wait();
-    }
-    let since = probes
-        .window_since(SERVER_SLOT)
-        .expect("window")
-        .expect("the SIGTERM to the pod's process opened its window");
-
-    let events: Vec<NotableEvent> = drain_events(&mut probes)
-        .into_iter()
-        .filter(|e| e.pid == pod_pid || e.pid == stranger_pid)
-        .collect();
-    let seen: Vec<(u8, u32, u32, u8)> = events
-        .iter()
-        .map(|e| (e.kind, e.pid, e.slot, e.signal))
-        .collect();
-    assert_eq!(
-        seen,
-        vec![
-            (event_kind::SIGNAL, stranger_pid, NO_SLOT, 15),
-            (event_kind::SIGNAL, pod_pid, SERVER_SLOT, 15),
-            (event_kind::EXIT, pod_pid, SERVER_SLOT, 0),
-        ],
-        "{events:?}"
-    );
-    assert_eq!(events[1].time_ns, since, "the window opened at the signal");
-    assert_eq!(events[2].held, 0, "the process held no connection");
-    assert!(events[2].time_ns >= since);
-}
-
-#[test]
-fn reports_signals_and_exits_of_pod_processes_reading_records_in_place() {
-    reports_signals_and_exits_of_pod_processes(true);
-}
-
-#[test]
-fn reports_signals_and_exits_of_pod_processes_with_offsets_from_tracefs() {
-    reports_signals_and_exits_of_pod_processes(false);
 }
