@@ -339,9 +339,19 @@ fn map_err(map: &'static str) -> impl FnOnce(MapError) -> LoaderError {
     }
 }
 
-/// The benchmark's empty program, attached while this lives.
+/// The benchmark's empty program on each hook, attached while this lives.
 pub struct FloorProbe {
-    _ebpf: Ebpf,
+    _objects: Vec<Ebpf>,
+    ids: Vec<(&'static str, u32)>,
+}
+
+impl FloorProbe {
+    /// The kernel's id of the empty program on each hook, by the name of the agent's program
+    /// there (`inet_sock_set_state`, `tcp_send_reset`, ...).
+    #[must_use]
+    pub fn program_ids(&self) -> &[(&'static str, u32)] {
+        &self.ids
+    }
 }
 
 impl std::fmt::Debug for FloorProbe {
@@ -480,26 +490,40 @@ impl KernelProbes {
         Ok(probes)
     }
 
-    /// The empty `floor` program alone on `sock:inet_sock_set_state`, for the benchmark: its
-    /// kernel time per run is the fixed cost of any program there. The object's maps are
-    /// created under `pin_dir` (remove it with [`Self::remove_pins`]); dropping the returned
-    /// value detaches the program.
+    /// The empty `floor` program on every tracepoint the agent uses, for the benchmark: its
+    /// kernel time per run on a tracepoint is the fixed cost of any program there. Each hook
+    /// gets its own copy of the program, so that each has its own statistics
+    /// ([`FloorProbe::program_ids`]). The object's maps are created under `pin_dir` (remove it
+    /// with [`Self::remove_pins`]); dropping the returned value detaches the programs.
     pub fn attach_floor(pin_dir: &Path) -> Result<FloorProbe, LoaderError> {
         std::fs::create_dir_all(pin_dir).map_err(|source| LoaderError::PinDir {
             path: pin_dir.to_owned(),
             source,
         })?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pin_dir)
-            .load(EBPF_OBJECT)
-            .map_err(|err| {
-                classify(err, "create eBPF maps", |source| LoaderError::Load {
-                    pin_dir: pin_dir.to_owned(),
-                    source: Box::new(source),
-                })
-            })?;
-        load_and_attach(&mut ebpf, "floor", &HOOKS[0])?;
-        Ok(FloorProbe { _ebpf: ebpf })
+        let mut objects = Vec::new();
+        let mut ids = Vec::new();
+        for hook in HOOKS {
+            let mut ebpf = EbpfLoader::new()
+                .default_map_pin_directory(pin_dir)
+                .load(EBPF_OBJECT)
+                .map_err(|err| {
+                    classify(err, "create eBPF maps", |source| LoaderError::Load {
+                        pin_dir: pin_dir.to_owned(),
+                        source: Box::new(source),
+                    })
+                })?;
+            let (program, _) = load_and_attach(&mut ebpf, "floor", hook)?;
+            let id = program
+                .info()
+                .map_err(|source| attach_error(hook, source))?
+                .id();
+            ids.push((hook.program, id));
+            objects.push(ebpf);
+        }
+        Ok(FloorProbe {
+            _objects: objects,
+            ids,
+        })
     }
 
     /// Detaches the programs and frees the maps pinned under `pin_dir` (once no agent holds

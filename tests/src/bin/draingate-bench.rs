@@ -245,21 +245,25 @@ impl Drop for AgentProcess {
     }
 }
 
-/// Run time and count of each draingate program now, by (truncated) name.
+/// The agent's programs, by the hook each runs on (the name of the pinned link).
+const PROGRAMS: [&str; 5] = [
+    "inet_sock_set_state",
+    "tcp_send_reset",
+    "tcp_receive_reset",
+    "signal_generate",
+    "sched_process_exit",
+];
+
+/// Run time and count of each of the agent's programs now, by hook (the kernel keeps names
+/// truncated to 15 bytes; `inet_sock_set_state_fixed` counts as `inet_sock_set_state`).
 fn program_stats() -> Vec<(String, Duration, u64)> {
-    const NAMES: [&str; 6] = [
-        "floor",
-        "inet_sock_set_state",
-        "tcp_send_reset",
-        "tcp_receive_reset",
-        "signal_generate",
-        "sched_process_exit",
-    ];
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .filter_map(|p| {
             let name = p.name_as_str()?.to_owned();
-            let full = NAMES.iter().find(|n| n.starts_with(&name))?;
+            let full = PROGRAMS
+                .iter()
+                .find(|n| !name.is_empty() && n.starts_with(&name))?;
             Some(((*full).to_owned(), p.run_time(), p.run_count()))
         })
         .collect()
@@ -337,6 +341,131 @@ fn stats_of(ids: &[u32]) -> (Duration, u64) {
         .fold((Duration::ZERO, 0), |(t, c), p| {
             (t + p.run_time(), c + p.run_count())
         })
+}
+
+/// Each agent program's run time beside the floor on its tracepoint while `work` runs, by hook.
+fn measure<R>(
+    floor: &draingate::loader::FloorProbe,
+    work: impl FnOnce() -> R,
+) -> (R, Vec<(&'static str, Paired)>) {
+    let floors = |ids: &[(&'static str, u32)]| -> Vec<(Duration, u64)> {
+        ids.iter().map(|(_, id)| stats_of(&[*id])).collect()
+    };
+    let before = program_stats();
+    let floors_before = floors(floor.program_ids());
+    let result = work();
+    let ran = program_stats_since(&before);
+    let floors_after = floors(floor.program_ids());
+    let hooks = PROGRAMS
+        .iter()
+        .map(|&hook| {
+            let program = ran
+                .iter()
+                .filter(|(n, ..)| n == hook)
+                .fold((Duration::ZERO, 0), |(t, c), (_, time, count)| {
+                    (t + *time, c + count)
+                });
+            let floor = floor
+                .program_ids()
+                .iter()
+                .position(|(h, _)| *h == hook)
+                .map_or((Duration::ZERO, 0), |i| {
+                    (
+                        floors_after[i].0.saturating_sub(floors_before[i].0),
+                        floors_after[i].1.saturating_sub(floors_before[i].1),
+                    )
+                });
+            (hook, Paired { program, floor })
+        })
+        .collect();
+    (result, hooks)
+}
+
+/// The rare paths the rare-paths round adds to the connection load, per second each.
+const REFUSALS_PER_S: u64 = 500;
+const ABORTS_PER_S: u64 = 500;
+const SPAWNS_PER_S: u64 = 100;
+const SIGTERMS_PER_S: u64 = 20;
+/// A port of the server pod where nothing listens.
+const CLOSED_PORT: u16 = 8081;
+
+/// What the rare-paths side load did.
+#[derive(Debug, Default)]
+struct RareCounts {
+    refused: u64,
+    aborted: u64,
+    spawned: u64,
+    terminated: u64,
+}
+
+/// Calls `f` `rate` times a second for `seconds`; returns how often it returned true.
+fn paced(rate: u64, seconds: u64, mut f: impl FnMut() -> bool) -> u64 {
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let mut next = Instant::now();
+    let mut done = 0;
+    while Instant::now() < end {
+        let now = Instant::now();
+        if now < next {
+            std::thread::sleep(next - now);
+        }
+        next += interval;
+        done += u64::from(f());
+    }
+    done
+}
+
+/// The rare paths, from the client pod to the server pod and on the host, for `seconds`:
+/// connects refused by the server pod (`tcp_send_reset` without a socket, `tcp_receive_reset`
+/// in `SYN_SENT`, a failed connect), connections the client resets (`SO_LINGER` 0: a reset sent
+/// on a connection and received on the other end), short processes (`sched_process_exit`, and
+/// the SIGCHLD of each through `signal_generate`), and processes stopped with SIGTERM (the
+/// signal path that reports an event).
+fn rare_load(link: &Link, target: SocketAddr, seconds: u64) -> RareCounts {
+    let closed = SocketAddr::new(target.ip(), CLOSED_PORT);
+    std::thread::scope(|scope| {
+        let refused = scope.spawn(|| {
+            link.a.run(|| {
+                paced(REFUSALS_PER_S, seconds, || {
+                    TcpStream::connect_timeout(&closed, Duration::from_secs(1))
+                        .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+                })
+            })
+        });
+        let aborted = scope.spawn(|| {
+            link.a.run(|| {
+                paced(ABORTS_PER_S, seconds, || {
+                    TcpStream::connect_timeout(&target, Duration::from_secs(1)).is_ok_and(|c| {
+                        socket2::SockRef::from(&c)
+                            .set_linger(Some(Duration::ZERO))
+                            .is_ok()
+                    })
+                })
+            })
+        });
+        let spawned = scope.spawn(|| {
+            paced(SPAWNS_PER_S, seconds, || {
+                Command::new("true").status().is_ok_and(|s| s.success())
+            })
+        });
+        let terminated = scope.spawn(|| {
+            paced(SIGTERMS_PER_S, seconds, || {
+                let Ok(mut child) = Command::new("sleep").arg("30").spawn() else {
+                    return false;
+                };
+                let pid = nix::unistd::Pid::from_raw(child.id().cast_signed());
+                let sent = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).is_ok();
+                let _ = child.wait();
+                sent
+            })
+        });
+        RareCounts {
+            refused: refused.join().expect("refusals"),
+            aborted: aborted.join().expect("aborts"),
+            spawned: spawned.join().expect("spawns"),
+            terminated: terminated.join().expect("SIGTERMs"),
+        }
+    })
 }
 
 /// One run of the comparison: this build's and the other's `inet_sock_set_state`, ns per run.
@@ -551,7 +680,6 @@ fn main() {
         return;
     }
     let (mut baseline, mut with_agent) = (Vec::new(), Vec::new());
-    let mut kernel: Vec<(String, Duration, u64)> = Vec::new();
     let mut paired: Vec<Paired> = Vec::new();
     let mut agent_cpu = Vec::new();
     for round in 0..args.rounds {
@@ -563,42 +691,46 @@ fn main() {
         }
         eprintln!("round {}/{}: with agent", round + 1, args.rounds);
         let agent = AgentProcess::start(&format!("load{round}"));
-        // The floor: an empty program on the same tracepoint, attached after the agent's so
-        // that it runs right after it on every event. Its maps go to a pin directory of its
-        // own, removed on drop.
+        // The floor: an empty program on each tracepoint, attached after the agent's so that
+        // it runs right after it on every event. Its maps go to a pin directory of its own,
+        // removed on drop.
         let floor_pins = draingate_tests::PinDir::new();
         let floor_probe = draingate::loader::KernelProbes::attach_floor(&floor_pins.config.pin_dir)
             .expect("attach the empty program");
-        let before = program_stats();
         let cpu_before = agent.cpu();
-        with_agent.push(load(&link, target, args.rate, args.seconds));
-        agent_cpu.push(agent.cpu().saturating_sub(cpu_before).as_secs_f64() / args.seconds as f64);
-        let ran = program_stats_since(&before);
-        drop(floor_probe);
-        let find = |name: &str| {
-            ran.iter()
-                .find(|(n, ..)| n == name)
-                .map_or((Duration::ZERO, 0), |(_, t, c)| (*t, *c))
-        };
-        paired.push(Paired {
-            program: find("inet_sock_set_state"),
-            floor: find("floor"),
+        let (run, hooks) = measure(&floor_probe, || {
+            load(&link, target, args.rate, args.seconds)
         });
-        for (name, time, count) in ran.into_iter().filter(|(n, ..)| n != "floor") {
-            match kernel.iter_mut().find(|(n, ..)| *n == name) {
-                Some(entry) => {
-                    entry.1 += time;
-                    entry.2 += count;
-                }
-                None => kernel.push((name, time, count)),
-            }
-        }
+        with_agent.push(run);
+        agent_cpu.push(agent.cpu().saturating_sub(cpu_before).as_secs_f64() / args.seconds as f64);
+        drop(floor_probe);
+        paired.extend(
+            hooks
+                .into_iter()
+                .filter(|(hook, _)| *hook == "inet_sock_set_state")
+                .map(|(_, p)| p),
+        );
         drop(agent);
         if !baseline_first {
             eprintln!("round {}/{}: baseline", round + 1, args.rounds);
             baseline.push(load(&link, target, args.rate, args.seconds));
         }
     }
+    // The rare paths, beside the same connection load, with a floor on every tracepoint.
+    eprintln!("rare paths: with agent");
+    let agent = AgentProcess::start("rare");
+    let floor_pins = draingate_tests::PinDir::new();
+    let floor_probe = draingate::loader::KernelProbes::attach_floor(&floor_pins.config.pin_dir)
+        .expect("attach the empty program");
+    let ((rare_run, rare_counts), rare) = measure(&floor_probe, || {
+        std::thread::scope(|scope| {
+            let side = scope.spawn(|| rare_load(&link, target, args.seconds));
+            let run = load(&link, target, args.rate, args.seconds);
+            (run, side.join().expect("rare paths"))
+        })
+    });
+    drop(floor_probe);
+    drop(agent);
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
 
     let b_rate = median(baseline.iter().map(|r| r.per_second).collect());
@@ -649,22 +781,60 @@ fn main() {
          at the same moment. \"Own work\" is the agent's average minus the floor's (the rounds' \
          medians). The with-agent column above carries the floor's cost too.\n"
     );
+    let set_state = Paired {
+        program: paired.iter().fold((Duration::ZERO, 0), |(t, c), p| {
+            (t + p.program.0, c + p.program.1)
+        }),
+        floor: (Duration::ZERO, 0),
+    };
     let _ = writeln!(
         report,
-        "| program | runs | average ns per run | own work (minus floor) | ratio to floor | target |"
+        "| program | runs | average ns per run | floor ns per run | own work (minus floor) | ratio to floor | target |"
     );
-    let _ = writeln!(report, "|---|---|---|---|---|---|");
-    for (name, time, count) in &kernel {
-        if *count == 0 {
-            let _ = writeln!(report, "| {name} | 0 | - | - | - | <= 150 |");
+    let _ = writeln!(report, "|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        report,
+        "| inet_sock_set_state | {} | {:.0} | {floor_ns:.0} | {own_ns:.0} | {ratio:.2} | <= 150 |",
+        set_state.program.1,
+        set_state.program_ns(),
+    );
+    let _ = writeln!(
+        report,
+        "\nThe other programs run on rare events, which this load has none of. A last round with \
+         the agent adds them to the same connection load, per second: {REFUSALS_PER_S} connects \
+         refused by the server pod (a reset sent without a socket, a reset received in \
+         SYN_SENT, a failed connect), {ABORTS_PER_S} connections the client resets (SO_LINGER \
+         0: a reset sent on a connection, received at the other end), {SPAWNS_PER_S} short \
+         processes (their exits, and each one's SIGCHLD) and {SIGTERMS_PER_S} processes \
+         stopped with SIGTERM; an empty program on each tracepoint is its floor. Done in {} s: \
+         {} refused, {} reset, {} processes, {} SIGTERMs; {:.0} connections/s beside them, {} \
+         failed.\n",
+        args.seconds,
+        rare_counts.refused,
+        rare_counts.aborted,
+        rare_counts.spawned,
+        rare_counts.terminated,
+        rare_run.per_second,
+        rare_run.failures,
+    );
+    let _ = writeln!(
+        report,
+        "| program (rare-paths round) | runs | average ns per run | floor ns per run | own work (minus floor) | ratio to floor | target |"
+    );
+    let _ = writeln!(report, "|---|---|---|---|---|---|---|");
+    for (name, p) in &rare {
+        if p.program.1 == 0 {
+            let _ = writeln!(report, "| {name} | 0 | - | - | - | - | <= 150 |");
             continue;
         }
-        let avg = average(*time, *count);
         let _ = writeln!(
             report,
-            "| {name} | {count} | {avg:.0} | {:.0} | {:.2} | <= 150 |",
-            avg - floor_ns,
-            if floor_ns > 0.0 { avg / floor_ns } else { 0.0 }
+            "| {name} | {} | {:.0} | {:.0} | {:.0} | {:.2} | <= 150 |",
+            p.program.1,
+            p.program_ns(),
+            p.floor_ns(),
+            p.own_ns(),
+            p.ratio()
         );
     }
     let _ = writeln!(
