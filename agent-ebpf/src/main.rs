@@ -358,8 +358,38 @@ fn pod_of_words(words: [u64; 2]) -> Option<u32> {
     None
 }
 
-fn emit(event: &NotableEvent) {
-    if EVENTS.output::<NotableEvent>(event, 0).is_err() {
+/// Unread bytes in [`EVENTS`] from which an event wakes the agent at once: a quarter of the
+/// ring, so that a burst is read long before the ring is full.
+const WAKE_AT_BYTES: u64 = EVENTS_RING_BYTES as u64 / 4;
+
+/// How an event tells the agent it is there.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    /// At once, whatever the agent has not read yet: a termination signal (whose process user
+    /// space may have to look up while it exists) and a pod process's exit, the turns of a
+    /// pod's life that users and gates wait on. Both are rare, a few per pod.
+    Now,
+    /// With the next batch: the agent reads the ring every `EVENT_POLL` (100 ms) and in each
+    /// resync anyway, and a quarter-full ring wakes it. A wakeup is an interrupt and a task
+    /// wakeup inside the program's run (about 8 µs per event measured in a VM, where the
+    /// interrupt exits to the hypervisor), which a storm of resets would otherwise pay for
+    /// each one. Every event carries its kernel time and the counts are in the kernel's maps,
+    /// so waiting changes no result.
+    Batched,
+}
+
+fn emit(event: &NotableEvent, wake: Wake) {
+    const BPF_RB_NO_WAKEUP: u64 = 1;
+    const BPF_RB_FORCE_WAKEUP: u64 = 2;
+    const BPF_RB_AVAIL_DATA: u64 = 0;
+    // Without a flag, the ring buffer wakes the reader only when it had read everything
+    // before: behind batched events, that would be no wakeup at all.
+    let flags = match wake {
+        Wake::Now => BPF_RB_FORCE_WAKEUP,
+        Wake::Batched if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKE_AT_BYTES => BPF_RB_FORCE_WAKEUP,
+        Wake::Batched => BPF_RB_NO_WAKEUP,
+    };
+    if EVENTS.output::<NotableEvent>(event, flags).is_err() {
         loss(|l| l.ring_full += 1);
     }
 }
@@ -807,18 +837,21 @@ fn emit_set_state_event<F: SetStateFields>(
     } else {
         connect_failure::NO_ANSWER
     };
-    emit(&NotableEvent {
-        time_ns,
-        slot,
-        reason,
-        kind: event_kind::CONNECT_FAILED,
-        tcp_state: old as u8,
-        local_port: conn.local_port,
-        remote_port: conn.remote_port,
-        local,
-        remote,
-        ..NotableEvent::default()
-    });
+    emit(
+        &NotableEvent {
+            time_ns,
+            slot,
+            reason,
+            kind: event_kind::CONNECT_FAILED,
+            tcp_state: old as u8,
+            local_port: conn.local_port,
+            remote_port: conn.remote_port,
+            local,
+            remote,
+            ..NotableEvent::default()
+        },
+        Wake::Batched,
+    );
     Ok(())
 }
 
@@ -955,18 +988,21 @@ fn socket_or_address(sk: u64, local: &AddrKey) -> Option<(u32, u32)> {
 }
 
 fn emit_reset(kind: u8, slot: u32, state: u32, reason: u32, conn: &ConnKey) {
-    emit(&NotableEvent {
-        time_ns: now(),
-        slot,
-        reason,
-        kind,
-        tcp_state: state as u8,
-        local_port: conn.local_port,
-        remote_port: conn.remote_port,
-        local: conn.local,
-        remote: conn.remote,
-        ..NotableEvent::default()
-    });
+    emit(
+        &NotableEvent {
+            time_ns: now(),
+            slot,
+            reason,
+            kind,
+            tcp_state: state as u8,
+            local_port: conn.local_port,
+            remote_port: conn.remote_port,
+            local: conn.local,
+            remote: conn.remote,
+            ..NotableEvent::default()
+        },
+        Wake::Batched,
+    );
 }
 
 #[tracepoint]
@@ -1052,14 +1088,17 @@ fn try_signal_generate(ctx: &TracePointContext) -> Result<(), i32> {
         unsafe { *since = time_ns };
     }
     // Sent for every SIGTERM/SIGKILL (rare): user space resolves processes it did not know yet.
-    emit(&NotableEvent {
-        time_ns,
-        slot,
-        pid,
-        kind: event_kind::SIGNAL,
-        signal: signal as u8,
-        ..NotableEvent::default()
-    });
+    emit(
+        &NotableEvent {
+            time_ns,
+            slot,
+            pid,
+            kind: event_kind::SIGNAL,
+            signal: signal as u8,
+            ..NotableEvent::default()
+        },
+        Wake::Now,
+    );
     Ok(())
 }
 
@@ -1083,14 +1122,17 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i32> {
     let Some(&slot) = (unsafe { POD_TASKS.get(tgid) }) else {
         return Ok(());
     };
-    emit(&NotableEvent {
-        time_ns: now(),
-        slot,
-        pid: tgid,
-        held: held_now(slot).min(u64::from(u32::MAX)) as u32,
-        kind: event_kind::EXIT,
-        ..NotableEvent::default()
-    });
+    emit(
+        &NotableEvent {
+            time_ns: now(),
+            slot,
+            pid: tgid,
+            held: held_now(slot).min(u64::from(u32::MAX)) as u32,
+            kind: event_kind::EXIT,
+            ..NotableEvent::default()
+        },
+        Wake::Now,
+    );
     Ok(())
 }
 

@@ -9,6 +9,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use aya::maps::{MapData, RingBuf};
 use draingate_common::{MAX_SLOTS, NO_SLOT, NotableEvent, connect_failure, event_kind, tcp_state};
 use tokio::sync::{broadcast, watch};
 
@@ -251,6 +252,8 @@ impl Agent {
                 source: source.into(),
             })
         })?;
+        let mut poll = tokio::time::interval(EVENT_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ticker = tokio::time::interval(self.config.resync);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
@@ -259,7 +262,7 @@ impl Agent {
                 () = &mut shutdown => break,
                 _ = ticker.tick() => {
                     let started = std::time::Instant::now();
-                    let result = self.resync();
+                    let result = self.resync(ring.get_mut());
                     tracing::debug!(elapsed_us = started.elapsed().as_micros(), "resync");
                     match result {
                         Ok(()) => { self.ready.send_if_modified(|r| !std::mem::replace(r, true)); }
@@ -268,19 +271,14 @@ impl Agent {
                 }
                 guard = ring.readable_mut() => {
                     let Ok(mut guard) = guard else { continue };
-                    let mut batch = Vec::new();
-                    while let Some(record) = guard.get_inner_mut().next() {
-                        if let Some(event) = events::decode(&record[..]) {
-                            batch.push(event);
-                        } else {
-                            tracing::warn!(len = record.len(), "malformed event record");
-                        }
-                    }
+                    let batch = read_events(guard.get_inner_mut());
                     guard.clear_ready();
-                    for event in batch {
-                        self.handle_event(&event);
-                    }
-                    self.publish();
+                    self.handle_events(&batch);
+                }
+                // Most events wake no one (see `EVENT_POLL`): they are read here.
+                _ = poll.tick() => {
+                    let batch = read_events(ring.get_mut());
+                    self.handle_events(&batch);
                 }
             }
         }
@@ -288,13 +286,30 @@ impl Agent {
         Ok(())
     }
 
+    fn handle_events(&mut self, batch: &[NotableEvent]) {
+        if batch.is_empty() {
+            return;
+        }
+        for event in batch {
+            self.handle_event(event);
+        }
+        self.publish();
+    }
+
     fn publish(&self) {
         self.changed.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Compares the inventory with what the kernel watches, and refreshes every pod's counters.
-    pub fn resync(&mut self) -> Result<(), AgentError> {
+    ///
+    /// The events in `ring` are handled between the inventory's snapshot and its use: a
+    /// process the snapshot no longer shows ran its exit program before, so its exit event,
+    /// with the connections the kernel saw it hold, is read first. Otherwise the rescan would
+    /// take the exit itself, with the connections open later (closing handshakes).
+    pub fn resync(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), AgentError> {
         let observed = self.source.snapshot()?;
+        let batch = read_events(ring);
+        self.handle_events(&batch);
         let now = SystemTime::now();
         let loss = self.probes.loss()?;
         let lost_total = loss.read_errors + loss.socket_table_full + loss.ring_full;
@@ -615,6 +630,27 @@ fn process_alive(pid: u32) -> bool {
             .and_then(|(_, rest)| rest.split_whitespace().next())
             .is_some_and(|state| state != "Z" && state != "X")
     })
+}
+
+/// How often the agent reads the ring buffer of events without being woken (and it reads it
+/// in each resync too). The kernel programs wake it at once only for termination signals and
+/// pod process exits, and when a burst has filled a quarter of the ring; every other event
+/// (resets, refusals, failed connects) waits for this poll, at most this long. Each event
+/// carries its kernel time and the counts are in the kernel's maps, so the wait delays what
+/// the agent shows in its event stream, never what it counts.
+pub const EVENT_POLL: Duration = Duration::from_millis(100);
+
+/// Every event record in the ring now; a malformed one is logged and skipped.
+fn read_events(ring: &mut RingBuf<MapData>) -> Vec<NotableEvent> {
+    let mut batch = Vec::new();
+    while let Some(record) = ring.next() {
+        if let Some(event) = events::decode(&record[..]) {
+            batch.push(event);
+        } else {
+            tracing::warn!(len = record.len(), "malformed event record");
+        }
+    }
+    batch
 }
 
 /// The identity of a pod as the API names it (for errors).
