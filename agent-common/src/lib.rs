@@ -115,8 +115,9 @@ pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 /// so that an agent refuses maps pinned by one of another layout (it would misread them, and
 /// their still-attached programs would count in the old layout) instead of taking them over.
 /// 2: `SlotCounters` of 128 bytes (with the released-socket counts), the socket and address
-/// array tables.
-pub const MAP_LAYOUT: u64 = 2;
+/// array tables. 3: the reset table (`ResetBucket`), its seed in `ADDR_GEN`, and
+/// `LossCounters::reset_table_full`.
+pub const MAP_LAYOUT: u64 = 3;
 
 /// Where the maps are pinned so that an agent restart loses no counts and no socket state.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/draingate";
@@ -222,6 +223,10 @@ pub struct LossCounters {
     pub socket_table_full: u64,
     /// A notable event was dropped because the ring buffer was full.
     pub ring_full: u64,
+    /// A reset less than a second old was forgotten to remember a newer one (every cell of its
+    /// bucket held one): a late repeat of that reset may be counted as a new failure. Never a
+    /// failure missed, so it does not make verdicts unknown.
+    pub reset_table_full: u64,
 }
 
 /// A bucket of the socket table: pod sockets not yet closed, by kernel address. It is an array
@@ -255,8 +260,56 @@ pub struct ConnKey {
 }
 
 /// Connections recently reset, remembered so that later resets of the same connection (the peer
-/// still sending, or closing, after the first reset destroyed the socket) count once.
-pub const MAX_RESET_CONNS: u32 = 16_384;
+/// still sending, or closing, after the first reset destroyed the socket) count once: the reset
+/// table's cells.
+pub const MAX_RESET_CONNS: u32 = 32_768;
+
+/// Cells per bucket of the reset table (one 64-byte cache line).
+pub const RESET_BUCKET_CELLS: usize = 4;
+
+/// Buckets of the reset table (a power of two).
+pub const RESET_BUCKETS: u32 = MAX_RESET_CONNS / RESET_BUCKET_CELLS as u32;
+
+/// A bucket of the reset table: 4-tuples reset lately, each by a keyed 64-bit hash of its
+/// [`ConnKey`] ([`conn_hash`]), with when. Like the socket table, an array map's value, so that
+/// a lookup is one cache line: no key hashing by the kernel, no bucket lock, no allocation. A
+/// program claims a cell with an atomic compare-and-exchange on `key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ResetBucket {
+    /// Each cell's [`conn_hash`]; 0 marks a free cell.
+    pub key: [u64; RESET_BUCKET_CELLS],
+    /// Each cell's time (boot-clock ns, with the programs' refusal mark in the low bit).
+    pub at: [u64; RESET_BUCKET_CELLS],
+}
+
+/// Index of the reset table's hash seed in the `ADDR_GEN` map: random, written by the first
+/// agent that creates the maps, and kept with them, so that every program (and every agent
+/// after it) hashes alike while no one outside can pick 4-tuples that collide.
+pub const RESET_SEED_INDEX: u32 = 2;
+
+/// The reset table's hash of a 4-tuple, keyed by `seed`; never 0 (a free cell).
+#[must_use]
+pub const fn conn_hash(conn: &ConnKey, seed: u64) -> u64 {
+    let [l0, l1] = addr_words(&conn.local);
+    let [r0, r1] = addr_words(&conn.remote);
+    let ports = ((conn.local_port as u64) << 16) | conn.remote_port as u64;
+    let words = [l0, l1, r0, r1, ports];
+    let mut hash = seed ^ 0x243F_6A88_85A3_08D3;
+    let mut i = 0;
+    while i < words.len() {
+        hash = (hash ^ words[i]).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        hash ^= hash >> 29;
+        i += 1;
+    }
+    if hash == 0 { 1 } else { hash }
+}
+
+/// The home bucket of a [`conn_hash`] in the reset table.
+#[must_use]
+pub const fn reset_home(hash: u64) -> u32 {
+    (hash >> (64 - RESET_BUCKETS.trailing_zeros())) as u32
+}
 
 /// The `sock:inet_sock_set_state` record as kernels since 4.16 lay it out (field, offset): the
 /// program compiled against it loads each field straight from the record. The loader uses that
@@ -382,11 +435,13 @@ pub mod tcp_state {
 
 const _: () = assert!(size_of::<AddrKey>() == 16);
 const _: () = assert!(size_of::<SlotCounters>() == 128);
-const _: () = assert!(size_of::<LossCounters>() == 24);
+const _: () = assert!(size_of::<LossCounters>() == 32);
 const _: () = assert!(SOCKET_PROBE_BUCKETS <= SOCKET_BUCKETS);
 const _: () = assert!(size_of::<SocketBucket>() == 64);
 const _: () = assert!(SOCKET_BUCKETS.is_power_of_two());
 const _: () = assert!(size_of::<AddrBucket>() == 64);
+const _: () = assert!(size_of::<ResetBucket>() == 64);
+const _: () = assert!(RESET_BUCKETS.is_power_of_two());
 const _: () = assert!(ADDR_BUCKETS.is_power_of_two());
 const _: () = assert!(ADDR_PROBE_BUCKETS <= ADDR_BUCKETS);
 const _: () = assert!(size_of::<NotableEvent>() == 64);

@@ -20,15 +20,16 @@ use aya_ebpf::{
     EbpfContext as _,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_boot_ns},
     macros::{map, tracepoint},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use draingate_common::{
     ADDR_BUCKET_CELLS, ADDR_BUCKETS, ADDR_PROBE_BUCKETS, AddrKey, AddrTable, ConnKey,
-    EVENTS_RING_BYTES, LossCounters, MAX_ADDRS, MAX_RESET_CONNS, MAX_SLOTS, MAX_TASKS, NO_SLOT,
-    NotableEvent, SOCKET_BUCKET_CELLS, SOCKET_BUCKETS, SOCKET_PROBE_BUCKETS, SlotCounters,
-    SocketBucket, addr_home, addr_words, addr_words_v4, connect_failure, event_kind,
-    set_state_layout, socket_bucket, socket_home, tcp_state,
+    EVENTS_RING_BYTES, LossCounters, MAX_ADDRS, MAX_SLOTS, MAX_TASKS, NO_SLOT, NotableEvent,
+    RESET_BUCKET_CELLS, RESET_BUCKETS, RESET_SEED_INDEX, ResetBucket, SOCKET_BUCKET_CELLS,
+    SOCKET_BUCKETS, SOCKET_PROBE_BUCKETS, SlotCounters, SocketBucket, addr_home, addr_words,
+    addr_words_v4, conn_hash, connect_failure, event_kind, reset_home, set_state_layout,
+    socket_bucket, socket_home, tcp_state,
 };
 
 const AF_INET: u16 = 2;
@@ -101,9 +102,9 @@ static ADDR_TABLE: Array<AddrTable> = Array::pinned(2, BPF_F_MMAPABLE);
 /// Entry 0: the generation of [`ADDR_TABLE`] to read, counted up by user space at each
 /// rebuild. Entry 1: the layout of the pinned maps ([`draingate_common::MAP_LAYOUT`]), written
 /// by user space, so that an agent of another layout refuses the pins instead of misreading
-/// them.
+/// them. Entry 2 ([`RESET_SEED_INDEX`]): the reset table's hash seed, written by user space.
 #[map]
-static ADDR_GEN: Array<u64> = Array::pinned(2, 0);
+static ADDR_GEN: Array<u64> = Array::pinned(3, 0);
 
 /// Process (tgid) → pod slot, kept by user space, for exit events.
 #[map]
@@ -114,17 +115,18 @@ static POD_TASKS: HashMap<u32, u32> = HashMap::pinned(MAX_TASKS, 0);
 #[map]
 static SOCKET_TABLE: Array<SocketBucket> = Array::pinned(SOCKET_BUCKETS, BPF_F_MMAPABLE);
 
-/// Connections already counted as reset, with when (boot-clock ns). An LRU: forgetting an old
-/// one only risks counting a late repeat, never losing a first reset.
+/// 4-tuples reset lately, with when (see [`ResetBucket`]). A full bucket forgets its oldest
+/// entry: that only risks counting a late repeat of it, never losing a first reset, and one
+/// under a second old is counted (`LossCounters::reset_table_full`).
 #[map]
-static RESET_CONNS: LruHashMap<ConnKey, u64> = LruHashMap::pinned(MAX_RESET_CONNS, 0);
+static RESET_TABLE: Array<ResetBucket> = Array::pinned(RESET_BUCKETS, BPF_F_MMAPABLE);
 
 /// Resets of one 4-tuple this close together are one failure (late segments of the connection
 /// answered again); later ones are a new connection that reused the tuple (a client port picked
 /// again) failing anew.
 const RESET_REPEAT_NS: u64 = 1_000_000_000;
 
-/// The low bit of a [`RESET_CONNS`] time marks a refusal (a reset for a segment that matched no
+/// The low bit of a [`RESET_TABLE`] time marks a refusal (a reset for a segment that matched no
 /// socket) rather than a reset of a connection. A refusal never hides a later refusal (a client
 /// may connect from the same port again at once and be refused again: a new failure), only a
 /// connection's reset that follows it within [`REFUSAL_RACE_NS`]: the reset of a connection
@@ -135,7 +137,7 @@ const REFUSAL_MARK: u64 = 1;
 /// How soon after a refusal a reset of the same 4-tuple is that race, not a new failure.
 const REFUSAL_RACE_NS: u64 = 10_000_000;
 
-/// A [`RESET_CONNS`] time for a connection's reset (low bit clear).
+/// A [`RESET_TABLE`] time for a connection's reset (low bit clear).
 fn reset_time(time_ns: u64) -> u64 {
     time_ns & !REFUSAL_MARK
 }
@@ -917,7 +919,7 @@ fn try_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
             c.win_refused += w(win);
         });
         // A full map evicts its oldest entry (LRU); a failed update only loses the mark.
-        let _ = RESET_CONNS.insert(conn, time_ns | REFUSAL_MARK, 0);
+        mark_reset(&conn, time_ns | REFUSAL_MARK, time_ns);
     } else {
         count(slot, |c, win| {
             c.resets_sent += 1;
@@ -938,22 +940,125 @@ fn try_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
     Ok(())
 }
 
-/// Whether this is the first reset of the connection, in either direction: a connection that
-/// is reset is one failure, however many resets its two ends then exchange. The check and the
-/// insert are one atomic step (`BPF_NOEXIST`), so two CPUs cannot both count it.
-fn first_reset(conn: &ConnKey, time_ns: u64) -> bool {
-    const BPF_NOEXIST: u64 = 1;
-    let stamp = reset_time(time_ns);
-    if RESET_CONNS.insert(conn, stamp, BPF_NOEXIST).is_ok() {
-        return true;
+/// A cell of the reset table: its bucket and index.
+struct ResetCell {
+    bucket: *mut ResetBucket,
+    index: usize,
+}
+
+impl ResetCell {
+    fn at(&self) -> *mut u64 {
+        // SAFETY: `index` is below RESET_BUCKET_CELLS (every constructor checks it).
+        unsafe { (&raw mut (*self.bucket).at).cast::<u64>().add(self.index) }
     }
-    let Some(at) = RESET_CONNS.get_ptr_mut(conn) else {
-        // Evicted between the two calls: the reset is not a known repeat.
+
+    fn time(&self) -> u64 {
+        // SAFETY: an aligned 64-bit load from an array map value is not torn.
+        unsafe { core::ptr::read_volatile(self.at()) }
+    }
+
+    fn set_time(&self, stamp: u64) {
+        // SAFETY: as above, for the store.
+        unsafe { core::ptr::write_volatile(self.at(), stamp) };
+    }
+}
+
+/// The reset table's hash of `conn`, with the seed user space wrote.
+fn reset_hash(conn: &ConnKey) -> u64 {
+    let seed = ADDR_GEN.get(RESET_SEED_INDEX).copied().unwrap_or(0);
+    conn_hash(conn, seed)
+}
+
+/// The cell holding `hash`, if any.
+fn find_reset(hash: u64) -> Option<ResetCell> {
+    let bucket = RESET_TABLE.get_ptr_mut(reset_home(hash))?;
+    for index in 0..RESET_BUCKET_CELLS {
+        // SAFETY: an array map value; another CPU may be claiming a cell, and an aligned 64-bit
+        // load is not torn.
+        if unsafe { core::ptr::read_volatile(&raw const (*bucket).key[index]) } == hash {
+            return Some(ResetCell { bucket, index });
+        }
+    }
+    None
+}
+
+/// The cell holding `hash`, and whether it was there already; otherwise a cell claimed for it
+/// (its time still the last holder's: the caller sets it): a free one, else the oldest. Two
+/// CPUs claiming for one hash race on the same cell, and the compare-and-exchange lets one win;
+/// the other then finds it there. `None` only when other CPUs keep taking the cells.
+fn claim_reset(hash: u64, time_ns: u64) -> Option<(ResetCell, bool)> {
+    let bucket = RESET_TABLE.get_ptr_mut(reset_home(hash))?;
+    for _attempt in 0..2 {
+        let (mut victim, mut victim_key, mut victim_time) = (0, 0, u64::MAX);
+        for index in 0..RESET_BUCKET_CELLS {
+            // SAFETY: as in `find_reset`.
+            let key = unsafe { core::ptr::read_volatile(&raw const (*bucket).key[index]) };
+            if key == hash {
+                return Some((ResetCell { bucket, index }, true));
+            }
+            let time = if key == 0 {
+                0
+            } else {
+                // SAFETY: as above.
+                reset_time(unsafe { core::ptr::read_volatile(&raw const (*bucket).at[index]) })
+            };
+            if time < victim_time {
+                (victim, victim_key, victim_time) = (index, key, time);
+            }
+        }
+        if victim >= RESET_BUCKET_CELLS {
+            return None;
+        }
+        // SAFETY: an aligned u64 in the array map's value; `victim` is below the cell count.
+        let won = unsafe {
+            let key = (&raw mut (*bucket).key).cast::<u64>().add(victim);
+            core::intrinsics::atomic_cxchg::<
+                u64,
+                { core::intrinsics::AtomicOrdering::Relaxed },
+                { core::intrinsics::AtomicOrdering::Relaxed },
+            >(key, victim_key, hash)
+            .1
+        };
+        if won {
+            if victim_key != 0 && time_ns.saturating_sub(victim_time) <= RESET_REPEAT_NS {
+                loss(|l| l.reset_table_full += 1);
+            }
+            return Some((
+                ResetCell {
+                    bucket,
+                    index: victim,
+                },
+                false,
+            ));
+        }
+    }
+    None
+}
+
+/// Remembers that `conn` was reset (or refused, or answered in `SYN_SENT`) with `stamp`.
+fn mark_reset(conn: &ConnKey, stamp: u64, time_ns: u64) {
+    // No cell: the mark is lost, which at worst counts a late repeat.
+    if let Some((cell, _)) = claim_reset(reset_hash(conn), time_ns) {
+        cell.set_time(stamp);
+    }
+}
+
+/// Whether this is the first reset of the connection, in either direction: a connection that
+/// is reset is one failure, however many resets its two ends then exchange. Finding the tuple
+/// and claiming its cell is one compare-and-exchange, so two CPUs cannot both count it.
+fn first_reset(conn: &ConnKey, time_ns: u64) -> bool {
+    let stamp = reset_time(time_ns);
+    let Some((cell, existed)) = claim_reset(reset_hash(conn), time_ns) else {
+        // No cell to remember it in: the reset is not a known repeat.
         return true;
     };
-    // SAFETY: a plain u64 map value; two CPUs racing on a reused tuple's stale entry could both
-    // count it, which needs two new failures of one tuple within nanoseconds.
-    let last = unsafe { *at };
+    if !existed {
+        cell.set_time(stamp);
+        return true;
+    }
+    // Two CPUs racing on a reused tuple's stale entry could both count it, which needs two new
+    // failures of one tuple within nanoseconds.
+    let last = cell.time();
     let age = time_ns.saturating_sub(reset_time(last));
     let repeat = if last & REFUSAL_MARK == 0 {
         age <= RESET_REPEAT_NS
@@ -962,8 +1067,7 @@ fn first_reset(conn: &ConnKey, time_ns: u64) -> bool {
     };
     if !repeat || last & REFUSAL_MARK != 0 {
         // Now a connection's reset: the peer's late segments are answered as its repeats.
-        // SAFETY: as above.
-        unsafe { *at = stamp };
+        cell.set_time(stamp);
     }
     !repeat
 }
@@ -971,9 +1075,10 @@ fn first_reset(conn: &ConnKey, time_ns: u64) -> bool {
 /// Whether the 4-tuple was reset within [`RESET_REPEAT_NS`]: a segment answered now is a late
 /// part of that failure.
 fn recently_reset(conn: &ConnKey, time_ns: u64) -> bool {
-    // SAFETY: the value is copied out at once.
-    unsafe { RESET_CONNS.get(conn) }
-        .is_some_and(|&at| at & REFUSAL_MARK == 0 && time_ns.saturating_sub(at) <= RESET_REPEAT_NS)
+    find_reset(reset_hash(conn)).is_some_and(|cell| {
+        let at = cell.time();
+        at & REFUSAL_MARK == 0 && time_ns.saturating_sub(at) <= RESET_REPEAT_NS
+    })
 }
 
 /// The pod of a reset: the tracked socket's, else the local address's, with the socket's last
@@ -1045,7 +1150,8 @@ fn try_tcp_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
     // that got no answer at all did not.
     if state == tcp_state::SYN_SENT {
         // A full map evicts its oldest entry (LRU); a failed update only loses the mark.
-        let _ = RESET_CONNS.insert(conn, reset_time(now()), 0);
+        let time_ns = now();
+        mark_reset(&conn, reset_time(time_ns), time_ns);
         return Ok(());
     }
     if !first_reset(&conn, now()) {

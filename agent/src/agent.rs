@@ -78,6 +78,9 @@ pub struct AgentState {
     pub pods: BTreeMap<String, PodDrain>,
     /// Kernel-side losses since the maps were created (overflows, failed reads).
     pub lost_events: u64,
+    /// Resets under a second old the reset table forgot to remember newer ones
+    /// (`LossCounters::reset_table_full`): each may have a late repeat counted as a new failure.
+    pub resets_forgotten: u64,
     /// The node's name.
     pub node: String,
     /// Why the inventory may be incomplete now (API server unreachable), for /readyz.
@@ -164,6 +167,8 @@ pub struct Agent {
     /// Addresses each pod is watched under, and the slot of each address from a previous agent.
     watched_by_previous: BTreeMap<IpAddr, u32>,
     last_loss: u64,
+    /// `LossCounters::reset_table_full` at the last resync.
+    last_reset_table_full: u64,
 }
 
 impl std::fmt::Debug for Agent {
@@ -220,6 +225,7 @@ impl Agent {
                 .collect(),
             watched_by_previous,
             last_loss: 0,
+            last_reset_table_full: 0,
         };
         Ok((agent, handle))
     }
@@ -318,10 +324,19 @@ impl Agent {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         state.lost_events = lost_total;
+        state.resets_forgotten = loss.reset_table_full;
         state.inventory_problem = self.source.problem();
         let new_loss = lost_total > self.last_loss;
         if new_loss {
             tracing::warn!(?loss, "the kernel programs lost events");
+        }
+        if loss.reset_table_full > self.last_reset_table_full {
+            tracing::warn!(
+                forgotten = loss.reset_table_full - self.last_reset_table_full,
+                "resets under a second old were forgotten (reset table bucket full): a late \
+                 repeat of one may be counted as a new failure"
+            );
+            self.last_reset_table_full = loss.reset_table_full;
         }
 
         let mut seen = BTreeSet::new();

@@ -139,6 +139,14 @@ pub fn render_metrics(state: &AgentState) -> String {
         "Kernel events not counted (overflow, failed reads); non-zero makes verdicts unknown",
         lost,
     );
+    let forgotten = Counter::<u64>::default();
+    forgotten.inc_by(state.resets_forgotten);
+    registry.register(
+        "resets_forgotten",
+        "Resets under a second old the full reset table forgot: a late repeat of one may count \
+         as a new failure (never a failure missed)",
+        forgotten,
+    );
     let mut text = String::new();
     if encode(&mut text, &registry).is_err() {
         let _ = writeln!(text, "# encoding failed");

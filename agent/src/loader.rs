@@ -217,6 +217,15 @@ fn check_pinned_layout(pin_dir: &Path) -> Result<(), LoaderError> {
     }
 }
 
+/// A random, non-zero seed for the reset table's hash, from the standard library's randomly
+/// keyed hasher (seeded by the OS).
+fn reset_seed() -> u64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(std::process::id().into());
+    hasher.finish().max(1)
+}
+
 /// A pod slot's counters summed over CPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SlotTotals {
@@ -430,6 +439,13 @@ impl KernelProbes {
         addr_gen
             .set(1, MAP_LAYOUT, 0)
             .map_err(map_err("ADDR_GEN"))?;
+        // The reset table's seed: kept if these maps have one (their table was filled with it).
+        let seed_index = draingate_common::RESET_SEED_INDEX;
+        if addr_gen.get(&seed_index, 0).map_err(map_err("ADDR_GEN"))? == 0 {
+            addr_gen
+                .set(seed_index, reset_seed(), 0)
+                .map_err(map_err("ADDR_GEN"))?;
+        }
 
         let mut links = Vec::new();
         let mut resumed = 0;
@@ -675,6 +691,7 @@ impl KernelProbes {
             total.read_errors += cpu.read_errors;
             total.socket_table_full += cpu.socket_table_full;
             total.ring_full += cpu.ring_full;
+            total.reset_table_full += cpu.reset_table_full;
         }
         Ok(total)
     }
