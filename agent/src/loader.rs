@@ -683,6 +683,13 @@ impl KernelProbes {
         Ok(())
     }
 
+    /// The seed of the reset table's hash (`draingate_common::conn_hash`), which the maps keep.
+    pub fn reset_seed(&self) -> Result<u64, LoaderError> {
+        self.addr_gen
+            .get(&draingate_common::RESET_SEED_INDEX, 0)
+            .map_err(map_err("ADDR_GEN"))
+    }
+
     /// What the kernel programs could not count, summed over CPUs.
     pub fn loss(&self) -> Result<LossCounters, LoaderError> {
         let per_cpu = self.loss.get(&0, 0).map_err(map_err("LOSS"))?;

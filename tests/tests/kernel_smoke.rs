@@ -454,6 +454,80 @@ fn a_four_tuple_refused_again_counts_again_and_so_does_its_later_reset() {
     );
 }
 
+/// Five refusals whose 4-tuples share a bucket of the reset table (four cells): each is
+/// counted, with its event, and the fifth forgets the first (under a second old), which is
+/// counted as such, never silent. The test picks the client ports with the maps' own seed.
+#[test]
+fn a_full_reset_table_bucket_forgets_its_oldest_reset_and_counts_that() {
+    use draingate_common::{AddrKey, ConnKey, conn_hash, reset_home};
+    use socket2::{Domain, SockAddr, Socket, Type};
+
+    require_root();
+    let pins = PinDir::new();
+    let mut probes = KernelProbes::load(&pins.config).expect("load and attach the programs");
+    let link = Link::new("rstfull", Family::V4);
+    probes
+        .watch(link.b_addr, SERVER_SLOT)
+        .expect("watch server");
+    probes
+        .apply_addresses()
+        .expect("hand the addresses to the kernel");
+    let seed = probes.reset_seed().expect("the reset table's seed");
+    assert_ne!(seed, 0, "the loader seeds the reset table");
+    // The server's view of each refusal: what its tcp_send_reset program remembers.
+    let bucket_of = |client_port: u16| {
+        reset_home(conn_hash(
+            &ConnKey {
+                local: AddrKey::from(link.b_addr),
+                remote: AddrKey::from(link.a_addr),
+                local_port: CLOSED_PORT,
+                remote_port: client_port,
+            },
+            seed,
+        ))
+    };
+    // About 2.4 ports of this range per bucket: some bucket has five.
+    let mut by_bucket = std::collections::HashMap::<u32, Vec<u16>>::new();
+    let ports = (40_000..60_000)
+        .find_map(|port| {
+            let ports = by_bucket.entry(bucket_of(port)).or_default();
+            ports.push(port);
+            (ports.len() == 5).then(|| ports.clone())
+        })
+        .expect("five client ports share a bucket");
+
+    let target = SocketAddr::new(link.b_addr, CLOSED_PORT);
+    for &port in &ports {
+        let socket = link.a.run(|| {
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+            socket
+                .bind(&SockAddr::from(SocketAddr::new(link.a_addr, port)))
+                .expect("bind the client port");
+            socket
+        });
+        let err = socket
+            .connect(&SockAddr::from(target))
+            .expect_err("nothing listens");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    }
+    let totals = wait_for(&probes, SERVER_SLOT, |t| t.refused == 5);
+    assert_eq!(totals.refused, 5, "{totals:?}");
+    let loss = probes.loss().expect("loss");
+    assert_eq!(loss.reset_table_full, 1, "{loss:?}");
+    assert_eq!(
+        (loss.read_errors, loss.socket_table_full, loss.ring_full),
+        (0, 0, 0)
+    );
+    let events = drain_events(&mut probes);
+    let mut refused_ports: Vec<u16> = events
+        .iter()
+        .filter(|e| e.kind == event_kind::REFUSED && e.local_port == CLOSED_PORT)
+        .map(|e| e.remote_port)
+        .collect();
+    refused_ports.sort_unstable();
+    assert_eq!(refused_ports, ports, "{events:?}");
+}
+
 /// The socket table shrunk to 4 buckets (16 cells) and filled: sockets beyond it are not
 /// tracked and each miss is counted as a loss, never silent; the tracked ones close back to 0;
 /// and the freed cells (and the buckets sockets spilled into) take new sockets again.
