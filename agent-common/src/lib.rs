@@ -344,6 +344,25 @@ pub mod set_state_layout {
     ];
 }
 
+/// The `signal:signal_generate` record as kernels since 3.13 lay it out: the fixed program loads
+/// its fields straight from the record, where tracefs shows exactly this layout.
+pub mod signal_layout {
+    pub const SIG: usize = 8;
+    pub const PID: usize = 36;
+
+    /// Every field the programs read: its tracefs name, offset and size.
+    pub const FIELDS: [(&str, usize, usize); 2] = [("sig", SIG, 4), ("pid", PID, 4)];
+}
+
+/// The `sched:sched_process_exit` record as this project's kernels lay it out (`group_dead`
+/// after `comm`, `pid` and `prio`); the fixed program is used only where tracefs shows it.
+pub mod exit_layout {
+    pub const GROUP_DEAD: usize = 32;
+
+    /// Every field the programs read: its tracefs name, offset and size.
+    pub const FIELDS: [(&str, usize, usize); 1] = [("group_dead", GROUP_DEAD, 1)];
+}
+
 /// Kinds of [`NotableEvent`].
 pub mod event_kind {
     pub const RESET_SENT: u8 = 1;

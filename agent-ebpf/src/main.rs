@@ -28,8 +28,8 @@ use draingate_common::{
     EVENTS_RING_BYTES, LossCounters, MAX_ADDRS, MAX_SLOTS, MAX_TASKS, NO_SLOT, NotableEvent,
     RESET_BUCKET_CELLS, RESET_BUCKETS, RESET_SEED_INDEX, ResetBucket, SOCKET_BUCKET_CELLS,
     SOCKET_BUCKETS, SOCKET_PROBE_BUCKETS, SlotCounters, SocketBucket, addr_home, addr_words,
-    addr_words_v4, conn_hash, connect_failure, event_kind, reset_home, set_state_layout,
-    socket_bucket, socket_home, tcp_state,
+    addr_words_v4, conn_hash, connect_failure, event_kind, exit_layout, reset_home,
+    set_state_layout, signal_layout, socket_bucket, socket_home, tcp_state,
 };
 
 const AF_INET: u16 = 2;
@@ -453,9 +453,9 @@ impl SetStateFields for Record {
     }
 }
 
-/// The record read in place at [`set_state_layout`]'s offsets: compile-time constants, which
-/// the verifier accepts for context loads (an offset from a global it does not). No copy, no
-/// helper call.
+/// A record read in place at the offsets of a layout compiled in ([`set_state_layout`],
+/// [`signal_layout`], [`exit_layout`]): compile-time constants, which the verifier accepts for
+/// context loads (an offset from a global it does not). No copy, no helper call.
 struct FixedLayout<'a>(&'a TracePointContext);
 
 impl SetStateFields for FixedLayout<'_> {
@@ -463,7 +463,7 @@ impl SetStateFields for FixedLayout<'_> {
     #[inline(always)]
     fn field<T: Copy>(&self, field: Sss) -> Result<T, i32> {
         use set_state_layout as l;
-        let offset = match field {
+        self.at(match field {
             Sss::Skaddr => l::SKADDR,
             Sss::OldState => l::OLDSTATE,
             Sss::NewState => l::NEWSTATE,
@@ -475,13 +475,25 @@ impl SetStateFields for FixedLayout<'_> {
             Sss::Daddr => l::DADDR,
             Sss::SaddrV6 => l::SADDR_V6,
             Sss::DaddrV6 => l::DADDR_V6,
-        };
+        })
+    }
+}
+
+impl FixedLayout<'_> {
+    /// The field of `T`'s size at `offset`, a compile-time constant once inlined.
+    #[inline(always)]
+    #[expect(
+        clippy::inline_always,
+        reason = "inlined, the offset becomes an immediate of the load, the only form the \
+                  verifier accepts for a context load"
+    )]
+    fn at<T: Copy>(&self, offset: usize) -> Result<T, i32> {
         #[expect(
             clippy::cast_ptr_alignment,
             reason = "the record is 8-byte aligned and each field aligned for its size"
         )]
         let load = |at: usize| -> u64 {
-            // SAFETY: the loader attaches this program only where tracefs shows this layout,
+            // SAFETY: the loader attaches a fixed program only where tracefs shows its layout,
             // so the field is at this offset inside the record (aligned for its size); the
             // verifier checks the bounds. Volatile keeps each load whole, at an immediate
             // offset from the context, which is the only form the verifier accepts.
@@ -507,6 +519,31 @@ impl SetStateFields for FixedLayout<'_> {
         // SAFETY: `bytes` holds at least `size_of::<T>()` bytes of the field, in memory order
         // (little-endian values keep their low bytes first), and every field type is plain data.
         Ok(unsafe { core::mem::transmute_copy(&bytes) })
+    }
+}
+
+/// How the signal and exit programs read a record's field: at the offset tracefs gave
+/// (`global`, from a copy of the record) or in place at the one the fixed program is compiled
+/// for (`fixed`).
+trait Fields {
+    #[expect(
+        clippy::trivially_copy_pass_by_ref,
+        reason = "the reference is what makes the global's read volatile"
+    )]
+    fn read<T: Copy>(&self, global: &'static u64, fixed: usize) -> Result<T, i32>;
+}
+
+impl Fields for Record {
+    fn read<T: Copy>(&self, global: &'static u64, _fixed: usize) -> Result<T, i32> {
+        self.get(global)
+    }
+}
+
+impl Fields for FixedLayout<'_> {
+    #[inline(always)]
+    #[expect(clippy::inline_always, reason = "as in `FixedLayout::at`")]
+    fn read<T: Copy>(&self, _global: &'static u64, fixed: usize) -> Result<T, i32> {
+        self.at(fixed)
     }
 }
 
@@ -1171,16 +1208,26 @@ fn try_tcp_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
     reason = "the tracepoint macro fixes the signature"
 )]
 fn signal_generate(ctx: TracePointContext) -> u32 {
-    run(try_signal_generate(&ctx))
+    run(Record::read(&ctx).and_then(|rec| try_signal_generate(&rec)))
 }
 
-fn try_signal_generate(ctx: &TracePointContext) -> Result<(), i32> {
-    let rec = Record::read(ctx)?;
-    let signal: u32 = rec.get(&SIG_SIG)?;
+/// The same program for the layout in [`signal_layout`]: most signals on a node (SIGCHLD,
+/// the Go runtime's SIGURG, ...) cost it one load from the record.
+#[tracepoint]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the tracepoint macro fixes the signature"
+)]
+fn signal_generate_fixed(ctx: TracePointContext) -> u32 {
+    run(try_signal_generate(&FixedLayout(&ctx)))
+}
+
+fn try_signal_generate<F: Fields>(rec: &F) -> Result<(), i32> {
+    let signal: u32 = rec.read(&SIG_SIG, signal_layout::SIG)?;
     if signal != SIGTERM && signal != SIGKILL {
         return Ok(());
     }
-    let pid: u32 = rec.get(&SIG_PID)?;
+    let pid: u32 = rec.read(&SIG_PID, signal_layout::PID)?;
     // SAFETY: the value is copied out at once.
     let slot = unsafe { POD_TASKS.get(pid) }.copied().unwrap_or(NO_SLOT);
     let time_ns = now();
@@ -1214,13 +1261,22 @@ fn try_signal_generate(ctx: &TracePointContext) -> Result<(), i32> {
     reason = "the tracepoint macro fixes the signature"
 )]
 fn sched_process_exit(ctx: TracePointContext) -> u32 {
-    run(try_sched_process_exit(&ctx))
+    run(Record::read(&ctx).and_then(|rec| try_sched_process_exit(&rec)))
 }
 
-fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i32> {
-    let rec = Record::read(ctx)?;
+/// The same program for the layout in [`exit_layout`]: a thread's exit costs it one load.
+#[tracepoint]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the tracepoint macro fixes the signature"
+)]
+fn sched_process_exit_fixed(ctx: TracePointContext) -> u32 {
+    run(try_sched_process_exit(&FixedLayout(&ctx)))
+}
+
+fn try_sched_process_exit<F: Fields>(rec: &F) -> Result<(), i32> {
     // Only the last thread of a process matters.
-    if rec.get::<u8>(&EXIT_GROUP_DEAD)? == 0 {
+    if rec.read::<u8>(&EXIT_GROUP_DEAD, exit_layout::GROUP_DEAD)? == 0 {
         return Ok(());
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;

@@ -45,11 +45,17 @@ enum Need {
 
 /// A kernel program and the tracepoint it attaches to, with the record fields it reads: each
 /// field's offset becomes the program global of the given name.
+/// A field of a record layout a program is compiled against: its tracefs name, offset and size.
+type LayoutField = (&'static str, usize, usize);
+
 struct Hook {
     program: &'static str,
     category: &'static str,
     name: &'static str,
     globals: &'static [(&'static str, &'static str, Need)],
+    /// The program compiled against one record layout (each field's name, offset and size),
+    /// which reads the record in place: loaded instead where tracefs shows exactly that layout.
+    fixed: Option<(&'static str, &'static [LayoutField])>,
 }
 
 use Need::{Optional, Required};
@@ -72,6 +78,10 @@ const HOOKS: &[Hook] = &[
             ("SSS_SADDR_V6", "saddr_v6", Required),
             ("SSS_DADDR_V6", "daddr_v6", Required),
         ],
+        fixed: Some((
+            "inet_sock_set_state_fixed",
+            &draingate_common::set_state_layout::FIELDS,
+        )),
     },
     Hook {
         program: "tcp_send_reset",
@@ -84,6 +94,7 @@ const HOOKS: &[Hook] = &[
             ("RST_SADDR", "saddr", Required),
             ("RST_DADDR", "daddr", Required),
         ],
+        fixed: None,
     },
     Hook {
         program: "tcp_receive_reset",
@@ -99,18 +110,27 @@ const HOOKS: &[Hook] = &[
             ("RCV_SADDR_V6", "saddr_v6", Required),
             ("RCV_DADDR_V6", "daddr_v6", Required),
         ],
+        fixed: None,
     },
     Hook {
         program: "signal_generate",
         category: "signal",
         name: "signal_generate",
         globals: &[("SIG_SIG", "sig", Required), ("SIG_PID", "pid", Required)],
+        fixed: Some((
+            "signal_generate_fixed",
+            &draingate_common::signal_layout::FIELDS,
+        )),
     },
     Hook {
         program: "sched_process_exit",
         category: "sched",
         name: "sched_process_exit",
         globals: &[("EXIT_GROUP_DEAD", "group_dead", Required)],
+        fixed: Some((
+            "sched_process_exit_fixed",
+            &draingate_common::exit_layout::FIELDS,
+        )),
     },
 ];
 
@@ -280,9 +300,10 @@ impl SlotTotals {
 #[derive(Debug, Clone)]
 pub struct ProbeConfig {
     pub pin_dir: PathBuf,
-    /// Use the `inet_sock_set_state` program compiled against the usual record layout when
-    /// tracefs shows exactly that layout (it reads the record in place); otherwise, or when
-    /// false, the one that takes every offset from tracefs and copies the record first.
+    /// Use the programs compiled against the usual record layouts (`inet_sock_set_state`,
+    /// `signal_generate`, `sched_process_exit`) where tracefs shows exactly that layout (they
+    /// read the record in place); otherwise, or when false, the ones that take every offset
+    /// from tracefs and copy the record first.
     pub fixed_layout: bool,
     /// Buckets of the socket table the programs use (four sockets each): a power of two, at
     /// most (and by default) `SOCKET_BUCKETS`. Tests use a few to fill the table.
@@ -331,6 +352,9 @@ pub struct KernelProbes {
     /// The `inet_sock_set_state` program this agent loaded (`inet_sock_set_state_fixed` or
     /// `inet_sock_set_state`); empty when it took over an earlier agent's.
     pub set_state_program: &'static str,
+    /// Every program this agent loaded, by name (`signal_generate_fixed`, ...); empty when it
+    /// took over an earlier agent's.
+    pub programs: Vec<&'static str>,
 }
 
 impl std::fmt::Debug for KernelProbes {
@@ -379,16 +403,10 @@ impl KernelProbes {
         let mut programs: Vec<&'static str> = Vec::new();
         for hook in HOOKS {
             let format = TracepointFormat::read(&root, hook.category, hook.name)?;
-            programs.push(
-                if hook.program == "inet_sock_set_state"
-                    && config.fixed_layout
-                    && format.has_layout(&draingate_common::set_state_layout::FIELDS)
-                {
-                    "inet_sock_set_state_fixed"
-                } else {
-                    hook.program
-                },
-            );
+            programs.push(match hook.fixed {
+                Some((fixed, layout)) if config.fixed_layout && format.has_layout(layout) => fixed,
+                _ => hook.program,
+            });
             for &(global, field, need) in hook.globals {
                 let offset = match (format.offset(field), need) {
                     (Ok(offset), _) => offset,
@@ -450,6 +468,7 @@ impl KernelProbes {
         let mut links = Vec::new();
         let mut resumed = 0;
         let mut set_state_program = "";
+        let mut loaded_programs = Vec::new();
         for (hook, name) in HOOKS.iter().zip(programs) {
             let pin = links_dir.join(hook.program);
             if let Ok(link) = PinnedLink::from_pin(&pin) {
@@ -463,6 +482,7 @@ impl KernelProbes {
             if hook.program == "inet_sock_set_state" {
                 set_state_program = name;
             }
+            loaded_programs.push(name);
             let (program, link_id) = load_and_attach(&mut ebpf, name, hook)?;
             let link = program
                 .take_link(link_id)
@@ -501,6 +521,7 @@ impl KernelProbes {
             _links: links,
             resumed: resumed == HOOKS.len(),
             set_state_program,
+            programs: loaded_programs,
         };
         probes.apply_addresses()?;
         Ok(probes)

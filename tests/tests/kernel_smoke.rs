@@ -12,7 +12,7 @@ use draingate::{
     events,
     loader::{KernelProbes, SlotTotals},
 };
-use draingate_common::{NotableEvent, event_kind};
+use draingate_common::{NO_SLOT, NotableEvent, event_kind};
 use draingate_tests::{Family, Link, PinDir, require_root};
 
 const CONNECTIONS: u64 = 7;
@@ -60,7 +60,16 @@ fn wait_for(probes: &KernelProbes, slot: u32, done: impl Fn(&SlotTotals) -> bool
     }
 }
 
+/// The events in the ring, but for SIGTERMs and SIGKILLs to processes of no pod: the programs
+/// report those from anywhere on the host (another test stopping its processes, say).
 fn drain_events(probes: &mut KernelProbes) -> Vec<NotableEvent> {
+    drain_all_events(probes)
+        .into_iter()
+        .filter(|e| !(e.kind == event_kind::SIGNAL && e.slot == NO_SLOT))
+        .collect()
+}
+
+fn drain_all_events(probes: &mut KernelProbes) -> Vec<NotableEvent> {
     let mut ring = probes.take_events().expect("events reader");
     let mut events = Vec::new();
     while let Some(record) = ring.next() {
@@ -486,9 +495,9 @@ fn a_full_reset_table_bucket_forgets_its_oldest_reset_and_counts_that() {
             seed,
         ))
     };
-    // About 2.4 ports of this range per bucket: some bucket has five.
+    // About 7.9 ports per bucket (the hash spreads nearby ports evenly): some bucket has five.
     let mut by_bucket = std::collections::HashMap::<u32, Vec<u16>>::new();
-    let ports = (40_000..60_000)
+    let ports = (1024..=u16::MAX)
         .find_map(|port| {
             let ports = by_bucket.entry(bucket_of(port)).or_default();
             ports.push(port);
@@ -636,4 +645,77 @@ fn maps_pinned_with_another_layout_are_refused_not_misread() {
     }
     stamp(draingate_common::MAP_LAYOUT);
     KernelProbes::load(&pins.config).expect("the same layout is taken over");
+}
+
+/// A pod process's SIGTERM opens its pod's window in the kernel, and its exit is reported with
+/// the connections it still held; a SIGTERM to a process of no pod is reported for user space
+/// to resolve, without a pod, and its exit not at all. `fixed`: the programs that read this
+/// kernel's record layouts in place (the default here), or the ones that take every offset
+/// from tracefs (any other kernel's choice).
+fn reports_signals_and_exits_of_pod_processes(fixed: bool) {
+    use nix::{sys::signal, unistd::Pid};
+    require_root();
+    let mut pins = PinDir::new();
+    pins.config.fixed_layout = fixed;
+    let mut probes = KernelProbes::load(&pins.config).expect("load and attach the programs");
+    let expected = if fixed {
+        ["signal_generate_fixed", "sched_process_exit_fixed"]
+    } else {
+        ["signal_generate", "sched_process_exit"]
+    };
+    for program in expected {
+        assert!(probes.programs.contains(&program), "{:?}", probes.programs);
+    }
+    let spawn = || {
+        std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep")
+    };
+    let (mut pod_process, mut stranger) = (spawn(), spawn());
+    let (pod_pid, stranger_pid) = (pod_process.id(), stranger.id());
+    probes
+        .track_task(pod_pid, SERVER_SLOT)
+        .expect("track the pod's process");
+    assert_eq!(probes.window_since(SERVER_SLOT).expect("window"), None);
+    for child in [&mut stranger, &mut pod_process] {
+        let pid = Pid::from_raw(child.id().cast_signed());
+        signal::kill(pid, signal::Signal::SIGTERM).expect("SIGTERM");
+        let _ = child.wait();
+    }
+    let since = probes
+        .window_since(SERVER_SLOT)
+        .expect("window")
+        .expect("the SIGTERM to the pod's process opened its window");
+
+    let events: Vec<NotableEvent> = drain_all_events(&mut probes)
+        .into_iter()
+        .filter(|e| e.pid == pod_pid || e.pid == stranger_pid)
+        .collect();
+    let seen: Vec<(u8, u32, u32, u8)> = events
+        .iter()
+        .map(|e| (e.kind, e.pid, e.slot, e.signal))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (event_kind::SIGNAL, stranger_pid, NO_SLOT, 15),
+            (event_kind::SIGNAL, pod_pid, SERVER_SLOT, 15),
+            (event_kind::EXIT, pod_pid, SERVER_SLOT, 0),
+        ],
+        "{events:?}"
+    );
+    assert_eq!(events[1].time_ns, since, "the window opened at the signal");
+    assert_eq!(events[2].held, 0, "the process held no connection");
+    assert!(events[2].time_ns >= since);
+}
+
+#[test]
+fn reports_signals_and_exits_of_pod_processes_reading_records_in_place() {
+    reports_signals_and_exits_of_pod_processes(true);
+}
+
+#[test]
+fn reports_signals_and_exits_of_pod_processes_with_offsets_from_tracefs() {
+    reports_signals_and_exits_of_pod_processes(false);
 }
