@@ -78,6 +78,22 @@ fn drain_all_events(probes: &mut KernelProbes) -> Vec<NotableEvent> {
     events
 }
 
+/// The programs loaded with maps of their own, and an IPv4 link whose server side (`b`) is
+/// watched as `SERVER_SLOT`.
+fn watched_server(tag: &str) -> (PinDir, KernelProbes, Link) {
+    require_root();
+    let pins = PinDir::new();
+    let mut probes = KernelProbes::load(&pins.config).expect("load and attach the programs");
+    let link = Link::new(tag, Family::V4);
+    probes
+        .watch(link.b_addr, SERVER_SLOT)
+        .expect("watch server");
+    probes
+        .apply_addresses()
+        .expect("hand the addresses to the kernel");
+    (pins, probes, link)
+}
+
 /// `fixed`: the program that reads this kernel's record layout in place (the default here), or
 /// the one that takes every offset from tracefs (any other kernel's choice): both must count
 /// the same.
@@ -339,16 +355,7 @@ fn an_agent_restart_loses_no_counts_and_no_open_connections() {
 fn a_reused_four_tuple_that_fails_again_counts_again() {
     use socket2::{Domain, SockAddr, Socket, Type};
 
-    require_root();
-    let pins = PinDir::new();
-    let mut probes = KernelProbes::load(&pins.config).expect("load and attach the programs");
-    let link = Link::new("reuse4", Family::V4);
-    probes
-        .watch(link.b_addr, SERVER_SLOT)
-        .expect("watch server");
-    probes
-        .apply_addresses()
-        .expect("hand the addresses to the kernel");
+    let (_pins, mut probes, link) = watched_server("reuse4");
     let listen = SocketAddr::new(link.b_addr, PORT);
     let listener = link.b.run(|| TcpListener::bind(listen).expect("bind"));
     let client_port = 40_123;
@@ -399,16 +406,7 @@ fn a_reused_four_tuple_that_fails_again_counts_again() {
 fn a_four_tuple_refused_again_counts_again_and_so_does_its_later_reset() {
     use socket2::{Domain, SockAddr, Socket, Type};
 
-    require_root();
-    let pins = PinDir::new();
-    let mut probes = KernelProbes::load(&pins.config).expect("load and attach the programs");
-    let link = Link::new("refuse4", Family::V4);
-    probes
-        .watch(link.b_addr, SERVER_SLOT)
-        .expect("watch server");
-    probes
-        .apply_addresses()
-        .expect("hand the addresses to the kernel");
+    let (_pins, mut probes, link) = watched_server("refuse4");
     let target = SocketAddr::new(link.b_addr, CLOSED_PORT);
     let client_port = 40_321;
     let socket_from_port = || {
@@ -471,16 +469,7 @@ fn a_full_reset_table_bucket_forgets_its_oldest_reset_and_counts_that() {
     use draingate_common::{AddrKey, ConnKey, conn_hash, reset_home};
     use socket2::{Domain, SockAddr, Socket, Type};
 
-    require_root();
-    let pins = PinDir::new();
-    let mut probes = KernelProbes::load(&pins.config).expect("load and attach the programs");
-    let link = Link::new("rstfull", Family::V4);
-    probes
-        .watch(link.b_addr, SERVER_SLOT)
-        .expect("watch server");
-    probes
-        .apply_addresses()
-        .expect("hand the addresses to the kernel");
+    let (_pins, mut probes, link) = watched_server("rstfull");
     let seed = probes.reset_seed().expect("the reset table's seed");
     assert_ne!(seed, 0, "the loader seeds the reset table");
     // The server's view of each refusal: what its tcp_send_reset program remembers.
