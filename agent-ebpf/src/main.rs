@@ -955,7 +955,7 @@ fn try_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
             c.refused += 1;
             c.win_refused += w(win);
         });
-        // A full map evicts its oldest entry (LRU); a failed update only loses the mark.
+        // A full bucket forgets its oldest entry; a lost mark at worst counts a late repeat.
         mark_reset(&conn, time_ns | REFUSAL_MARK, time_ns);
     } else {
         count(slot, |c, win| {
@@ -1186,7 +1186,9 @@ fn try_tcp_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
     // mark tells that close the peer answered (refused, and counted there), which a connect
     // that got no answer at all did not.
     if state == tcp_state::SYN_SENT {
-        // A full map evicts its oldest entry (LRU); a failed update only loses the mark.
+        // A mark forgotten before the close (a bucket full within microseconds) makes the
+        // connect look unanswered: a peer failure of that address, beside its own refusal,
+        // so at worst one failure counted twice, never one missed.
         let time_ns = now();
         mark_reset(&conn, reset_time(time_ns), time_ns);
         return Ok(());
