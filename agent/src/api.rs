@@ -203,6 +203,7 @@ impl AgentService for AgentApi {
                 .map(|p| pod_message(p, &state.node))
                 .collect(),
             lost_events: state.lost_events,
+            resets_forgotten: state.resets_forgotten,
             node: state.node.clone(),
             peer_failures: if with_peers {
                 state.peer_failures.events().map(event_message).collect()

@@ -612,7 +612,11 @@ async fn pods(addr: &AgentAddr, output: PodsOutput) -> anyhow::Result<ExitCode> 
     match output {
         PodsOutput::Json => {
             let pods: Vec<_> = response.pods.iter().map(cli::pod_json).collect();
-            let doc = serde_json::json!({ "pods": pods, "lost_events": response.lost_events });
+            let doc = serde_json::json!({
+                "pods": pods,
+                "lost_events": response.lost_events,
+                "resets_forgotten": response.resets_forgotten,
+            });
             println!("{}", serde_json::to_string_pretty(&doc)?);
         }
         PodsOutput::Table | PodsOutput::Wide => {
@@ -624,6 +628,13 @@ async fn pods(addr: &AgentAddr, output: PodsOutput) -> anyhow::Result<ExitCode> 
                 eprintln!(
                     "warning: the kernel lost {} events; verdicts of pods terminating meanwhile are unknown",
                     response.lost_events
+                );
+            }
+            if response.resets_forgotten > 0 {
+                eprintln!(
+                    "warning: the kernel's reset table forgot {} recent resets to remember newer \
+                     ones; a late repeat of one may have counted as a new failure",
+                    response.resets_forgotten
                 );
             }
         }

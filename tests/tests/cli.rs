@@ -113,6 +113,12 @@ fn pods_events_and_wait_drained_against_a_live_agent() {
     ] {
         assert!(pod.get(field).is_some(), "pods -o json lacks {field}");
     }
+    // What the kernel could not count, or forgot: nothing here.
+    assert_eq!(
+        (&doc["lost_events"], &doc["resets_forgotten"]),
+        (&serde_json::json!(0), &serde_json::json!(0)),
+        "{doc:#}"
+    );
 
     let output = draingate(&["pods", "--agent", &socket]);
     let table = String::from_utf8_lossy(&output.stdout);

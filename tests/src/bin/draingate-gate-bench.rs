@@ -176,6 +176,7 @@ fn node_pods(node: usize, pods: usize, peers: usize) -> pb::ListPodsResponse {
         peer_failures,
         peer_failures_complete_since: None,
         peer_gaps: Vec::new(),
+        resets_forgotten: 0,
     }
 }
 
