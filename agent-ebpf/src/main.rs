@@ -871,7 +871,7 @@ fn emit_set_state_event<F: SetStateFields>(
         remote_port: rec.field(Sss::Dport)?,
     };
     // tcp_receive_reset marked the tuple if the SYN was answered with a reset.
-    let reason = if recently_reset(&conn, time_ns) {
+    let reason = if recently_reset(reset_hash(&conn), time_ns) {
         connect_failure::RESET
     } else {
         connect_failure::NO_ANSWER
@@ -944,10 +944,12 @@ fn try_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
     // segments (its request, its FIN), which is the same failure again.
     let refused = sk == 0 || state == tcp_state::LISTEN;
     let time_ns = now();
-    if refused && recently_reset(&conn, time_ns) {
+    // One hash for the lookup and the mark below.
+    let hash = reset_hash(&conn);
+    if refused && recently_reset(hash, time_ns) {
         return Ok(());
     }
-    if !refused && !first_reset(&conn, time_ns) {
+    if !refused && !first_reset(hash, time_ns) {
         return Ok(());
     }
     if refused {
@@ -956,7 +958,7 @@ fn try_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
             c.win_refused += w(win);
         });
         // A full bucket forgets its oldest entry; a lost mark at worst counts a late repeat.
-        mark_reset(&conn, time_ns | REFUSAL_MARK, time_ns);
+        mark_reset(hash, time_ns | REFUSAL_MARK, time_ns);
     } else {
         count(slot, |c, win| {
             c.resets_sent += 1;
@@ -984,6 +986,19 @@ struct ResetCell {
 }
 
 impl ResetCell {
+    /// The cell's [`conn_hash`] (0: free).
+    fn key(&self) -> u64 {
+        // SAFETY: `index` is below RESET_BUCKET_CELLS (every constructor checks it); another CPU
+        // may be claiming the cell, and an aligned 64-bit load is not torn.
+        unsafe {
+            core::ptr::read_volatile(
+                (&raw const (*self.bucket).key)
+                    .cast::<u64>()
+                    .add(self.index),
+            )
+        }
+    }
+
     fn at(&self) -> *mut u64 {
         // SAFETY: `index` is below RESET_BUCKET_CELLS (every constructor checks it).
         unsafe { (&raw mut (*self.bucket).at).cast::<u64>().add(self.index) }
@@ -1009,14 +1024,9 @@ fn reset_hash(conn: &ConnKey) -> u64 {
 /// The cell holding `hash`, if any.
 fn find_reset(hash: u64) -> Option<ResetCell> {
     let bucket = RESET_TABLE.get_ptr_mut(reset_home(hash))?;
-    for index in 0..RESET_BUCKET_CELLS {
-        // SAFETY: an array map value; another CPU may be claiming a cell, and an aligned 64-bit
-        // load is not torn.
-        if unsafe { core::ptr::read_volatile(&raw const (*bucket).key[index]) } == hash {
-            return Some(ResetCell { bucket, index });
-        }
-    }
-    None
+    (0..RESET_BUCKET_CELLS)
+        .map(|index| ResetCell { bucket, index })
+        .find(|cell| cell.key() == hash)
 }
 
 /// The cell holding `hash`, and whether it was there already; otherwise a cell claimed for it
@@ -1028,17 +1038,12 @@ fn claim_reset(hash: u64, time_ns: u64) -> Option<(ResetCell, bool)> {
     for _attempt in 0..2 {
         let (mut victim, mut victim_key, mut victim_time) = (0, 0, u64::MAX);
         for index in 0..RESET_BUCKET_CELLS {
-            // SAFETY: as in `find_reset`.
-            let key = unsafe { core::ptr::read_volatile(&raw const (*bucket).key[index]) };
+            let cell = ResetCell { bucket, index };
+            let key = cell.key();
             if key == hash {
-                return Some((ResetCell { bucket, index }, true));
+                return Some((cell, true));
             }
-            let time = if key == 0 {
-                0
-            } else {
-                // SAFETY: as above.
-                reset_time(unsafe { core::ptr::read_volatile(&raw const (*bucket).at[index]) })
-            };
+            let time = if key == 0 { 0 } else { reset_time(cell.time()) };
             if time < victim_time {
                 (victim, victim_key, victim_time) = (index, key, time);
             }
@@ -1072,10 +1077,11 @@ fn claim_reset(hash: u64, time_ns: u64) -> Option<(ResetCell, bool)> {
     None
 }
 
-/// Remembers that `conn` was reset (or refused, or answered in `SYN_SENT`) with `stamp`.
-fn mark_reset(conn: &ConnKey, stamp: u64, time_ns: u64) {
+/// Remembers that the 4-tuple of [`reset_hash`] `hash` was reset (or refused, or answered in
+/// `SYN_SENT`) with `stamp`.
+fn mark_reset(hash: u64, stamp: u64, time_ns: u64) {
     // No cell: the mark is lost, which at worst counts a late repeat.
-    if let Some((cell, _)) = claim_reset(reset_hash(conn), time_ns) {
+    if let Some((cell, _)) = claim_reset(hash, time_ns) {
         cell.set_time(stamp);
     }
 }
@@ -1083,9 +1089,10 @@ fn mark_reset(conn: &ConnKey, stamp: u64, time_ns: u64) {
 /// Whether this is the first reset of the connection, in either direction: a connection that
 /// is reset is one failure, however many resets its two ends then exchange. Finding the tuple
 /// and claiming its cell is one compare-and-exchange, so two CPUs cannot both count it.
-fn first_reset(conn: &ConnKey, time_ns: u64) -> bool {
+/// `hash` is the connection's [`reset_hash`].
+fn first_reset(hash: u64, time_ns: u64) -> bool {
     let stamp = reset_time(time_ns);
-    let Some((cell, existed)) = claim_reset(reset_hash(conn), time_ns) else {
+    let Some((cell, existed)) = claim_reset(hash, time_ns) else {
         // No cell to remember it in: the reset is not a known repeat.
         return true;
     };
@@ -1109,10 +1116,10 @@ fn first_reset(conn: &ConnKey, time_ns: u64) -> bool {
     !repeat
 }
 
-/// Whether the 4-tuple was reset within [`RESET_REPEAT_NS`]: a segment answered now is a late
-/// part of that failure.
-fn recently_reset(conn: &ConnKey, time_ns: u64) -> bool {
-    find_reset(reset_hash(conn)).is_some_and(|cell| {
+/// Whether the 4-tuple of [`reset_hash`] `hash` was reset within [`RESET_REPEAT_NS`]: a segment
+/// answered now is a late part of that failure.
+fn recently_reset(hash: u64, time_ns: u64) -> bool {
+    find_reset(hash).is_some_and(|cell| {
         let at = cell.time();
         at & REFUSAL_MARK == 0 && time_ns.saturating_sub(at) <= RESET_REPEAT_NS
     })
@@ -1190,10 +1197,10 @@ fn try_tcp_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
         // connect look unanswered: a peer failure of that address, beside its own refusal,
         // so at worst one failure counted twice, never one missed.
         let time_ns = now();
-        mark_reset(&conn, reset_time(time_ns), time_ns);
+        mark_reset(reset_hash(&conn), reset_time(time_ns), time_ns);
         return Ok(());
     }
-    if !first_reset(&conn, now()) {
+    if !first_reset(reset_hash(&conn), now()) {
         return Ok(());
     }
     count(slot, |c, win| {
