@@ -167,8 +167,6 @@ pub struct Agent {
     /// Addresses each pod is watched under, and the slot of each address from a previous agent.
     watched_by_previous: BTreeMap<IpAddr, u32>,
     last_loss: u64,
-    /// `LossCounters::reset_table_full` at the last resync.
-    last_reset_table_full: u64,
 }
 
 impl std::fmt::Debug for Agent {
@@ -225,7 +223,6 @@ impl Agent {
                 .collect(),
             watched_by_previous,
             last_loss: 0,
-            last_reset_table_full: 0,
         };
         Ok((agent, handle))
     }
@@ -324,19 +321,19 @@ impl Agent {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         state.lost_events = lost_total;
-        state.resets_forgotten = loss.reset_table_full;
+        let forgotten_before =
+            std::mem::replace(&mut state.resets_forgotten, loss.reset_table_full);
         state.inventory_problem = self.source.problem();
         let new_loss = lost_total > self.last_loss;
         if new_loss {
             tracing::warn!(?loss, "the kernel programs lost events");
         }
-        if loss.reset_table_full > self.last_reset_table_full {
+        if loss.reset_table_full > forgotten_before {
             tracing::warn!(
-                forgotten = loss.reset_table_full - self.last_reset_table_full,
+                forgotten = loss.reset_table_full - forgotten_before,
                 "resets under a second old were forgotten (reset table bucket full): a late \
                  repeat of one may be counted as a new failure"
             );
-            self.last_reset_table_full = loss.reset_table_full;
         }
 
         let mut seen = BTreeSet::new();

@@ -43,11 +43,11 @@ enum Need {
     Optional,
 }
 
-/// A kernel program and the tracepoint it attaches to, with the record fields it reads: each
-/// field's offset becomes the program global of the given name.
 /// A field of a record layout a program is compiled against: its tracefs name, offset and size.
 type LayoutField = (&'static str, usize, usize);
 
+/// A kernel program and the tracepoint it attaches to, with the record fields it reads: each
+/// field's offset becomes the program global of the given name.
 struct Hook {
     program: &'static str,
     category: &'static str,
@@ -241,9 +241,10 @@ fn check_pinned_layout(pin_dir: &Path) -> Result<(), LoaderError> {
 /// keyed hasher (seeded by the OS).
 fn reset_seed() -> u64 {
     use std::hash::{BuildHasher as _, Hasher as _};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u64(std::process::id().into());
-    hasher.finish().max(1)
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+        .max(1)
 }
 
 /// A pod slot's counters summed over CPUs.
@@ -349,9 +350,6 @@ pub struct KernelProbes {
     events: Option<RingBuf<MapData>>,
     /// Whether the programs were already attached by an earlier agent (a restart).
     pub resumed: bool,
-    /// The `inet_sock_set_state` program this agent loaded (`inet_sock_set_state_fixed` or
-    /// `inet_sock_set_state`); empty when it took over an earlier agent's.
-    pub set_state_program: &'static str,
     /// Every program this agent loaded, by name (`signal_generate_fixed`, ...); empty when it
     /// took over an earlier agent's.
     pub programs: Vec<&'static str>,
@@ -467,7 +465,6 @@ impl KernelProbes {
 
         let mut links = Vec::new();
         let mut resumed = 0;
-        let mut set_state_program = "";
         let mut loaded_programs = Vec::new();
         for (hook, name) in HOOKS.iter().zip(programs) {
             let pin = links_dir.join(hook.program);
@@ -479,9 +476,6 @@ impl KernelProbes {
                 continue;
             }
             tracing::debug!(hook = hook.program, program = name, "loading");
-            if hook.program == "inet_sock_set_state" {
-                set_state_program = name;
-            }
             loaded_programs.push(name);
             let (program, link_id) = load_and_attach(&mut ebpf, name, hook)?;
             let link = program
@@ -520,7 +514,6 @@ impl KernelProbes {
             _ebpf: ebpf,
             _links: links,
             resumed: resumed == HOOKS.len(),
-            set_state_program,
             programs: loaded_programs,
         };
         probes.apply_addresses()?;
@@ -702,6 +695,17 @@ impl KernelProbes {
                 .map_err(map_err("WINDOWS"))?;
         }
         Ok(())
+    }
+
+    /// The `inet_sock_set_state` program this agent loaded (`inet_sock_set_state_fixed` or
+    /// `inet_sock_set_state`); empty when it took over an earlier agent's.
+    #[must_use]
+    pub fn set_state_program(&self) -> &'static str {
+        self.programs
+            .iter()
+            .copied()
+            .find(|name| name.starts_with("inet_sock_set_state"))
+            .unwrap_or("")
     }
 
     /// The seed of the reset table's hash (`draingate_common::conn_hash`), which the maps keep.

@@ -104,7 +104,7 @@ fn counts_connections_per_pod_address(family: Family, fixed: bool) {
     let mut probes = KernelProbes::load(&pins.config).expect("load and attach the programs");
     assert!(!probes.resumed);
     assert_eq!(
-        probes.set_state_program,
+        probes.set_state_program(),
         if fixed {
             "inet_sock_set_state_fixed"
         } else {
