@@ -335,6 +335,30 @@ fn stats_of(ids: &[u32]) -> (Duration, u64) {
         })
 }
 
+/// Kernel time and runs, added up.
+fn total(parts: impl IntoIterator<Item = (Duration, u64)>) -> (Duration, u64) {
+    parts
+        .into_iter()
+        .fold((Duration::ZERO, 0), |(time, runs), (t, r)| {
+            (time + t, runs + r)
+        })
+}
+
+/// A row of the rare-paths table: a program (or all of them) beside its floor.
+fn program_row(name: &str, p: &Paired) -> String {
+    if p.program.1 == 0 {
+        return format!("| {name} | 0 | - | - | - | - | <= 150 |");
+    }
+    format!(
+        "| {name} | {} | {:.0} | {:.0} | {:.0} | {:.2} | <= 150 |",
+        p.program.1,
+        p.program_ns(),
+        p.floor_ns(),
+        p.own_ns(),
+        p.ratio()
+    )
+}
+
 /// Each agent program's run time beside the floor on its tracepoint while `work` runs, by hook.
 fn measure<R>(
     floor: &draingate::loader::FloorProbe,
@@ -351,12 +375,11 @@ fn measure<R>(
     let hooks = PROGRAMS
         .iter()
         .map(|&hook| {
-            let program = ran
-                .iter()
-                .filter(|(n, ..)| n == hook)
-                .fold((Duration::ZERO, 0), |(t, c), (_, time, count)| {
-                    (t + *time, c + count)
-                });
+            let program = total(
+                ran.iter()
+                    .filter(|(n, ..)| n == hook)
+                    .map(|(_, time, count)| (*time, *count)),
+            );
             let floor = floor
                 .program_ids()
                 .iter()
@@ -779,9 +802,7 @@ fn main() {
          medians). The with-agent column above carries the floor's cost too.\n"
     );
     let set_state = Paired {
-        program: paired.iter().fold((Duration::ZERO, 0), |(t, c), p| {
-            (t + p.program.0, c + p.program.1)
-        }),
+        program: total(paired.iter().map(|p| p.program)),
         floor: (Duration::ZERO, 0),
     };
     let _ = writeln!(
@@ -822,38 +843,17 @@ fn main() {
     );
     let _ = writeln!(report, "|---|---|---|---|---|---|---|");
     for (name, p) in &rare {
-        if p.program.1 == 0 {
-            let _ = writeln!(report, "| {name} | 0 | - | - | - | - | <= 150 |");
-            continue;
-        }
-        let _ = writeln!(
-            report,
-            "| {name} | {} | {:.0} | {:.0} | {:.0} | {:.2} | <= 150 |",
-            p.program.1,
-            p.program_ns(),
-            p.floor_ns(),
-            p.own_ns(),
-            p.ratio()
-        );
+        let _ = writeln!(report, "{}", program_row(name, p));
     }
     // The issue's measure, taken literally: kernel time over program runs, all programs.
-    let sum = |pick: fn(&Paired) -> (Duration, u64)| {
-        rare.iter()
-            .map(|(_, p)| pick(p))
-            .fold((Duration::ZERO, 0), |(t, c), (pt, pc)| (t + pt, c + pc))
-    };
     let all = Paired {
-        program: sum(|p| p.program),
-        floor: sum(|p| p.floor),
+        program: total(rare.iter().map(|(_, p)| p.program)),
+        floor: total(rare.iter().map(|(_, p)| p.floor)),
     };
     let _ = writeln!(
         report,
-        "| all of them (every run of every program) | {} | {:.0} | {:.0} | {:.0} | {:.2} | <= 150 |",
-        all.program.1,
-        all.program_ns(),
-        all.floor_ns(),
-        all.own_ns(),
-        all.ratio()
+        "{}",
+        program_row("all of them (every run of every program)", &all)
     );
     let _ = writeln!(
         report,
