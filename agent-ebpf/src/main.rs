@@ -19,9 +19,9 @@
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_boot_ns},
-    macros::{map, tracepoint},
+    macros::{classifier, map, tracepoint},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    programs::{TcContext, TracePointContext},
 };
 use draingate_common::{
     ADDR_BUCKET_CELLS, ADDR_BUCKETS, ADDR_PROBE_BUCKETS, AddrKey, AddrTable, ConnKey,
@@ -85,8 +85,12 @@ offsets!(
     // signal:signal_generate
     SIG_SIG,
     SIG_PID,
-    // sched:sched_process_exit
+    // sched:sched_process_exit (`group_dead` since 6.16)
     EXIT_GROUP_DEAD,
+    // Kernel struct offsets from the kernel's own BTF, for kernels whose exit record has no
+    // `group_dead`: `task_struct.signal` and `signal_struct.live`.
+    TASK_SIGNAL,
+    SIGNAL_LIVE,
 );
 
 /// Address → pod slot, kept by user space: the record of what is watched. The programs read
@@ -940,17 +944,30 @@ fn try_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
         remote_port,
     };
     // No socket, or a listener: the segment matched no connection; for a SYN, that is a refused
-    // connection, unless the connection was reset already and this answers the peer's late
-    // segments (its request, its FIN), which is the same failure again.
+    // connection.
     let refused = sk == 0 || state == tcp_state::LISTEN;
+    let reason = if global(&RST_REASON) == ABSENT {
+        0
+    } else {
+        rec.get(&RST_REASON)?
+    };
+    reset_sent(slot, state, reason, &conn, refused);
+    Ok(())
+}
+
+/// Counts a reset that pod `slot` sent on `conn` (a refusal when `refused`), with its event,
+/// unless it repeats a failure counted already: a refusal that answers the late segments (its
+/// request, its FIN) of a connection reset within the last second, or a connection's second
+/// reset.
+fn reset_sent(slot: u32, state: u32, reason: u32, conn: &ConnKey, refused: bool) {
     let time_ns = now();
     // One hash for the lookup and the mark below.
-    let hash = reset_hash(&conn);
+    let hash = reset_hash(conn);
     if refused && recently_reset(hash, time_ns) {
-        return Ok(());
+        return;
     }
     if !refused && !first_reset(hash, time_ns) {
-        return Ok(());
+        return;
     }
     if refused {
         count(slot, |c, win| {
@@ -965,17 +982,92 @@ fn try_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
             c.win_resets_sent += w(win);
         });
     }
-    let reason = if global(&RST_REASON) == ABSENT {
-        0
-    } else {
-        rec.get(&RST_REASON)?
-    };
     let kind = if refused {
         event_kind::REFUSED
     } else {
         event_kind::RESET_SENT
     };
-    emit_reset(kind, slot, state, reason, &conn);
+    emit_reset(kind, slot, state, reason, conn);
+}
+
+/// `TC_ACT_UNSPEC` (and tcx's `TCX_NEXT`): the packet goes on to the next program or filter
+/// on the interface (a CNI's) exactly as it came.
+const TC_ACT_UNSPEC: i32 = -1;
+
+/// Every reset a pod sends, seen as a packet leaving it, for kernels whose `tcp:tcp_send_reset`
+/// misses some (before 6.10 it fires only for resets of a socket's own, never for a refusal:
+/// a SYN to a closed port). The loader attaches it instead of that tracepoint's program, so
+/// each reset has one source. Attached where the pod's packets leave it: on the pod's side of
+/// its interface (egress) or on the node's side (ingress). It never changes or drops a packet.
+#[classifier]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the classifier macro fixes the signature"
+)]
+fn pod_egress(ctx: TcContext) -> i32 {
+    if pod_packet_reset(&ctx).is_err() {
+        loss(|l| l.read_errors += 1);
+    }
+    TC_ACT_UNSPEC
+}
+
+/// TCP flags.
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const IPPROTO_TCP_U8: u8 = 6;
+
+fn pod_packet_reset(ctx: &TcContext) -> Result<(), i64> {
+    // Most packets are not TCP resets: they cost the loads up to the TCP flags.
+    let ethertype = u16::from_be(ctx.load::<u16>(12)?);
+    let tcp_at = match ethertype {
+        ETH_P_IP => {
+            // Version and header length, then the protocol.
+            let [vihl, _]: [u8; 2] = ctx.load(ETH_HLEN)?;
+            if ctx.load::<u8>(ETH_HLEN + 9)? != IPPROTO_TCP_U8 {
+                return Ok(());
+            }
+            ETH_HLEN + usize::from(vihl & 0x0f) * 4
+        }
+        // Extension headers before TCP are not followed: resets carry none.
+        ETH_P_IPV6 if ctx.load::<u8>(ETH_HLEN + 6)? == IPPROTO_TCP_U8 => ETH_HLEN + 40,
+        _ => return Ok(()),
+    };
+    let flags: u8 = ctx.load(tcp_at + 13)?;
+    if flags & TCP_RST == 0 {
+        return Ok(());
+    }
+    let (local, remote) = if ethertype == ETH_P_IP {
+        let addrs: [u8; 8] = ctx.load(ETH_HLEN + 12)?;
+        (
+            AddrKey::v4([addrs[0], addrs[1], addrs[2], addrs[3]]),
+            AddrKey::v4([addrs[4], addrs[5], addrs[6], addrs[7]]),
+        )
+    } else {
+        let addrs: [u8; 32] = ctx.load(ETH_HLEN + 8)?;
+        let (mut local, mut remote) = ([0u8; 16], [0u8; 16]);
+        local.copy_from_slice(&addrs[..16]);
+        remote.copy_from_slice(&addrs[16..]);
+        (AddrKey::v6(local), AddrKey::v6(remote))
+    };
+    let Some(slot) = pod_of(&local) else {
+        return Ok(());
+    };
+    // Ports, then the sequence number.
+    let head: [u8; 8] = ctx.load(tcp_at)?;
+    let conn = ConnKey {
+        local,
+        remote,
+        local_port: u16::from_be_bytes([head[0], head[1]]),
+        remote_port: u16::from_be_bytes([head[2], head[3]]),
+    };
+    // The kernel answers a segment that matched no socket and carried no ACK (a SYN) with a
+    // reset that acknowledges it and has sequence number 0; a connection's own reset carries
+    // its sequence number, and the answer to any other stray segment carries no ACK.
+    let refused = flags & TCP_ACK != 0 && head[4..8] == [0, 0, 0, 0];
+    reset_sent(slot, 0, 0, &conn, refused);
     Ok(())
 }
 
@@ -1166,7 +1258,13 @@ fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
 fn try_tcp_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
     let rec = Record::read(ctx)?;
     let sk: u64 = rec.get(&RCV_SKADDR)?;
-    let family: u16 = rec.get(&RCV_FAMILY)?;
+    // Kernels before 5.? have no `family` here; their IPv6 fields hold an IPv4 socket's
+    // addresses mapped (`::ffff:a.b.c.d`), which is how `AddrKey` keeps IPv4 anyway.
+    let family: u16 = if global(&RCV_FAMILY) == ABSENT {
+        AF_INET6
+    } else {
+        rec.get(&RCV_FAMILY)?
+    };
     let (local, remote) = match family {
         AF_INET => (
             AddrKey::v4(rec.get(&RCV_SADDR)?),
@@ -1270,7 +1368,54 @@ fn try_signal_generate<F: Fields>(rec: &F) -> Result<(), i32> {
     reason = "the tracepoint macro fixes the signature"
 )]
 fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    if global(&EXIT_GROUP_DEAD) == ABSENT {
+        return run(exit_by_live_count());
+    }
     run(Record::read(&ctx).and_then(|rec| try_sched_process_exit(&rec)))
+}
+
+/// Process exit on kernels whose record has no `group_dead` (before 6.16): the exiting task's
+/// `signal->live`, the count of its process's live threads, which `do_exit` decrements before
+/// this tracepoint, read at the offsets user space took from the kernel's BTF. Two threads can
+/// both find it at 0 (each decremented it before the later one got here): the one that removes
+/// the process from [`POD_TASKS`] reports the exit, once.
+fn exit_by_live_count() -> Result<(), i32> {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: the value is copied out at once.
+    let Some(&slot) = (unsafe { POD_TASKS.get(tgid) }) else {
+        return Ok(());
+    };
+    // SAFETY: no preconditions; the pointer is only read through bpf_probe_read_kernel.
+    let task = unsafe { aya_ebpf::helpers::bpf_get_current_task() } as usize;
+    // SAFETY: bpf_probe_read_kernel reads kernel memory safely, failing on a bad address.
+    let signal = unsafe {
+        aya_ebpf::helpers::bpf_probe_read_kernel(
+            (task + global(&TASK_SIGNAL) as usize) as *const u64,
+        )
+    }
+    .map_err(|_| -1)?;
+    // SAFETY: as above.
+    let live = unsafe {
+        aya_ebpf::helpers::bpf_probe_read_kernel(
+            (signal as usize + global(&SIGNAL_LIVE) as usize) as *const i32,
+        )
+    }
+    .map_err(|_| -1)?;
+    if live != 0 || POD_TASKS.remove(tgid).is_err() {
+        return Ok(());
+    }
+    emit(
+        &NotableEvent {
+            time_ns: now(),
+            slot,
+            pid: tgid,
+            held: held_now(slot).min(u64::from(u32::MAX)) as u32,
+            kind: event_kind::EXIT,
+            ..NotableEvent::default()
+        },
+        Wake::Now,
+    );
+    Ok(())
 }
 
 /// The same program for the layout in [`exit_layout`]: a thread's exit costs it one load.

@@ -336,6 +336,13 @@ impl Agent {
             );
         }
 
+        // Kubernetes mode on kernels that need the reset program: the node's side of every
+        // pod interface (new ones appear with new pods).
+        if observed.iter().any(|pod| pod.netns.is_none())
+            && let Err(err) = self.probes.watch_node_interfaces()
+        {
+            tracing::warn!(error = %crate::telemetry::chain(&err), "the reset program is not on every pod interface: resets pods send may be missed");
+        }
         let mut seen = BTreeSet::new();
         for pod in observed {
             seen.insert(pod.id.uid.clone());
@@ -461,6 +468,18 @@ impl Agent {
         pod: &ObservedPod,
         now: SystemTime,
     ) -> Result<(), AgentError> {
+        if let Some(netns) = &pod.netns
+            && let Err(err) = self.probes.watch_pod_interfaces(netns)
+            && drain.lost.is_none()
+        {
+            let reason = format!(
+                "the reset program could not be attached to the pod's interfaces, so resets it \
+                 sends are not counted: {}",
+                crate::telemetry::chain(&err)
+            );
+            tracing::warn!(pod = %pod.id.name, "{reason}");
+            drain.lost = Some(reason);
+        }
         for addr in &pod.addresses {
             if !drain.addresses.contains(addr) {
                 self.probes.watch(*addr, drain.slot)?;

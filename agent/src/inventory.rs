@@ -43,6 +43,9 @@ pub struct ObservedPod {
     pub in_service: bool,
     /// Its termination grace period, for a source that knows.
     pub grace_period: Option<std::time::Duration>,
+    /// Its network namespace, for a source that can enter it (local mode): where the reset
+    /// program is attached on kernels that need it.
+    pub netns: Option<std::path::PathBuf>,
 }
 
 /// What a pod belongs to, as the rollout gate groups pods: its top owner (a Deployment through
@@ -212,6 +215,7 @@ impl InventorySource for LocalSource {
                 },
                 addresses,
                 pids: processes,
+                netns: Some(path),
             });
         }
         Ok(pods)

@@ -2,12 +2,14 @@
 //!
 //! The library holds everything; `main.rs` only parses the command line. Modules:
 //! - [`tracefs`]: tracepoint record layouts of the running kernel;
+//! - [`btf`]: kernel struct member offsets from the running kernel's BTF;
 //! - [`loader`]: loads and attaches the eBPF programs, typed access to their maps;
 //! - [`rehearse`]: a whole rolling update on one machine, the agent held against the clients;
 //! - [`telemetry`]: logging set up from the environment.
 
 pub mod agent;
 pub mod api;
+pub mod btf;
 pub mod cli;
 pub mod drain;
 pub mod events;

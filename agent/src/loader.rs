@@ -16,8 +16,9 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf},
     programs::{
-        ProgramError, TracePoint,
+        ProgramError, SchedClassifier, TracePoint,
         links::{FdLink, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcAttachType, TcHandle},
         trace_point::TracePointLinkId,
     },
     util::nr_cpus,
@@ -39,12 +40,18 @@ const ABSENT: u64 = u64::MAX;
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Need {
     Required,
-    /// Newer kernels only (e.g. `tcp_send_reset.reason`, 6.10+); absent means unknown.
+    /// Some kernels only (e.g. `tcp_send_reset.reason`, 6.10+; `tcp_receive_reset.family`);
+    /// absent, the program takes the fact from elsewhere or leaves it unknown.
     Optional,
 }
 
 /// A field of a record layout a program is compiled against: its tracefs name, offset and size.
 type LayoutField = (&'static str, usize, usize);
+
+/// A field a program reads at an offset from tracefs: the program global that gets the
+/// offset, the field's tracefs name, its size in bytes (a field of another size is another
+/// layout, which the program cannot read), and whether it must exist.
+type Global = (&'static str, &'static str, u64, Need);
 
 /// A kernel program and the tracepoint it attaches to, with the record fields it reads: each
 /// field's offset becomes the program global of the given name.
@@ -52,7 +59,7 @@ struct Hook {
     program: &'static str,
     category: &'static str,
     name: &'static str,
-    globals: &'static [(&'static str, &'static str, Need)],
+    globals: &'static [Global],
     /// The program compiled against one record layout (each field's name, offset and size),
     /// which reads the record in place: loaded instead where tracefs shows exactly that layout.
     fixed: Option<(&'static str, &'static [LayoutField])>,
@@ -60,23 +67,26 @@ struct Hook {
 
 use Need::{Optional, Required};
 
+/// The hook of `tcp:tcp_send_reset`, which [`ResetSource`] may replace.
+const SEND_RESET: &str = "tcp_send_reset";
+
 const HOOKS: &[Hook] = &[
     Hook {
         program: "inet_sock_set_state",
         category: "sock",
         name: "inet_sock_set_state",
         globals: &[
-            ("SSS_SKADDR", "skaddr", Required),
-            ("SSS_OLDSTATE", "oldstate", Required),
-            ("SSS_NEWSTATE", "newstate", Required),
-            ("SSS_SPORT", "sport", Required),
-            ("SSS_DPORT", "dport", Required),
-            ("SSS_FAMILY", "family", Required),
-            ("SSS_PROTOCOL", "protocol", Required),
-            ("SSS_SADDR", "saddr", Required),
-            ("SSS_DADDR", "daddr", Required),
-            ("SSS_SADDR_V6", "saddr_v6", Required),
-            ("SSS_DADDR_V6", "daddr_v6", Required),
+            ("SSS_SKADDR", "skaddr", 8, Required),
+            ("SSS_OLDSTATE", "oldstate", 4, Required),
+            ("SSS_NEWSTATE", "newstate", 4, Required),
+            ("SSS_SPORT", "sport", 2, Required),
+            ("SSS_DPORT", "dport", 2, Required),
+            ("SSS_FAMILY", "family", 2, Required),
+            ("SSS_PROTOCOL", "protocol", 2, Required),
+            ("SSS_SADDR", "saddr", 4, Required),
+            ("SSS_DADDR", "daddr", 4, Required),
+            ("SSS_SADDR_V6", "saddr_v6", 16, Required),
+            ("SSS_DADDR_V6", "daddr_v6", 16, Required),
         ],
         fixed: Some((
             "inet_sock_set_state_fixed",
@@ -84,15 +94,18 @@ const HOOKS: &[Hook] = &[
         )),
     },
     Hook {
-        program: "tcp_send_reset",
+        program: SEND_RESET,
         category: "tcp",
         name: "tcp_send_reset",
+        // The layout of 6.10+, which fires for every reset the kernel sends, with or without a
+        // socket; earlier kernels' records (4-byte addresses) come from a tracepoint that misses
+        // refusals, and the packets are read instead (`ResetSource::Packets`).
         globals: &[
-            ("RST_SKADDR", "skaddr", Required),
-            ("RST_STATE", "state", Required),
-            ("RST_REASON", "reason", Optional),
-            ("RST_SADDR", "saddr", Required),
-            ("RST_DADDR", "daddr", Required),
+            ("RST_SKADDR", "skaddr", 8, Required),
+            ("RST_STATE", "state", 4, Required),
+            ("RST_REASON", "reason", 4, Optional),
+            ("RST_SADDR", "saddr", 28, Required),
+            ("RST_DADDR", "daddr", 28, Required),
         ],
         fixed: None,
     },
@@ -101,14 +114,15 @@ const HOOKS: &[Hook] = &[
         category: "tcp",
         name: "tcp_receive_reset",
         globals: &[
-            ("RCV_SKADDR", "skaddr", Required),
-            ("RCV_SPORT", "sport", Required),
-            ("RCV_DPORT", "dport", Required),
-            ("RCV_FAMILY", "family", Required),
-            ("RCV_SADDR", "saddr", Required),
-            ("RCV_DADDR", "daddr", Required),
-            ("RCV_SADDR_V6", "saddr_v6", Required),
-            ("RCV_DADDR_V6", "daddr_v6", Required),
+            ("RCV_SKADDR", "skaddr", 8, Required),
+            ("RCV_SPORT", "sport", 2, Required),
+            ("RCV_DPORT", "dport", 2, Required),
+            // Absent on older kernels: the IPv6 fields hold IPv4 addresses mapped.
+            ("RCV_FAMILY", "family", 2, Optional),
+            ("RCV_SADDR", "saddr", 4, Required),
+            ("RCV_DADDR", "daddr", 4, Required),
+            ("RCV_SADDR_V6", "saddr_v6", 16, Required),
+            ("RCV_DADDR_V6", "daddr_v6", 16, Required),
         ],
         fixed: None,
     },
@@ -116,7 +130,10 @@ const HOOKS: &[Hook] = &[
         program: "signal_generate",
         category: "signal",
         name: "signal_generate",
-        globals: &[("SIG_SIG", "sig", Required), ("SIG_PID", "pid", Required)],
+        globals: &[
+            ("SIG_SIG", "sig", 4, Required),
+            ("SIG_PID", "pid", 4, Required),
+        ],
         fixed: Some((
             "signal_generate_fixed",
             &draingate_common::signal_layout::FIELDS,
@@ -126,13 +143,43 @@ const HOOKS: &[Hook] = &[
         program: "sched_process_exit",
         category: "sched",
         name: "sched_process_exit",
-        globals: &[("EXIT_GROUP_DEAD", "group_dead", Required)],
+        // 6.16+; before, the process's live thread count is read at offsets from BTF.
+        globals: &[("EXIT_GROUP_DEAD", "group_dead", 1, Optional)],
         fixed: Some((
             "sched_process_exit_fixed",
             &draingate_common::exit_layout::FIELDS,
         )),
     },
 ];
+
+/// Where the resets a pod sends are counted from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetSource {
+    /// `tcp:tcp_send_reset` (6.10+), which fires for every reset the kernel sends.
+    Tracepoint,
+    /// The packets leaving each pod, read by the TC program `pod_egress` on its interface:
+    /// on kernels before 6.10, whose tracepoint misses every refusal.
+    Packets,
+}
+
+/// The oldest kernel the programs load on: `bpf_map_lookup_percpu_elem` (5.19); BPF atomic
+/// compare-and-exchange (5.12) and pinnable tracepoint links (5.15) come before it.
+pub const MIN_KERNEL: (u32, u32) = (5, 19);
+
+/// The running kernel's release (`uname -r`) and its major and minor version.
+fn kernel_release() -> (String, Option<(u32, u32)>) {
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(str::parse::<u32>);
+    let version = match (numbers.next(), numbers.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => Some((major, minor)),
+        _ => None,
+    };
+    (release, version)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
@@ -166,6 +213,44 @@ pub enum LoaderError {
     MissingProgram(&'static str),
     #[error("eBPF map `{0}` is missing from the object (build mismatch)")]
     MissingMap(&'static str),
+    #[error(
+        "Linux {release} is too old for draingate: it needs {min_major}.{min_minor} or newer \
+         (BPF helpers and links its programs use; tested on 6.1, 6.12 and 6.18)",
+        min_major = MIN_KERNEL.0,
+        min_minor = MIN_KERNEL.1
+    )]
+    KernelTooOld { release: String },
+    #[error(
+        "tracepoint {tracepoint} has field `{field}` of {size} bytes on this kernel, not the \
+         {expected} bytes draingate reads: a record layout it does not know"
+    )]
+    FieldSize {
+        tracepoint: String,
+        field: &'static str,
+        size: u64,
+        expected: u64,
+    },
+    #[error(transparent)]
+    Btf(#[from] crate::btf::BtfError),
+    #[error("the kernel's verifier rejected program {program}: {first_line}")]
+    Verifier {
+        program: &'static str,
+        first_line: String,
+        /// The whole verifier log, for `RUST_LOG=debug`.
+        log: String,
+    },
+    #[error("attaching the reset program to interface {interface} failed")]
+    Tc {
+        interface: String,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("entering network namespace {path} failed: {source}")]
+    Netns {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("attaching program {program} to tracepoint {tracepoint} failed")]
     Attach {
         program: &'static str,
@@ -309,6 +394,13 @@ pub struct ProbeConfig {
     /// Buckets of the socket table the programs use (four sockets each): a power of two, at
     /// most (and by default) `SOCKET_BUCKETS`. Tests use a few to fill the table.
     pub socket_buckets: u32,
+    /// Where resets pods send are counted from; `None` (the default): the tracepoint where
+    /// this kernel's fires for every reset (6.10+), else the packets. Tests force the packets
+    /// to prove both agree on a kernel that has both.
+    pub reset_source: Option<ResetSource>,
+    /// Tracepoint fields (`tracepoint name`, `field`) taken as absent, as older kernels lack
+    /// them: tests run the programs' paths for those kernels on this one. Empty by default.
+    pub hide_fields: Vec<(&'static str, &'static str)>,
 }
 
 impl ProbeConfig {
@@ -319,6 +411,8 @@ impl ProbeConfig {
             pin_dir,
             fixed_layout: true,
             socket_buckets: SOCKET_BUCKETS,
+            reset_source: None,
+            hide_fields: Vec::new(),
         }
     }
 }
@@ -334,7 +428,10 @@ impl Default for ProbeConfig {
 /// detaches and frees them.
 pub struct KernelProbes {
     // Owns the programs; the maps were taken out of it below.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
+    /// The interfaces the reset program is attached to, by network namespace inode and
+    /// interface index ([`ResetSource::Packets`] only).
+    tc_attached: std::collections::BTreeSet<(u64, u32)>,
     _links: Vec<PinnedLink>,
     pod_addrs: HashMap<MapData, AddrKey, u32>,
     addr_table: Array<MapData, AddrTableValue>,
@@ -350,6 +447,8 @@ pub struct KernelProbes {
     events: Option<RingBuf<MapData>>,
     /// Whether the programs were already attached by an earlier agent (a restart).
     pub resumed: bool,
+    /// Where the resets pods send are counted from on this kernel.
+    pub reset_source: ResetSource,
     /// Every program this agent loaded, by name (`signal_generate_fixed`, ...); empty when it
     /// took over an earlier agent's.
     pub programs: Vec<&'static str>,
@@ -395,24 +494,65 @@ impl KernelProbes {
     /// Reads this kernel's tracepoint layouts, loads the programs with them, and attaches them,
     /// or takes over the programs, links and maps that an earlier agent pinned.
     pub fn load(config: &ProbeConfig) -> Result<Self, LoaderError> {
+        let (release, version) = kernel_release();
+        if version.is_some_and(|version| version < MIN_KERNEL) {
+            return Err(LoaderError::KernelTooOld { release });
+        }
         let root = tracefs::root()?;
-        let mut offsets = Vec::new();
-        // The program each hook loads, by the hook's (pin) name.
-        let mut programs: Vec<&'static str> = Vec::new();
+        let mut offsets: Vec<(&'static str, u64)> = Vec::new();
+        // The hooks attached, each with the program it loads.
+        let mut programs: Vec<(&'static Hook, &'static str)> = Vec::new();
+        let mut reset_source = ResetSource::Tracepoint;
         for hook in HOOKS {
-            let format = TracepointFormat::read(&root, hook.category, hook.name)?;
-            programs.push(match hook.fixed {
-                Some((fixed, layout)) if config.fixed_layout && format.has_layout(layout) => fixed,
-                _ => hook.program,
+            let mut format = TracepointFormat::read(&root, hook.category, hook.name)?;
+            format.fields.retain(|field| {
+                !config
+                    .hide_fields
+                    .iter()
+                    .any(|&(hidden_in, hidden)| hidden_in == hook.name && hidden == field.name)
             });
-            for &(global, field, need) in hook.globals {
-                let offset = match (format.offset(field), need) {
-                    (Ok(offset), _) => offset,
-                    (Err(_), Optional) => ABSENT,
-                    (Err(err), Required) => return Err(err.into()),
+            if hook.program == SEND_RESET
+                && (config.reset_source == Some(ResetSource::Packets)
+                    || !["saddr", "daddr"]
+                        .iter()
+                        .all(|name| format.field(name).is_some_and(|f| f.size == 28)))
+            {
+                reset_source = ResetSource::Packets;
+                offsets.extend(hook.globals.iter().map(|&(global, ..)| (global, ABSENT)));
+                continue;
+            }
+            programs.push((
+                hook,
+                match hook.fixed {
+                    Some((fixed, layout)) if config.fixed_layout && format.has_layout(layout) => {
+                        fixed
+                    }
+                    _ => hook.program,
+                },
+            ));
+            for &(global, field, size, need) in hook.globals {
+                let offset = match (format.field(field), need) {
+                    (Some(found), _) if found.size == size => found.offset,
+                    (Some(found), _) => {
+                        return Err(LoaderError::FieldSize {
+                            tracepoint: format.tracepoint.clone(),
+                            field,
+                            size: found.size,
+                            expected: size,
+                        });
+                    }
+                    (None, Optional) => ABSENT,
+                    (None, Required) => return Err(format.offset(field).unwrap_err().into()),
                 };
                 offsets.push((global, offset));
             }
+        }
+        // No `group_dead` in the exit record (before 6.16): the programs read the exiting
+        // process's live thread count at offsets from the kernel's BTF instead.
+        if offsets.contains(&("EXIT_GROUP_DEAD", ABSENT)) {
+            let btf = crate::btf::Btf::vmlinux()?;
+            offsets.push(("TASK_SIGNAL", btf.member_offset("task_struct", "signal")?));
+            offsets.push(("SIGNAL_LIVE", btf.member_offset("signal_struct", "live")?));
         }
 
         let links_dir = config.pin_dir.join("links");
@@ -466,7 +606,7 @@ impl KernelProbes {
         let mut links = Vec::new();
         let mut resumed = 0;
         let mut loaded_programs = Vec::new();
-        for (hook, name) in HOOKS.iter().zip(programs) {
+        for &(hook, name) in &programs {
             let pin = links_dir.join(hook.program);
             if let Ok(link) = PinnedLink::from_pin(&pin) {
                 // An earlier agent's program is still attached and counting into the same pinned
@@ -494,6 +634,27 @@ impl KernelProbes {
             );
         }
 
+        if reset_source == ResetSource::Packets {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(RESET_PROGRAM)
+                .ok_or(LoaderError::MissingProgram(RESET_PROGRAM))?
+                .try_into()
+                .map_err(|source| LoaderError::Tc {
+                    interface: String::new(),
+                    source: Box::new(source),
+                })?;
+            program.load().map_err(|err| {
+                classify(err, "load eBPF programs", |source| match source {
+                    ProgramError::LoadError { .. } => load_error(RESET_PROGRAM, &HOOKS[1], source),
+                    other => LoaderError::Tc {
+                        interface: String::new(),
+                        source: Box::new(other),
+                    },
+                })
+            })?;
+            loaded_programs.push(RESET_PROGRAM);
+        }
+
         let pod_addrs: HashMap<MapData, AddrKey, u32> = take_map(&mut ebpf, "POD_ADDRS")?;
         let watched = pod_addrs
             .iter()
@@ -511,9 +672,11 @@ impl KernelProbes {
             windows: take_map(&mut ebpf, "WINDOWS")?,
             loss: take_map(&mut ebpf, "LOSS")?,
             events: Some(take_map(&mut ebpf, "EVENTS")?),
-            _ebpf: ebpf,
+            ebpf,
+            tc_attached: std::collections::BTreeSet::new(),
             _links: links,
-            resumed: resumed == HOOKS.len(),
+            resumed: resumed == programs.len(),
+            reset_source,
             programs: loaded_programs,
         };
         probes.apply_addresses()?;
@@ -563,6 +726,76 @@ impl KernelProbes {
             Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
             other => other,
         }
+    }
+
+    /// Attaches the reset program ([`ResetSource::Packets`]) to every interface but loopback
+    /// of the network namespace at `netns` (a pod's: local mode), on egress, where the pod's
+    /// packets leave it. Interfaces it is on already are skipped; returns how many were new.
+    /// Does nothing where the kernel's tracepoint counts resets.
+    pub fn watch_pod_interfaces(&mut self, netns: &Path) -> Result<usize, LoaderError> {
+        if self.reset_source != ResetSource::Packets {
+            return Ok(0);
+        }
+        let file = std::fs::File::open(netns).map_err(|source| LoaderError::Netns {
+            path: netns.to_owned(),
+            source,
+        })?;
+        let inode = std::os::unix::fs::MetadataExt::ino(&file.metadata().map_err(|source| {
+            LoaderError::Netns {
+                path: netns.to_owned(),
+                source,
+            }
+        })?);
+        let program = reset_program(&mut self.ebpf)?;
+        let attached = &mut self.tc_attached;
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // This thread only: the agent's other threads stay in the host namespace.
+                    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(
+                        |errno| LoaderError::Netns {
+                            path: netns.to_owned(),
+                            source: errno.into(),
+                        },
+                    )?;
+                    let interfaces = interfaces(|name| name != "lo");
+                    attach_reset_program(
+                        program,
+                        inode,
+                        &interfaces,
+                        TcAttachType::Egress,
+                        attached,
+                    )
+                })
+                .join()
+                .unwrap_or_else(|_| {
+                    Err(LoaderError::Netns {
+                        path: netns.to_owned(),
+                        source: io::Error::other("the attaching thread panicked"),
+                    })
+                })
+        })
+    }
+
+    /// Attaches the reset program ([`ResetSource::Packets`]) to the node's side of every pod
+    /// interface in the agent's own network namespace (Kubernetes mode, `hostNetwork`): each
+    /// interface with a peer (a veth), on ingress, where the pod's packets arrive. The program
+    /// only counts packets from a watched pod address. Returns how many were new.
+    pub fn watch_node_interfaces(&mut self) -> Result<usize, LoaderError> {
+        if self.reset_source != ResetSource::Packets {
+            return Ok(0);
+        }
+        let inode = std::fs::metadata("/proc/self/ns/net")
+            .map_or(0, |meta| std::os::unix::fs::MetadataExt::ino(&meta));
+        let program = reset_program(&mut self.ebpf)?;
+        let interfaces = interfaces(has_peer);
+        attach_reset_program(
+            program,
+            inode,
+            &interfaces,
+            TcAttachType::Ingress,
+            &mut self.tc_attached,
+        )
     }
 
     /// Counts sockets whose local address is `addr` under pod `slot`, from the next
@@ -804,6 +1037,118 @@ fn check_slot(slot: u32) -> Result<(), LoaderError> {
     Ok(())
 }
 
+/// The TC program that counts the resets pods send on kernels before 6.10.
+const RESET_PROGRAM: &str = "pod_egress";
+
+/// The priority of the reset program's filter: the first, so that it sees every packet before
+/// a CNI's filters (which may redirect it); it passes each on unchanged.
+const TC_PRIORITY: u16 = 1;
+
+/// Its filter's handle, which no CNI uses: a restarted agent finds its predecessor's filter by
+/// it and replaces the program in place, so that no packet goes uncounted between the two.
+const TC_HANDLE: TcHandle = TcHandle::new(0xd6a7, 1);
+
+fn reset_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, LoaderError> {
+    ebpf.program_mut(RESET_PROGRAM)
+        .ok_or(LoaderError::MissingProgram(RESET_PROGRAM))?
+        .try_into()
+        .map_err(|source| LoaderError::Tc {
+            interface: String::new(),
+            source: Box::new(source),
+        })
+}
+
+/// The interfaces of the calling thread's network namespace whose names `keep`.
+fn interfaces(keep: impl Fn(&str) -> bool) -> Vec<(u32, String)> {
+    nix::net::if_::if_nameindex()
+        .map(|list| {
+            list.iter()
+                .filter_map(|i| {
+                    let name = i.name().to_str().ok()?;
+                    keep(name).then(|| (i.index(), name.to_owned()))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether interface `name` of the agent's namespace has a peer (a veth, whose `iflink` is
+/// the other end's index; other devices name themselves).
+fn has_peer(name: &str) -> bool {
+    let read = |file: &str| {
+        std::fs::read_to_string(format!("/sys/class/net/{name}/{file}"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+    };
+    name != "lo" && matches!((read("ifindex"), read("iflink")), (Some(a), Some(b)) if a != b)
+}
+
+/// Attaches `program` to each of `interfaces` (of the namespace `netns_inode`, which the
+/// calling thread is in) not in `attached` yet, replacing an earlier agent's program in place.
+/// The filters are left behind when the agent stops: they keep counting into the pinned maps
+/// until the next agent replaces them, and go with their interface.
+fn attach_reset_program(
+    program: &mut SchedClassifier,
+    netns_inode: u64,
+    interfaces: &[(u32, String)],
+    direction: TcAttachType,
+    attached: &mut std::collections::BTreeSet<(u64, u32)>,
+) -> Result<usize, LoaderError> {
+    let mut new = 0;
+    for (index, name) in interfaces {
+        if attached.contains(&(netns_inode, *index)) {
+            continue;
+        }
+        let tc_error = |source: ProgramError| LoaderError::Tc {
+            interface: name.clone(),
+            source: Box::new(source),
+        };
+        match tc::qdisc_add_clsact(name) {
+            Ok(()) | Err(tc::TcError::AlreadyAttached) => {}
+            Err(err) if is_exists(&err) => {}
+            Err(err) => return Err(tc_error(ProgramError::from(err))),
+        }
+        let options = TcAttachOptions::Netlink(NlOptions {
+            priority: TC_PRIORITY,
+            handle: TC_HANDLE,
+            classid: None,
+        });
+        let link_id = match program.attach_with_options(name, direction, options) {
+            Ok(link_id) => link_id,
+            Err(err) if is_exists(&err) => {
+                let link =
+                    SchedClassifierLink::attached(name, direction, TC_PRIORITY, TC_HANDLE, None)
+                        .map_err(|err| tc_error(err.into()))?;
+                program.attach_to_link(link).map_err(tc_error)?
+            }
+            Err(err) => {
+                return Err(classify(err, "attach TC programs", |source| {
+                    tc_error(source)
+                }));
+            }
+        };
+        // Detached only with the interface or by the next agent: see above.
+        std::mem::forget(program.take_link(link_id).map_err(tc_error)?);
+        attached.insert((netns_inode, *index));
+        new += 1;
+    }
+    Ok(new)
+}
+
+/// Whether `err` is the kernel's EEXIST: a filter at that priority and handle is there.
+fn is_exists(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(err);
+    while let Some(current) = source {
+        if let Some(io) = current.downcast_ref::<io::Error>()
+            && io.raw_os_error() == Some(libc::EEXIST)
+        {
+            return true;
+        }
+        source = current.source();
+    }
+    false
+}
+
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoaderError>
 where
     T: TryFrom<Map, Error = MapError>,
@@ -825,7 +1170,7 @@ fn load_and_attach<'a>(
         .map_err(|source| attach_error(hook, source))?;
     program.load().map_err(|err| {
         classify(err, "load eBPF programs", |source| {
-            attach_error(hook, source)
+            load_error(name, hook, source)
         })
     })?;
     let link_id = program.attach(hook.category, hook.name).map_err(|err| {
@@ -834,6 +1179,42 @@ fn load_and_attach<'a>(
         })
     })?;
     Ok((program, link_id))
+}
+
+/// A program the kernel would not load: the verifier's rejection in one line (the whole log
+/// at debug level), anything else as an attach error.
+fn load_error(program: &'static str, hook: &Hook, source: ProgramError) -> LoaderError {
+    match source {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            tracing::debug!(program, %io_error, "verifier log:\n{log}");
+            LoaderError::Verifier {
+                program,
+                first_line: verifier_summary(&log, &io_error),
+                log,
+            }
+        }
+        other => attach_error(hook, other),
+    }
+}
+
+/// The verifier's reason for a rejection: the last line of its log that is not a statistic
+/// (the log ends with the error, then the instruction and stack counts), or the error code.
+fn verifier_summary(log: &str, io_error: &io::Error) -> String {
+    log.lines()
+        .map(str::trim)
+        .rev()
+        .find(|line| {
+            !line.is_empty()
+                && !line.starts_with("processed ")
+                && !line.starts_with("verification time")
+                && !line.starts_with("stack depth")
+                && !line.starts_with("-- END PROG LOAD LOG --")
+        })
+        .map_or_else(|| io_error.to_string(), str::to_owned)
 }
 
 fn attach_error(hook: &Hook, source: ProgramError) -> LoaderError {

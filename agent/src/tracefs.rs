@@ -136,6 +136,12 @@ impl TracepointFormat {
         })
     }
 
+    /// The field named `name`, if the record has it.
+    #[must_use]
+    pub fn field(&self, name: &str) -> Option<&Field> {
+        self.fields.iter().find(|f| f.name == name)
+    }
+
     /// The offset of `field` in the record, or an error that names the tracepoint and field.
     pub fn offset(&self, field: &str) -> Result<u64, TracefsError> {
         self.fields

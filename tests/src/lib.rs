@@ -49,6 +49,12 @@ impl Netns {
         netns
     }
 
+    /// The namespace's bind mount, as `ip netns` keeps it.
+    #[must_use]
+    pub fn path(&self) -> std::path::PathBuf {
+        std::path::Path::new("/run/netns").join(self.name())
+    }
+
     #[must_use]
     pub fn name(&self) -> &str {
         &self.name

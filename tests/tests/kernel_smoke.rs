@@ -10,7 +10,7 @@ use std::{
 
 use draingate::{
     events,
-    loader::{KernelProbes, SlotTotals},
+    loader::{KernelProbes, ResetSource, SlotTotals},
 };
 use draingate_common::{NO_SLOT, NotableEvent, event_kind};
 use draingate_tests::{Family, Link, PinDir, require_root};
@@ -218,12 +218,41 @@ fn counts_ipv6_connections_with_offsets_from_tracefs() {
     counts_connections_per_pod_address(Family::V6, false);
 }
 
+/// Where the refusals are counted from: the kernel's choice here, or the packets (the TC
+/// program, which kernels before 6.10 use) forced.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Resets {
+    KernelChoice,
+    Packets,
+}
+
 fn counts_refused_connections(family: Family, fixed: bool) {
+    counts_refused_connections_from(family, fixed, Resets::KernelChoice);
+}
+
+fn counts_refused_connections_from(family: Family, fixed: bool, resets: Resets) {
     require_root();
     let mut pins = PinDir::new();
     pins.config.fixed_layout = fixed;
+    if resets == Resets::Packets {
+        // As on the oldest kernels: no `tcp_send_reset` for refusals, no `family` in
+        // `tcp_receive_reset` (the client's side of each refusal).
+        pins.config.reset_source = Some(ResetSource::Packets);
+        pins.config
+            .hide_fields
+            .push(("tcp_receive_reset", "family"));
+    }
     let mut probes = KernelProbes::load(&pins.config).expect("load and attach the programs");
     let link = Link::new("refuse", family);
+    if probes.reset_source == ResetSource::Packets {
+        let attached = probes
+            .watch_pod_interfaces(&link.b.path())
+            .expect("attach the reset program in the server's namespace");
+        assert_eq!(attached, 1, "one interface besides loopback");
+        probes
+            .watch_pod_interfaces(&link.a.path())
+            .expect("attach the reset program in the client's namespace");
+    }
     probes
         .watch(link.b_addr, SERVER_SLOT)
         .expect("watch server");
@@ -289,6 +318,16 @@ fn counts_refused_connections(family: Family, fixed: bool) {
         assert_eq!(event.remote_port, CLOSED_PORT);
     }
     assert_eq!(events.len() as u64, 2 * CONNECTIONS, "{events:?}");
+}
+
+#[test]
+fn counts_ipv4_refused_connections_from_packets() {
+    counts_refused_connections_from(Family::V4, true, Resets::Packets);
+}
+
+#[test]
+fn counts_ipv6_refused_connections_from_packets() {
+    counts_refused_connections_from(Family::V6, false, Resets::Packets);
 }
 
 #[test]
@@ -641,25 +680,47 @@ fn maps_pinned_with_another_layout_are_refused_not_misread() {
 /// to resolve, without a pod, and its exit not at all. `fixed`: the programs that read this
 /// kernel's record layouts in place (the default here), or the ones that take every offset
 /// from tracefs (any other kernel's choice).
-fn reports_signals_and_exits_of_pod_processes(fixed: bool) {
+/// `group_dead`: whether the exit record's `group_dead` (6.16+) is used, or taken as absent
+/// as on older kernels, where the process's live thread count is read at offsets from BTF.
+/// The pod's process has five threads, all ending at once: one exit is reported, not five.
+fn reports_signals_and_exits_of_pod_processes(fixed: bool, group_dead: bool) {
     use nix::{sys::signal, unistd::Pid};
     require_root();
     let mut pins = PinDir::new();
     pins.config.fixed_layout = fixed;
+    if !group_dead {
+        pins.config
+            .hide_fields
+            .push(("sched_process_exit", "group_dead"));
+    }
     let mut probes = KernelProbes::load(&pins.config).expect("load and attach the programs");
-    let expected = if fixed {
-        ["signal_generate_fixed", "sched_process_exit_fixed"]
-    } else {
-        ["signal_generate", "sched_process_exit"]
+    let expected = match (fixed, group_dead) {
+        (true, true) => ["signal_generate_fixed", "sched_process_exit_fixed"],
+        (true, false) => ["signal_generate_fixed", "sched_process_exit"],
+        (false, _) => ["signal_generate", "sched_process_exit"],
     };
     for program in expected {
         assert!(probes.programs.contains(&program), "{:?}", probes.programs);
     }
+    let threads = "import threading, time\n\
+                   for _ in range(4): threading.Thread(target=time.sleep, args=(30,)).start()\n\
+                   print('ready', flush=True)\n\
+                   time.sleep(30)";
     let spawn = || {
-        std::process::Command::new("sleep")
-            .arg("30")
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", threads])
+            .stdout(std::process::Stdio::piped())
             .spawn()
-            .expect("spawn sleep")
+            .expect("spawn python3");
+        // Every thread started before the test goes on.
+        let mut ready = [0u8; 6];
+        child
+            .stdout
+            .as_mut()
+            .expect("stdout")
+            .read_exact(&mut ready)
+            .expect("ready");
+        child
     };
     let (mut pod_process, mut stranger) = (spawn(), spawn());
     let (pod_pid, stranger_pid) = (pod_process.id(), stranger.id());
@@ -701,10 +762,15 @@ fn reports_signals_and_exits_of_pod_processes(fixed: bool) {
 
 #[test]
 fn reports_signals_and_exits_of_pod_processes_reading_records_in_place() {
-    reports_signals_and_exits_of_pod_processes(true);
+    reports_signals_and_exits_of_pod_processes(true, true);
+}
+
+#[test]
+fn reports_exits_of_pod_processes_from_the_live_thread_count_without_group_dead() {
+    reports_signals_and_exits_of_pod_processes(true, false);
 }
 
 #[test]
 fn reports_signals_and_exits_of_pod_processes_with_offsets_from_tracefs() {
-    reports_signals_and_exits_of_pod_processes(false);
+    reports_signals_and_exits_of_pod_processes(false, true);
 }

@@ -281,6 +281,7 @@ pub fn observe(pod: &Pod) -> Option<ObservedPod> {
             .or_else(|| spec.and_then(|s| s.termination_grace_period_seconds))
             .and_then(|s| u64::try_from(s).ok())
             .map(std::time::Duration::from_secs),
+        netns: None,
     })
 }
 
