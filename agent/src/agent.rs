@@ -192,6 +192,12 @@ impl Agent {
         source: Box<dyn InventorySource>,
     ) -> Result<(Self, AgentHandle), AgentError> {
         let probes = KernelProbes::load(&config.probes)?;
+        tracing::info!(
+            programs = ?probes.programs,
+            resets_from = ?probes.reset_source,
+            resumed = probes.resumed,
+            "kernel programs ready"
+        );
         let watched_by_previous: BTreeMap<IpAddr, u32> = probes.watched()?.into_iter().collect();
         // Processes tracked by a previous agent are re-tracked from the inventory.
         let state = Arc::new(Mutex::new(AgentState {

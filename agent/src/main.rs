@@ -333,6 +333,17 @@ struct AgentArgs {
     /// How long finished pods are kept with their final totals.
     #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
     retention: Duration,
+    /// Where the resets pods send are counted from: `auto` takes the kernel's tcp_send_reset
+    /// tracepoint where it sees every reset (6.10+) and each pod's packets (a TC program on
+    /// its interface) before; `packets` takes the packets on any kernel.
+    #[arg(long, value_enum, default_value_t = ResetSourceArg::Auto, env = "DRAINGATE_RESET_SOURCE")]
+    reset_source: ResetSourceArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ResetSourceArg {
+    Auto,
+    Packets,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -530,7 +541,11 @@ async fn gate_check(args: GateCheckArgs) -> anyhow::Result<ExitCode> {
 
 async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let mut config = AgentConfig {
-        probes: ProbeConfig::at(args.pin_dir),
+        probes: ProbeConfig {
+            reset_source: (args.reset_source == ResetSourceArg::Packets)
+                .then_some(draingate::loader::ResetSource::Packets),
+            ..ProbeConfig::at(args.pin_dir)
+        },
         linger: args.linger,
         retention: args.retention,
         ..AgentConfig::default()

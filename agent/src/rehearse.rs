@@ -225,7 +225,14 @@ impl EmbeddedAgent {
     ) -> Result<Self, RehearseError> {
         let pins = PathBuf::from(format!("/sys/fs/bpf/draingate-rehearse-{id}"));
         let config = AgentConfig {
-            probes: ProbeConfig::at(pins.clone()),
+            probes: ProbeConfig {
+                // As `draingate agent --reset-source packets`: the accuracy suite runs the
+                // packet source of older kernels on any kernel with it.
+                reset_source: std::env::var("DRAINGATE_RESET_SOURCE")
+                    .is_ok_and(|v| v == "packets")
+                    .then_some(crate::loader::ResetSource::Packets),
+                ..ProbeConfig::at(pins.clone())
+            },
             // New pods must be watched before their first connection: resync often.
             resync: Duration::from_millis(100),
             ..AgentConfig::default()
