@@ -333,7 +333,7 @@ struct AgentArgs {
     /// How long finished pods are kept with their final totals.
     #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
     retention: Duration,
-    /// Where the resets pods send are counted from: `auto` takes the kernel's tcp_send_reset
+    /// Where the resets pods send are counted from: `auto` takes the kernel's `tcp_send_reset`
     /// tracepoint where it sees every reset (6.10+) and each pod's packets (a TC program on
     /// its interface) before; `packets` takes the packets on any kernel.
     #[arg(long, value_enum, default_value_t = ResetSourceArg::Auto, env = "DRAINGATE_RESET_SOURCE")]
