@@ -1125,6 +1125,13 @@ fn find_reset(hash: u64) -> Option<ResetCell> {
 /// (its time still the last holder's: the caller sets it): a free one, else the oldest. Two
 /// CPUs claiming for one hash race on the same cell, and the compare-and-exchange lets one win;
 /// the other then finds it there. `None` only when other CPUs keep taking the cells.
+#[inline(always)]
+#[expect(
+    clippy::inline_always,
+    reason = "not a function of its own: the object's BTF would describe its return type, an \
+              `Option` whose niche is not at offset 0, which the kernel rejects with the whole \
+              BTF (a warning of a hundred lines at every start)"
+)]
 fn claim_reset(hash: u64, time_ns: u64) -> Option<(ResetCell, bool)> {
     let bucket = RESET_TABLE.get_ptr_mut(reset_home(hash))?;
     for _attempt in 0..2 {

@@ -70,6 +70,55 @@ fn an_agent_without_privileges_names_what_it_needs() {
     );
 }
 
+/// The first thing a user sees: the agent starts with no warning (the kernel takes the
+/// object's BTF), and says which programs it loaded and where resets are counted from.
+#[test]
+fn the_agent_starts_without_warnings_and_names_its_programs() {
+    use std::io::BufRead as _;
+    require_root();
+    let pins = draingate_tests::PinDir::new();
+    let socket = std::env::temp_dir().join(format!("dg-quiet-{}.sock", std::process::id()));
+    let mut agent = ChildGuard(
+        Command::new(draingate_bin())
+            .arg("agent")
+            .arg("--pin-dir")
+            .arg(&pins.config.pin_dir)
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the agent"),
+    );
+    let stderr = agent.0.stderr.take().expect("stderr");
+    // Lines until the agent says it runs (or its stderr ends: it failed).
+    let lines: Vec<String> = std::io::BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+        .take_while(|line| !line.contains("draingate agent running"))
+        .collect();
+    agent.signal(Signal::SIGTERM);
+    drop(agent);
+    let log = lines.join("\n");
+    assert!(
+        lines
+            .iter()
+            .all(|l| !l.contains("WARN") && !l.contains("ERROR")),
+        "{log}"
+    );
+    let ready = lines
+        .iter()
+        .find(|l| l.contains("kernel programs ready"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        ready.contains("inet_sock_set_state") && ready.contains("resets_from="),
+        "{ready}"
+    );
+    let _ = std::fs::remove_file(&socket);
+}
+
 #[test]
 fn pods_events_and_wait_drained_against_a_live_agent() {
     require_root();
