@@ -131,6 +131,68 @@ pub struct Link {
     pub b_addr: IpAddr,
 }
 
+/// A pod namespace whose veth peer is in the node's (the test's own) namespace, as a CNI sets
+/// one up: the node's side has the first address of a /30 of 198.18.0.0/15, the pod the
+/// second. Deleting the namespace deletes both ends.
+#[derive(Debug)]
+pub struct NodeLink {
+    pub pod: Netns,
+    /// The node's side of the pod's interface.
+    pub node_if: String,
+    pub node_addr: IpAddr,
+    pub pod_addr: IpAddr,
+}
+
+impl NodeLink {
+    #[must_use]
+    pub fn new(prefix: &str) -> Self {
+        let pod = Netns::new(prefix);
+        // Interface names are at most 15 bytes.
+        let node_if = format!("dgn{}", next_id() + (std::process::id() % 10_000) * 1000);
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                &node_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                pod.name(),
+            ],
+        );
+        let (node_addr, pod_addr, prefix_len) = unique_pair(Family::V4);
+        run(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("{node_addr}/{prefix_len}"),
+                "dev",
+                &node_if,
+            ],
+        );
+        run("ip", &["link", "set", &node_if, "up"]);
+        pod.ip(&[
+            "addr",
+            "add",
+            &format!("{pod_addr}/{prefix_len}"),
+            "dev",
+            "eth0",
+        ]);
+        pod.ip(&["link", "set", "eth0", "up"]);
+        Self {
+            pod,
+            node_if,
+            node_addr,
+            pod_addr,
+        }
+    }
+}
+
 /// Address family of a [`Link`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {

@@ -1,5 +1,6 @@
 //! The agent as the DaemonSet runs it (`deploy/agent.yaml`): `--source kubernetes`, as uid 0 with
-//! every capability gone but `CAP_BPF` and `CAP_PERFMON`, against a local server answering in the
+//! every capability gone but the ones the DaemonSet adds, read from the manifest itself
+//! (`CAP_BPF`, `CAP_PERFMON`, `CAP_NET_ADMIN`), against a local server answering in the
 //! API server's JSON (`draingate_tests::kube_api`). The pod it lists has the address of a real
 //! network namespace, as a CNI would have set it up; the kernel programs must count that pod's
 //! refusals under its Kubernetes name, and its deletionTimestamp must open its window. When the
@@ -11,7 +12,7 @@ use std::{
 };
 
 use draingate_tests::{
-    ChildGuard, Family, Link, PinDir, draingate_bin, free_port, http_request,
+    ChildGuard, Family, Link, NodeLink, PinDir, draingate_bin, free_port, http_request,
     kube_api::{FakeKubeApi, pod},
     require_root,
 };
@@ -46,31 +47,121 @@ fn wait_for(what: &str, mut check: impl FnMut() -> Option<Value>) -> Value {
     }
 }
 
+/// The capabilities `deploy/agent.yaml` adds to the agent's container, each with its number.
+fn daemonset_capabilities() -> Vec<(String, u32)> {
+    use serde::Deserialize as _;
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/agent.yaml");
+    let text = std::fs::read_to_string(path).expect("deploy/agent.yaml");
+    let daemonset = serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).expect("a YAML document"))
+        .find(|doc| doc["kind"] == "DaemonSet")
+        .expect("a DaemonSet");
+    let added = &daemonset["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]
+        ["add"];
+    added
+        .as_array()
+        .expect("capabilities.add")
+        .iter()
+        .map(|name| {
+            let name = name.as_str().expect("a name").to_owned();
+            let number = match name.as_str() {
+                "NET_ADMIN" => 12,
+                "PERFMON" => 38,
+                "BPF" => 39,
+                other => panic!("deploy/agent.yaml adds {other}: give this test its number"),
+            };
+            (name, number)
+        })
+        .collect()
+}
+
+/// Where the pod's client is, and where the agent counts the resets the pod sends from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Setup {
+    /// A client in a namespace beside the pod's; resets from the kernel's choice of source.
+    BesidePod,
+    /// The pod's veth peer in the node's namespace, as a CNI sets it up, the client on the
+    /// node, and resets counted from the packets (as on kernels before 6.10): the agent puts
+    /// its TC program on the node's side of the pod's interface.
+    NodeSidePackets,
+}
+
 #[test]
-fn the_kubernetes_agent_counts_a_pods_failures_with_only_cap_bpf_and_cap_perfmon() {
+fn the_kubernetes_agent_counts_a_pods_failures_with_only_the_daemonsets_capabilities() {
+    kubernetes_agent_counts_a_pods_failures(Setup::BesidePod);
+}
+
+#[test]
+fn the_kubernetes_agent_counts_refusals_from_packets_on_the_nodes_side_of_the_pod() {
+    kubernetes_agent_counts_a_pods_failures(Setup::NodeSidePackets);
+}
+
+/// A connect to the pod's closed port from the client, refused.
+struct Client {
+    beside: Option<Link>,
+    node: Option<NodeLink>,
+}
+
+impl Client {
+    fn pod_addr(&self) -> std::net::IpAddr {
+        self.beside
+            .as_ref()
+            .map_or_else(|| self.node.as_ref().expect("one").pod_addr, |l| l.b_addr)
+    }
+
+    fn refused(&self, port: u16) -> bool {
+        let closed = std::net::SocketAddr::new(self.pod_addr(), port);
+        match &self.beside {
+            Some(link) => link.a.run(|| std::net::TcpStream::connect(closed)).is_err(),
+            None => std::net::TcpStream::connect_timeout(&closed, Duration::from_secs(2))
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused),
+        }
+    }
+}
+
+fn kubernetes_agent_counts_a_pods_failures(setup: Setup) {
     require_root();
     let runtime = draingate_tests::kube_api::runtime();
-    // The pod's network namespace (b), and a client beside it (a).
-    let link = Link::new("dgka", Family::V4);
+    let client = match setup {
+        // The pod's network namespace (b), and a client beside it (a).
+        Setup::BesidePod => Client {
+            beside: Some(Link::new("dgka", Family::V4)),
+            node: None,
+        },
+        Setup::NodeSidePackets => Client {
+            beside: None,
+            node: Some(NodeLink::new("dgkn")),
+        },
+    };
     let name = "web-7c9d5b8f4-x2kqz";
     let listed = pod(
         name,
         "uid-kube-1",
-        &link.b_addr.to_string(),
+        &client.pod_addr().to_string(),
         Some(("web-7c9d5b8f4", "pod-template-hash", "7c9d5b8f4")),
     );
     let api = runtime.block_on(FakeKubeApi::start(vec![listed.clone()], vec![]));
-    let dir = std::env::temp_dir().join(format!("draingate-kube-agent-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "draingate-kube-agent-{}-{}",
+        std::process::id(),
+        setup as u8
+    ));
     std::fs::create_dir_all(&dir).expect("temporary directory");
     let kubeconfig = api.kubeconfig(&dir);
     let pins = PinDir::new();
     let socket = dir.join("agent.sock").display().to_string();
     let http = format!("127.0.0.1:{}", free_port());
     let log = std::fs::File::create(dir.join("agent.log")).expect("log");
+    let capabilities = daemonset_capabilities();
+    let bounding: String = capabilities
+        .iter()
+        .map(|(name, _)| format!(",+{}", name.to_lowercase()))
+        .collect();
     let mut agent = ChildGuard(
         Command::new("setpriv")
-            // uid 0 keeps only what the bounding set allows across exec: the DaemonSet's two.
-            .args(["--bounding-set=-all,+bpf,+perfmon", "--inh-caps=-all"])
+            // uid 0 keeps only what the bounding set allows across exec: the DaemonSet's.
+            .arg(format!("--bounding-set=-all{bounding}"))
+            .arg("--inh-caps=-all")
             .arg(draingate_bin())
             .args(["agent", "--source", "kubernetes", "--node-name", "node-a"])
             .args(["--grpc-addr", &format!("127.0.0.1:{}", free_port())])
@@ -78,6 +169,14 @@ fn the_kubernetes_agent_counts_a_pods_failures_with_only_cap_bpf_and_cap_perfmon
             .arg("--pin-dir")
             .arg(&pins.config.pin_dir)
             .env("KUBECONFIG", &kubeconfig)
+            .env(
+                "DRAINGATE_RESET_SOURCE",
+                if setup == Setup::NodeSidePackets {
+                    "packets"
+                } else {
+                    "auto"
+                },
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -97,7 +196,7 @@ fn the_kubernetes_agent_counts_a_pods_failures_with_only_cap_bpf_and_cap_perfmon
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    // Its capabilities really are the two.
+    // Its capabilities really are the DaemonSet's.
     let status = std::fs::read_to_string(format!("/proc/{}/status", agent.0.id())).unwrap();
     let effective = status
         .lines()
@@ -106,8 +205,8 @@ fn the_kubernetes_agent_counts_a_pods_failures_with_only_cap_bpf_and_cap_perfmon
         .unwrap();
     assert_eq!(
         effective,
-        (1 << 38) | (1 << 39),
-        "CAP_PERFMON (38) and CAP_BPF (39) only"
+        capabilities.iter().map(|(_, n)| 1u64 << n).sum::<u64>(),
+        "exactly {capabilities:?}"
     );
 
     // Listed under its Kubernetes identity, with its owner.
@@ -129,11 +228,10 @@ fn the_kubernetes_agent_counts_a_pods_failures_with_only_cap_bpf_and_cap_perfmon
         "{seen:#}"
     );
     assert_eq!(seen["phase"], "running", "{seen:#}");
-    assert_eq!(seen["addresses"][0], link.b_addr.to_string());
+    assert_eq!(seen["addresses"][0], client.pod_addr().to_string());
 
     // A refused connection to it is its failure, counted in the kernel.
-    let closed = std::net::SocketAddr::new(link.b_addr, 9);
-    assert!(link.a.run(|| std::net::TcpStream::connect(closed)).is_err());
+    assert!(client.refused(9));
     wait_for("the refusal", || {
         pod_json(&socket, name).filter(|p| p["refused"] == 1)
     });
@@ -148,7 +246,7 @@ fn the_kubernetes_agent_counts_a_pods_failures_with_only_cap_bpf_and_cap_perfmon
         pod_json(&socket, name).filter(|p| p["phase"] == "terminating")
     });
     std::thread::sleep(Duration::from_millis(1100));
-    assert!(link.a.run(|| std::net::TcpStream::connect(closed)).is_err());
+    assert!(client.refused(9));
     let failed = wait_for("the error in the window", || {
         pod_json(&socket, name).filter(|p| p["errors"] == 1)
     });
@@ -182,7 +280,7 @@ fn the_kubernetes_agent_counts_a_pods_failures_with_only_cap_bpf_and_cap_perfmon
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(link.a.run(|| std::net::TcpStream::connect(closed)).is_err());
+    assert!(client.refused(9));
     let counted = wait_for("a refusal while the API is gone", || {
         pod_json(&socket, name).filter(|p| p["refused"] == 3)
     });
