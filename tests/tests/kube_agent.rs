@@ -155,8 +155,7 @@ fn kubernetes_agent_counts_a_pods_failures(setup: Setup) {
     let capabilities = daemonset_capabilities();
     let bounding: String = capabilities
         .iter()
-        .map(|(name, _)| format!(",+{}", name.to_lowercase()))
-        .collect();
+        .fold(String::new(), |all, (name, _)| all + ",+" + &name.to_lowercase());
     let mut agent = ChildGuard(
         Command::new("setpriv")
             // uid 0 keeps only what the bounding set allows across exec: the DaemonSet's.
