@@ -83,7 +83,7 @@ fn counts_equal_the_pods_own_kernel_counters(family: Family, resets: Option<Rese
     let listener = link.b.run(|| TcpListener::bind(listen).expect("bind"));
     let connect = || link.a.run(|| TcpStream::connect(listen).expect("connect"));
     // What the clients saw.
-    let (mut served, mut refused, mut reset_by_server) = (0u64, 0u64, 0u64);
+    let (mut clean, mut refused, mut reset_by_server) = (0u64, 0u64, 0u64);
     for _ in 0..SERVED {
         let mut client = connect();
         let (mut server, _) = listener.accept().expect("accept");
@@ -94,7 +94,7 @@ fn counts_equal_the_pods_own_kernel_counters(family: Family, resets: Option<Rese
         drop(server);
         let mut reply = Vec::new();
         client.read_to_end(&mut reply).expect("response");
-        served += u64::from(reply == b"ok");
+        clean += u64::from(reply == b"ok");
     }
     for _ in 0..REFUSED {
         let target = SocketAddr::new(link.b_addr, CLOSED_PORT);
@@ -123,7 +123,7 @@ fn counts_equal_the_pods_own_kernel_counters(family: Family, resets: Option<Rese
     }
     drop(listener);
     assert_eq!(
-        (served, refused, reset_by_server),
+        (clean, refused, reset_by_server),
         (SERVED, REFUSED, SERVER_ABORTS),
         "the clients' view"
     );

@@ -153,9 +153,9 @@ fn kubernetes_agent_counts_a_pods_failures(setup: Setup) {
     let http = format!("127.0.0.1:{}", free_port());
     let log = std::fs::File::create(dir.join("agent.log")).expect("log");
     let capabilities = daemonset_capabilities();
-    let bounding: String = capabilities
-        .iter()
-        .fold(String::new(), |all, (name, _)| all + ",+" + &name.to_lowercase());
+    let bounding: String = capabilities.iter().fold(String::new(), |all, (name, _)| {
+        all + ",+" + &name.to_lowercase()
+    });
     let mut agent = ChildGuard(
         Command::new("setpriv")
             // uid 0 keeps only what the bounding set allows across exec: the DaemonSet's.
