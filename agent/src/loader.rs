@@ -432,6 +432,8 @@ pub struct KernelProbes {
     /// The interfaces the reset program is attached to, by network namespace inode and
     /// interface index ([`ResetSource::Packets`] only).
     tc_attached: std::collections::BTreeSet<(u64, u32)>,
+    /// The reset program's filter handle (see [`tc_handle`]).
+    tc_handle: TcHandle,
     _links: Vec<PinnedLink>,
     pod_addrs: HashMap<MapData, AddrKey, u32>,
     addr_table: Array<MapData, AddrTableValue>,
@@ -674,6 +676,7 @@ impl KernelProbes {
             events: Some(take_map(&mut ebpf, "EVENTS")?),
             ebpf,
             tc_attached: std::collections::BTreeSet::new(),
+            tc_handle: tc_handle(&config.pin_dir),
             _links: links,
             resumed: resumed == programs.len(),
             reset_source,
@@ -746,6 +749,7 @@ impl KernelProbes {
                 source,
             }
         })?);
+        let handle = self.tc_handle;
         let program = reset_program(&mut self.ebpf)?;
         let attached = &mut self.tc_attached;
         std::thread::scope(|scope| {
@@ -761,6 +765,7 @@ impl KernelProbes {
                     let interfaces = interfaces(|name| name != "lo");
                     attach_reset_program(
                         program,
+                        handle,
                         inode,
                         &interfaces,
                         TcAttachType::Egress,
@@ -791,6 +796,7 @@ impl KernelProbes {
         let interfaces = interfaces(has_peer);
         attach_reset_program(
             program,
+            self.tc_handle,
             inode,
             &interfaces,
             TcAttachType::Ingress,
@@ -1044,9 +1050,22 @@ const RESET_PROGRAM: &str = "pod_egress";
 /// a CNI's filters (which may redirect it); it passes each on unchanged.
 const TC_PRIORITY: u16 = 1;
 
-/// Its filter's handle, which no CNI uses: a restarted agent finds its predecessor's filter by
-/// it and replaces the program in place, so that no packet goes uncounted between the two.
-const TC_HANDLE: TcHandle = TcHandle::new(0xd6a7, 1);
+/// Its filter's handle: major `d6a7`, which no CNI uses, and a minor of the agent's pin
+/// directory. A restarted agent (the same pin directory) finds its predecessor's filter by it
+/// and replaces the program in place, so that no packet goes uncounted between the two; an agent
+/// of other pins (a rehearsal's, a test's) adds its own filter beside it, and each counts into
+/// its own maps (each filter passes the packet on to the next).
+fn tc_handle(pin_dir: &Path) -> TcHandle {
+    // FNV-1a: stable across builds and runs, unlike the standard library's hasher.
+    let hash = pin_dir
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    TcHandle::new(0xd6a7, (hash % 0xfffe) as u16 + 1)
+}
 
 fn reset_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, LoaderError> {
     ebpf.program_mut(RESET_PROGRAM)
@@ -1089,6 +1108,7 @@ fn has_peer(name: &str) -> bool {
 /// until the next agent replaces them, and go with their interface.
 fn attach_reset_program(
     program: &mut SchedClassifier,
+    handle: TcHandle,
     netns_inode: u64,
     interfaces: &[(u32, String)],
     direction: TcAttachType,
@@ -1110,14 +1130,14 @@ fn attach_reset_program(
         }
         let options = TcAttachOptions::Netlink(NlOptions {
             priority: TC_PRIORITY,
-            handle: TC_HANDLE,
+            handle,
             classid: None,
         });
         let link_id = match program.attach_with_options(name, direction, options) {
             Ok(link_id) => link_id,
             Err(err) if is_exists(&err) => {
                 let link =
-                    SchedClassifierLink::attached(name, direction, TC_PRIORITY, TC_HANDLE, None)
+                    SchedClassifierLink::attached(name, direction, TC_PRIORITY, handle, None)
                         .map_err(|err| tc_error(err.into()))?;
                 program.attach_to_link(link).map_err(tc_error)?
             }

@@ -290,7 +290,14 @@ impl PinDir {
             next_id()
         ));
         Self {
-            config: draingate::loader::ProbeConfig::at(pin_dir),
+            config: draingate::loader::ProbeConfig {
+                // As the agent's `--reset-source packets`: every kernel test can run the packet
+                // source of older kernels on this one (`DRAINGATE_RESET_SOURCE=packets`).
+                reset_source: std::env::var("DRAINGATE_RESET_SOURCE")
+                    .is_ok_and(|v| v == "packets")
+                    .then_some(draingate::loader::ResetSource::Packets),
+                ..draingate::loader::ProbeConfig::at(pin_dir)
+            },
         }
     }
 }

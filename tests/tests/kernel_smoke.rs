@@ -78,6 +78,16 @@ fn drain_all_events(probes: &mut KernelProbes) -> Vec<NotableEvent> {
     events
 }
 
+/// The reset program in both namespaces of `link`, where this kernel (or
+/// `DRAINGATE_RESET_SOURCE=packets`) counts resets from packets; nothing otherwise.
+fn attach_where_needed(probes: &mut KernelProbes, link: &Link) {
+    for ns in [&link.a, &link.b] {
+        probes
+            .watch_pod_interfaces(&ns.path())
+            .expect("attach the reset program");
+    }
+}
+
 /// The programs loaded with maps of their own, and an IPv4 link whose server side (`b`) is
 /// watched as `SERVER_SLOT`.
 fn watched_server(tag: &str) -> (PinDir, KernelProbes, Link) {
@@ -85,6 +95,7 @@ fn watched_server(tag: &str) -> (PinDir, KernelProbes, Link) {
     let pins = PinDir::new();
     let mut probes = KernelProbes::load(&pins.config).expect("load and attach the programs");
     let link = Link::new(tag, Family::V4);
+    attach_where_needed(&mut probes, &link);
     probes
         .watch(link.b_addr, SERVER_SLOT)
         .expect("watch server");
@@ -114,6 +125,8 @@ fn counts_connections_per_pod_address(family: Family, fixed: bool) {
     let watched = Link::new("smoke", family);
     // A second link with the same traffic whose addresses are not watched: it counts nowhere.
     let unwatched = Link::new("other", family);
+    attach_where_needed(&mut probes, &watched);
+    attach_where_needed(&mut probes, &unwatched);
     probes
         .watch(watched.b_addr, SERVER_SLOT)
         .expect("watch server");
@@ -359,6 +372,7 @@ fn an_agent_restart_loses_no_counts_and_no_open_connections() {
     let listener = link.b.run(|| TcpListener::bind(listen).expect("bind"));
 
     let mut first = KernelProbes::load(&pins.config).expect("first agent");
+    attach_where_needed(&mut first, &link);
     first.watch(link.b_addr, SERVER_SLOT).expect("watch");
     first
         .apply_addresses()
@@ -575,6 +589,7 @@ fn a_full_socket_table_counts_what_it_cannot_track_and_frees_its_cells() {
     pins.config.socket_buckets = 4;
     let mut probes = KernelProbes::load(&pins.config).expect("load and attach the programs");
     let link = Link::new("full", Family::V4);
+    attach_where_needed(&mut probes, &link);
     probes
         .watch(link.b_addr, SERVER_SLOT)
         .expect("watch server");
