@@ -1121,26 +1121,57 @@ fn find_reset(hash: u64) -> Option<ResetCell> {
         .find(|cell| cell.key() == hash)
 }
 
+/// What [`claim_reset`] found or took. Not an `Option<(ResetCell, bool)>`: the object's BTF
+/// would describe that as a union with a member at byte 16 (the `bool`'s niche), which the
+/// kernel rejects together with the whole BTF (a warning of a hundred lines at every start).
+struct ResetClaim {
+    /// The cell; a null `bucket` when there is none.
+    cell: ResetCell,
+    /// Whether it held the hash already.
+    existed: bool,
+}
+
+impl ResetClaim {
+    const NONE: Self = Self {
+        cell: ResetCell {
+            bucket: core::ptr::null_mut(),
+            index: 0,
+        },
+        existed: false,
+    };
+
+    fn found(&self) -> bool {
+        !self.cell.bucket.is_null()
+    }
+}
+
 /// The cell holding `hash`, and whether it was there already; otherwise a cell claimed for it
 /// (its time still the last holder's: the caller sets it): a free one, else the oldest. Two
 /// CPUs claiming for one hash race on the same cell, and the compare-and-exchange lets one win;
-/// the other then finds it there. `None` only when other CPUs keep taking the cells.
+/// the other then finds it there. None only when other CPUs keep taking the cells.
+///
+/// Inlined: returned by value from a call, the claim's pointer would pass through the caller's
+/// stack byte by byte, and verifiers before 6.18 then no longer know it for a map value
+/// pointer ("invalid mem access 'scalar'" on 6.12).
 #[inline(always)]
 #[expect(
     clippy::inline_always,
-    reason = "not a function of its own: the object's BTF would describe its return type, an \
-              `Option` whose niche is not at offset 0, which the kernel rejects with the whole \
-              BTF (a warning of a hundred lines at every start)"
+    reason = "a call would return the bucket pointer through memory, which older verifiers reject"
 )]
-fn claim_reset(hash: u64, time_ns: u64) -> Option<(ResetCell, bool)> {
-    let bucket = RESET_TABLE.get_ptr_mut(reset_home(hash))?;
+fn claim_reset(hash: u64, time_ns: u64) -> ResetClaim {
+    let Some(bucket) = RESET_TABLE.get_ptr_mut(reset_home(hash)) else {
+        return ResetClaim::NONE;
+    };
     for _attempt in 0..2 {
         let (mut victim, mut victim_key, mut victim_time) = (0, 0, u64::MAX);
         for index in 0..RESET_BUCKET_CELLS {
             let cell = ResetCell { bucket, index };
             let key = cell.key();
             if key == hash {
-                return Some((cell, true));
+                return ResetClaim {
+                    cell,
+                    existed: true,
+                };
             }
             let time = if key == 0 { 0 } else { reset_time(cell.time()) };
             if time < victim_time {
@@ -1148,7 +1179,7 @@ fn claim_reset(hash: u64, time_ns: u64) -> Option<(ResetCell, bool)> {
             }
         }
         if victim >= RESET_BUCKET_CELLS {
-            return None;
+            return ResetClaim::NONE;
         }
         // SAFETY: an aligned u64 in the array map's value; `victim` is below the cell count.
         let won = unsafe {
@@ -1164,24 +1195,25 @@ fn claim_reset(hash: u64, time_ns: u64) -> Option<(ResetCell, bool)> {
             if victim_key != 0 && time_ns.saturating_sub(victim_time) <= RESET_REPEAT_NS {
                 loss(|l| l.reset_table_full += 1);
             }
-            return Some((
-                ResetCell {
+            return ResetClaim {
+                cell: ResetCell {
                     bucket,
                     index: victim,
                 },
-                false,
-            ));
+                existed: false,
+            };
         }
     }
-    None
+    ResetClaim::NONE
 }
 
 /// Remembers that the 4-tuple of [`reset_hash`] `hash` was reset (or refused, or answered in
 /// `SYN_SENT`) with `stamp`.
 fn mark_reset(hash: u64, stamp: u64, time_ns: u64) {
     // No cell: the mark is lost, which at worst counts a late repeat.
-    if let Some((cell, _)) = claim_reset(hash, time_ns) {
-        cell.set_time(stamp);
+    let claim = claim_reset(hash, time_ns);
+    if claim.found() {
+        claim.cell.set_time(stamp);
     }
 }
 
@@ -1191,10 +1223,11 @@ fn mark_reset(hash: u64, stamp: u64, time_ns: u64) {
 /// `hash` is the connection's [`reset_hash`].
 fn first_reset(hash: u64, time_ns: u64) -> bool {
     let stamp = reset_time(time_ns);
-    let Some((cell, existed)) = claim_reset(hash, time_ns) else {
+    let ResetClaim { cell, existed } = claim_reset(hash, time_ns);
+    if cell.bucket.is_null() {
         // No cell to remember it in: the reset is not a known repeat.
         return true;
-    };
+    }
     if !existed {
         cell.set_time(stamp);
         return true;
@@ -1235,6 +1268,10 @@ fn socket_or_address(sk: u64, local: &AddrKey) -> Option<(u32, u32)> {
     }
 }
 
+/// Not inlined: the event is built in this function's own stack frame, not in its callers'
+/// (whose frames, with the reset table's calls below them, must fit the 512 bytes the verifier
+/// allows a chain of calls; `tcp_receive_reset` did not on 6.1 and 6.12).
+#[inline(never)]
 fn emit_reset(kind: u8, slot: u32, state: u32, reason: u32, conn: &ConnKey) {
     emit(
         &NotableEvent {

@@ -709,7 +709,12 @@ fn reports_signals_and_exits_of_pod_processes(fixed: bool, group_dead: bool) {
             .push(("sched_process_exit", "group_dead"));
     }
     let mut probes = KernelProbes::load(&pins.config).expect("load and attach the programs");
-    let expected = match (fixed, group_dead) {
+    // The in-place exit program only where the record has `group_dead` (6.16+).
+    let kernel_has_group_dead =
+        std::fs::read_to_string("/sys/kernel/tracing/events/sched/sched_process_exit/format")
+            .expect("the exit record's format")
+            .contains("group_dead");
+    let expected = match (fixed, group_dead && kernel_has_group_dead) {
         (true, true) => ["signal_generate_fixed", "sched_process_exit_fixed"],
         (true, false) => ["signal_generate_fixed", "sched_process_exit"],
         (false, _) => ["signal_generate", "sched_process_exit"],

@@ -5,8 +5,9 @@ mod command;
 mod demo;
 mod setup;
 mod test;
+mod vm;
 
-use std::process::ExitCode;
+use std::{process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 
@@ -55,6 +56,35 @@ enum Command {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Setup, then boot Debian's own kernels (6.1, 6.12, 5.10) one after the other under QEMU
+    /// with virtme-ng, the host's root shared read-only, and run a command in each as root; one
+    /// line per kernel. Installs QEMU and virtme-ng and downloads the kernels when missing
+    /// (cached in `~/.cache/draingate/kernels` or `$DRAINGATE_VM_CACHE`). QEMU's software CPU
+    /// unless `DRAINGATE_VM_ACCEL=kvm`. Logs: `target/vm-test/<uname -r>/`.
+    VmTest {
+        /// Kernel line to boot (repeatable, or comma-separated): 6.1, 6.12 or 5.10. Default: all
+        /// three, in that order.
+        #[arg(long = "kernel", value_name = "LINE", value_delimiter = ',')]
+        kernels: Vec<String>,
+        /// Per-kernel limit in seconds, boot to power-off.
+        #[arg(long, default_value_t = 900)]
+        timeout: u64,
+        /// Keep virtme-run's and the kernel's boot console in
+        /// `target/vm-test/<uname -r>/console.log`.
+        #[arg(long)]
+        verbose: bool,
+        /// Do not print the guest's log as it runs (failures still show its end).
+        #[arg(long)]
+        quiet: bool,
+        /// Re-read the kernel suites' package lists first, to pick up newer kernels.
+        #[arg(long)]
+        refresh: bool,
+        /// The command to run in each guest, from the workspace root: one argument is a shell
+        /// command line, several a program and its arguments. Default: the test binaries (with
+        /// filters) listed in `$DRAINGATE_VM_TESTS`, one per line or separated by `;`.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -65,6 +95,23 @@ fn main() -> ExitCode {
         Command::Lint => test::run(test::Scope::LintOnly),
         Command::Demo { rate, replicas } => demo::run(rate, replicas),
         Command::Bench { only, args } => test::bench(only.as_deref(), &args),
+        Command::VmTest {
+            kernels,
+            timeout,
+            verbose,
+            quiet,
+            refresh,
+            command,
+        } => vm::run(
+            &kernels,
+            &command,
+            &vm::Options {
+                timeout: Duration::from_secs(timeout),
+                verbose,
+                follow: !quiet,
+                refresh,
+            },
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -278,18 +278,37 @@ fn debian_packages(report: &mut Report) -> anyhow::Result<()> {
         step_ok("Debian packages", "present");
         return Ok(());
     }
+    apt_install(&missing, "the tests")?;
+    report
+        .changed
+        .extend(missing.iter().map(|p| (*p).to_owned()));
+    Ok(())
+}
+
+/// Whether dpkg has `package` installed.
+pub(crate) fn debian_package_installed(package: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f", "${Status}", package]))
+        .is_ok_and(|out| out.stdout.ends_with(b" installed"))
+}
+
+/// `apt-get install` of `packages` (needed by `what`), with `apt-get update` first when the
+/// machine has no package lists yet; without root, an error naming the command to run.
+pub(crate) fn apt_install(packages: &[&str], what: &str) -> anyhow::Result<()> {
     if !is_root() {
         bail!(
-            "the tests need Debian packages {}; install them with `sudo apt-get install {}`",
-            missing.join(", "),
-            missing.join(" ")
+            "{what} need Debian packages {}; install them with `sudo apt-get install {}`",
+            packages.join(", "),
+            packages.join(" ")
         );
     }
-    println!("setup: installing Debian packages {}", missing.join(", "));
+    println!(
+        "setup: installing Debian packages {} for {what}",
+        packages.join(", ")
+    );
     let install = |cmd: &mut Command| {
         run_checked(
             cmd.args(["install", "-y", "--no-install-recommends"])
-                .args(&missing)
+                .args(packages)
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )
     };
@@ -298,9 +317,6 @@ fn debian_packages(report: &mut Report) -> anyhow::Result<()> {
         run_checked(Command::new("apt-get").arg("update"))?;
         install(&mut Command::new("apt-get"))?;
     }
-    report
-        .changed
-        .extend(missing.iter().map(|p| (*p).to_owned()));
     Ok(())
 }
 
