@@ -1011,6 +1011,14 @@ fn pod_egress(ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
+/// Does nothing but pass the packet on: what one run of a TC program costs on this kernel
+/// before any work. The agent never attaches it; `cargo xtask bench` attaches it right after
+/// `pod_egress` on the same interfaces, as the floor under that program's kernel time.
+#[classifier]
+fn tc_floor(_ctx: TcContext) -> i32 {
+    TC_ACT_UNSPEC
+}
+
 /// TCP flags.
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;

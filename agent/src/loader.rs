@@ -486,6 +486,51 @@ impl FloorProbe {
     }
 }
 
+/// The benchmark's empty TC program, attached while this lives.
+pub struct TcFloor {
+    _ebpf: Ebpf,
+    /// The namespace of the interfaces the filters are on: they are detached from inside it
+    /// (their interface indexes are that namespace's).
+    netns: std::fs::File,
+    links: Vec<SchedClassifierLink>,
+    id: u32,
+}
+
+impl Drop for TcFloor {
+    fn drop(&mut self) {
+        let links = std::mem::take(&mut self.links);
+        let netns = &self.netns;
+        std::thread::scope(|scope| {
+            scope.spawn(move || {
+                if nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET).is_ok() {
+                    // Dropping a netlink link deletes its filter.
+                    drop(links);
+                } else {
+                    // Deleting by index outside the namespace could hit another interface:
+                    // leave the filters; they go with the namespace.
+                    std::mem::forget(links);
+                }
+            });
+        });
+    }
+}
+
+impl TcFloor {
+    /// The kernel's id of the empty program.
+    #[must_use]
+    pub fn program_id(&self) -> u32 {
+        self.id
+    }
+}
+
+impl std::fmt::Debug for TcFloor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcFloor")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
 impl std::fmt::Debug for FloorProbe {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FloorProbe").finish_non_exhaustive()
@@ -719,6 +764,81 @@ impl KernelProbes {
         Ok(FloorProbe {
             _objects: objects,
             ids,
+        })
+    }
+
+    /// The empty TC program `tc_floor` on every interface but loopback of the network
+    /// namespace at `netns`, on egress, after the reset program (a lower priority), for the
+    /// benchmark: its kernel time per packet is the fixed cost of any TC program there. Its
+    /// maps go under `pin_dir` (remove it with [`Self::remove_pins`]); dropping the returned
+    /// value detaches it.
+    pub fn attach_tc_floor(pin_dir: &Path, netns: &Path) -> Result<TcFloor, LoaderError> {
+        std::fs::create_dir_all(pin_dir).map_err(|source| LoaderError::PinDir {
+            path: pin_dir.to_owned(),
+            source,
+        })?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(EBPF_OBJECT)
+            .map_err(|err| {
+                classify(err, "create eBPF maps", |source| LoaderError::Load {
+                    pin_dir: pin_dir.to_owned(),
+                    source: Box::new(source),
+                })
+            })?;
+        let tc_error = |source: ProgramError| LoaderError::Tc {
+            interface: String::new(),
+            source: Box::new(source),
+        };
+        let program: &mut SchedClassifier = ebpf
+            .program_mut("tc_floor")
+            .ok_or(LoaderError::MissingProgram("tc_floor"))?
+            .try_into()
+            .map_err(tc_error)?;
+        program.load().map_err(tc_error)?;
+        let id = program.info().map_err(tc_error)?.id();
+        let file = std::fs::File::open(netns).map_err(|source| LoaderError::Netns {
+            path: netns.to_owned(),
+            source,
+        })?;
+        let links = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(
+                        |errno| LoaderError::Netns {
+                            path: netns.to_owned(),
+                            source: errno.into(),
+                        },
+                    )?;
+                    let mut links = Vec::new();
+                    for (_, name) in interfaces(|name| name != "lo") {
+                        let options = TcAttachOptions::Netlink(NlOptions {
+                            priority: TC_PRIORITY + 1,
+                            ..NlOptions::default()
+                        });
+                        let id = program
+                            .attach_with_options(&name, TcAttachType::Egress, options)
+                            .map_err(|source| LoaderError::Tc {
+                                interface: name.clone(),
+                                source: Box::new(source),
+                            })?;
+                        links.push(program.take_link(id).map_err(tc_error)?);
+                    }
+                    Ok::<_, LoaderError>(links)
+                })
+                .join()
+                .unwrap_or_else(|_| {
+                    Err(LoaderError::Netns {
+                        path: netns.to_owned(),
+                        source: io::Error::other("the attaching thread panicked"),
+                    })
+                })
+        })?;
+        Ok(TcFloor {
+            _ebpf: ebpf,
+            netns: file,
+            links,
+            id,
         })
     }
 

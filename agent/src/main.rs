@@ -402,7 +402,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("draingate: {err:#}");
+            eprintln!("draingate: {}", telemetry::chain(err.as_ref()));
             ExitCode::from(3)
         }
     }

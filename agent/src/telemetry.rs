@@ -20,18 +20,44 @@ pub fn init_with_default(default: &str) {
         .try_init();
 }
 
-/// An error and its sources, one line: `outer: inner: innermost`.
+/// An error and its sources, one line: `outer: inner: innermost`, each said once (errors that
+/// print their source in their own message are not followed by it again).
 pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(current) = source {
         let part = current.to_string();
         // Errors that print their source already would repeat it.
-        if !text.ends_with(&part) {
+        if !text.contains(&part) {
             text.push_str(": ");
             text.push_str(&part);
         }
         source = current.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug, thiserror::Error)]
+    enum Inner {
+        #[error("cannot create netns: File exists")]
+        Exists(#[source] std::io::Error),
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    enum Outer {
+        #[error("the node simulator failed: {0}")]
+        Node(#[from] Inner),
+    }
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let err = Outer::Node(Inner::Exists(std::io::Error::from_raw_os_error(17)));
+        assert_eq!(
+            super::chain(&err),
+            "the node simulator failed: cannot create netns: File exists: File exists (os error \
+             17)"
+        );
+    }
 }

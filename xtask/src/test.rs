@@ -112,6 +112,19 @@ pub(crate) fn run(scope: Scope) -> anyhow::Result<()> {
         step("kernel tests", &mut || {
             cargo_test(&["--package", "draingate-tests"]).map(Some)
         })?;
+        // The same counting on the kernels users run (Debian's 6.1, 6.12; 5.10 refused), each
+        // booted under QEMU: one line per kernel, the guest's log on failure.
+        step("kernel matrix", &mut || {
+            crate::vm::run(
+                &[],
+                &[],
+                &crate::vm::Options {
+                    follow: false,
+                    ..crate::vm::Options::default()
+                },
+            )
+            .map(|()| None)
+        })?;
     }
 
     let parts: Vec<String> = done

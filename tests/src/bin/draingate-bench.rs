@@ -54,6 +54,9 @@ struct Args {
     /// What to call the other build in the report (a commit, say); its path by default.
     #[arg(long, requires = "against")]
     against_label: Option<String>,
+    /// Only the packet source's part (the TC program of kernels before 6.10).
+    #[arg(long, conflicts_with = "against")]
+    only_packets: bool,
 }
 
 /// One load run's outcome.
@@ -150,9 +153,19 @@ impl AgentProcess {
         Self::start_binary(&draingate_bin(), tag, 0)
     }
 
+    /// This build's agent counting resets from packets (`--reset-source packets`: the TC
+    /// program of kernels before 6.10) on any kernel.
+    fn start_packets(tag: &str) -> Self {
+        Self::start_with(&draingate_bin(), tag, 0, &["--reset-source", "packets"])
+    }
+
     /// Starts `binary`'s agent on pins of its own and on ports 19560 + 2 × `index` (gRPC) and
     /// the next one (HTTP), so that agents of different indexes can run at once.
     fn start_binary(binary: &std::path::Path, tag: &str, index: u16) -> Self {
+        Self::start_with(binary, tag, index, &[])
+    }
+
+    fn start_with(binary: &std::path::Path, tag: &str, index: u16, extra: &[&str]) -> Self {
         let pins = PathBuf::from(format!(
             "/sys/fs/bpf/draingate-bench-{}-{tag}",
             std::process::id()
@@ -170,6 +183,7 @@ impl AgentProcess {
             ])
             .args(["--socket", &socket, "--pin-dir"])
             .arg(&pins)
+            .args(extra)
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|err| panic!("start {} agent: {err}", binary.display()));
@@ -699,6 +713,15 @@ fn main() {
         }
         return;
     }
+    let packets = packets_section(&args, &link, target);
+    if args.only_packets {
+        let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
+        print!("{packets}");
+        if let Some(out) = &args.out {
+            draingate_tests::write_section(out, "Resets from packets (TC)", &packets);
+        }
+        return;
+    }
     let (mut baseline, mut with_agent) = (Vec::new(), Vec::new());
     let mut paired: Vec<Paired> = Vec::new();
     let mut agent_cpu = Vec::new();
@@ -916,10 +939,137 @@ fn main() {
         hwm as f64 / 1024.0
     );
 
-    print!("{report}");
+    print!("{report}{packets}");
     if let Some(out) = args.out {
         draingate_tests::write_section(&out, "Node agent overhead", &report);
+        draingate_tests::write_section(&out, "Resets from packets (TC)", &packets);
     }
+}
+
+/// Ids of the loaded programs named `name`.
+fn program_ids(name: &str) -> Vec<u32> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| p.name_as_str() == Some(name))
+        .map(|p| p.id())
+        .collect()
+}
+
+/// Run time and runs from `before` to `after`.
+fn since(before: (Duration, u64), after: (Duration, u64)) -> (Duration, u64) {
+    (
+        after.0.saturating_sub(before.0),
+        after.1.saturating_sub(before.1),
+    )
+}
+
+/// The packet source of kernels before 6.10, on this kernel: an agent with `--reset-source
+/// packets` (its TC program `pod_egress` on every interface of both namespaces, egress) against
+/// the baseline in alternating rounds, and the program's kernel time per packet beside an empty
+/// TC program's (`tc_floor`, attached after it on the same interfaces).
+fn packets_section(args: &Args, link: &Link, target: SocketAddr) -> String {
+    let (mut baseline, mut with_agent) = (Vec::new(), Vec::new());
+    let mut paired = Vec::new();
+    for round in 0..args.rounds {
+        let baseline_first = round % 2 == 0;
+        if baseline_first {
+            eprintln!("packets round {}/{}: baseline", round + 1, args.rounds);
+            baseline.push(load(link, target, args.rate, args.seconds));
+        }
+        eprintln!("packets round {}/{}: with agent", round + 1, args.rounds);
+        let agent = AgentProcess::start_packets(&format!("tc{round}"));
+        // The agent attaches its program at its first resync after it saw the namespaces.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while program_ids("pod_egress").is_empty() || agent.pods() < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "the agent never loaded pod_egress"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        let floor_pins = draingate_tests::PinDir::new();
+        let floors: Vec<_> = [&link.a, &link.b]
+            .iter()
+            .map(|ns| {
+                draingate::loader::KernelProbes::attach_tc_floor(
+                    &floor_pins.config.pin_dir,
+                    &ns.path(),
+                )
+                .expect("attach the empty TC program")
+            })
+            .collect();
+        let floor_ids: Vec<u32> = floors
+            .iter()
+            .map(draingate::loader::TcFloor::program_id)
+            .collect();
+        let ids = program_ids("pod_egress");
+        let (program_before, floor_before) = (stats_of(&ids), stats_of(&floor_ids));
+        with_agent.push(load(link, target, args.rate, args.seconds));
+        paired.push(Paired {
+            program: since(program_before, stats_of(&ids)),
+            floor: since(floor_before, stats_of(&floor_ids)),
+        });
+        drop(floors);
+        let _ = draingate::loader::KernelProbes::remove_pins(&floor_pins.config.pin_dir);
+        drop(agent);
+        if !baseline_first {
+            eprintln!("packets round {}/{}: baseline", round + 1, args.rounds);
+            baseline.push(load(link, target, args.rate, args.seconds));
+        }
+    }
+    let mut report = String::new();
+    let _ = writeln!(
+        report,
+        "## Resets from packets (TC)\n\nReproduce: `sudo cargo xtask bench --only overhead -- \
+         --only-packets` (part of `cargo xtask bench`). Kernels before 6.10 count the resets \
+         pods send from the packets: the TC program `pod_egress` on each pod interface sees \
+         every packet a pod sends. Here `draingate agent --reset-source packets` puts it on \
+         this kernel, on egress of both namespaces of the load (client and server pod), in \
+         {} alternating rounds of {} s against no agent at all; an empty TC program \
+         (`tc_floor`) runs right after it on the same packets as its floor.\n",
+        args.rounds, args.seconds
+    );
+    let b_rate = median(baseline.iter().map(|r| r.per_second).collect());
+    let a_rate = median(with_agent.iter().map(|r| r.per_second).collect());
+    let b_p99 = median(baseline.iter().map(|r| r.p99_us).collect());
+    let a_p99 = median(with_agent.iter().map(|r| r.p99_us).collect());
+    let failures: u64 = baseline.iter().chain(&with_agent).map(|r| r.failures).sum();
+    let _ = writeln!(
+        report,
+        "| target {} new connections/s | baseline | agent, resets from packets | ratio | target |\n|---|---|---|---|---|",
+        args.rate
+    );
+    let _ = writeln!(
+        report,
+        "| connections/s | {b_rate:.0} | {a_rate:.0} | {:.3} | >= 0.98 |",
+        a_rate / b_rate
+    );
+    let _ = writeln!(
+        report,
+        "| p99 latency | {b_p99:.0} us | {a_p99:.0} us | {:.3} (throughput-equivalent {:.3}) | >= 0.98 |",
+        a_p99 / b_p99,
+        b_p99 / a_p99
+    );
+    let _ = writeln!(report, "\nFailed requests in all runs: {failures}.\n");
+    let _ = writeln!(
+        report,
+        "| program | packets | average ns per packet | floor ns per packet | own work (minus floor) | ratio to floor |\n|---|---|---|---|---|---|"
+    );
+    let all = Paired {
+        program: total(paired.iter().map(|p| p.program)),
+        floor: total(paired.iter().map(|p| p.floor)),
+    };
+    let _ = writeln!(
+        report,
+        "| pod_egress | {} | {:.0} | {:.0} | {:.0} | {:.2} |",
+        all.program.1,
+        all.program_ns(),
+        all.floor_ns(),
+        all.own_ns(),
+        all.ratio()
+    );
+    report
 }
 
 #[cfg(test)]
