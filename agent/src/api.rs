@@ -411,10 +411,49 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "another process serves {} (another draingate agent?): stop it, or give this agent \
+         its own --socket",
+        path.display()
+    )]
+    SocketInUse { path: PathBuf },
+    #[error("{} is not a socket; refusing to replace it (give --socket another path)", path.display())]
+    NotASocket { path: PathBuf },
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Makes way for this agent's socket at `path`: a socket nobody answers on (left by an agent
+/// that died) is removed; a socket someone serves, or a file that is not a socket, is refused.
+fn claim_socket(path: &std::path::Path) -> Result<(), ServeError> {
+    use std::os::unix::fs::FileTypeExt as _;
+    match std::fs::symlink_metadata(path) {
+        Err(_) => Ok(()),
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(ServeError::SocketInUse {
+                    path: path.to_owned(),
+                });
+            }
+            std::fs::remove_file(path).map_err(|source| ServeError::Listen {
+                what: path.display().to_string(),
+                source,
+            })
+        }
+        Ok(_) => Err(ServeError::NotASocket {
+            path: path.to_owned(),
+        }),
+    }
+}
+
+/// The device and inode of the file at `path`.
+fn socket_identity(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|meta| (meta.dev(), meta.ino()))
 }
 
 /// Serves the agent API on TCP and the unix socket until `shutdown` resolves.
@@ -435,13 +474,13 @@ pub async fn serve(
             source,
         })?;
     }
-    // A socket left by an agent that died is in the way; a live agent would hold the TCP port.
-    let _ = std::fs::remove_file(&listen.socket);
+    claim_socket(&listen.socket)?;
     let unix =
         tokio::net::UnixListener::bind(&listen.socket).map_err(|source| ServeError::Listen {
             what: listen.socket.display().to_string(),
             source,
         })?;
+    let ours = socket_identity(&listen.socket);
 
     let (shutdown_tx, _) = tokio::sync::broadcast::channel::<()>(1);
     let make_router = || -> Result<tonic::transport::server::Router, ServeError> {
@@ -477,7 +516,10 @@ pub async fn serve(
         let _ = shutdown_tx.send(());
     });
     let (a, b) = tokio::join!(tcp_server, unix_server);
-    let _ = std::fs::remove_file(&listen.socket);
+    // Only our own socket: another agent may have replaced a stale one meanwhile.
+    if ours.is_some() && socket_identity(&listen.socket) == ours {
+        let _ = std::fs::remove_file(&listen.socket);
+    }
     a?;
     b?;
     Ok(())

@@ -239,6 +239,16 @@ pub enum LoaderError {
         /// The whole verifier log, for `RUST_LOG=debug`.
         log: String,
     },
+    #[error(
+        "another draingate agent{} holds {}: two agents on one pin directory would reset each \
+         other's counts. Stop it, or give this one its own --pin-dir",
+        holder.map_or_else(String::new, |pid| format!(" (pid {pid})")),
+        pin_dir.display()
+    )]
+    PinDirInUse {
+        pin_dir: PathBuf,
+        holder: Option<u32>,
+    },
     #[error("attaching the reset program to interface {interface} failed")]
     Tc {
         interface: String,
@@ -296,6 +306,46 @@ pub enum LoaderError {
         pinned: Option<u64>,
         expected: u64,
     },
+}
+
+/// Holds `pin_dir` for as long as the returned lock lives (an exclusive `flock` on the
+/// directory; the kernel drops it when the process ends, however it ends). A second agent on
+/// the same pins would zero slots the first still reads and turn its failing pods into passes:
+/// it is refused, with the first one's pid.
+fn lock_pin_dir(pin_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, LoaderError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = std::fs::File::open(pin_dir).map_err(|source| LoaderError::PinDir {
+        path: pin_dir.to_owned(),
+        source,
+    })?;
+    let inode = dir.metadata().map_or(0, |m| m.ino());
+    nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, errno)| {
+            if errno == nix::errno::Errno::EWOULDBLOCK {
+                LoaderError::PinDirInUse {
+                    pin_dir: pin_dir.to_owned(),
+                    holder: lock_holder(inode),
+                }
+            } else {
+                LoaderError::PinDir {
+                    path: pin_dir.to_owned(),
+                    source: errno.into(),
+                }
+            }
+        },
+    )
+}
+
+/// The pid holding an `flock` on inode `inode`, from `/proc/locks`
+/// (`1: FLOCK ADVISORY WRITE <pid> <major>:<minor>:<inode> 0 EOF`).
+fn lock_holder(inode: u64) -> Option<u32> {
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|line| {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let (kind, pid, file) = (words.get(1)?, words.get(4)?, words.get(5)?);
+        (*kind == "FLOCK" && file.rsplit(':').next()?.parse::<u64>().ok()? == inode)
+            .then(|| pid.parse().ok())?
+    })
 }
 
 /// Refuses maps pinned under `pin_dir` by an agent of another [`MAP_LAYOUT`]; nothing pinned
@@ -434,6 +484,8 @@ pub struct KernelProbes {
     tc_attached: std::collections::BTreeSet<(u64, u32)>,
     /// The reset program's filter handle (see [`tc_handle`]).
     tc_handle: TcHandle,
+    /// The pin directory, held for this agent's life (see [`lock_pin_dir`]).
+    _pin_lock: nix::fcntl::Flock<std::fs::File>,
     _links: Vec<PinnedLink>,
     pod_addrs: HashMap<MapData, AddrKey, u32>,
     addr_table: Array<MapData, AddrTableValue>,
@@ -617,6 +669,7 @@ impl KernelProbes {
             }
         })?;
 
+        let pin_lock = lock_pin_dir(&config.pin_dir)?;
         check_pinned_layout(&config.pin_dir)?;
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(&config.pin_dir);
@@ -722,6 +775,7 @@ impl KernelProbes {
             ebpf,
             tc_attached: std::collections::BTreeSet::new(),
             tc_handle: tc_handle(&config.pin_dir),
+            _pin_lock: pin_lock,
             _links: links,
             resumed: resumed == programs.len(),
             reset_source,

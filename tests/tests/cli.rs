@@ -119,6 +119,90 @@ fn the_agent_starts_without_warnings_and_names_its_programs() {
     let _ = std::fs::remove_file(&socket);
 }
 
+/// `draingate agent` on pins of its own and `socket`, its stderr captured.
+fn agent_on(pins: &draingate_tests::PinDir, socket: &std::path::Path) -> ChildGuard {
+    ChildGuard(
+        Command::new(draingate_bin())
+            .arg("agent")
+            .arg("--pin-dir")
+            .arg(&pins.config.pin_dir)
+            .arg("--socket")
+            .arg(socket)
+            .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start an agent"),
+    )
+}
+
+/// An agent that must refuse to start: its exit code and stderr (killed, and the test failed,
+/// if it is still running after 20 s).
+fn refused_agent(
+    pins: &draingate_tests::PinDir,
+    socket: &std::path::Path,
+) -> (Option<i32>, String) {
+    let mut agent = agent_on(pins, socket);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Some(status) = agent.0.try_wait().expect("wait") {
+            let mut err = String::new();
+            if let Some(mut pipe) = agent.0.stderr.take() {
+                use std::io::Read as _;
+                let _ = pipe.read_to_string(&mut err);
+            }
+            return (status.code(), err);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent started where it had to refuse"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A second agent on a socket another one serves is refused and the first keeps serving it; a
+/// file at the socket's path that is not a socket is never replaced.
+#[test]
+fn a_second_agent_on_a_served_socket_is_refused_and_files_are_never_replaced() {
+    require_root();
+    let dir = std::env::temp_dir().join(format!("dg-socket-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a directory");
+    let socket = dir.join("agent.sock");
+    let (first_pins, second_pins) = (
+        draingate_tests::PinDir::new(),
+        draingate_tests::PinDir::new(),
+    );
+    let _first = agent_on(&first_pins, &socket);
+    let served = || {
+        draingate(&["pods", "--agent", socket.to_str().expect("UTF-8")])
+            .status
+            .success()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !served() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first agent never served its socket"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (code, err) = refused_agent(&second_pins, &socket);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("another process serves"), "{err}");
+    assert!(served(), "the first agent still serves its socket");
+
+    let file = dir.join("not-a-socket");
+    std::fs::write(&file, "keep me").expect("a file");
+    let (code, err) = refused_agent(&draingate_tests::PinDir::new(), &file);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("is not a socket"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&file).expect("still there"),
+        "keep me"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn pods_events_and_wait_drained_against_a_live_agent() {
     require_root();

@@ -402,6 +402,41 @@ fn an_agent_restart_loses_no_counts_and_no_open_connections() {
     assert_eq!((totals.accepted, totals.open), (2, 0), "{totals:?}");
 }
 
+/// Two agents on one pin directory would reset each other's slots (a failing pod turned into a
+/// pass): the second is refused, naming the first one's pid, and the first keeps its counts;
+/// once the first is gone, the next one takes the pins over.
+#[test]
+fn a_second_agent_on_the_same_pins_is_refused_and_the_first_keeps_its_counts() {
+    let (pins, probes, link) = watched_server("twice");
+    let target = SocketAddr::new(link.b_addr, CLOSED_PORT);
+    for _ in 0..3 {
+        assert!(link.a.run(|| TcpStream::connect(target)).is_err());
+    }
+    wait_for(&probes, SERVER_SLOT, |t| t.refused == 3);
+    match KernelProbes::load(&pins.config) {
+        Err(draingate::loader::LoaderError::PinDirInUse { holder, .. }) => {
+            assert_eq!(holder, Some(std::process::id()), "the holder is named");
+        }
+        other => panic!("a second agent on the same pins: {:?}", other.map(|_| ())),
+    }
+    let message = KernelProbes::load(&pins.config)
+        .map(|_| ())
+        .expect_err("still refused")
+        .to_string();
+    assert!(
+        message.contains(&format!("pid {}", std::process::id())),
+        "{message}"
+    );
+    assert_eq!(
+        probes.slot_totals(SERVER_SLOT).expect("read").refused,
+        3,
+        "the first agent's counts are untouched"
+    );
+    drop(probes);
+    let next = KernelProbes::load(&pins.config).expect("the pins are free again");
+    assert_eq!(next.slot_totals(SERVER_SLOT).expect("read").refused, 3);
+}
+
 /// A client may pick the same source port again: a new connection on a 4-tuple that was reset
 /// before fails anew and counts anew, while resets of one connection count once.
 #[test]
