@@ -302,7 +302,16 @@ fn pre_stop_sleep(c: &Container) -> Option<Duration> {
                 .parse::<f64>()
                 .ok()
         })
-        .map(Duration::from_secs_f64)
+        .and_then(sleep_duration)
+}
+
+/// A `sleep` argument in seconds as a duration: `infinity` (or one too long for a duration)
+/// sleeps for ever, which is [`Duration::MAX`] here; a negative or NaN one is no sleep at all.
+pub(crate) fn sleep_duration(seconds: f64) -> Option<Duration> {
+    if seconds.is_nan() || seconds < 0.0 {
+        return None;
+    }
+    Some(Duration::try_from_secs_f64(seconds).unwrap_or(Duration::MAX))
 }
 
 /// Whether the preStop signals the app itself before the endpoints are gone.
@@ -481,11 +490,17 @@ fn check(w: &Workload<'_>, budgets: &[PodDisruptionBudget], out: &mut Vec<Findin
     }
     if !longest_pre_stop.is_zero() {
         let grace_path = ["spec", "template", "spec", "terminationGracePeriodSeconds"];
-        let fix = format!(
-            "terminationGracePeriodSeconds: {} (the preStop, plus time for the app to finish its \
-             requests after SIGTERM)",
-            longest_pre_stop.as_secs() + 30
-        );
+        let fix = if longest_pre_stop == Duration::MAX {
+            "a preStop that ends: `sleep N` for a few times the endpoint propagation, or \
+             `draingate wait-drained --self`"
+                .to_owned()
+        } else {
+            format!(
+                "terminationGracePeriodSeconds: {} (the preStop, plus time for the app to finish \
+                 its requests after SIGTERM)",
+                longest_pre_stop.as_secs().saturating_add(30)
+            )
+        };
         if grace <= longest_pre_stop {
             push(
                 &grace_path,
@@ -493,14 +508,18 @@ fn check(w: &Workload<'_>, budgets: &[PodDisruptionBudget], out: &mut Vec<Findin
                 "grace-period",
                 &object,
                 format!(
-                    "terminationGracePeriodSeconds {} is not longer than the preStop ({}s): the \
+                    "terminationGracePeriodSeconds {} is not longer than the preStop ({}): the \
                      app is SIGKILLed right after SIGTERM, with its requests in flight",
                     grace.as_secs(),
-                    longest_pre_stop.as_secs_f64()
+                    if longest_pre_stop == Duration::MAX {
+                        "it sleeps for ever".to_owned()
+                    } else {
+                        format!("{}s", longest_pre_stop.as_secs_f64())
+                    }
                 ),
                 fix,
             );
-        } else if grace < longest_pre_stop + PROPAGATION {
+        } else if grace < longest_pre_stop.saturating_add(PROPAGATION) {
             push(
                 &grace_path,
                 Severity::Warning,

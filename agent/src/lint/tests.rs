@@ -186,3 +186,62 @@ fn what_is_not_kubernetes_is_a_clear_error() {
         []
     );
 }
+
+/// What `sleep` accepts, however large or odd, never panics the linter: `infinity` sleeps past
+/// any grace period (an error), `nan` and `-1` are no sleep, and a grace period or sleep too
+/// large for arithmetic saturates.
+#[test]
+fn odd_sleeps_and_huge_grace_periods_are_findings_not_panics() {
+    for (sleep, grace) in [
+        ("infinity", "30"),
+        ("inf", "30"),
+        ("nan", "30"),
+        ("-1", "30"),
+        ("1e300", "30"),
+        ("5", "9223372036854775807"),
+        ("1e300", "9223372036854775807"),
+    ] {
+        let manifest = format!(
+            "apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+spec:
+  selector:
+    matchLabels:
+      app: web
+  template:
+    metadata:
+      labels:
+        app: web
+    spec:
+      terminationGracePeriodSeconds: {grace}
+      containers:
+        - name: web
+          image: web
+          lifecycle:
+            preStop:
+              exec:
+                command: [\"sleep\", \"{sleep}\"]
+"
+        );
+        let findings = run(&[("web.yaml", &manifest)]).expect("linted");
+        // 1e300 s is longer than any grace period Kubernetes takes (an i64 of seconds).
+        let infinite = sleep.starts_with("inf") || sleep == "1e300";
+        assert_eq!(
+            findings
+                .iter()
+                .any(|f| f.rule == "grace-period" && f.severity == Severity::Error),
+            infinite,
+            "sleep {sleep}, grace {grace}: {findings:?}"
+        );
+        if sleep.starts_with("inf") {
+            assert!(
+                findings
+                    .iter()
+                    .any(|f| f.message.contains("sleeps for ever")),
+                "{findings:?}"
+            );
+        }
+    }
+}

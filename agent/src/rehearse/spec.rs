@@ -450,10 +450,12 @@ fn sleep_seconds(command: &[String]) -> Option<Duration> {
     match words.as_slice() {
         [sleep, n] if sleep.rsplit('/').next() == Some("sleep") => {
             let n = n.trim_end_matches('s');
+            // A sleep too long for a duration (`infinity`, `1e300`) is no sleep a rehearsal
+            // can run.
             n.parse::<f64>()
                 .ok()
                 .filter(|s| s.is_finite() && *s >= 0.0)
-                .map(Duration::from_secs_f64)
+                .and_then(|s| Duration::try_from_secs_f64(s).ok())
         }
         _ => None,
     }
