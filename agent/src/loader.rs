@@ -896,6 +896,57 @@ impl KernelProbes {
         })
     }
 
+    /// Removes what an agent on `pin_dir` leaves behind when it stops, for good (an uninstall):
+    /// its reset program's TC filters (found by their handle, so no one else's) on every
+    /// interface of the agent's network namespace and of every other one on the host, then its
+    /// pinned maps and links, which detaches its tracepoint programs. Refused while an agent
+    /// holds the pins. Returns how many filters were removed.
+    pub fn uninstall(pin_dir: &Path) -> Result<usize, LoaderError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let _lock = if pin_dir.exists() {
+            Some(lock_pin_dir(pin_dir)?)
+        } else {
+            None
+        };
+        let handle = tc_handle(pin_dir);
+        let mut removed = detach_reset_filters(handle);
+        let own = std::fs::metadata("/proc/self/ns/net").map_or(0, |m| m.ino());
+        let mut seen = std::collections::BTreeSet::from([own]);
+        let named = std::fs::read_dir("/run/netns")
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .map(|entry| entry.path());
+        let held = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .filter(|entry| entry.file_name().to_string_lossy().parse::<u32>().is_ok())
+            .map(|entry| entry.path().join("ns/net"));
+        for path in named.chain(held) {
+            let Ok(file) = std::fs::File::open(&path) else {
+                continue;
+            };
+            if !file.metadata().is_ok_and(|m| seen.insert(m.ino())) {
+                continue;
+            }
+            removed += std::thread::scope(|scope| {
+                scope
+                    .spawn(|| {
+                        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                            .map_or(0, |()| detach_reset_filters(handle))
+                    })
+                    .join()
+                    .unwrap_or(0)
+            });
+        }
+        Self::remove_pins(pin_dir).map_err(|source| LoaderError::PinDir {
+            path: pin_dir.to_owned(),
+            source,
+        })?;
+        Ok(removed)
+    }
+
     /// Detaches the programs and frees the maps pinned under `pin_dir` (once no agent holds
     /// them). Missing pins are not an error.
     pub fn remove_pins(pin_dir: &Path) -> io::Result<()> {
@@ -1327,6 +1378,24 @@ fn attach_reset_program(
         new += 1;
     }
     Ok(new)
+}
+
+/// Deletes the reset program's filter of `handle` from both directions of every interface of
+/// the calling thread's network namespace; returns how many there were.
+fn detach_reset_filters(handle: TcHandle) -> usize {
+    use aya::programs::links::Link as _;
+    let mut removed = 0;
+    for (_, name) in interfaces(|name| name != "lo") {
+        for direction in [TcAttachType::Ingress, TcAttachType::Egress] {
+            if let Ok(link) =
+                SchedClassifierLink::attached(&name, direction, TC_PRIORITY, handle, None)
+                && link.detach().is_ok()
+            {
+                removed += 1;
+            }
+        }
+    }
+    removed
 }
 
 /// Whether `err` is the kernel's EEXIST: a filter at that priority and handle is there.

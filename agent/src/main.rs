@@ -338,6 +338,11 @@ struct AgentArgs {
     /// its interface) before; `packets` takes the packets on any kernel.
     #[arg(long, value_enum, default_value_t = ResetSourceArg::Auto, env = "DRAINGATE_RESET_SOURCE")]
     reset_source: ResetSourceArg,
+    /// Instead of running: remove what an agent on --pin-dir leaves behind when it stops (its
+    /// TC filters on the pods' interfaces, its pinned maps and programs), then exit. For
+    /// uninstalling, after the agent has stopped; refused while one runs.
+    #[arg(long)]
+    uninstall: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -540,6 +545,14 @@ async fn gate_check(args: GateCheckArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    if args.uninstall {
+        let filters = draingate::loader::KernelProbes::uninstall(&args.pin_dir)?;
+        println!(
+            "draingate: removed {filters} TC filters and the pins under {}",
+            args.pin_dir.display()
+        );
+        return Ok(());
+    }
     let mut config = AgentConfig {
         probes: ProbeConfig {
             reset_source: (args.reset_source == ResetSourceArg::Packets)

@@ -437,6 +437,51 @@ fn a_second_agent_on_the_same_pins_is_refused_and_the_first_keeps_its_counts() {
     assert_eq!(next.slot_totals(SERVER_SLOT).expect("read").refused, 3);
 }
 
+/// The reset program's filters outlive the agent (they keep counting into the pins across a
+/// restart); an uninstall removes them, only its own, and the pins. Refused while an agent
+/// holds the pins.
+#[test]
+fn an_uninstall_removes_the_filters_and_the_pins_and_nothing_else() {
+    require_root();
+    let mut pins = PinDir::new();
+    pins.config.reset_source = Some(ResetSource::Packets);
+    let mut probes = KernelProbes::load(&pins.config).expect("load and attach the programs");
+    let link = Link::new("uninst", Family::V4);
+    probes
+        .watch_pod_interfaces(&link.b.path())
+        .expect("attach the reset program");
+    // Another agent's filter on the same interface (its own pins: another handle).
+    let mut other_pins = PinDir::new();
+    other_pins.config.reset_source = Some(ResetSource::Packets);
+    let mut other = KernelProbes::load(&other_pins.config).expect("another agent");
+    other
+        .watch_pod_interfaces(&link.b.path())
+        .expect("attach the other reset program");
+    let filters = || {
+        let output = std::process::Command::new("ip")
+            .args(["netns", "exec", link.b.name()])
+            .args(["tc", "filter", "show", "dev", "eth0", "egress"])
+            .output()
+            .expect("tc filter show");
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter(|l| l.contains("pod_egress"))
+            .count()
+    };
+    assert_eq!(filters(), 2, "both agents' filters");
+    assert!(matches!(
+        KernelProbes::uninstall(&pins.config.pin_dir),
+        Err(draingate::loader::LoaderError::PinDirInUse { .. })
+    ));
+    drop(probes);
+    assert_eq!(filters(), 2, "the filters outlive the agent");
+    let removed = KernelProbes::uninstall(&pins.config.pin_dir).expect("uninstall");
+    assert_eq!(removed, 1);
+    assert_eq!(filters(), 1, "the other agent's filter stays");
+    assert!(!pins.config.pin_dir.exists(), "the pins are gone");
+    drop(other);
+}
+
 /// A client may pick the same source port again: a new connection on a 4-tuple that was reset
 /// before fails anew and counts anew, while resets of one connection count once.
 #[test]
