@@ -480,6 +480,18 @@ pub async fn serve(
             what: listen.socket.display().to_string(),
             source,
         })?;
+    // Readable and writable by every user: the preStop hook `wait-drained --self` runs as the
+    // app's user, most often not root. Every method on it reads (the API has no write); what it
+    // shows is what the TCP face shows to the pod network anyway.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&listen.socket, std::fs::Permissions::from_mode(0o666)).map_err(
+            |source| ServeError::Listen {
+                what: listen.socket.display().to_string(),
+                source,
+            },
+        )?;
+    }
     let ours = socket_identity(&listen.socket);
 
     let (shutdown_tx, _) = tokio::sync::broadcast::channel::<()>(1);

@@ -326,6 +326,34 @@ fn pods_events_and_wait_drained_against_a_live_agent() {
         "{said}"
     );
     assert!(said.contains("out of the Service endpoints"), "{said}");
+    // As most apps run: not root (`nobody`, no capabilities).
+    let output = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(draingate_bin())
+        .args([
+            "wait-drained",
+            "--self",
+            "--agent",
+            &socket,
+            "--timeout",
+            "10s",
+        ])
+        .env("POD_NAME", &name)
+        .env("POD_NAMESPACE", "local")
+        .output()
+        .expect("run draingate as nobody");
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "as nobody: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        stderr(&output)
+    );
     let output = Command::new(draingate_bin())
         .args(["wait-drained", "--self", "--agent", &socket])
         .env_remove("POD_NAME")
