@@ -56,16 +56,16 @@ impl AgentApi {
                 Status::not_found(format!(
                     "no pod {}{}{} on this node (see `draingate pods`)",
                     if pod.namespace.is_empty() {
-                        ""
+                        String::new()
                     } else {
-                        &pod.namespace
+                        crate::telemetry::quoted(&pod.namespace)
                     },
                     if pod.namespace.is_empty() { "" } else { "/" },
-                    if pod.uid.is_empty() {
+                    crate::telemetry::quoted(if pod.uid.is_empty() {
                         &pod.name
                     } else {
                         &pod.uid
-                    },
+                    }),
                 ))
             })
     }

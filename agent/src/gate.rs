@@ -74,7 +74,8 @@ impl Kind {
             "deployment" | "deployments" | "deploy" => Ok(Self::Deployment),
             "rollout" | "rollouts" | "ro" => Ok(Self::Rollout),
             _ => Err(QueryError(format!(
-                "unknown workload kind {s:?}: use Deployment or Rollout"
+                "unknown workload kind {}: use Deployment or Rollout",
+                crate::telemetry::quoted(s)
             ))),
         }
     }
@@ -112,8 +113,9 @@ fn check_name(what: &str, value: &str, max: usize) -> Result<(), QueryError> {
         Ok(())
     } else {
         Err(QueryError(format!(
-            "invalid {what} {value:?}: a Kubernetes name is 1 to {max} lower-case letters, digits, \
-             '-' or '.', starting and ending with a letter or digit"
+            "invalid {what} {}: a Kubernetes name is 1 to {max} lower-case letters, digits, '-' \
+             or '.', starting and ending with a letter or digit",
+            crate::telemetry::quoted(value)
         )))
     }
 }
@@ -135,7 +137,9 @@ impl Query {
                     && Kind::parse(kind)? != parsed
                 {
                     return Err(QueryError(format!(
-                        "kind {kind:?} contradicts workload {workload:?}"
+                        "kind {} contradicts workload {}",
+                        crate::telemetry::quoted(kind),
+                        crate::telemetry::quoted(workload)
                     )));
                 }
                 (parsed, name)

@@ -20,6 +20,18 @@ pub fn init_with_default(default: &str) {
         .try_init();
 }
 
+/// Untrusted input quoted for a message (an API error, a log line): as `{:?}` prints it, cut
+/// after 64 characters with the length said, so that a client cannot make an error message, a
+/// gRPC `grpc-message` header or a log line as large as its request.
+#[must_use]
+pub fn quoted(value: &str) -> String {
+    const SHOWN: usize = 64;
+    match value.char_indices().nth(SHOWN) {
+        None => format!("{value:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &value[..cut], value.len()),
+    }
+}
+
 /// An error and its sources, one line: `outer: inner: innermost`, each said once (errors that
 /// print their source in their own message are not followed by it again).
 pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
@@ -49,6 +61,15 @@ mod tests {
     enum Outer {
         #[error("the node simulator failed: {0}")]
         Node(#[from] Inner),
+    }
+
+    #[test]
+    fn untrusted_input_is_quoted_and_bounded() {
+        assert_eq!(super::quoted("web"), "\"web\"");
+        let long = "é".repeat(100_000);
+        let shown = super::quoted(&long);
+        assert!(shown.len() < 200, "{shown}");
+        assert!(shown.ends_with("… (200000 bytes)"), "{shown}");
     }
 
     #[test]
