@@ -371,9 +371,9 @@ impl Agent {
             if !state.pods.contains_key(&pod.id.uid) {
                 let slot = self.allocate_slot(&pod)?;
                 tracing::info!(pod = %pod.id.name, uid = %pod.id.uid, slot, addresses = ?pod.addresses, "new pod");
-                state
-                    .pods
-                    .insert(pod.id.uid.clone(), PodDrain::new(pod.id.clone(), slot, now));
+                let mut drain = PodDrain::new(pod.id.clone(), slot, now);
+                drain.untracked_at_start = loss.socket_table_full;
+                state.pods.insert(pod.id.uid.clone(), drain);
             }
             let drain = state.pods.get_mut(&pod.id.uid).expect("inserted above");
             self.sync_pod(drain, &pod, now)?;
@@ -411,6 +411,9 @@ impl Agent {
                         "the kernel lost events while the pod terminated ({loss:?})"
                     ));
                 }
+                // Sockets the full table could not track since the pod appeared, before its
+                // window too: they may be its connections, missing from what its exit cut.
+                drain.charge_untracked(loss.socket_table_full);
             }
             if let Some(gone) = drain.timeline.gone_at {
                 let since = now.duration_since(gone).unwrap_or_default();
@@ -592,6 +595,9 @@ impl Agent {
                     .flatten()
                     .unwrap_or(event.time_ns);
                 pod.open_window(self.wall(since));
+                if let Ok(loss) = self.probes.loss() {
+                    pod.charge_untracked(loss.socket_table_full);
+                }
                 if u32::from(event.signal) == 9 && pod.timeline.sigkill_at.is_none() {
                     pod.timeline.sigkill_at = Some(time);
                 }
@@ -609,6 +615,9 @@ impl Agent {
                 if pod.pids.is_empty() {
                     if let Ok(totals) = self.probes.slot_totals(pod.slot) {
                         pod.update_totals(totals, time);
+                    }
+                    if let Ok(loss) = self.probes.loss() {
+                        pod.charge_untracked(loss.socket_table_full);
                     }
                     // The kernel counted the connections still held at the exit itself.
                     pod.exited_with_open(time, u64::from(event.held));

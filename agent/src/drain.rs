@@ -137,6 +137,10 @@ pub struct PodDrain {
     pub open_at_exit: Option<u64>,
     /// Why the counts are incomplete, when they are.
     pub lost: Option<String>,
+    /// The kernel's count of sockets it could not track (node-wide, socket table full) when
+    /// the pod was first seen: any more since may be this pod's connections, missing from its
+    /// open count, so a window that sees more cannot pass.
+    pub untracked_at_start: u64,
     /// Connects to the pod by clients on this node that got no answer, inside the window.
     pub peer_failures: u64,
     pub events: VecDeque<PodEvent>,
@@ -161,6 +165,7 @@ impl PodDrain {
             },
             open_at_exit: None,
             lost: None,
+            untracked_at_start: 0,
             peer_failures: 0,
             events: VecDeque::new(),
             events_dropped: 0,
@@ -195,6 +200,23 @@ impl PodDrain {
     /// those still open are ones it may have cut.
     pub fn exited(&mut self, at: SystemTime) {
         self.exited_with_open(at, self.totals.open);
+    }
+
+    /// Charges the sockets the kernel could not track since the pod appeared (`untracked`,
+    /// the node's count now) to a terminating pod: some may be its connections, missing from
+    /// its open count, so its verdict is `unknown`, never a pass it cannot prove.
+    pub fn charge_untracked(&mut self, untracked: u64) {
+        if self.lost.is_none()
+            && self.timeline.terminating_since.is_some()
+            && !self.window_closed()
+            && untracked > self.untracked_at_start
+        {
+            self.lost = Some(format!(
+                "{} sockets on this node could not be tracked (socket table full) since the pod \
+                 appeared: some may be its connections, missing from its open count",
+                untracked - self.untracked_at_start
+            ));
+        }
     }
 
     /// The last process exited at `at` still holding `held` connections (as the kernel saw at

@@ -354,7 +354,9 @@ impl TestAgent {
         Self::start_with(pins)
     }
 
-    fn start_with(pins: PinDir) -> Self {
+    /// An agent on `pins` (and their configuration: a small socket table, say).
+    #[must_use]
+    pub fn start_with(pins: PinDir) -> Self {
         let socket = std::env::temp_dir().join(format!(
             "draingate-test-{}-{}.sock",
             std::process::id(),

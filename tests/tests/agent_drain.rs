@@ -9,7 +9,7 @@ use std::{
 };
 
 use draingate_proto::v1::{Pod, Verdict};
-use draingate_tests::{ChildGuard, Family, Link, TestAgent, require_root};
+use draingate_tests::{ChildGuard, Family, Link, PinDir, TestAgent, require_root};
 use nix::sys::signal::Signal;
 
 const SERVER: &str = env!("CARGO_BIN_EXE_draingate-test-server");
@@ -493,4 +493,50 @@ fn connections_a_killed_server_still_held_are_open_at_exit() {
     let _ = server.0.wait();
     let pod = agent.wait_for_pod(&pod_name, |p| verdict(p) == Verdict::Fail);
     assert_eq!(pod.open_at_exit, 2, "{pod:#?}");
+}
+
+/// Connections the kernel could not track (the socket table was full) are never in a pod's open
+/// count, so its exit cannot show them cut: a pod that held only such connections when it was
+/// killed (SIGKILL) must not pass, whether the table filled before its window or in it.
+#[test]
+fn a_pod_whose_connections_the_full_socket_table_missed_is_unknown_not_pass() {
+    require_root();
+    let mut pins = PinDir::new();
+    // One bucket: four sockets in the whole table.
+    pins.config.socket_buckets = 1;
+    let agent = TestAgent::start_with(pins);
+    // Another pod pair fills the table first: two held connections, four sockets.
+    let filler = Link::new("fill", Family::V4);
+    let (_filler_server, filler_addr) = start_server(&filler, "ignore");
+    let filler_name = filler.b.name().to_owned();
+    wait_for_server(&agent, &filler_name);
+    let held_elsewhere: Vec<TcpStream> = (0..2)
+        .map(|_| connect(&filler, filler_addr).expect("connect"))
+        .collect();
+    agent.wait_for_pod(&filler_name, |p| p.open == 2);
+
+    let link = Link::new("untrk", Family::V4);
+    let (mut server, addr) = start_server(&link, "ignore");
+    let pod_name = link.b.name().to_owned();
+    wait_for_server(&agent, &pod_name);
+    let mut conns: Vec<TcpStream> = (0..3)
+        .map(|_| connect(&link, addr).expect("connect"))
+        .collect();
+    for conn in &mut conns {
+        assert_eq!(request(conn), Outcome::Ok { close: false });
+    }
+    // None of them fits the table: the pod's open count stays 0.
+    assert_eq!(agent.wait_for_pod(&pod_name, |_| true).open, 0);
+    server.signal(Signal::SIGKILL);
+    let _ = server.0.wait();
+    let pod = agent.wait_for_pod(&pod_name, |p| {
+        !matches!(verdict(p), Verdict::None | Verdict::Pending)
+    });
+    assert_eq!(verdict(&pod), Verdict::Unknown, "{pod:#?}");
+    assert!(
+        pod.reason.contains("could not be tracked"),
+        "{}",
+        pod.reason
+    );
+    drop((conns, held_elsewhere));
 }
