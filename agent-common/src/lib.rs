@@ -117,7 +117,30 @@ pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 /// 2: `SlotCounters` of 128 bytes (with the released-socket counts), the socket and address
 /// array tables. 3: the reset table (`ResetBucket`), its seed in `ADDR_GEN`, and
 /// `LossCounters::reset_table_full`.
-pub const MAP_LAYOUT: u64 = 3;
+/// 4: `SLOT_IDS`, each slot's pod identity, so that a restarted agent can report a pod that
+/// went away while it was down.
+pub const MAP_LAYOUT: u64 = 4;
+
+/// A pod slot's identity as user space keeps it in the pinned `SLOT_IDS` map: its namespace,
+/// name and uid, each NUL-padded (longer ones cut). The kernel programs never read it; it lets
+/// a restarted agent name a pod that went away while no agent ran.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotId {
+    pub namespace: [u8; 64],
+    pub name: [u8; 128],
+    pub uid: [u8; 64],
+}
+
+impl Default for SlotId {
+    fn default() -> Self {
+        Self {
+            namespace: [0; 64],
+            name: [0; 128],
+            uid: [0; 64],
+        }
+    }
+}
 
 /// Where the maps are pinned so that an agent restart loses no counts and no socket state.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/draingate";
@@ -523,4 +546,6 @@ mod user {
     unsafe impl aya::Pod for super::NotableEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ConnKey {}
+    // SAFETY: as above (byte arrays only).
+    unsafe impl aya::Pod for super::SlotId {}
 }

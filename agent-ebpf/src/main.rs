@@ -27,8 +27,8 @@ use draingate_common::{
     ADDR_BUCKET_CELLS, ADDR_BUCKETS, ADDR_PROBE_BUCKETS, AddrKey, AddrTable, ConnKey,
     EVENTS_RING_BYTES, LossCounters, MAX_ADDRS, MAX_SLOTS, MAX_TASKS, NO_SLOT, NotableEvent,
     RESET_BUCKET_CELLS, RESET_BUCKETS, RESET_SEED_INDEX, ResetBucket, SOCKET_BUCKET_CELLS,
-    SOCKET_BUCKETS, SOCKET_PROBE_BUCKETS, SlotCounters, SocketBucket, addr_home, addr_words,
-    addr_words_v4, conn_hash, connect_failure, event_kind, exit_layout, reset_home,
+    SOCKET_BUCKETS, SOCKET_PROBE_BUCKETS, SlotCounters, SlotId, SocketBucket, addr_home,
+    addr_words, addr_words_v4, conn_hash, connect_failure, event_kind, exit_layout, reset_home,
     set_state_layout, signal_layout, socket_bucket, socket_home, tcp_state,
 };
 
@@ -145,6 +145,11 @@ const REFUSAL_RACE_NS: u64 = 10_000_000;
 fn reset_time(time_ns: u64) -> u64 {
     time_ns & !REFUSAL_MARK
 }
+
+/// Per pod slot, its pod's identity, kept by user space for its successors (see [`SlotId`]);
+/// no program reads it.
+#[map]
+static SLOT_IDS: Array<SlotId> = Array::pinned(MAX_SLOTS, 0);
 
 /// Per pod slot: when its termination window opened (boot-clock ns), 0 while none is open.
 /// Opened here on SIGTERM/SIGKILL to a known pod process, or by user space.

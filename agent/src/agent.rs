@@ -317,6 +317,8 @@ impl Agent {
     /// take the exit itself, with the connections open later (closing handshakes).
     pub fn resync(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), AgentError> {
         let observed = self.source.snapshot()?;
+        // Before the ring is read: its events about those pods are theirs.
+        self.restore_gone_pods(&observed)?;
         let batch = read_events(ring);
         self.handle_events(&batch);
         let now = SystemTime::now();
@@ -344,11 +346,15 @@ impl Agent {
 
         // Kubernetes mode on kernels that need the reset program: the node's side of every
         // pod interface (new ones appear with new pods).
-        if observed.iter().any(|pod| pod.netns.is_none())
-            && let Err(err) = self.probes.watch_node_interfaces()
-        {
-            tracing::warn!(error = %crate::telemetry::chain(&err), "the reset program is not on every pod interface: resets pods send may be missed");
-        }
+        let node_attach_error = if observed.iter().any(|pod| pod.netns.is_none()) {
+            self.probes.watch_node_interfaces().err().map(|err| {
+                let reason = crate::telemetry::chain(&err);
+                tracing::warn!(error = %reason, "the reset program is not on every pod interface: resets pods send may be missed");
+                reason
+            })
+        } else {
+            None
+        };
         let mut seen = BTreeSet::new();
         for pod in observed {
             seen.insert(pod.id.uid.clone());
@@ -371,11 +377,23 @@ impl Agent {
             if !state.pods.contains_key(&pod.id.uid) {
                 let slot = self.allocate_slot(&pod)?;
                 tracing::info!(pod = %pod.id.name, uid = %pod.id.uid, slot, addresses = ?pod.addresses, "new pod");
+                self.probes
+                    .set_slot_id(slot, &pod.id.namespace, &pod.id.name, &pod.id.uid)?;
                 let mut drain = PodDrain::new(pod.id.clone(), slot, now);
                 drain.untracked_at_start = loss.socket_table_full;
                 state.pods.insert(pod.id.uid.clone(), drain);
             }
             let drain = state.pods.get_mut(&pod.id.uid).expect("inserted above");
+            // Kubernetes mode: which interface is whose is not known, so every pod of the node
+            // may be missing resets.
+            if let Some(reason) = &node_attach_error
+                && drain.lost.is_none()
+            {
+                drain.lost = Some(format!(
+                    "the reset program could not be attached to every pod interface of the \
+                     node, so resets this pod sends may not be counted: {reason}"
+                ));
+            }
             self.sync_pod(drain, &pod, now)?;
         }
 
@@ -435,9 +453,15 @@ impl Agent {
             state.peer_failures.expire(before);
         }
         self.last_loss = lost_total;
-        // After the first resync, what no pod claimed back is stale: stop watching those
-        // addresses and free their slots (they are zeroed when given out again).
-        for (addr, slot) in std::mem::take(&mut self.watched_by_previous) {
+        // After the first resync of a complete inventory, what no pod claimed back is stale
+        // (pods gone while no agent ran were restored above): stop watching those addresses
+        // and free their slots (they are zeroed when given out again).
+        let unclaimed = if state.inventory_problem.is_none() {
+            std::mem::take(&mut self.watched_by_previous)
+        } else {
+            BTreeMap::new()
+        };
+        for (addr, slot) in unclaimed {
             self.probes.unwatch(addr)?;
             if !state.pods.values().any(|p| p.slot == slot) {
                 self.free_slots.insert(slot);
@@ -448,6 +472,71 @@ impl Agent {
         // the state lock: it waits for running programs).
         self.probes.apply_addresses()?;
         self.publish();
+        Ok(())
+    }
+
+    /// After a restart, the pods an earlier agent watched that are gone now: they went away
+    /// while no agent ran. Each is reported from what the pins kept (its identity, its
+    /// addresses, the kernel's counts and window, the events still in the ring) as a pod that
+    /// is gone, so that its failures are not lost with it: `fail` when the kernel counted
+    /// errors in its window, `unknown` otherwise (what happened while no agent ran cannot all
+    /// be checked), never absent. Slots without an identity (an older agent's) are freed.
+    fn restore_gone_pods(&mut self, observed: &[ObservedPod]) -> Result<(), AgentError> {
+        // Only against a complete inventory: a pod the source has not listed yet is not gone.
+        if self.watched_by_previous.is_empty() || self.source.problem().is_some() {
+            return Ok(());
+        }
+        let claimed: BTreeSet<u32> = observed
+            .iter()
+            .flat_map(|pod| &pod.addresses)
+            .filter_map(|addr| self.watched_by_previous.get(addr).copied())
+            .collect();
+        let mut gone: BTreeMap<u32, Vec<IpAddr>> = BTreeMap::new();
+        for (addr, slot) in &self.watched_by_previous {
+            if !claimed.contains(slot) {
+                gone.entry(*slot).or_default().push(*addr);
+            }
+        }
+        if gone.is_empty() {
+            return Ok(());
+        }
+        let now = SystemTime::now();
+        let shared = Arc::clone(&self.state);
+        let mut state = shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (slot, addresses) in gone {
+            let Some((namespace, name, uid)) = self.probes.slot_id(slot)? else {
+                continue;
+            };
+            if state.pods.contains_key(&uid) {
+                continue;
+            }
+            self.watched_by_previous.retain(|_, s| *s != slot);
+            let mut drain = PodDrain::new(
+                PodId {
+                    namespace,
+                    name,
+                    uid: uid.clone(),
+                },
+                slot,
+                now,
+            );
+            drain.timeline.first_seen = None;
+            drain.addresses = addresses;
+            if let Some(since) = self.probes.window_since(slot)? {
+                drain.open_window(self.wall(since));
+            }
+            drain.update_totals(self.probes.slot_totals(slot)?, now);
+            if drain.errors() == 0 {
+                drain.open_window(now);
+                drain.lost = Some(
+                    "it went away while no agent ran: its end could not be checked".to_owned(),
+                );
+            }
+            tracing::warn!(pod = %drain.id.name, uid, slot, errors = drain.errors(), "a pod went away while no agent ran: reported from the kernel's record");
+            state.pods.insert(uid, drain);
+        }
         Ok(())
     }
 

@@ -1,4 +1,4 @@
-//! A pod's termination window, timeline and verdict, exactly as DESIGN.md (Verdict) defines them.
+//! A pod's termination window, timeline and verdict, exactly as docs/verdict.md defines them.
 //! Pure bookkeeping: the agent feeds it counters, processes and events; nothing here touches the
 //! kernel, so every rule is unit-tested.
 

@@ -497,6 +497,7 @@ pub struct KernelProbes {
     pod_tasks: HashMap<MapData, u32, u32>,
     slot_counters: PerCpuArray<MapData, SlotCounters>,
     windows: Array<MapData, u64>,
+    slot_ids: Array<MapData, draingate_common::SlotId>,
     loss: PerCpuArray<MapData, LossCounters>,
     events: Option<RingBuf<MapData>>,
     /// Whether the programs were already attached by an earlier agent (a restart).
@@ -770,6 +771,7 @@ impl KernelProbes {
             pod_tasks: take_map(&mut ebpf, "POD_TASKS")?,
             slot_counters: take_map(&mut ebpf, "SLOT_COUNTERS")?,
             windows: take_map(&mut ebpf, "WINDOWS")?,
+            slot_ids: take_map(&mut ebpf, "SLOT_IDS")?,
             loss: take_map(&mut ebpf, "LOSS")?,
             events: Some(take_map(&mut ebpf, "EVENTS")?),
             ebpf,
@@ -1140,7 +1142,41 @@ impl KernelProbes {
         self.slot_counters
             .set(slot, zeros, 0)
             .map_err(map_err("SLOT_COUNTERS"))?;
+        self.slot_ids
+            .set(slot, draingate_common::SlotId::default(), 0)
+            .map_err(map_err("SLOT_IDS"))?;
         self.windows.set(slot, 0, 0).map_err(map_err("WINDOWS"))
+    }
+
+    /// Records pod `slot`'s identity in the pins (names longer than the record are cut), so
+    /// that a later agent can name the pod if it goes away while no agent runs.
+    pub fn set_slot_id(
+        &mut self,
+        slot: u32,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+    ) -> Result<(), LoaderError> {
+        check_slot(slot)?;
+        let id = draingate_common::SlotId {
+            namespace: nul_padded(namespace),
+            name: nul_padded(name),
+            uid: nul_padded(uid),
+        };
+        self.slot_ids.set(slot, id, 0).map_err(map_err("SLOT_IDS"))
+    }
+
+    /// Pod `slot`'s identity as an agent recorded it (namespace, name, uid); `None` when none
+    /// was.
+    pub fn slot_id(&self, slot: u32) -> Result<Option<(String, String, String)>, LoaderError> {
+        check_slot(slot)?;
+        let id = self.slot_ids.get(&slot, 0).map_err(map_err("SLOT_IDS"))?;
+        let text = |bytes: &[u8]| {
+            let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+            String::from_utf8_lossy(&bytes[..end]).into_owned()
+        };
+        let (namespace, name, uid) = (text(&id.namespace), text(&id.name), text(&id.uid));
+        Ok((!uid.is_empty()).then_some((namespace, name, uid)))
     }
 
     /// When pod `slot`'s termination window opened (boot clock), if it has.
@@ -1266,6 +1302,17 @@ fn check_slot(slot: u32) -> Result<(), LoaderError> {
         return Err(LoaderError::SlotOutOfRange { slot });
     }
     Ok(())
+}
+
+/// `text` NUL-padded into `N` bytes, cut after the last whole character that fits.
+fn nul_padded<const N: usize>(text: &str) -> [u8; N] {
+    let mut out = [0u8; N];
+    let mut len = text.len().min(N);
+    while !text.is_char_boundary(len) {
+        len -= 1;
+    }
+    out[..len].copy_from_slice(&text.as_bytes()[..len]);
+    out
 }
 
 /// The TC program that counts the resets pods send on kernels before 6.10.
@@ -1574,6 +1621,14 @@ mod tests {
             );
         }
         assert_eq!(lookup(&table, IpAddr::V6(Ipv6Addr::UNSPECIFIED)), None);
+    }
+
+    #[test]
+    fn slot_identities_are_nul_padded_and_cut_between_characters() {
+        assert_eq!(super::nul_padded::<6>("web"), *b"web\0\0\0");
+        // "é" is two bytes: the cut falls before it, not inside it.
+        assert_eq!(super::nul_padded::<4>("abcé"), *b"abc\0");
+        assert_eq!(super::nul_padded::<3>("abcdef"), *b"abc");
     }
 
     #[test]

@@ -344,6 +344,16 @@ impl TestAgent {
         Self::start_with(PinDir::new())
     }
 
+    /// Stops this agent (its programs stay attached, its maps pinned, the kernel counting on)
+    /// and returns its pins, for [`Self::start_with`] later: an agent that is down a while.
+    #[must_use]
+    pub fn stop(mut self) -> PinDir {
+        // The placeholder's directory never exists, so dropping `self` removes nothing.
+        let pins = std::mem::take(&mut self.pins);
+        drop(self);
+        pins
+    }
+
     /// Stops this agent (its programs stay attached, its maps pinned) and starts a new one on
     /// the same pins, as a node agent restart does.
     #[must_use]

@@ -510,10 +510,11 @@ fn a_pod_whose_connections_the_full_socket_table_missed_is_unknown_not_pass() {
     let (_filler_server, filler_addr) = start_server(&filler, "ignore");
     let filler_name = filler.b.name().to_owned();
     wait_for_server(&agent, &filler_name);
+    // (Other tests' pods, which this agent watches too, may take cells as well: the table is
+    // full either way.)
     let held_elsewhere: Vec<TcpStream> = (0..2)
         .map(|_| connect(&filler, filler_addr).expect("connect"))
         .collect();
-    agent.wait_for_pod(&filler_name, |p| p.open == 2);
 
     let link = Link::new("untrk", Family::V4);
     let (mut server, addr) = start_server(&link, "ignore");
@@ -525,18 +526,66 @@ fn a_pod_whose_connections_the_full_socket_table_missed_is_unknown_not_pass() {
     for conn in &mut conns {
         assert_eq!(request(conn), Outcome::Ok { close: false });
     }
-    // None of them fits the table: the pod's open count stays 0.
-    assert_eq!(agent.wait_for_pod(&pod_name, |_| true).open, 0);
     server.signal(Signal::SIGKILL);
     let _ = server.0.wait();
     let pod = agent.wait_for_pod(&pod_name, |p| {
         !matches!(verdict(p), Verdict::None | Verdict::Pending)
     });
-    assert_eq!(verdict(&pod), Verdict::Unknown, "{pod:#?}");
-    assert!(
-        pod.reason.contains("could not be tracked"),
-        "{}",
-        pod.reason
-    );
+    // Three connections were cut, whatever the table could track of them: never a pass. (A
+    // cell freed by another test's pod may have taken one: then it is counted, and fails.)
+    assert_ne!(verdict(&pod), Verdict::Pass, "{pod:#?}");
+    if pod.open_at_exit == 0 {
+        assert_eq!(verdict(&pod), Verdict::Unknown, "{pod:#?}");
+        assert!(pod.reason.contains("could not be tracked"), "{}", pod.reason);
+    }
     drop((conns, held_elsewhere));
+}
+
+/// Pods that fail and go away while no agent runs (an OOM kill, an upgrade) are not lost: the
+/// next agent reports them from the kernel's record. One refused connections in its window and
+/// its namespace was deleted: `fail` with the kernel's counts. Another went away cleanly: what
+/// happened cannot all be checked, so `unknown`, never absent and never a pass.
+#[test]
+fn pods_that_went_away_while_no_agent_ran_are_reported_fail_or_unknown() {
+    require_root();
+    let agent = TestAgent::start();
+    let failing = Link::new("downf", Family::V4);
+    let clean = Link::new("downc", Family::V4);
+    let (mut server, _) = start_server(&failing, "ignore");
+    let (mut clean_server, _) = start_server(&clean, "graceful");
+    let (failing_name, clean_name) = (failing.b.name().to_owned(), clean.b.name().to_owned());
+    wait_for_server(&agent, &failing_name);
+    wait_for_server(&agent, &clean_name);
+    let pins = agent.stop();
+
+    // While no agent runs: SIGTERM (the kernel opens the window), five refused connects, the
+    // process killed and the namespace deleted; the other pod ends cleanly.
+    server.signal(Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(200));
+    let closed = SocketAddr::new(failing.b_addr, 9);
+    for _ in 0..5 {
+        assert!(connect(&failing, closed).is_err());
+    }
+    server.signal(Signal::SIGKILL);
+    let _ = server.0.wait();
+    clean_server.signal(Signal::SIGTERM);
+    let _ = clean_server.0.wait();
+    let Link { a: _client, b, .. } = failing;
+    drop(b);
+    let Link {
+        a: _clean_client,
+        b: clean_b,
+        ..
+    } = clean;
+    drop(clean_b);
+
+    let agent = TestAgent::start_with(pins);
+    let pod = agent.wait_for_pod(&failing_name, |p| verdict(p) == Verdict::Fail);
+    let window = pod.window.expect("window");
+    assert_eq!((pod.errors, window.refused), (5, 5), "{pod:#?}");
+    let pod = agent.wait_for_pod(&clean_name, |p| {
+        !matches!(verdict(p), Verdict::None | Verdict::Pending)
+    });
+    assert_eq!(verdict(&pod), Verdict::Unknown, "{pod:#?}");
+    assert!(pod.reason.contains("while no agent ran"), "{}", pod.reason);
 }

@@ -266,7 +266,7 @@ fn pods_events_and_wait_drained_against_a_live_agent() {
     let output = draingate(&["wait-drained", "--agent", &socket, "--pod", "no-such-pod"]);
     assert_eq!(output.status.code(), Some(3));
     assert!(
-        stderr(&output).contains("no pod no-such-pod on this node"),
+        stderr(&output).contains("no pod \"no-such-pod\" on this node"),
         "{}",
         stderr(&output)
     );

@@ -33,7 +33,23 @@ mounted() {
 prepare() {
     # The host root is read-only here; tests write to /tmp.
     if ! mounted /tmp tmpfs; then
+        # The host's /tmp stays reachable: the workspace, the kernel cache or the results
+        # directory may be under it (a clone in /tmp, say), and keep their paths.
+        mkdir -p /run/draingate/host-tmp
+        mount --rbind /tmp /run/draingate/host-tmp || fail "keeping the host's /tmp"
         mount -t tmpfs -o mode=1777 tmpfs /tmp || fail "mounting tmpfs on /tmp"
+        local path top
+        for path in "$workspace" "$kernel_dir" "$out"; do
+            case $path in
+                /tmp/*) top=${path#/tmp/}; top=/tmp/${top%%/*} ;;
+                *) continue ;;
+            esac
+            if [ ! -e "$top" ]; then
+                mkdir -p "$top"
+                mount --rbind "/run/draingate/host-tmp/${top#/tmp/}" "$top" ||
+                    fail "keeping $top of the host's /tmp"
+            fi
+        done
     fi
     if [ ! -e /sys/kernel/tracing/events ]; then
         mount -t tracefs tracefs /sys/kernel/tracing || fail "mounting tracefs"
