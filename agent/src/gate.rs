@@ -1,7 +1,7 @@
-//! The rollout gate: every node's evidence turned into one verdict per rollout (DESIGN.md:
-//! Verdict). [`judge`] is the whole rule, over what the agents answered; [`pool`] asks the
+//! The rollout gate: every node's evidence turned into one verdict per rollout (docs/verdict.md,
+//! "Per rollout"). [`judge`] is the whole rule, over what the agents answered; [`pool`] asks the
 //! agents; [`History`] keeps final verdicts after the agents forgot the pods; [`http`] and
-//! [`api`] are the faces (rollout-gates.md has the contracts).
+//! [`api`] are the faces (docs/rollout-tools.md has the contracts).
 //!
 //! The rule, in order: a rollout `fail`s when any of its terminated pods failed (a known failure
 //! is conclusive even with a node missing); it is `unknown` when an agent could not be asked or

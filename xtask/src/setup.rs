@@ -13,7 +13,7 @@ use anyhow::{Context as _, bail};
 
 use crate::command::{is_root, output, run_checked, stdout};
 
-/// The bpf-linker release line known to work with aya 0.14 (DESIGN.md, Toolchain).
+/// The bpf-linker release line known to work with aya 0.14 (docs/architecture.md, Build).
 const BPF_LINKER_VERSION: &str = "0.13";
 /// LLVM majors that bpf-linker 0.13 has a feature for.
 const BPF_LINKER_LLVM_MAJORS: [u32; 3] = [21, 22, 23];

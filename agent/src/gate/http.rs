@@ -1,4 +1,4 @@
-//! The gate's HTTP face, for rollout tools (rollout-gates.md: "Contract to implement"):
+//! The gate's HTTP face, for rollout tools (docs/rollout-tools.md has the contracts):
 //! - `GET /v1/verdict?namespace=&workload=&kind=&old=&new=&wait=`: always 200 with the verdict
 //!   in the body (Argo Rollouts' `web` metric provider counts a non-2xx as an error and aborts
 //!   after a few); 400 for a malformed query, 404 for a workload no agent knows;
@@ -97,7 +97,7 @@ struct PodBody {
     refused: u64,
 }
 
-/// The body of `GET /v1/verdict` (rollout-gates.md's field names).
+/// The body of `GET /v1/verdict` (its fields are listed in docs/rollout-tools.md).
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VerdictBody {
