@@ -536,7 +536,11 @@ fn a_pod_whose_connections_the_full_socket_table_missed_is_unknown_not_pass() {
     assert_ne!(verdict(&pod), Verdict::Pass, "{pod:#?}");
     if pod.open_at_exit == 0 {
         assert_eq!(verdict(&pod), Verdict::Unknown, "{pod:#?}");
-        assert!(pod.reason.contains("could not be tracked"), "{}", pod.reason);
+        assert!(
+            pod.reason.contains("could not be tracked"),
+            "{}",
+            pod.reason
+        );
     }
     drop((conns, held_elsewhere));
 }
