@@ -150,7 +150,14 @@ pub struct AgentHandle {
     pub events: broadcast::Sender<PodEvent>,
     /// Whether the programs are attached (for /readyz).
     pub ready: watch::Receiver<bool>,
+    /// Permits for the API's streams (`StreamEvents`, `WatchPods`), shared by the TCP and the
+    /// unix socket faces: each stream holds one, so that clients cannot open streams (and the
+    /// event backlog copied into each) without bound.
+    pub streams: Arc<tokio::sync::Semaphore>,
 }
+
+/// How many `StreamEvents` and `WatchPods` streams the API serves at once.
+pub const MAX_STREAMS: usize = 64;
 
 /// The reconciler: owns the probes and the inventory source.
 pub struct Agent {
@@ -208,6 +215,7 @@ impl Agent {
         let (events, _) = broadcast::channel(4096);
         let (ready_tx, ready) = watch::channel(false);
         let handle = AgentHandle {
+            streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
             state: Arc::clone(&state),
             changed: changed_rx,
             events: events.clone(),

@@ -1,7 +1,7 @@
 //! gRPC faces of the agent: `draingate.v1.Agent`, grpc.health.v1 and reflection, on TCP and on a
 //! unix socket. The tonic impl only maps domain state to messages and errors to `Status`.
 
-use std::{path::PathBuf, pin::Pin, time::Duration};
+use std::{path::PathBuf, pin::Pin, sync::Arc, time::Duration};
 
 use draingate_common::connect_failure;
 use draingate_proto::v1::{
@@ -34,6 +34,19 @@ impl AgentApi {
     #[must_use]
     pub fn new(handle: AgentHandle) -> Self {
         Self { handle }
+    }
+
+    /// A permit for one more stream, held until the stream ends; refused (`RESOURCE_EXHAUSTED`)
+    /// when [`crate::agent::MAX_STREAMS`] are open.
+    fn stream_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        Arc::clone(&self.handle.streams)
+            .try_acquire_owned()
+            .map_err(|_| {
+                Status::resource_exhausted(format!(
+                    "{} streams are open on this agent, its most; try again when one ends",
+                    crate::agent::MAX_STREAMS
+                ))
+            })
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, AgentState> {
@@ -241,10 +254,12 @@ impl AgentService for AgentApi {
         &self,
         _request: Request<pb::WatchPodsRequest>,
     ) -> Result<Response<Self::WatchPodsStream>, Status> {
+        let permit = self.stream_permit()?;
         let (tx, rx) = mpsc::channel(64);
         let api = self.clone();
         let mut changed = self.handle.changed.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let mut sent = std::collections::BTreeMap::<String, pb::Pod>::new();
             loop {
                 let pods: Vec<pb::Pod> = {
@@ -288,8 +303,14 @@ impl AgentService for AgentApi {
                         return;
                     }
                 }
-                if changed.changed().await.is_err() {
-                    return;
+                // A client that went away frees its stream at once, not at the next change.
+                tokio::select! {
+                    () = tx.closed() => return,
+                    result = changed.changed() => {
+                        if result.is_err() {
+                            return;
+                        }
+                    }
                 }
             }
         });
@@ -309,6 +330,7 @@ impl AgentService for AgentApi {
         {
             self.find(Some(pod))?;
         }
+        let permit = self.stream_permit()?;
         // Subscribe before reading the backlog, so nothing falls between the two.
         let mut live = self.handle.events.subscribe();
         let mut backlog: Vec<PodEvent> = self
@@ -321,6 +343,7 @@ impl AgentService for AgentApi {
         backlog.sort_by_key(|e| e.time);
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
+            let _permit = permit;
             let last = backlog.last().map(|e| e.time);
             for event in &backlog {
                 if tx.send(Ok(event_message(event))).await.is_err() {
@@ -331,7 +354,12 @@ impl AgentService for AgentApi {
                 return;
             }
             loop {
-                match live.recv().await {
+                // A client that went away frees its stream at once, not at the next event.
+                let received = tokio::select! {
+                    () = tx.closed() => return,
+                    received = live.recv() => received,
+                };
+                match received {
                     Ok(event) => {
                         if last.is_some_and(|t| event.time <= t)
                             || !matches(filter.as_ref(), &event)

@@ -203,6 +203,48 @@ fn a_second_agent_on_a_served_socket_is_refused_and_files_are_never_replaced() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Streams are bounded (each copies the event backlog): one past the cap is refused with
+/// `RESOURCE_EXHAUSTED`, and a client that goes away frees its stream at once, though no event
+/// comes.
+#[test]
+fn streams_are_capped_and_a_client_that_goes_away_frees_its_stream() {
+    require_root();
+    let agent = TestAgent::start();
+    let follow = || draingate_proto::v1::StreamEventsRequest {
+        follow: true,
+        ..Default::default()
+    };
+    agent.with_client(async |client| {
+        let mut open = Vec::new();
+        for _ in 0..draingate::agent::MAX_STREAMS {
+            let stream = client.stream_events(follow()).await.expect("a stream");
+            open.push(stream.into_inner());
+        }
+        let refused = client
+            .stream_events(follow())
+            .await
+            .expect_err("one stream too many");
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused}");
+        drop(open.pop());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match client.stream_events(follow()).await {
+                Ok(stream) => {
+                    open.push(stream.into_inner());
+                    break;
+                }
+                Err(status) => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the stream was never freed: {status}"
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    });
+}
+
 #[test]
 fn pods_events_and_wait_drained_against_a_live_agent() {
     require_root();
