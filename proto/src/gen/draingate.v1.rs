@@ -253,7 +253,7 @@ impl Phase {
         }
     }
 }
-/// The verdict of DESIGN.md: pass only when open reached 0 and errors == 0 inside the window.
+/// The verdict of docs/verdict.md: pass only when open reached 0 and errors == 0 inside the window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum Verdict {
