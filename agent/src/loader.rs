@@ -966,10 +966,18 @@ impl KernelProbes {
         if self.reset_source != ResetSource::Packets {
             return Ok(0);
         }
-        let file = std::fs::File::open(netns).map_err(|source| LoaderError::Netns {
-            path: netns.to_owned(),
-            source,
-        })?;
+        let file = match std::fs::File::open(netns) {
+            Ok(file) => file,
+            // The namespace went away since the inventory saw it: the pod is gone, and so are
+            // its interfaces; nothing to attach to.
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(source) => {
+                return Err(LoaderError::Netns {
+                    path: netns.to_owned(),
+                    source,
+                });
+            }
+        };
         let inode = std::os::unix::fs::MetadataExt::ino(&file.metadata().map_err(|source| {
             LoaderError::Netns {
                 path: netns.to_owned(),
@@ -1398,6 +1406,8 @@ fn attach_reset_program(
         match tc::qdisc_add_clsact(name) {
             Ok(()) | Err(tc::TcError::AlreadyAttached) => {}
             Err(err) if is_exists(&err) => {}
+            // The interface went away since it was listed (its pod is going): nothing to do.
+            Err(err) if is_gone(&err) => continue,
             Err(err) => return Err(tc_error(ProgramError::from(err))),
         }
         let options = TcAttachOptions::Netlink(NlOptions {
@@ -1413,6 +1423,7 @@ fn attach_reset_program(
                         .map_err(|err| tc_error(err.into()))?;
                 program.attach_to_link(link).map_err(tc_error)?
             }
+            Err(err) if is_gone(&err) => continue,
             Err(err) => {
                 return Err(classify(err, "attach TC programs", |source| {
                     tc_error(source)
@@ -1447,10 +1458,22 @@ fn detach_reset_filters(handle: TcHandle) -> usize {
 
 /// Whether `err` is the kernel's EEXIST: a filter at that priority and handle is there.
 fn is_exists(err: &(dyn std::error::Error + 'static)) -> bool {
+    has_errno(err, &[libc::EEXIST])
+}
+
+/// Whether `err` says the interface no longer exists (its namespace is being torn down).
+fn is_gone(err: &(dyn std::error::Error + 'static)) -> bool {
+    has_errno(err, &[libc::ENODEV, libc::ENOENT, libc::ENXIO])
+}
+
+/// Whether an OS error with one of `errnos` is anywhere in `err`'s chain.
+fn has_errno(err: &(dyn std::error::Error + 'static), errnos: &[i32]) -> bool {
     let mut source = Some(err);
     while let Some(current) = source {
         if let Some(io) = current.downcast_ref::<io::Error>()
-            && io.raw_os_error() == Some(libc::EEXIST)
+            && io
+                .raw_os_error()
+                .is_some_and(|errno| errnos.contains(&errno))
         {
             return true;
         }
