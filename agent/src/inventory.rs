@@ -231,28 +231,22 @@ fn netns_inode(path: &Path) -> Option<u64> {
 /// a thread that entered it; the agent's own threads stay in the host namespace.
 pub fn addresses_in(path: &Path) -> std::io::Result<Vec<IpAddr>> {
     let file = fs::File::open(path)?;
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)?;
-                let mut addresses: Vec<IpAddr> = nix::ifaddrs::getifaddrs()?
-                    .filter_map(|ifaddr| ifaddr.address)
-                    .filter_map(|addr| {
-                        if let Some(v4) = addr.as_sockaddr_in() {
-                            Some(IpAddr::V4(v4.ip()))
-                        } else {
-                            addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
-                        }
-                    })
-                    .filter(is_pod_address)
-                    .collect();
-                addresses.sort_unstable();
-                addresses.dedup();
-                Ok(addresses)
+    crate::netns::run_in(&file, || {
+        let mut addresses: Vec<IpAddr> = nix::ifaddrs::getifaddrs()?
+            .filter_map(|ifaddr| ifaddr.address)
+            .filter_map(|addr| {
+                if let Some(v4) = addr.as_sockaddr_in() {
+                    Some(IpAddr::V4(v4.ip()))
+                } else {
+                    addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+                }
             })
-            .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("address reader panicked")))
-    })
+            .filter(is_pod_address)
+            .collect();
+        addresses.sort_unstable();
+        addresses.dedup();
+        Ok(addresses)
+    })?
 }
 
 /// Loopback and link-local addresses are not how other pods reach a pod.

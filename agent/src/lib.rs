@@ -18,6 +18,7 @@ pub mod http;
 pub mod inventory;
 pub mod lint;
 pub mod loader;
+pub mod netns;
 pub mod peers;
 pub mod rehearse;
 pub mod telemetry;

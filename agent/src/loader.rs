@@ -736,23 +736,18 @@ impl KernelProbes {
         }
 
         if reset_source == ResetSource::Packets {
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(RESET_PROGRAM)
-                .ok_or(LoaderError::MissingProgram(RESET_PROGRAM))?
-                .try_into()
-                .map_err(|source| LoaderError::Tc {
-                    interface: String::new(),
-                    source: Box::new(source),
+            classifier(&mut ebpf, RESET_PROGRAM)?
+                .load()
+                .map_err(|err| {
+                    classify(err, "load eBPF programs", |source| {
+                        verifier_error(RESET_PROGRAM, source).unwrap_or_else(|other| {
+                            LoaderError::Tc {
+                                interface: String::new(),
+                                source: Box::new(other),
+                            }
+                        })
+                    })
                 })?;
-            program.load().map_err(|err| {
-                classify(err, "load eBPF programs", |source| match source {
-                    ProgramError::LoadError { .. } => load_error(RESET_PROGRAM, &HOOKS[1], source),
-                    other => LoaderError::Tc {
-                        interface: String::new(),
-                        source: Box::new(other),
-                    },
-                })
-            })?;
             loaded_programs.push(RESET_PROGRAM);
         }
 
@@ -846,50 +841,34 @@ impl KernelProbes {
             interface: String::new(),
             source: Box::new(source),
         };
-        let program: &mut SchedClassifier = ebpf
-            .program_mut("tc_floor")
-            .ok_or(LoaderError::MissingProgram("tc_floor"))?
-            .try_into()
-            .map_err(tc_error)?;
+        let program = classifier(&mut ebpf, "tc_floor")?;
         program.load().map_err(tc_error)?;
         let id = program.info().map_err(tc_error)?.id();
         let file = std::fs::File::open(netns).map_err(|source| LoaderError::Netns {
             path: netns.to_owned(),
             source,
         })?;
-        let links = std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(
-                        |errno| LoaderError::Netns {
-                            path: netns.to_owned(),
-                            source: errno.into(),
-                        },
-                    )?;
-                    let mut links = Vec::new();
-                    for (_, name) in interfaces(|name| name != "lo") {
-                        let options = TcAttachOptions::Netlink(NlOptions {
-                            priority: TC_PRIORITY + 1,
-                            ..NlOptions::default()
-                        });
-                        let id = program
-                            .attach_with_options(&name, TcAttachType::Egress, options)
-                            .map_err(|source| LoaderError::Tc {
-                                interface: name.clone(),
-                                source: Box::new(source),
-                            })?;
-                        links.push(program.take_link(id).map_err(tc_error)?);
-                    }
-                    Ok::<_, LoaderError>(links)
-                })
-                .join()
-                .unwrap_or_else(|_| {
-                    Err(LoaderError::Netns {
-                        path: netns.to_owned(),
-                        source: io::Error::other("the attaching thread panicked"),
-                    })
-                })
-        })?;
+        let links = crate::netns::run_in(&file, || {
+            let mut links = Vec::new();
+            for (_, name) in interfaces(|name| name != "lo") {
+                let options = TcAttachOptions::Netlink(NlOptions {
+                    priority: TC_PRIORITY + 1,
+                    ..NlOptions::default()
+                });
+                let id = program
+                    .attach_with_options(&name, TcAttachType::Egress, options)
+                    .map_err(|source| LoaderError::Tc {
+                        interface: name.clone(),
+                        source: Box::new(source),
+                    })?;
+                links.push(program.take_link(id).map_err(tc_error)?);
+            }
+            Ok::<_, LoaderError>(links)
+        })
+        .map_err(|source| LoaderError::Netns {
+            path: netns.to_owned(),
+            source,
+        })??;
         Ok(TcFloor {
             _ebpf: ebpf,
             netns: file,
@@ -932,15 +911,7 @@ impl KernelProbes {
             if !file.metadata().is_ok_and(|m| seen.insert(m.ino())) {
                 continue;
             }
-            removed += std::thread::scope(|scope| {
-                scope
-                    .spawn(|| {
-                        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                            .map_or(0, |()| detach_reset_filters(handle))
-                    })
-                    .join()
-                    .unwrap_or(0)
-            });
+            removed += crate::netns::run_in(&file, || detach_reset_filters(handle)).unwrap_or(0);
         }
         Self::remove_pins(pin_dir).map_err(|source| LoaderError::PinDir {
             path: pin_dir.to_owned(),
@@ -985,36 +956,23 @@ impl KernelProbes {
             }
         })?);
         let handle = self.tc_handle;
-        let program = reset_program(&mut self.ebpf)?;
+        let program = classifier(&mut self.ebpf, RESET_PROGRAM)?;
         let attached = &mut self.tc_attached;
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    // This thread only: the agent's other threads stay in the host namespace.
-                    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(
-                        |errno| LoaderError::Netns {
-                            path: netns.to_owned(),
-                            source: errno.into(),
-                        },
-                    )?;
-                    let interfaces = interfaces(|name| name != "lo");
-                    attach_reset_program(
-                        program,
-                        handle,
-                        inode,
-                        &interfaces,
-                        TcAttachType::Egress,
-                        attached,
-                    )
-                })
-                .join()
-                .unwrap_or_else(|_| {
-                    Err(LoaderError::Netns {
-                        path: netns.to_owned(),
-                        source: io::Error::other("the attaching thread panicked"),
-                    })
-                })
+        crate::netns::run_in(&file, || {
+            let interfaces = interfaces(|name| name != "lo");
+            attach_reset_program(
+                program,
+                handle,
+                inode,
+                &interfaces,
+                TcAttachType::Egress,
+                attached,
+            )
         })
+        .map_err(|source| LoaderError::Netns {
+            path: netns.to_owned(),
+            source,
+        })?
     }
 
     /// Attaches the reset program ([`ResetSource::Packets`]) to the node's side of every pod
@@ -1027,7 +985,7 @@ impl KernelProbes {
         }
         let inode = std::fs::metadata("/proc/self/ns/net")
             .map_or(0, |meta| std::os::unix::fs::MetadataExt::ino(&meta));
-        let program = reset_program(&mut self.ebpf)?;
+        let program = classifier(&mut self.ebpf, RESET_PROGRAM)?;
         let interfaces = interfaces(has_peer);
         attach_reset_program(
             program,
@@ -1347,9 +1305,13 @@ fn tc_handle(pin_dir: &Path) -> TcHandle {
     TcHandle::new(0xd6a7, (hash % 0xfffe) as u16 + 1)
 }
 
-fn reset_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, LoaderError> {
-    ebpf.program_mut(RESET_PROGRAM)
-        .ok_or(LoaderError::MissingProgram(RESET_PROGRAM))?
+/// The object's TC program `name` (`pod_egress`, or the benchmark's `tc_floor`).
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, LoaderError> {
+    ebpf.program_mut(name)
+        .ok_or(LoaderError::MissingProgram(name))?
         .try_into()
         .map_err(|source| LoaderError::Tc {
             interface: String::new(),
@@ -1517,6 +1479,14 @@ fn load_and_attach<'a>(
 /// A program the kernel would not load: the verifier's rejection in one line (the whole log
 /// at debug level), anything else as an attach error.
 fn load_error(program: &'static str, hook: &Hook, source: ProgramError) -> LoaderError {
+    verifier_error(program, source).unwrap_or_else(|other| attach_error(hook, other))
+}
+
+/// The verifier's rejection of `program` as [`LoaderError::Verifier`]; any other error back.
+fn verifier_error(
+    program: &'static str,
+    source: ProgramError,
+) -> Result<LoaderError, ProgramError> {
     match source {
         ProgramError::LoadError {
             io_error,
@@ -1524,13 +1494,13 @@ fn load_error(program: &'static str, hook: &Hook, source: ProgramError) -> Loade
         } => {
             let log = verifier_log.to_string();
             tracing::debug!(program, %io_error, "verifier log:\n{log}");
-            LoaderError::Verifier {
+            Ok(LoaderError::Verifier {
                 program,
                 first_line: verifier_summary(&log, &io_error),
                 log,
-            }
+            })
         }
-        other => attach_error(hook, other),
+        other => Err(other),
     }
 }
 
