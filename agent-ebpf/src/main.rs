@@ -1461,6 +1461,13 @@ fn exit_by_live_count() -> Result<(), i32> {
     if live != 0 || POD_TASKS.remove(tgid).is_err() {
         return Ok(());
     }
+    emit_exit(slot, tgid);
+    Ok(())
+}
+
+/// Reports the exit of process `tgid`, pod `slot`'s, with the connections its processes
+/// still held.
+fn emit_exit(slot: u32, tgid: u32) {
     emit(
         &NotableEvent {
             time_ns: now(),
@@ -1472,7 +1479,6 @@ fn exit_by_live_count() -> Result<(), i32> {
         },
         Wake::Now,
     );
-    Ok(())
 }
 
 /// The same program for the layout in [`exit_layout`]: a thread's exit costs it one load.
@@ -1495,17 +1501,7 @@ fn try_sched_process_exit<F: Fields>(rec: &F) -> Result<(), i32> {
     let Some(&slot) = (unsafe { POD_TASKS.get(tgid) }) else {
         return Ok(());
     };
-    emit(
-        &NotableEvent {
-            time_ns: now(),
-            slot,
-            pid: tgid,
-            held: held_now(slot).min(u64::from(u32::MAX)) as u32,
-            kind: event_kind::EXIT,
-            ..NotableEvent::default()
-        },
-        Wake::Now,
-    );
+    emit_exit(slot, tgid);
     Ok(())
 }
 
