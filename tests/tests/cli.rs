@@ -78,20 +78,7 @@ fn the_agent_starts_without_warnings_and_names_its_programs() {
     require_root();
     let pins = draingate_tests::PinDir::new();
     let socket = std::env::temp_dir().join(format!("dg-quiet-{}.sock", std::process::id()));
-    let mut agent = ChildGuard(
-        Command::new(draingate_bin())
-            .arg("agent")
-            .arg("--pin-dir")
-            .arg(&pins.config.pin_dir)
-            .arg("--socket")
-            .arg(&socket)
-            .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("start the agent"),
-    );
+    let mut agent = agent_on(&pins, &socket);
     let stderr = agent.0.stderr.take().expect("stderr");
     // Lines until the agent says it runs (or its stderr ends: it failed).
     let lines: Vec<String> = std::io::BufReader::new(stderr)
@@ -119,7 +106,8 @@ fn the_agent_starts_without_warnings_and_names_its_programs() {
     let _ = std::fs::remove_file(&socket);
 }
 
-/// `draingate agent` on pins of its own and `socket`, its stderr captured.
+/// `draingate agent` on pins of its own and `socket`, its stderr (info level, no colour)
+/// captured.
 fn agent_on(pins: &draingate_tests::PinDir, socket: &std::path::Path) -> ChildGuard {
     ChildGuard(
         Command::new(draingate_bin())
@@ -129,6 +117,8 @@ fn agent_on(pins: &draingate_tests::PinDir, socket: &std::path::Path) -> ChildGu
             .arg("--socket")
             .arg(socket)
             .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("start an agent"),

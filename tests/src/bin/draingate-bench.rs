@@ -640,6 +640,28 @@ Difference per pair (both orders averaged), ns per run: {}.",
     report
 }
 
+/// Baseline and agent runs side by side: the medians of their rates and p99 latencies, and
+/// the failed requests of all of them.
+struct Medians {
+    b_rate: f64,
+    a_rate: f64,
+    b_p99: f64,
+    a_p99: f64,
+    failures: u64,
+}
+
+impl Medians {
+    fn of(baseline: &[Run], with_agent: &[Run]) -> Self {
+        Self {
+            b_rate: median(baseline.iter().map(|r| r.per_second).collect()),
+            a_rate: median(with_agent.iter().map(|r| r.per_second).collect()),
+            b_p99: median(baseline.iter().map(|r| r.p99_us).collect()),
+            a_p99: median(with_agent.iter().map(|r| r.p99_us).collect()),
+            failures: baseline.iter().chain(with_agent).map(|r| r.failures).sum(),
+        }
+    }
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -776,11 +798,13 @@ fn main() {
     drop(agent);
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
 
-    let b_rate = median(baseline.iter().map(|r| r.per_second).collect());
-    let a_rate = median(with_agent.iter().map(|r| r.per_second).collect());
-    let b_p99 = median(baseline.iter().map(|r| r.p99_us).collect());
-    let a_p99 = median(with_agent.iter().map(|r| r.p99_us).collect());
-    let failures: u64 = baseline.iter().chain(&with_agent).map(|r| r.failures).sum();
+    let Medians {
+        b_rate,
+        a_rate,
+        b_p99,
+        a_p99,
+        failures,
+    } = Medians::of(&baseline, &with_agent);
     let _ = writeln!(
         report,
         "### New connections through a pod (target {} /s, {} rounds of {} s, medians)\n",
@@ -1030,11 +1054,13 @@ fn packets_section(args: &Args, link: &Link, target: SocketAddr) -> String {
          (`tc_floor`) runs right after it on the same packets as its floor.\n",
         args.rounds, args.seconds
     );
-    let b_rate = median(baseline.iter().map(|r| r.per_second).collect());
-    let a_rate = median(with_agent.iter().map(|r| r.per_second).collect());
-    let b_p99 = median(baseline.iter().map(|r| r.p99_us).collect());
-    let a_p99 = median(with_agent.iter().map(|r| r.p99_us).collect());
-    let failures: u64 = baseline.iter().chain(&with_agent).map(|r| r.failures).sum();
+    let Medians {
+        b_rate,
+        a_rate,
+        b_p99,
+        a_p99,
+        failures,
+    } = Medians::of(&baseline, &with_agent);
     let _ = writeln!(
         report,
         "| target {} new connections/s | baseline | agent, resets from packets | ratio | target |\n|---|---|---|---|---|",
