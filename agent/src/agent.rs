@@ -574,7 +574,10 @@ impl Agent {
         pod: &ObservedPod,
         now: SystemTime,
     ) -> Result<(), AgentError> {
-        if let Some(netns) = &pod.netns
+        // The pod's interfaces come with its addresses: attach when they change (a new pod,
+        // a restart), not at every resync.
+        if pod.addresses != drain.addresses
+            && let Some(netns) = &pod.netns
             && let Err(err) = self.probes.watch_pod_interfaces(netns)
             && drain.lost.is_none()
         {
