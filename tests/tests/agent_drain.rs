@@ -539,8 +539,7 @@ fn a_pod_whose_connections_the_full_socket_table_missed_is_unknown_not_pass() {
         // Either loss rule may see the table's misses first (the one for losses while
         // terminating says it with the kernel's counter): both name the socket table.
         assert!(
-            pod.reason.contains("could not be tracked")
-                || pod.reason.contains("socket_table_full"),
+            pod.reason.contains("could not be tracked") || pod.reason.contains("socket_table_full"),
             "{}",
             pod.reason
         );
