@@ -118,8 +118,9 @@ pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 /// array tables. 3: the reset table (`ResetBucket`), its seed in `ADDR_GEN`, and
 /// `LossCounters::reset_table_full`.
 /// 4: `SLOT_IDS`, each slot's pod identity, so that a restarted agent can report a pod that
-/// went away while it was down.
-pub const MAP_LAYOUT: u64 = 4;
+/// went away while it was down. 5: `SlotCounters::from_node` (144 bytes), and the node's own
+/// addresses in the address table under [`NODE_SLOT`].
+pub const MAP_LAYOUT: u64 = 5;
 
 /// A pod slot's identity as user space keeps it in the pinned `SLOT_IDS` map: its namespace,
 /// name and uid, each NUL-padded (longer ones cut). The kernel programs never read it; it lets
@@ -233,6 +234,12 @@ pub struct SlotCounters {
     pub win_resets_received: u64,
     pub win_refused: u64,
     pub win_failed_connects: u64,
+    /// Resets and refusals exchanged with the node's own addresses (kubelet probes), over the
+    /// pod's life: counted here instead of `resets_sent`, `resets_received` and `refused`, so
+    /// that they are never its errors.
+    pub from_node: u64,
+    /// Of those, inside the termination window.
+    pub win_from_node: u64,
 }
 
 /// Per CPU: events the kernel programs could not account for. Any non-zero field means counts
@@ -412,6 +419,14 @@ pub mod connect_failure {
 /// `slot` of an event that the kernel could not attribute to a pod.
 pub const NO_SLOT: u32 = u32::MAX;
 
+/// The address table's slot for the node's own addresses (where kubelet probes come from): no
+/// pod's, so never a socket's slot; a reset or refusal with such a peer counts in
+/// `SlotCounters::from_node`, not as an error.
+pub const NODE_SLOT: u32 = u32::MAX - 1;
+
+/// `NotableEvent::flags`: the reset's peer is one of the node's own addresses (a probe).
+pub const EVENT_FROM_NODE: u8 = 1;
+
 /// A notable event, sent through the ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -429,7 +444,8 @@ pub struct NotableEvent {
     pub tcp_state: u8,
     /// Signal number for SIGNAL events.
     pub signal: u8,
-    pub pad: u8,
+    /// [`EVENT_FROM_NODE`], or 0.
+    pub flags: u8,
     pub local_port: u16,
     pub remote_port: u16,
     /// EXIT: the pod's connections that its processes still held (had not closed) when the
@@ -476,7 +492,7 @@ pub mod tcp_state {
 }
 
 const _: () = assert!(size_of::<AddrKey>() == 16);
-const _: () = assert!(size_of::<SlotCounters>() == 128);
+const _: () = assert!(size_of::<SlotCounters>() == 144);
 const _: () = assert!(size_of::<LossCounters>() == 32);
 const _: () = assert!(SOCKET_PROBE_BUCKETS <= SOCKET_BUCKETS);
 const _: () = assert!(size_of::<SocketBucket>() == 64);

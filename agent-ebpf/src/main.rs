@@ -25,11 +25,11 @@ use aya_ebpf::{
 };
 use draingate_common::{
     ADDR_BUCKET_CELLS, ADDR_BUCKETS, ADDR_PROBE_BUCKETS, AddrKey, AddrTable, ConnKey,
-    EVENTS_RING_BYTES, LossCounters, MAX_ADDRS, MAX_SLOTS, MAX_TASKS, NO_SLOT, NotableEvent,
-    RESET_BUCKET_CELLS, RESET_BUCKETS, RESET_SEED_INDEX, ResetBucket, SOCKET_BUCKET_CELLS,
-    SOCKET_BUCKETS, SOCKET_PROBE_BUCKETS, SlotCounters, SlotId, SocketBucket, addr_home,
-    addr_words, addr_words_v4, conn_hash, connect_failure, event_kind, exit_layout, reset_home,
-    set_state_layout, signal_layout, socket_bucket, socket_home, tcp_state,
+    EVENT_FROM_NODE, EVENTS_RING_BYTES, LossCounters, MAX_ADDRS, MAX_SLOTS, MAX_TASKS, NO_SLOT,
+    NODE_SLOT, NotableEvent, RESET_BUCKET_CELLS, RESET_BUCKETS, RESET_SEED_INDEX, ResetBucket,
+    SOCKET_BUCKET_CELLS, SOCKET_BUCKETS, SOCKET_PROBE_BUCKETS, SlotCounters, SlotId, SocketBucket,
+    addr_home, addr_words, addr_words_v4, conn_hash, connect_failure, event_kind, exit_layout,
+    reset_home, set_state_layout, signal_layout, socket_bucket, socket_home, tcp_state,
 };
 
 const AF_INET: u16 = 2;
@@ -334,9 +334,12 @@ fn pod_of(addr: &AddrKey) -> Option<u32> {
     pod_of_words(addr_words(addr))
 }
 
-/// The pod slot of a watched address given as [`addr_words`]. The kernel inlines both array
-/// lookups; a watched address costs one bucket (one cache line) unless its home bucket
-/// overflowed when user space built the table.
+/// Whether `addr` is one of the node's own addresses (where kubelet probes come from).
+fn is_node(addr: &AddrKey) -> bool {
+    table_slot(addr_words(addr)) == Some(NODE_SLOT)
+}
+
+/// The pod slot of a watched address given as [`addr_words`]: a pod's, never the node's.
 #[inline(always)]
 #[expect(
     clippy::inline_always,
@@ -344,6 +347,18 @@ fn pod_of(addr: &AddrKey) -> Option<u32> {
               SRSO mitigations) at every connection start"
 )]
 fn pod_of_words(words: [u64; 2]) -> Option<u32> {
+    table_slot(words).filter(|&slot| slot < MAX_SLOTS)
+}
+
+/// The address table's slot for an address given as [`addr_words`]: a pod's, or
+/// [`NODE_SLOT`]. The kernel inlines both array lookups; a watched address costs one bucket (one
+/// cache line) unless its home bucket overflowed when user space built the table.
+#[inline(always)]
+#[expect(
+    clippy::inline_always,
+    reason = "inlined into `pod_of_words`, which every connection start runs"
+)]
+fn table_slot(words: [u64; 2]) -> Option<u32> {
     let generation = ADDR_GEN.get_ptr(0)?;
     // SAFETY: an aligned u64 map value; user space replaces it whole.
     let generation = unsafe { core::ptr::read_volatile(generation) };
@@ -974,13 +989,18 @@ fn reset_sent(slot: u32, state: u32, reason: u32, conn: &ConnKey, refused: bool)
     if !refused && !first_reset(hash, time_ns) {
         return;
     }
+    let from_node = is_node(&conn.remote);
     if refused {
+        // A full bucket forgets its oldest entry; a lost mark at worst counts a late repeat.
+        mark_reset(hash, time_ns | REFUSAL_MARK, time_ns);
+    }
+    if from_node {
+        count_from_node(slot);
+    } else if refused {
         count(slot, |c, win| {
             c.refused += 1;
             c.win_refused += w(win);
         });
-        // A full bucket forgets its oldest entry; a lost mark at worst counts a late repeat.
-        mark_reset(hash, time_ns | REFUSAL_MARK, time_ns);
     } else {
         count(slot, |c, win| {
             c.resets_sent += 1;
@@ -992,7 +1012,21 @@ fn reset_sent(slot: u32, state: u32, reason: u32, conn: &ConnKey, refused: bool)
     } else {
         event_kind::RESET_SENT
     };
-    emit_reset(kind, slot, state, reason, conn);
+    emit_reset(tag(kind, from_node), slot, state, reason, conn);
+}
+
+/// An event kind and its flags, as [`emit_reset`] takes them.
+fn tag(kind: u8, from_node: bool) -> u16 {
+    u16::from_le_bytes([kind, if from_node { EVENT_FROM_NODE } else { 0 }])
+}
+
+/// Counts a reset or refusal exchanged with one of the node's own addresses (a kubelet probe):
+/// not one of the pod's errors.
+fn count_from_node(slot: u32) {
+    count(slot, |c, win| {
+        c.from_node += 1;
+        c.win_from_node += w(win);
+    });
 }
 
 /// `TC_ACT_UNSPEC` (and tcx's `TCX_NEXT`): the packet goes on to the next program or filter
@@ -1284,8 +1318,11 @@ fn socket_or_address(sk: u64, local: &AddrKey) -> Option<(u32, u32)> {
 /// Not inlined: the event is built in this function's own stack frame, not in its callers'
 /// (whose frames, with the reset table's calls below them, must fit the 512 bytes the verifier
 /// allows a chain of calls; `tcp_receive_reset` did not on 6.1 and 6.12).
+/// `tag` is the event's kind, with its flags (`EVENT_FROM_NODE`) in the high byte: five
+/// arguments are all a BPF call takes.
 #[inline(never)]
-fn emit_reset(kind: u8, slot: u32, state: u32, reason: u32, conn: &ConnKey) {
+fn emit_reset(tag: u16, slot: u32, state: u32, reason: u32, conn: &ConnKey) {
+    let [kind, flags] = tag.to_le_bytes();
     emit(
         &NotableEvent {
             time_ns: now(),
@@ -1293,6 +1330,7 @@ fn emit_reset(kind: u8, slot: u32, state: u32, reason: u32, conn: &ConnKey) {
             reason,
             kind,
             tcp_state: state as u8,
+            flags,
             local_port: conn.local_port,
             remote_port: conn.remote_port,
             local: conn.local,
@@ -1358,11 +1396,22 @@ fn try_tcp_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
     if !first_reset(reset_hash(&conn), now()) {
         return Ok(());
     }
-    count(slot, |c, win| {
-        c.resets_received += 1;
-        c.win_resets_received += w(win);
-    });
-    emit_reset(event_kind::RESET_RECEIVED, slot, state, 0, &conn);
+    let from_node = is_node(&conn.remote);
+    if from_node {
+        count_from_node(slot);
+    } else {
+        count(slot, |c, win| {
+            c.resets_received += 1;
+            c.win_resets_received += w(win);
+        });
+    }
+    emit_reset(
+        tag(event_kind::RESET_RECEIVED, from_node),
+        slot,
+        state,
+        0,
+        &conn,
+    );
     Ok(())
 }
 

@@ -33,6 +33,36 @@ pub struct AgentConfig {
     pub retention: Duration,
     /// The node's name as the agent reports it (see [`node_name`]).
     pub node: String,
+    /// Where the node's own addresses are read: resets and refusals with them (kubelet probes)
+    /// are not errors.
+    pub node_addresses: NodeAddresses,
+}
+
+/// Where the agent reads the node's own addresses (the sources of kubelet probes), at each
+/// resync.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum NodeAddresses {
+    /// None: every peer is a client (`local` source on a plain host, where no kubelet runs).
+    #[default]
+    None,
+    /// The agent's own network namespace: the host's, with the Kubernetes source
+    /// (`hostNetwork`).
+    Own,
+    /// The network namespace at this path (a rehearsal's simulated node).
+    Netns(std::path::PathBuf),
+}
+
+impl NodeAddresses {
+    /// The addresses now; `None` for [`Self::None`].
+    fn read(&self) -> Option<std::io::Result<Vec<IpAddr>>> {
+        match self {
+            Self::None => None,
+            Self::Own => Some(crate::inventory::addresses_in(std::path::Path::new(
+                "/proc/self/ns/net",
+            ))),
+            Self::Netns(path) => Some(crate::inventory::addresses_in(path)),
+        }
+    }
 }
 
 /// This node's name: `NODE_NAME` (the downward API's `spec.nodeName` in the DaemonSet), else the
@@ -58,6 +88,7 @@ impl Default for AgentConfig {
             linger: Duration::from_secs(30),
             retention: Duration::from_mins(15),
             node: node_name(),
+            node_addresses: NodeAddresses::None,
         }
     }
 }
@@ -173,6 +204,8 @@ pub struct Agent {
     free_slots: BTreeSet<u32>,
     /// Addresses each pod is watched under, and the slot of each address from a previous agent.
     watched_by_previous: BTreeMap<IpAddr, u32>,
+    /// Whether a problem with the node's addresses was logged (once).
+    node_addresses_warned: bool,
     last_loss: u64,
 }
 
@@ -236,6 +269,7 @@ impl Agent {
                 .filter(|slot| !watched_by_previous.values().any(|s| s == slot))
                 .collect(),
             watched_by_previous,
+            node_addresses_warned: false,
             last_loss: 0,
         };
         Ok((agent, handle))
@@ -325,6 +359,23 @@ impl Agent {
     /// take the exit itself, with the connections open later (closing handshakes).
     pub fn resync(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), AgentError> {
         let observed = self.source.snapshot()?;
+        match self.config.node_addresses.read() {
+            Some(Ok(addrs)) => {
+                let left_out = self.probes.set_node_addresses(&addrs);
+                if left_out > 0 && !self.node_addresses_warned {
+                    self.node_addresses_warned = true;
+                    tracing::warn!(
+                        left_out,
+                        "the node has more addresses than the agent keeps: probes from the rest count as clients"
+                    );
+                }
+            }
+            Some(Err(err)) if !self.node_addresses_warned => {
+                self.node_addresses_warned = true;
+                tracing::warn!(error = %err, "cannot read the node's addresses: kubelet probes may count as clients");
+            }
+            None | Some(Err(_)) => {}
+        }
         // Before the ring is read: its events about those pods are theirs.
         self.restore_gone_pods(&observed)?;
         let batch = read_events(ring);
@@ -646,6 +697,9 @@ impl Agent {
         }
         drain.timeline.left_endpoints = pod.left_endpoints;
         drain.in_service = pod.in_service;
+        if let Some(at) = pod.ready_since.or_else(|| pod.in_service.then_some(now)) {
+            drain.ready(at);
+        }
         drain.grace_period = pod.grace_period;
         Ok(())
     }
@@ -752,6 +806,7 @@ impl Agent {
                     tcp_state: tcp_state::name(u32::from(event.tcp_state)),
                     reason: event.reason,
                     in_window,
+                    from_node: event.flags & draingate_common::EVENT_FROM_NODE != 0,
                 };
                 pod.push_event(pod_event.clone());
                 let peer = (kind == EventKind::ConnectFailed
@@ -843,6 +898,7 @@ mod tests {
             tcp_state: "SYN_SENT",
             reason: 0,
             in_window: false,
+            from_node: false,
         }
     }
 

@@ -150,6 +150,17 @@ pub fn pod_message(pod: &PodDrain, node: &str) -> pb::Pod {
             .map_or(0, |g| u32::try_from(g.as_secs()).unwrap_or(u32::MAX)),
         peer_failures: pod.peer_failures,
         pids: pod.pids.clone(),
+        startup: Some({
+            let startup = pod.startup();
+            pb::Startup {
+                errors: startup.errors(),
+                errors_before_ready: startup.before_ready,
+                first_error_at: timestamp(startup.first_error_at),
+                ready_at: timestamp(pod.timeline.ready_at),
+                reason: startup.reason(&pod.id.name),
+            }
+        }),
+        from_node: pod.totals.from_node,
     }
 }
 

@@ -55,6 +55,9 @@ impl Phase {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Timeline {
     pub first_seen: Option<SystemTime>,
+    /// First seen ready: a ready endpoint of a Service (Kubernetes), or as the caller that made
+    /// the pod said (a rehearsal).
+    pub ready_at: Option<SystemTime>,
     /// The window opened: first SIGTERM (or SIGKILL) to one of its processes.
     pub terminating_since: Option<SystemTime>,
     pub last_accepted: Option<SystemTime>,
@@ -112,6 +115,77 @@ pub struct PodEvent {
     pub reason: u32,
     /// Inside the termination window: counts as an error (for kinds that are errors).
     pub in_window: bool,
+    /// The peer is one of the node's own addresses (a kubelet probe): never an error.
+    pub from_node: bool,
+}
+
+impl PodEvent {
+    /// A reset or refusal with a client (not the node): a failure of the pod's, inside its
+    /// window or outside it.
+    #[must_use]
+    pub const fn is_error(&self) -> bool {
+        !self.from_node
+            && matches!(
+                self.kind,
+                EventKind::ResetSent | EventKind::ResetReceived | EventKind::Refused
+            )
+    }
+}
+
+/// A pod's errors outside its termination window: how it started (see [`PodDrain::startup`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Startup {
+    pub resets_sent: u64,
+    pub resets_received: u64,
+    pub refused: u64,
+    /// Of all three, the ones before the pod was ready.
+    pub before_ready: u64,
+    pub first_error_at: Option<SystemTime>,
+}
+
+impl Startup {
+    #[must_use]
+    pub const fn errors(&self) -> u64 {
+        self.resets_sent + self.resets_received + self.refused
+    }
+
+    /// What the errors say, for people (`name` is the pod's): empty when there were none.
+    #[must_use]
+    pub fn reason(&self, name: &str) -> String {
+        let errors = self.errors();
+        if errors == 0 {
+            return String::new();
+        }
+        let after = errors.saturating_sub(self.before_ready);
+        let resets = self.resets_sent + self.resets_received;
+        let mut reason = if self.refused > 0 {
+            let hint = if after > 0 {
+                "it was ready before its server listened: no readiness probe, or one that does \
+                 not check the server's port?"
+            } else {
+                "clients reached it before it was ready"
+            };
+            format!(
+                "{name} refused {} connections while nothing listened on the port ({} before \
+                 it was ready, {after} after): {hint}",
+                self.refused, self.before_ready
+            )
+        } else {
+            format!(
+                "{name} had {errors} errors outside its termination window ({} before it was \
+                 ready, {after} after)",
+                self.before_ready
+            )
+        };
+        if resets > 0 {
+            let _ = write!(
+                reason,
+                "; {} resets sent, {} received",
+                self.resets_sent, self.resets_received
+            );
+        }
+        reason
+    }
 }
 
 /// Everything the agent knows of one pod.
@@ -145,6 +219,12 @@ pub struct PodDrain {
     pub peer_failures: u64,
     pub events: VecDeque<PodEvent>,
     pub events_dropped: u64,
+    /// Error events outside the window before the pod was ready (or with no readiness known),
+    /// and after.
+    startup_before_ready: u64,
+    startup_after_ready: u64,
+    /// The first error event outside the window.
+    first_startup_error: Option<SystemTime>,
 }
 
 impl PodDrain {
@@ -169,6 +249,38 @@ impl PodDrain {
             peer_failures: 0,
             events: VecDeque::new(),
             events_dropped: 0,
+            startup_before_ready: 0,
+            startup_after_ready: 0,
+            first_startup_error: None,
+        }
+    }
+
+    /// Records when the pod was first seen ready.
+    pub fn ready(&mut self, at: SystemTime) {
+        if self.timeline.ready_at.is_none() {
+            self.timeline.ready_at = Some(at);
+        }
+    }
+
+    /// Its errors outside its termination window, kubelet probes left out: for a new pod of a
+    /// rollout, how it started. From the kernel's counters (life less window), which stay exact
+    /// when events are lost; the split at readiness and the first error's time come from the
+    /// events (when events were lost, errors without one count as before readiness).
+    #[must_use]
+    pub fn startup(&self) -> Startup {
+        let t = self.totals;
+        let window = self.window();
+        let resets_sent = t.resets_sent.saturating_sub(window.resets_sent);
+        let resets_received = t.resets_received.saturating_sub(window.resets_received);
+        let refused = t.refused.saturating_sub(window.refused);
+        let errors = resets_sent + resets_received + refused;
+        let seen = self.startup_before_ready + self.startup_after_ready;
+        Startup {
+            resets_sent,
+            resets_received,
+            refused,
+            before_ready: (self.startup_before_ready + errors.saturating_sub(seen)).min(errors),
+            first_error_at: self.first_startup_error,
         }
     }
 
@@ -341,6 +453,23 @@ impl PodDrain {
 
     /// Adds an event, dropping the oldest beyond [`EVENTS_PER_POD`].
     pub fn push_event(&mut self, event: PodEvent) {
+        if event.is_error() && !event.in_window {
+            if self
+                .timeline
+                .ready_at
+                .is_some_and(|ready| event.time >= ready)
+            {
+                self.startup_after_ready += 1;
+            } else {
+                self.startup_before_ready += 1;
+            }
+            if self
+                .first_startup_error
+                .is_none_or(|first| event.time < first)
+            {
+                self.first_startup_error = Some(event.time);
+            }
+        }
         if self.events.len() == EVENTS_PER_POD {
             self.events.pop_front();
             self.events_dropped += 1;

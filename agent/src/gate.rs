@@ -13,7 +13,7 @@
 //! that dropped such evidence from that time makes it `unknown`.
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     fmt::Write as _,
     net::{IpAddr, SocketAddr},
     sync::Mutex,
@@ -193,6 +193,20 @@ impl Query {
             && pod.owner_name == self.name
     }
 
+    /// Whether `pod` is of the rollout's new version: its hash is `new`, or, without `new`, it
+    /// has a hash and it is neither `old` nor one of the terminating pods' (`old_hashes`).
+    fn is_new(&self, pod: &pb::Pod, old_hashes: &BTreeSet<&str>) -> bool {
+        let hash = pod.pod_template_hash.as_str();
+        if hash.is_empty() {
+            return false;
+        }
+        match (&self.new, &self.old) {
+            (Some(new), _) => hash == new,
+            (None, Some(old)) => hash != old && !old_hashes.contains(hash),
+            (None, None) => !old_hashes.contains(hash),
+        }
+    }
+
     fn judges(&self, pod: &pb::Pod) -> bool {
         self.old
             .as_ref()
@@ -253,7 +267,8 @@ impl PeerFailure {
 }
 
 impl AgentAnswer {
-    /// An agent's answer, kept small: running pods only leave their workload's name.
+    /// An agent's answer, kept small: running pods without startup errors only leave their
+    /// workload's name.
     #[must_use]
     pub fn answered(target: String, node: Option<String>, list: pb::ListPodsResponse) -> Self {
         Self::answered_within(
@@ -285,7 +300,10 @@ impl AgentAnswer {
                 ))
             })
             .collect();
-        list.pods.retain(|p| pod_verdict(p) != pb::Verdict::None);
+        // Kept: pods that are terminating, and running ones with startup errors (a rollout's
+        // new pod may fail it).
+        list.pods
+            .retain(|p| pod_verdict(p) != pb::Verdict::None || startup(p).errors > 0);
         list.pods.shrink_to_fit();
         let events = std::mem::take(&mut list.peer_failures);
         let mut peer_failures_complete_since = list
@@ -435,6 +453,8 @@ pub fn judge(
     );
     let mut known = false;
     let mut pods: Vec<pb::Pod> = Vec::new();
+    // Not judged for their termination: maybe the rollout's new pods.
+    let mut others: Vec<pb::Pod> = Vec::new();
     for answer in answers {
         match &answer.result {
             Err(err) => unreachable.push((answer.who(), err.clone())),
@@ -442,17 +462,20 @@ pub fn judge(
                 known |= answer.workloads.contains(&key);
                 for pod in list.pods.iter().filter(|p| query.owns(p)) {
                     known = true;
-                    if query.judges(pod) && pod_verdict(pod) != pb::Verdict::None {
-                        let mut pod = pod.clone();
-                        if pod.node.is_empty() {
-                            pod.node.clone_from(&list.node);
-                        }
+                    let mut pod = pod.clone();
+                    if pod.node.is_empty() {
+                        pod.node.clone_from(&list.node);
+                    }
+                    if query.judges(&pod) && pod_verdict(&pod) != pb::Verdict::None {
                         pods.push(pod);
+                    } else {
+                        others.push(pod);
                     }
                 }
             }
         }
     }
+    let failed_new = failed_new_pods(query, &pods, others);
     if !known && unreachable.is_empty() {
         return Err(JudgeError::UnknownWorkload(query.describe()));
     }
@@ -488,16 +511,28 @@ pub fn judge(
             .collect::<Vec<_>>()
             .join("; ")
     };
-    let (verdict, reason) = if !failed.is_empty() {
-        (
-            pb::Verdict::Fail,
-            format!(
+    let (verdict, reason) = if !failed.is_empty() || !failed_new.is_empty() {
+        let mut reasons = Vec::new();
+        if !failed.is_empty() {
+            reasons.push(format!(
                 "{} of {} terminated pods failed: {}",
                 failed.len(),
                 pods.len(),
                 list(&failed)
-            ),
-        )
+            ));
+        }
+        if !failed_new.is_empty() {
+            reasons.push(format!(
+                "{} new pods had errors: {}",
+                failed_new.len(),
+                failed_new
+                    .iter()
+                    .map(|p| startup(p).reason.clone())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ));
+        }
+        (pb::Verdict::Fail, reasons.join("; "))
     } else if !unreachable.is_empty() {
         (
             pb::Verdict::Unknown,
@@ -537,22 +572,29 @@ pub fn judge(
         )
     };
     let window = |p: &pb::Pod| p.window.unwrap_or_default();
+    let new_errors: u64 = failed_new.iter().map(|p| startup(p).errors).sum();
+    let terminating_pods = u32::try_from(pods.len()).unwrap_or(u32::MAX);
+    let drained_pods = u32::try_from(
+        pods.iter()
+            .filter(|p| p.timeline.as_ref().is_some_and(|t| t.drained_at.is_some()))
+            .count(),
+    )
+    .unwrap_or(u32::MAX);
+    let inflight_at_kill = pods.iter().map(|p| p.open_at_exit).sum();
+    let resets = pods
+        .iter()
+        .map(|p| window(p).resets_sent + window(p).resets_received)
+        .sum();
+    let failed_requests = pods.iter().map(|p| p.errors).sum::<u64>() + new_errors;
+    pods.extend(failed_new);
     Ok(Judgement {
         verdict,
         reason,
-        terminating_pods: u32::try_from(pods.len()).unwrap_or(u32::MAX),
-        drained_pods: u32::try_from(
-            pods.iter()
-                .filter(|p| p.timeline.as_ref().is_some_and(|t| t.drained_at.is_some()))
-                .count(),
-        )
-        .unwrap_or(u32::MAX),
-        inflight_at_kill: pods.iter().map(|p| p.open_at_exit).sum(),
-        resets: pods
-            .iter()
-            .map(|p| window(p).resets_sent + window(p).resets_received)
-            .sum(),
-        failed_requests: pods.iter().map(|p| p.errors).sum(),
+        terminating_pods,
+        drained_pods,
+        inflight_at_kill,
+        resets,
+        failed_requests,
         pods,
         unreachable: unreachable.into_iter().map(|(who, _)| who).collect(),
         agents: u32::try_from(answers.len()).unwrap_or(u32::MAX),
@@ -561,6 +603,55 @@ pub fn judge(
         checked_at,
         from_history: false,
     })
+}
+
+/// A pod's startup record (empty from an agent that sends none).
+fn startup(pod: &pb::Pod) -> &pb::Startup {
+    static NONE: pb::Startup = pb::Startup {
+        errors: 0,
+        errors_before_ready: 0,
+        first_error_at: None,
+        ready_at: None,
+        reason: String::new(),
+    };
+    pod.startup.as_ref().unwrap_or(&NONE)
+}
+
+/// The rollout's new pods that had errors inside the rollout: outside their own termination
+/// window, with the first before the rollout's end (the last terminated pod's window closing;
+/// open-ended while any is open). Only once some pod of the rollout has started terminating:
+/// before, there is no rollout to speak of.
+fn failed_new_pods(query: &Query, old: &[pb::Pod], others: Vec<pb::Pod>) -> Vec<pb::Pod> {
+    if old.is_empty() {
+        return Vec::new();
+    }
+    let old_hashes: BTreeSet<&str> = old.iter().map(|p| p.pod_template_hash.as_str()).collect();
+    let end = old
+        .iter()
+        .map(|p| {
+            time(
+                p.timeline
+                    .as_ref()
+                    .and_then(|t| t.window_closed_at.as_ref()),
+            )
+        })
+        .collect::<Option<Vec<_>>>()
+        .and_then(|closed| closed.into_iter().max());
+    let mut failed: Vec<pb::Pod> = others
+        .into_iter()
+        .filter(|p| query.is_new(p, &old_hashes))
+        .filter(|p| {
+            let s = startup(p);
+            s.errors > 0
+                && match (end, time(s.first_error_at.as_ref())) {
+                    (Some(end), Some(first)) => first <= end,
+                    // Open-ended, or no event to date the first error by: it counts.
+                    _ => true,
+                }
+        })
+        .collect();
+    failed.sort_by_key(pod_name);
+    failed
 }
 
 fn time(t: Option<&prost_types::Timestamp>) -> Option<SystemTime> {
@@ -684,7 +775,7 @@ impl<'a> PeerIndex<'a> {
 /// for each pod-template-hash whose pods started terminating.
 #[must_use]
 pub fn rollouts_in(answers: &[AgentAnswer]) -> Vec<Query> {
-    let mut found = std::collections::BTreeSet::new();
+    let mut found = BTreeSet::new();
     for list in answers.iter().filter_map(|a| a.result.as_ref().ok()) {
         for pod in &list.pods {
             let (Ok(kind), Some(r)) = (Kind::parse(&pod.owner_kind), pod.pod.as_ref()) else {

@@ -41,6 +41,8 @@ pub struct ObservedPod {
     pub left_endpoints: Option<std::time::SystemTime>,
     /// A ready endpoint of some Service now, for a source that knows.
     pub in_service: bool,
+    /// When it became ready, for a source that knows the time (a rehearsal).
+    pub ready_since: Option<std::time::SystemTime>,
     /// Its termination grace period, for a source that knows.
     pub grace_period: Option<std::time::Duration>,
     /// Its network namespace, for a source that can enter it (local mode): where the reset
@@ -66,6 +68,8 @@ pub struct LocalPodInfo {
     pub meta: PodMeta,
     /// The simulated deletionTimestamp.
     pub deleting_since: Option<std::time::SystemTime>,
+    /// When it passed its readiness probe (or started, without one) and joined the Service.
+    pub ready_since: Option<std::time::SystemTime>,
 }
 
 /// [`LocalPodInfo`] by network namespace name, shared between such a caller and its
@@ -104,6 +108,8 @@ pub struct LocalSource {
     netns_dir: std::path::PathBuf,
     proc_dir: std::path::PathBuf,
     known: Option<LocalPods>,
+    /// A namespace that is the node's, not a pod's (a rehearsal's simulated node).
+    node_netns: Option<std::path::PathBuf>,
 }
 
 impl Default for LocalSource {
@@ -112,6 +118,7 @@ impl Default for LocalSource {
             netns_dir: "/run/netns".into(),
             proc_dir: "/proc".into(),
             known: None,
+            node_netns: None,
         }
     }
 }
@@ -126,12 +133,20 @@ impl LocalSource {
             ..Self::default()
         }
     }
+
+    /// The namespace at `path` is the node's (where its kubelet would run), not a pod.
+    #[must_use]
+    pub fn with_node(mut self, path: std::path::PathBuf) -> Self {
+        self.node_netns = Some(path);
+        self
+    }
 }
 
 impl InventorySource for LocalSource {
     fn snapshot(&mut self) -> Result<Vec<ObservedPod>, InventoryError> {
         // The agent runs in the host network namespace (hostNetwork); that one is not a pod.
         let host = netns_inode(&self.proc_dir.join("self/ns/net"));
+        let node = self.node_netns.as_deref().and_then(netns_inode);
         // Processes by network namespace inode.
         let mut pids_by_ns: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
         let proc_entries = fs::read_dir(&self.proc_dir).map_err(|source| InventoryError::Read {
@@ -172,6 +187,7 @@ impl InventorySource for LocalSource {
                 .filter(|i| !named.contains_key(i)),
         );
         inodes.sort_unstable();
+        inodes.retain(|&inode| Some(inode) != node);
         for inode in inodes {
             let processes = pids_by_ns.remove(&inode).unwrap_or_default();
             let (name, path) = if let Some(name) = named.get(&inode) {
@@ -203,6 +219,7 @@ impl InventorySource for LocalSource {
                 .unwrap_or_default();
             pods.push(ObservedPod {
                 deleting_since: info.deleting_since,
+                ready_since: info.ready_since,
                 meta: info.meta,
                 exited_at: None,
                 left_endpoints: None,

@@ -6,7 +6,7 @@
 //! so a restart loses no counts and no open-connection state.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     io,
     net::IpAddr,
     path::{Path, PathBuf},
@@ -401,6 +401,9 @@ pub struct SlotTotals {
     pub win_resets_received: u64,
     pub win_refused: u64,
     pub win_failed_connects: u64,
+    /// Resets and refusals with the node's own addresses (kubelet probes): not errors.
+    pub from_node: u64,
+    pub win_from_node: u64,
 }
 
 impl SlotTotals {
@@ -420,6 +423,8 @@ impl SlotTotals {
             totals.win_resets_received += cpu.win_resets_received;
             totals.win_refused += cpu.win_refused;
             totals.win_failed_connects += cpu.win_failed_connects;
+            totals.from_node += cpu.from_node;
+            totals.win_from_node += cpu.win_from_node;
             tracked = tracked.wrapping_add(cpu.sockets_tracked);
             // Sockets leave the table untracked, or closed after their process released them.
             gone = gone
@@ -481,7 +486,7 @@ pub struct KernelProbes {
     ebpf: Ebpf,
     /// The interfaces the reset program is attached to, by network namespace inode and
     /// interface index ([`ResetSource::Packets`] only).
-    tc_attached: std::collections::BTreeSet<(u64, u32)>,
+    tc_attached: BTreeSet<(u64, u32)>,
     /// The reset program's filter handle (see [`tc_handle`]).
     tc_handle: TcHandle,
     /// The pin directory, held for this agent's life (see [`lock_pin_dir`]).
@@ -492,7 +497,10 @@ pub struct KernelProbes {
     addr_gen: Array<MapData, u64>,
     /// The watched addresses, as in `pod_addrs`; the address table is built from this.
     watched: BTreeMap<AddrKey, u32>,
-    /// Whether `watched` changed since the address table was last built.
+    /// The node's own addresses (kubelet probes' sources), in the table under `NODE_SLOT`;
+    /// not pinned: each agent sets them at its first resync.
+    node_addrs: BTreeSet<AddrKey>,
+    /// Whether `watched` or `node_addrs` changed since the address table was last built.
     addrs_changed: bool,
     pod_tasks: HashMap<MapData, u32, u32>,
     slot_counters: PerCpuArray<MapData, SlotCounters>,
@@ -761,6 +769,7 @@ impl KernelProbes {
             addr_table: take_map(&mut ebpf, "ADDR_TABLE")?,
             addr_gen,
             watched,
+            node_addrs: BTreeSet::new(),
             // Built afresh from the record: a table pinned by an older agent may predate it.
             addrs_changed: true,
             pod_tasks: take_map(&mut ebpf, "POD_TASKS")?,
@@ -770,7 +779,7 @@ impl KernelProbes {
             loss: take_map(&mut ebpf, "LOSS")?,
             events: Some(take_map(&mut ebpf, "EVENTS")?),
             ebpf,
-            tc_attached: std::collections::BTreeSet::new(),
+            tc_attached: BTreeSet::new(),
             tc_handle: tc_handle(&config.pin_dir),
             _pin_lock: pin_lock,
             _links: links,
@@ -892,7 +901,7 @@ impl KernelProbes {
         let handle = tc_handle(pin_dir);
         let mut removed = detach_reset_filters(handle);
         let own = std::fs::metadata("/proc/self/ns/net").map_or(0, |m| m.ino());
-        let mut seen = std::collections::BTreeSet::from([own]);
+        let mut seen = BTreeSet::from([own]);
         let named = std::fs::read_dir("/run/netns")
             .into_iter()
             .flatten()
@@ -1025,6 +1034,23 @@ impl KernelProbes {
         Ok(())
     }
 
+    /// Sets the node's own addresses, from the next [`Self::apply_addresses`] on: resets and
+    /// refusals between a pod and one of them (kubelet probes) count as `from_node`, not as
+    /// the pod's errors. At most [`MAX_NODE_ADDRS`]; the rest are left out (and said).
+    pub fn set_node_addresses(&mut self, addrs: &[IpAddr]) -> usize {
+        let node: BTreeSet<AddrKey> = addrs
+            .iter()
+            .map(|addr| AddrKey::from(*addr))
+            .take(MAX_NODE_ADDRS)
+            .collect();
+        if node != self.node_addrs {
+            tracing::debug!(addresses = ?addrs, "the node's addresses changed");
+            self.node_addrs = node;
+            self.addrs_changed = true;
+        }
+        addrs.len().saturating_sub(MAX_NODE_ADDRS)
+    }
+
     /// Hands the programs the addresses watched now, if they changed: builds the address table
     /// whole into the generation the programs are not reading, makes it current, and waits
     /// until no program still runs on the old one (so that the next change may rewrite it).
@@ -1033,7 +1059,7 @@ impl KernelProbes {
         if !self.addrs_changed {
             return Ok(());
         }
-        let table = build_addr_table(&self.watched)?;
+        let table = build_addr_table(&self.watched, &self.node_addrs)?;
         let current = self.addr_gen.get(&0, 0).map_err(map_err("ADDR_GEN"))?;
         let next = current.wrapping_add(1);
         self.addr_table
@@ -1204,15 +1230,27 @@ impl KernelProbes {
 /// `draingate_common::AddrTable`.
 type AddrTableValue = [AddrBucket; ADDR_BUCKETS as usize];
 
-/// Builds the address table for `watched`: each address in the first bucket from its home on
-/// with a free cell, and each home bucket records how many buckets its lookups scan.
-fn build_addr_table(watched: &BTreeMap<AddrKey, u32>) -> Result<Box<AddrTableValue>, LoaderError> {
+/// Most node addresses the address table holds beside the pods'.
+pub const MAX_NODE_ADDRS: usize = 256;
+
+/// Builds the address table for `watched` and the node's addresses (`node`, under
+/// `NODE_SLOT`; a pod's address wins where they overlap): each address in the first bucket from
+/// its home on with a free cell, and each home bucket records how many buckets its lookups
+/// scan.
+fn build_addr_table(
+    watched: &BTreeMap<AddrKey, u32>,
+    node: &BTreeSet<AddrKey>,
+) -> Result<Box<AddrTableValue>, LoaderError> {
     let mut table: Box<AddrTableValue> = vec![AddrBucket::default(); ADDR_BUCKETS as usize]
         .into_boxed_slice()
         .try_into()
         .expect("ADDR_BUCKETS buckets");
     let mask = ADDR_BUCKETS - 1;
-    for (key, &slot) in watched {
+    let node = node
+        .iter()
+        .filter(|key| !watched.contains_key(key))
+        .map(|key| (key, draingate_common::NODE_SLOT));
+    for (key, slot) in watched.iter().map(|(key, &slot)| (key, slot)).chain(node) {
         let words = addr_words(key);
         if words == [0, 0] {
             // `::` marks an empty cell, and is no pod's address.
@@ -1354,7 +1392,7 @@ fn attach_reset_program(
     netns_inode: u64,
     interfaces: &[(u32, String)],
     direction: TcAttachType,
-    attached: &mut std::collections::BTreeSet<(u64, u32)>,
+    attached: &mut BTreeSet<(u64, u32)>,
 ) -> Result<usize, LoaderError> {
     let mut new = 0;
     for (index, name) in interfaces {
@@ -1564,6 +1602,13 @@ mod tests {
 
     use super::{AddrTableValue, LoaderError, build_addr_table};
 
+    /// The table of pod addresses only.
+    fn build_addr_table_pods(
+        watched: &BTreeMap<AddrKey, u32>,
+    ) -> Result<Box<AddrTableValue>, LoaderError> {
+        build_addr_table(watched, &std::collections::BTreeSet::new())
+    }
+
     /// The programs' lookup (`pod_of` in the eBPF crate), step for step.
     fn lookup(table: &AddrTableValue, addr: IpAddr) -> Option<u32> {
         let words = addr_words(&AddrKey::from(addr));
@@ -1601,7 +1646,7 @@ mod tests {
                 ]
             })
             .collect();
-        let table = build_addr_table(&watched(addrs.iter().copied())).expect("all placed");
+        let table = build_addr_table_pods(&watched(addrs.iter().copied())).expect("all placed");
         for &(addr, slot) in &addrs {
             assert_eq!(lookup(&table, addr), Some(slot), "{addr}");
         }
@@ -1626,8 +1671,8 @@ mod tests {
 
     #[test]
     fn an_empty_table_finds_nothing_and_the_unspecified_address_is_never_stored() {
-        let table =
-            build_addr_table(&watched([(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 3)])).expect("built");
+        let table = build_addr_table_pods(&watched([(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 3)]))
+            .expect("built");
         assert!(table.iter().all(|b| b.probes == 0 && b.addr == [[0; 2]; 3]));
         assert_eq!(lookup(&table, IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))), None);
     }
@@ -1641,15 +1686,15 @@ mod tests {
             .take(ADDR_PROBE_BUCKETS as usize * ADDR_BUCKET_CELLS + 1)
             .collect();
         let (fit, over) = colliding.split_at(colliding.len() - 1);
-        let table =
-            build_addr_table(&watched(fit.iter().map(|a| (*a, 9)))).expect("24 fit in 8 buckets");
+        let table = build_addr_table_pods(&watched(fit.iter().map(|a| (*a, 9))))
+            .expect("24 fit in 8 buckets");
         assert_eq!(table[0].probes, ADDR_PROBE_BUCKETS);
         for addr in fit {
             assert_eq!(lookup(&table, *addr), Some(9), "{addr}");
         }
         // The 25th cannot be placed within reach of a lookup: an error naming the address
         // (which one of the 25 that is depends on their order in the map).
-        match build_addr_table(&watched(colliding.iter().map(|a| (*a, 9)))) {
+        match build_addr_table_pods(&watched(colliding.iter().map(|a| (*a, 9)))) {
             Err(LoaderError::AddressTableFull { addr }) => {
                 assert!(colliding.contains(&addr), "{addr}");
                 assert_eq!(over.len(), 1);

@@ -576,6 +576,8 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
                 .context("cannot configure the Kubernetes client")?;
             tracing::info!(node, "watching the pods bound to this node");
             config.node.clone_from(&node);
+            // hostNetwork: the agent's namespace is the node's, where kubelet probes come from.
+            config.node_addresses = draingate::agent::NodeAddresses::Own;
             Box::new(draingate::inventory::kubernetes::KubernetesSource::start(
                 &client, &node,
             ))

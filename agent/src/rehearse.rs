@@ -222,6 +222,7 @@ impl EmbeddedAgent {
         id: &str,
         known: LocalPods,
         listen: Option<std::net::SocketAddr>,
+        node_netns: PathBuf,
     ) -> Result<Self, RehearseError> {
         let pins = PathBuf::from(format!("/sys/fs/bpf/draingate-rehearse-{id}"));
         let config = AgentConfig {
@@ -235,9 +236,12 @@ impl EmbeddedAgent {
             },
             // New pods must be watched before their first connection: resync often.
             resync: Duration::from_millis(100),
+            // The simulated kubelet probes from the node's namespace.
+            node_addresses: crate::agent::NodeAddresses::Netns(node_netns.clone()),
             ..AgentConfig::default()
         };
-        let (agent, handle) = Agent::new(config, Box::new(LocalSource::with_known(known)))?;
+        let source = LocalSource::with_known(known).with_node(node_netns);
+        let (agent, handle) = Agent::new(config, Box::new(source))?;
         let (stop, stop_rx) = watch::channel(false);
         let mut agent_stop = stop_rx.clone();
         tokio::spawn(agent.run(async move {
@@ -333,6 +337,7 @@ pub async fn run(
         node.prefix.trim_end_matches('-'),
         known.clone(),
         config.agent_listen,
+        node.node.path(),
     )
     .await?;
     let service = node.service();
@@ -631,6 +636,7 @@ async fn try_start_pod(
                 pod_template_hash: shared.config.template_hash(version),
             },
             deleting_since: None,
+            ready_since: None,
         };
         shared
             .known
@@ -671,6 +677,15 @@ async fn try_start_pod(
         wait_ready(shared, name, addr, &listening).await?;
     }
     shared.mark(name, |t, now| t.ready = Some(now));
+    // The agent learns the readiness as it would from the pod's status.
+    let netns = format!("{}{name}", shared.node.lock().await.prefix);
+    shared
+        .known
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .entry(netns)
+        .or_default()
+        .ready_since = Some(SystemTime::now());
     if !initial {
         tokio::time::sleep(shared.config.spec.min_ready + shared.config.propagation).await;
     }

@@ -181,12 +181,99 @@ fn no_pre_stop_so_new_connections_arrive_after_sigterm_and_are_refused() {
         .map(|p| p["client_failures"]["refused"].as_u64().unwrap_or(0))
         .sum();
     assert!(refused > 0, "{report:#}");
+    // Probes come from the node's addresses: the agent leaves them out of its counts.
     let agent_refused: u64 = old_pods(&report)
         .iter()
-        .map(|p| n(&p["agent"]["refused"]) - n(&p["probe_refusals"]))
+        .map(|p| n(&p["agent"]["refused"]))
         .sum();
     assert_eq!(agent_refused, refused);
     assert_eq!(code, 1);
+}
+
+fn new_pods(report: &Value) -> Vec<&Value> {
+    report["pods"]
+        .as_array()
+        .expect("pods")
+        .iter()
+        .filter(|p| p["role"] == "new")
+        .collect()
+}
+
+#[test]
+fn new_pods_without_a_readiness_probe_refuse_clients_and_fail_the_rollout() {
+    // The old pods drain well (a preStop covers the endpoint removal), but the new ones take
+    // traffic a second before their server listens: the rollout fails on them alone.
+    let (code, report) = rehearse(
+        &[
+            "--connections",
+            "new-connection",
+            "--pre-stop",
+            "2s",
+            "--no-readiness",
+        ],
+        &["--mode", "graceful", "--startup-delay", "2s"],
+    );
+    assert_agent_matches_clients(&report);
+    for pod in old_pods(&report) {
+        assert_eq!(pod["agent"]["verdict"], "pass", "{pod:#}");
+    }
+    assert_eq!(report["verdict"], "fail", "{report:#}");
+    let client_refused: u64 = new_pods(&report)
+        .iter()
+        .map(|p| p["client_failures"]["refused"].as_u64().unwrap_or(0))
+        .sum();
+    let agent_startup: u64 = new_pods(&report)
+        .iter()
+        .map(|p| n(&p["agent"]["startup_errors"]))
+        .sum();
+    assert!(client_refused > 0, "{report:#}");
+    assert_eq!(agent_startup, client_refused, "{report:#}");
+    // Each failing new pod is named, with what it did.
+    let reasons = report["reasons"].to_string();
+    assert!(
+        reasons.contains("app-v2-")
+            && reasons.contains("refused")
+            && reasons.contains("readiness probe"),
+        "{reasons}"
+    );
+    assert_eq!(code, 1, "exit 1: failures, agent and clients agree");
+}
+
+#[test]
+fn the_same_new_pods_behind_a_readiness_probe_pass_and_probes_are_not_errors() {
+    // The readiness probe (from the node's address, as the kubelet's) is refused until the
+    // server listens: those refusals are the node's, never the pod's errors.
+    let (code, report) = rehearse(
+        &[
+            "--connections",
+            "new-connection",
+            "--pre-stop",
+            "2s",
+            "--readiness-path",
+            "/",
+            "--readiness-period",
+            "200ms",
+        ],
+        &["--mode", "graceful", "--startup-delay", "2s"],
+    );
+    assert_agent_matches_clients(&report);
+    assert_verdicts(&report, "pass");
+    let mut probes = 0;
+    for pod in new_pods(&report) {
+        assert_eq!(n(&pod["agent"]["startup_errors"]), 0, "{pod:#}");
+        // Every refused probe is the agent's `from_node`, one for one.
+        assert_eq!(
+            n(&pod["agent"]["from_node"]),
+            n(&pod["probe_refusals"]),
+            "{pod:#}"
+        );
+        probes += n(&pod["probe_refusals"]);
+    }
+    assert!(
+        probes > 0,
+        "the probes were refused while the server started: {report:#}"
+    );
+    assert_eq!(code, 0);
 }
 
 #[test]

@@ -117,10 +117,81 @@ fn the_event_log_is_bounded() {
         tcp_state: "NONE",
         reason: 0,
         in_window: false,
+        from_node: false,
     };
     for _ in 0..super::EVENTS_PER_POD + 5 {
         pod.push_event(event.clone());
     }
     assert_eq!(pod.events.len(), super::EVENTS_PER_POD);
     assert_eq!(pod.events_dropped, 5);
+}
+
+fn refusal(secs: u64, from_node: bool, in_window: bool) -> super::PodEvent {
+    super::PodEvent {
+        pod: pod().id,
+        kind: super::EventKind::Refused,
+        time: t(secs),
+        local: "198.18.0.1".parse().unwrap(),
+        local_port: 80,
+        remote: "198.18.0.2".parse().unwrap(),
+        remote_port: 4000,
+        tcp_state: "NONE",
+        reason: 0,
+        in_window,
+        from_node,
+    }
+}
+
+#[test]
+fn startup_errors_are_the_ones_outside_the_window_split_at_readiness() {
+    let mut pod = pod();
+    // Two refusals before it was ready, one after; a probe's refusal (the node's) is no error.
+    pod.push_event(refusal(1, false, false));
+    pod.push_event(refusal(2, false, false));
+    pod.push_event(refusal(2, true, false));
+    pod.ready(t(3));
+    pod.push_event(refusal(4, false, false));
+    pod.update_totals(
+        SlotTotals {
+            refused: 3,
+            from_node: 1,
+            ..SlotTotals::default()
+        },
+        t(5),
+    );
+    let startup = pod.startup();
+    assert_eq!((startup.errors(), startup.before_ready), (3, 2));
+    assert_eq!(startup.first_error_at, Some(t(1)));
+    let reason = startup.reason("web-v2-1");
+    assert!(
+        reason.starts_with("web-v2-1 refused 3 connections") && reason.contains("readiness probe"),
+        "{reason}"
+    );
+    // The termination window's errors are its drain's, not its start's.
+    pod.open_window(t(6));
+    pod.push_event(refusal(7, false, true));
+    pod.update_totals(
+        SlotTotals {
+            refused: 4,
+            win_refused: 1,
+            ..SlotTotals::default()
+        },
+        t(8),
+    );
+    assert_eq!(pod.startup().errors(), 3);
+    assert_eq!(pod.errors(), 1);
+    // Errors the events missed (lost) count as before readiness: never fewer than counted.
+    let mut lossy = self::pod();
+    lossy.update_totals(
+        SlotTotals {
+            refused: 5,
+            ..SlotTotals::default()
+        },
+        t(1),
+    );
+    assert_eq!(
+        (lossy.startup().errors(), lossy.startup().before_ready),
+        (5, 5)
+    );
+    assert_eq!(super::Startup::default().reason("x"), "");
 }

@@ -406,3 +406,97 @@ fn peer_failures_beyond_the_rounds_bound_count_as_dropped_never_as_clean() {
     assert!(second.peer_failures.is_empty());
     assert!(second.peer_failures_complete_since.is_some());
 }
+
+/// A new pod (`hash` b) that had `errors` startup errors, the first at `first` seconds.
+fn new_pod(name: &str, errors: u64, first: Option<u64>) -> pb::Pod {
+    let mut p = pod(name, "b", NotTerminating, 0);
+    p.startup = Some(pb::Startup {
+        errors,
+        errors_before_ready: errors,
+        first_error_at: first.map(|s| at(s).into()),
+        reason: if errors > 0 {
+            format!("{name} refused {errors} connections before it was ready")
+        } else {
+            String::new()
+        },
+        ..pb::Startup::default()
+    });
+    p
+}
+
+/// An old pod (`hash` a) that passed, its window closed at `closed` seconds.
+fn passed_old(name: &str, closed: u64) -> pb::Pod {
+    let mut p = pod(name, "a", Pass, 0);
+    p.timeline = Some(pb::Timeline {
+        terminating_since: Some(at(closed - 50).into()),
+        drained_at: Some(at(closed - 40).into()),
+        window_closed_at: Some(at(closed).into()),
+        ..pb::Timeline::default()
+    });
+    p
+}
+
+#[test]
+fn a_new_pod_that_refused_clients_fails_the_rollout_and_is_named() {
+    let answers = [answer(
+        "n1",
+        vec![
+            passed_old("web-a-1", 200),
+            new_pod("web-b-1", 12, Some(120)),
+        ],
+    )];
+    for query in [
+        Query::new("shop", "web", None, None, None).unwrap(),
+        Query::new("shop", "web", None, Some("a"), None).unwrap(),
+        Query::new("shop", "web", None, Some("a"), Some("b")).unwrap(),
+    ] {
+        let j = judge(&query, &answers, at(300)).unwrap();
+        assert_eq!(j.verdict, Fail, "{query:?}: {}", j.reason);
+        assert!(j.reason.contains("web-b-1 refused 12"), "{}", j.reason);
+        assert_eq!(j.failed_requests, 12);
+        assert_eq!(j.terminating_pods, 1);
+        assert!(
+            j.pods
+                .iter()
+                .any(|p| p.pod.as_ref().unwrap().name == "web-b-1")
+        );
+    }
+}
+
+#[test]
+fn new_pods_count_only_inside_the_rollout_and_only_once_it_began() {
+    // Errors first seen after the last old pod's window closed are not the rollout's.
+    let late = [answer(
+        "n1",
+        vec![passed_old("web-a-1", 200), new_pod("web-b-1", 3, Some(250))],
+    )];
+    let q = Query::new("shop", "web", None, None, None).unwrap();
+    assert_eq!(judge(&q, &late, at(300)).unwrap().verdict, Pass);
+    // While an old pod's window is still open, the rollout has not ended: they count.
+    let mut open = passed_old("web-a-2", 200);
+    open.timeline.as_mut().unwrap().window_closed_at = None;
+    let still = [answer(
+        "n1",
+        vec![
+            passed_old("web-a-1", 200),
+            open,
+            new_pod("web-b-1", 3, Some(250)),
+        ],
+    )];
+    assert_eq!(judge(&q, &still, at(300)).unwrap().verdict, Fail);
+    // Without the first error's time (its event lost), an error counts.
+    let undated = [answer(
+        "n1",
+        vec![passed_old("web-a-1", 200), new_pod("web-b-1", 1, None)],
+    )];
+    assert_eq!(judge(&q, &undated, at(300)).unwrap().verdict, Fail);
+    // No pod terminating: no rollout, so a running pod's errors are no rollout's failure.
+    let none = [answer("n1", vec![new_pod("web-b-1", 5, Some(10))])];
+    assert_eq!(judge(&q, &none, at(300)).unwrap().verdict, Pending);
+    // A clean new pod changes nothing.
+    let clean = [answer(
+        "n1",
+        vec![passed_old("web-a-1", 200), new_pod("web-b-1", 0, None)],
+    )];
+    assert_eq!(judge(&q, &clean, at(300)).unwrap().verdict, Pass);
+}

@@ -276,6 +276,7 @@ pub fn observe(pod: &Pod) -> Option<ObservedPod> {
         exited_at,
         left_endpoints: None,
         in_service: false,
+        ready_since: None,
         grace_period: meta
             .deletion_grace_period_seconds
             .or_else(|| spec.and_then(|s| s.termination_grace_period_seconds))

@@ -44,6 +44,15 @@ pub struct AgentView {
     pub drained_at: Option<f64>,
     pub exited_at: Option<f64>,
     pub sigkill_at: Option<f64>,
+    /// Resets and refusals outside the termination window: a new pod's fail the rollout.
+    pub startup_errors: u64,
+    /// Of those, before the pod was ready.
+    pub startup_errors_before_ready: u64,
+    /// Why they fail the rollout, for people; empty without any.
+    pub startup_reason: String,
+    /// Resets and refusals with the node's own addresses (the simulated kubelet's probes):
+    /// never errors.
+    pub from_node: u64,
 }
 
 /// One pod's line in the report.
@@ -141,11 +150,15 @@ impl PodReport {
                 drained_at: at(pod.timeline.drained_at),
                 exited_at: at(pod.timeline.exited_at),
                 sigkill_at: at(pod.timeline.sigkill_at),
+                startup_errors: pod.startup().errors(),
+                startup_errors_before_ready: pod.startup().before_ready,
+                startup_reason: pod.startup().reason(name),
+                from_node: pod.totals.from_node,
             }
         });
+        // Probes come from the node's addresses, which the agent leaves out of its counts.
         let agent_connection_errors = agent.map_or(0, |pod| {
-            (pod.totals.resets_sent + pod.totals.resets_received + pod.totals.refused)
-                .saturating_sub(probe_refusals)
+            pod.totals.resets_sent + pod.totals.resets_received + pod.totals.refused
         });
         // Requests cut by the exit without a reset: closed (EOF) in the termination window,
         // at most as many as connections were open at the exit.
@@ -275,7 +288,24 @@ fn judge(
         ));
     }
     let verdict_ok = match role {
-        PodRole::New => true,
+        // Its startup errors fail the rollout: they must be the clients' failures.
+        PodRole::New => {
+            let startup = pod.startup().errors();
+            if startup > 0 && client_errors == 0 {
+                notes.push(format!(
+                    "the agent counted {startup} startup errors, but the clients saw none"
+                ));
+                false
+            } else if startup == 0 && client_errors > 0 {
+                notes.push(format!(
+                    "the clients saw {client_errors} failures the agent did not count against \
+                     the new pod"
+                ));
+                false
+            } else {
+                true
+            }
+        }
         PodRole::Old => match pod.verdict() {
             Verdict::Pass => client_terminating == 0,
             Verdict::Fail if client_terminating > 0 => true,
@@ -367,8 +397,11 @@ pub struct Report {
     pub new_hash: String,
     pub settings: BTreeMap<&'static str, String>,
     pub not_simulated: Vec<String>,
-    /// pass | fail | pending | unknown, from the replaced pods' verdicts.
+    /// pass | fail | pending | unknown: the rollout rule, over the replaced pods' verdicts and
+    /// the new pods' startup errors.
     pub verdict: &'static str,
+    /// Why, when it failed.
+    pub reasons: Vec<String>,
     pub clients: ClientTotals,
     pub clients_clean: bool,
     pub unattributed_failures: BTreeMap<&'static str, u64>,
@@ -437,7 +470,25 @@ impl Report {
         }
         let old: Vec<&PodReport> = pods.iter().filter(|p| p.role == PodRole::Old).collect();
         let verdict_of = |p: &&PodReport| p.agent.as_ref().map_or("unknown", |a| a.verdict);
-        let verdict = if old.iter().any(|p| verdict_of(p) == "fail") {
+        let mut reasons: Vec<String> = old
+            .iter()
+            .filter(|p| verdict_of(p) == "fail")
+            .map(|p| {
+                format!(
+                    "{}: {}",
+                    p.name,
+                    p.agent.as_ref().map_or("", |a| a.reason.as_str())
+                )
+            })
+            .collect();
+        reasons.extend(
+            pods.iter()
+                .filter(|p| p.role == PodRole::New)
+                .filter_map(|p| p.agent.as_ref())
+                .filter(|a| a.startup_errors > 0)
+                .map(|a| a.startup_reason.clone()),
+        );
+        let verdict = if !reasons.is_empty() {
             "fail"
         } else if old.iter().any(|p| verdict_of(p) == "pending") {
             "pending"
@@ -458,6 +509,12 @@ impl Report {
             ));
         }
         let clients_clean = clients.failed == 0;
+        if verdict == "pass" && !clients_clean {
+            disagreements.push(format!(
+                "the rollout verdict is pass, but the clients saw {} failures",
+                clients.failed
+            ));
+        }
         let exit_code = match (disagreements.is_empty(), verdict == "pass" && clients_clean) {
             (false, _) => 4,
             (true, true) => 0,
@@ -471,6 +528,7 @@ impl Report {
             settings,
             not_simulated: spec.not_simulated.clone(),
             verdict,
+            reasons,
             clients,
             clients_clean,
             unattributed_failures,
@@ -597,15 +655,19 @@ impl Report {
         }
         let _ = writeln!(
             out,
-            "verdict: {} (agent, over the {} replaced pods); clients {}",
+            "verdict: {} (agent, over the {} replaced pods and the {} new ones); clients {}",
             self.verdict,
             self.pods.iter().filter(|p| p.role == PodRole::Old).count(),
+            self.pods.iter().filter(|p| p.role == PodRole::New).count(),
             if self.clients_clean {
                 "saw no failure"
             } else {
                 "saw failures"
             }
         );
+        for reason in &self.reasons {
+            let _ = writeln!(out, "  {reason}");
+        }
         if self.disagreements.is_empty() {
             let _ = writeln!(out, "the agent's counts match the clients' for every pod");
         } else {

@@ -99,6 +99,36 @@ pub struct Pod {
     /// traced. Empty with the Kubernetes source (no hostPID) and once they are gone.
     #[prost(uint32, repeated, tag = "19")]
     pub pids: ::prost::alloc::vec::Vec<u32>,
+    /// How the pod started: its errors outside its termination window (a new pod's refusals
+    /// before it listened, for one). A rollout gate fails a rollout on a new pod's.
+    #[prost(message, optional, tag = "20")]
+    pub startup: ::core::option::Option<Startup>,
+    /// Resets and refusals with the node's own addresses (kubelet probes) over the pod's life:
+    /// never errors, and not in `total` or `window` (Kubernetes source: every address of the node;
+    /// local source: the node namespace given to the agent, none by default).
+    #[prost(uint64, tag = "21")]
+    pub from_node: u64,
+}
+/// A pod's errors outside its termination window, with the node's own addresses (kubelet
+/// probes) left out.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Startup {
+    /// Resets sent, resets received and refused, outside the window.
+    #[prost(uint64, tag = "1")]
+    pub errors: u64,
+    /// Of those, the ones before the pod was ready (in a Service's endpoints; with the local
+    /// source, when the caller that made the pod said so). All of them when it never was.
+    #[prost(uint64, tag = "2")]
+    pub errors_before_ready: u64,
+    /// The first such error, from its event; absent when none (or its event was lost).
+    #[prost(message, optional, tag = "3")]
+    pub first_error_at: ::core::option::Option<::prost_types::Timestamp>,
+    /// When the pod was first seen ready; absent when never.
+    #[prost(message, optional, tag = "4")]
+    pub ready_at: ::core::option::Option<::prost_types::Timestamp>,
+    /// What that means, for people; empty when there was no error.
+    #[prost(string, tag = "5")]
+    pub reason: ::prost::alloc::string::String,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListPodsRequest {

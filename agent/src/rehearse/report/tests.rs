@@ -42,6 +42,7 @@ fn terminated_pod(resets_sent: u64, refused: u64, open_at_exit: u64) -> PodDrain
             tcp_state: "ESTABLISHED",
             reason: 0,
             in_window: true,
+            from_node: false,
         });
     }
     pod
@@ -240,7 +241,9 @@ fn exit_codes_say_clean_dirty_or_defect() {
     assert_eq!((dirty_report.verdict, dirty_report.exit_code), ("fail", 1));
     let defect = Report::new(&config(), vec![wrong], clients(1), &[], Duration::ZERO);
     assert_eq!(defect.exit_code, 4);
-    assert_eq!(defect.disagreements.len(), 1);
+    // The pod's counts disagree, and a pass while clients failed is a defect of its own.
+    assert_eq!(defect.disagreements.len(), 2, "{:?}", defect.disagreements);
+    assert!(defect.disagreements[1].contains("verdict is pass"));
     assert!(defect.render().contains("DEFECT"));
     // A failure no pod can be named for is a defect of the attribution, said so.
     let unattributed = Report::new(
