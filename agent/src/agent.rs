@@ -676,6 +676,9 @@ impl Agent {
         }
         let had_processes = !drain.pids.is_empty();
         drain.pids = pids;
+        if !drain.pids.is_empty() {
+            drain.running_again();
+        }
         // Deletion opens the termination window, if no SIGTERM did already.
         if let Some(deleting) = pod.deleting_since
             && drain.timeline.terminating_since.is_none()

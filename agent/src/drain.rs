@@ -314,6 +314,17 @@ impl PodDrain {
         self.exited_with_open(at, self.totals.open);
     }
 
+    /// The pod has processes again: an exit before its window opened was not its end (a
+    /// short-lived process that entered its namespace, such as `ip netns exec`, or a container
+    /// restart), so it is forgotten; the pod's real exit is recorded when it comes. Inside the
+    /// window an exit stands.
+    pub fn running_again(&mut self) {
+        if self.timeline.terminating_since.is_none() && self.timeline.exited_at.is_some() {
+            self.timeline.exited_at = None;
+            self.open_at_exit = None;
+        }
+    }
+
     /// Charges the sockets the kernel could not track since the pod appeared (`untracked`,
     /// the node's count now) to a terminating pod: some may be its connections, missing from
     /// its open count, so its verdict is `unknown`, never a pass it cannot prove.

@@ -20,7 +20,6 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use nix::sys::signal::Signal;
 use tokio::{
     sync::{Mutex, mpsc, watch},
     task::JoinSet,
@@ -150,6 +149,9 @@ pub struct SimTimeline {
     pub ready: Option<Duration>,
     pub deleted: Option<Duration>,
     pub endpoint_removed: Option<Duration>,
+    /// An exec preStop hook started.
+    pub pre_stop_started: Option<Duration>,
+    /// The stop signal (SIGTERM, or `lifecycle.stopSignal`).
     pub sigterm: Option<Duration>,
     pub sigkill: Option<Duration>,
     pub exited: Option<Duration>,
@@ -166,7 +168,7 @@ struct Shared {
     /// What the API server would say about each pod (namespace, owner, pod-template-hash,
     /// deletionTimestamp), by namespace name, as the embedded agent's inventory reads it.
     known: LocalPods,
-    /// Readiness probes refused per pod: the agent counts them as refusals too.
+    /// Readiness probes refused per pod: the agent counts them apart (`from_node`).
     probe_refusals: std::sync::Mutex<HashMap<String, u64>>,
     events: mpsc::UnboundedSender<PodEvent>,
 }
@@ -853,7 +855,10 @@ async fn try_terminate_pod(shared: &Arc<Shared>, name: &str) -> Result<(), Rehea
         // The hook counts against the grace period.
         tokio::time::sleep_until((deleted + pre_stop).min(grace_end)).await;
     }
-    shared.node.lock().await.pods[name].signal(Signal::SIGTERM);
+    if let Some(command) = &spec.pre_stop_exec {
+        run_pre_stop(shared, name, command, grace_end).await;
+    }
+    shared.node.lock().await.pods[name].signal(spec.stop_signal);
     shared.mark(name, |t, now| t.sigterm = Some(now));
     let exited = loop {
         if pod_exited(shared, name).await {
@@ -881,6 +886,61 @@ async fn try_terminate_pod(shared: &Arc<Shared>, name: &str) -> Result<(), Rehea
     shared.mark(name, |t, now| t.removed = Some(now));
     let _ = shared.events.send(PodEvent::Gone(name.to_owned()));
     Ok(())
+}
+
+/// Runs an exec preStop hook as the kubelet does: in the pod's network namespace (the pod's
+/// files are this host's), with the pod's `PORT` and the rehearsal's agent as `DRAINGATE_AGENT`
+/// (so that `draingate wait-drained --self` works), until it exits or the grace period ends.
+/// It runs in a PID namespace of its own: the pods here share the host's, where PID 1 is the
+/// host's init, so a hook's `kill -TERM 1` must reach nothing.
+/// Its output goes to `<pod>.pre-stop.log`; a failed hook is logged, and the stop signal follows
+/// either way, as in Kubernetes.
+async fn run_pre_stop(
+    shared: &Shared,
+    name: &str,
+    command: &[String],
+    grace_end: tokio::time::Instant,
+) {
+    let Some(netns) = shared.node.lock().await.pods[name]
+        .netns_name()
+        .map(str::to_owned)
+    else {
+        return;
+    };
+    // Its own file: the server writes its log at its own offset.
+    let log = std::fs::File::create(shared.log_path(&format!("{name}.pre-stop")));
+    let mut cmd = tokio::process::Command::new("ip");
+    cmd.args([
+        "netns",
+        "exec",
+        &netns,
+        "unshare",
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "--",
+    ])
+    .args(command)
+    .env("PORT", shared.config.port.to_string())
+    .env("DRAINGATE_AGENT", &shared.config.agent_socket)
+    .stdin(std::process::Stdio::null())
+    .kill_on_drop(true);
+    if let Ok(log) = log
+        && let Ok(err) = log.try_clone()
+    {
+        cmd.stdout(log).stderr(err);
+    }
+    shared.mark(name, |t, now| t.pre_stop_started = Some(now));
+    match cmd.spawn() {
+        Ok(mut child) => match tokio::time::timeout_at(grace_end, child.wait()).await {
+            Ok(Ok(status)) if !status.success() => {
+                tracing::warn!(pod = name, %status, "the preStop hook failed");
+            }
+            Ok(_) => {}
+            Err(_) => tracing::warn!(pod = name, "the preStop hook ran out of the grace period"),
+        },
+        Err(err) => tracing::warn!(pod = name, error = %err, "cannot run the preStop hook"),
+    }
 }
 
 /// After an interrupt: removes whatever the rehearsals of this process left (namespaces, and the

@@ -277,6 +277,65 @@ fn the_same_new_pods_behind_a_readiness_probe_pass_and_probes_are_not_errors() {
 }
 
 #[test]
+fn an_exec_pre_stop_hook_runs_in_the_pod_before_the_stop_signal() {
+    // Not a plain sleep: the rehearsal runs the hook itself, in the pod's network namespace,
+    // and sends SIGTERM only once it returned.
+    let manifest = std::env::temp_dir().join(format!("dg-exec-hook-{}.yaml", std::process::id()));
+    std::fs::write(
+        &manifest,
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {name: hook}
+spec:
+  replicas: 3
+  strategy: {rollingUpdate: {maxSurge: 1, maxUnavailable: 0}}
+  selector: {matchLabels: {app: hook}}
+  template:
+    metadata: {labels: {app: hook}}
+    spec:
+      containers:
+      - name: hook
+        readinessProbe: {tcpSocket: {port: 8080}, periodSeconds: 1}
+        lifecycle:
+          preStop:
+            exec: {command: ["sh", "-c", "sleep 2 && ip -brief address show eth0 && echo hook-done"]}
+"#,
+    )
+    .expect("write the manifest");
+    let (code, report) = rehearse(
+        &["-f", manifest.to_str().expect("utf-8 path")],
+        &["--mode", "graceful"],
+    );
+    let _ = std::fs::remove_file(&manifest);
+    assert_agent_matches_clients(&report);
+    assert_verdicts(&report, "pass");
+    assert!(
+        report["settings"]["pre_stop"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("exec sh -c")),
+        "{report:#}"
+    );
+    let logs = std::path::PathBuf::from(report["logs"].as_str().expect("log dir"));
+    for pod in old_pods(&report) {
+        let deleted = pod["timeline"]["deleted"].as_f64().expect("deleted");
+        let hook = pod["timeline"]["pre_stop_started"]
+            .as_f64()
+            .expect("hook ran");
+        let sigterm = pod["timeline"]["sigterm"].as_f64().expect("SIGTERM");
+        assert!(hook >= deleted && sigterm - hook > 1.9, "{pod:#}");
+        // It ran in the pod's network namespace: it saw the pod's own interface.
+        let name = pod["name"].as_str().expect("name");
+        let log =
+            std::fs::read_to_string(logs.join(format!("{name}.pre-stop.log"))).unwrap_or_default();
+        assert!(
+            log.contains("hook-done") && log.contains("eth0"),
+            "{name}: {log}"
+        );
+    }
+    assert_eq!(code, 0, "{report:#}");
+}
+
+#[test]
 fn new_connection_per_request_with_a_pre_stop_passes() {
     let (code, report) = rehearse(
         &["--connections", "new-connection", "--pre-stop", "2s"],

@@ -195,3 +195,22 @@ fn startup_errors_are_the_ones_outside_the_window_split_at_readiness() {
     );
     assert_eq!(super::Startup::default().reason("x"), "");
 }
+
+#[test]
+fn an_exit_before_the_window_is_forgotten_when_processes_come_back() {
+    // A short command in the pod's namespace exited before the server started: not the pod's
+    // end, and its real exit must still be recorded.
+    let mut pod = pod();
+    pod.exited_with_open(t(1), 0);
+    pod.running_again();
+    assert_eq!((pod.timeline.exited_at, pod.open_at_exit), (None, None));
+    pod.open_window(t(5));
+    pod.exited_with_open(t(6), 2);
+    pod.running_again();
+    assert_eq!(
+        pod.timeline.exited_at,
+        Some(t(6)),
+        "inside the window an exit stands"
+    );
+    assert_eq!(pod.verdict(), Verdict::Fail);
+}

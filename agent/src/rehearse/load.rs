@@ -128,6 +128,8 @@ pub struct RequestRecord {
 /// A failure as soon as it happens, for attribution to a pod while conntrack still knows it.
 #[derive(Debug, Clone, Copy)]
 pub struct FailureNote {
+    /// When it failed (not when it was due: a request cut by an exit failed at the cut), since
+    /// the load started.
     pub at: Duration,
     pub outcome: Outcome,
     pub client_port: u16,
@@ -350,7 +352,7 @@ impl Client {
             if outcome.is_failure() {
                 self.live.failed.fetch_add(1, Ordering::Relaxed);
                 let _ = self.failures.send(FailureNote {
-                    at: due,
+                    at: due + latency,
                     outcome,
                     client_port: port,
                 });

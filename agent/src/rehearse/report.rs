@@ -204,6 +204,7 @@ impl PodReport {
             ("ready", sim.ready),
             ("deleted", sim.deleted),
             ("endpoint_removed", sim.endpoint_removed),
+            ("pre_stop_started", sim.pre_stop_started),
             ("sigterm", sim.sigterm),
             ("sigkill", sim.sigkill),
             ("exited", sim.exited),
@@ -444,9 +445,13 @@ impl Report {
         );
         settings.insert(
             "pre_stop",
-            spec.pre_stop
-                .map_or_else(|| "none".into(), |d| format!("sleep {}", d.as_secs_f64())),
+            match (&spec.pre_stop, &spec.pre_stop_exec) {
+                (Some(d), _) => format!("sleep {}", d.as_secs_f64()),
+                (None, Some(command)) => format!("exec {}", command.join(" ")),
+                (None, None) => "none".into(),
+            },
         );
+        settings.insert("stop_signal", spec.stop_signal.as_str().to_owned());
         settings.insert(
             "termination_grace_period",
             format!("{}s", spec.grace_period.as_secs()),

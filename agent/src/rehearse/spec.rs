@@ -57,6 +57,11 @@ pub struct RolloutSpec {
     pub readiness: Option<ReadinessProbe>,
     /// The preStop hook's sleep (exec `sleep N` or the native sleep action).
     pub pre_stop: Option<Duration>,
+    /// Any other exec preStop hook: run in the pod's network namespace, as the kubelet runs it
+    /// in the container's (never together with `pre_stop`).
+    pub pre_stop_exec: Option<Vec<String>>,
+    /// The signal that stops the container (`lifecycle.stopSignal`; SIGTERM by default).
+    pub stop_signal: nix::sys::signal::Signal,
     pub grace_period: Duration,
     pub min_ready: Duration,
     /// Settings found in the manifest that the simulator does not reproduce, each with why.
@@ -76,6 +81,8 @@ impl Default for RolloutSpec {
             unavailable_spec: IntOrString::Int(0),
             readiness: None,
             pre_stop: None,
+            pre_stop_exec: None,
+            stop_signal: nix::sys::signal::Signal::SIGTERM,
             grace_period: Duration::from_secs(30),
             min_ready: Duration::ZERO,
             not_simulated: Vec::new(),
@@ -353,6 +360,17 @@ impl RolloutSpec {
             if let Some(pre_stop) = &lifecycle.pre_stop {
                 self.pre_stop = self.read_pre_stop(name, pre_stop);
             }
+            if let Some(signal) = &lifecycle.stop_signal {
+                self.stop_signal = signal.parse().map_err(|_| {
+                    value_error(
+                        &format!("container {name}: lifecycle.stopSignal"),
+                        format!(
+                            "{}: not a signal name such as SIGQUIT",
+                            crate::telemetry::quoted(signal)
+                        ),
+                    )
+                })?;
+            }
             if lifecycle.post_start.is_some() {
                 self.not_simulated
                     .push(format!("container {name}: postStart: not run"));
@@ -423,10 +441,17 @@ impl RolloutSpec {
             if let Some(seconds) = sleep_seconds(&command) {
                 return Some(seconds);
             }
+            if command.is_empty() {
+                self.not_simulated
+                    .push(format!("{field}: exec without a command: not run"));
+                return None;
+            }
+            // Run as the kubelet would, in the pod's network namespace (on this host's files).
             self.not_simulated.push(format!(
-                "{field}: exec {command:?}: only `sleep N` (alone or through `sh -c`) is simulated; \
-                 other commands are not run on this host"
+                "{field}: exec {command:?}: runs in the pod's network namespace and a PID \
+                 namespace of its own, so it cannot signal the server (`kill 1` reaches nothing)"
             ));
+            self.pre_stop_exec = Some(command);
             return None;
         }
         self.not_simulated.push(format!(

@@ -120,12 +120,42 @@ spec:
 "#;
     let spec = RolloutSpec::from_manifest("m.yaml", manifest).unwrap();
     assert_eq!(spec.pre_stop, None);
+    // It is run, but where it cannot signal anything: said so.
+    assert_eq!(
+        spec.pre_stop_exec.as_deref(),
+        Some(
+            &[
+                "sh".to_owned(),
+                "-c".into(),
+                "kill -TERM 1; sleep 45".into()
+            ][..]
+        )
+    );
     assert!(
         spec.not_simulated
             .iter()
-            .any(|s| s.contains("preStop") && s.contains("kill -TERM 1")),
+            .any(|s| s.contains("preStop") && s.contains("cannot signal")),
         "{:?}",
         spec.not_simulated
+    );
+}
+
+#[test]
+fn the_stop_signal_is_honoured_and_a_bad_one_is_an_error() {
+    let manifest = |signal: &str| {
+        format!(
+            "kind: Deployment\napiVersion: apps/v1\nmetadata: {{name: web}}\nspec:\n  selector: \
+             {{matchLabels: {{app: web}}}}\n  template:\n    spec:\n      containers:\n      - \
+             name: web\n        lifecycle: {{stopSignal: {signal}}}\n"
+        )
+    };
+    let spec = RolloutSpec::from_manifest("m.yaml", &manifest("SIGQUIT")).unwrap();
+    assert_eq!(spec.stop_signal, nix::sys::signal::Signal::SIGQUIT);
+    let err = RolloutSpec::from_manifest("m.yaml", &manifest("SIGNOPE")).unwrap_err();
+    assert!(err.to_string().contains("stopSignal"), "{err}");
+    assert_eq!(
+        RolloutSpec::default().stop_signal,
+        nix::sys::signal::Signal::SIGTERM
     );
 }
 
