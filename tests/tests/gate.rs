@@ -58,6 +58,10 @@ impl Drop for HeldRehearsal {
 }
 
 fn rehearse_and_hold(agent_port: u16, server_mode: &str, extra: &[&str]) -> HeldRehearsal {
+    rehearse_and_hold_server(agent_port, &["--mode", server_mode], extra)
+}
+
+fn rehearse_and_hold_server(agent_port: u16, server: &[&str], extra: &[&str]) -> HeldRehearsal {
     let dir = std::env::temp_dir().join(format!("draingate-gate-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temporary directory");
     let report_path = dir.join(format!("report-{agent_port}.json"));
@@ -82,7 +86,7 @@ fn rehearse_and_hold(agent_port: u16, server_mode: &str, extra: &[&str]) -> Held
         .args(extra)
         .args(["-o", "json", "--"])
         .arg(build_bin("draingate-test-server"))
-        .args(["--mode", server_mode])
+        .args(server)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -183,6 +187,62 @@ fn flagger_payload(report: &Value) -> String {
         "metadata": {"old": report["old_hash"]},
     })
     .to_string()
+}
+
+/// New pods that take traffic before their server listens fail the rollout through the gate
+/// too, named, with the clients' count, though every old pod drained clean.
+#[test]
+fn new_pods_that_refused_clients_fail_the_rollout_through_the_gate() {
+    require_root();
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let rehearse_port = free_port();
+    let held = rehearse_and_hold_server(
+        rehearse_port,
+        &["--mode", "graceful", "--startup-delay", "2s"],
+        &[
+            "--pre-stop",
+            "2s",
+            "--no-readiness",
+            "--connections",
+            "new-connection",
+        ],
+    );
+    let report = &held.report;
+    assert_eq!(report["verdict"], "fail", "{report:#}");
+    assert_eq!(old_agent_errors(report), 0, "{report:#}");
+    let new_pods: Vec<&Value> = report["pods"]
+        .as_array()
+        .expect("pods")
+        .iter()
+        .filter(|p| p["role"] == "new")
+        .collect();
+    let startup: u64 = new_pods
+        .iter()
+        .map(|p| p["agent"]["startup_errors"].as_u64().expect("count"))
+        .sum();
+    let clients: u64 = new_pods
+        .iter()
+        .map(|p| p["client_connection_errors"].as_u64().expect("count"))
+        .sum();
+    assert!(startup > 0 && startup == clients, "{report:#}");
+    let (_gate, _http, grpc) = gate_serve(&[format!("127.0.0.1:{rehearse_port}")]);
+    let (code, answer) = gate_check(&grpc, report, &["--wait", "--timeout", "30s"]);
+    assert_eq!(
+        (code, &answer["verdict"]),
+        (1, &Value::from("fail")),
+        "{answer:#}"
+    );
+    assert_eq!(answer["failedRequests"].as_u64(), Some(startup), "{answer:#}");
+    let reason = answer["reason"].as_str().expect("reason");
+    let failing = new_pods
+        .iter()
+        .filter(|p| p["agent"]["startup_errors"].as_u64() > Some(0))
+        .map(|p| p["name"].as_str().expect("name"));
+    for name in failing {
+        assert!(reason.contains(name), "{name} not named: {reason}");
+    }
 }
 
 /// An abrupt server loses requests: the gate says fail, with the rehearsal's numbers, on every

@@ -34,6 +34,9 @@ struct Args {
     /// Append the Markdown section to this file.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Only the scenarios whose name contains this text.
+    #[arg(long)]
+    only: Option<String>,
 }
 
 struct Scenario {
@@ -42,7 +45,7 @@ struct Scenario {
     server: &'static [&'static str],
 }
 
-const SCENARIOS: [Scenario; 7] = [
+const SCENARIOS: [Scenario; 9] = [
     Scenario {
         name: "graceful drain, preStop 2s",
         rehearse: &["--pre-stop", "2s"],
@@ -77,6 +80,31 @@ const SCENARIOS: [Scenario; 7] = [
         name: "app delays its own shutdown, no preStop",
         rehearse: &[],
         server: &["--mode", "late-close", "--drain-time", "2500ms"],
+    },
+    Scenario {
+        name: "new pods without a readiness probe listen 2s late",
+        rehearse: &[
+            "--connections",
+            "new-connection",
+            "--pre-stop",
+            "2s",
+            "--no-readiness",
+        ],
+        server: &["--mode", "graceful", "--startup-delay", "2s"],
+    },
+    Scenario {
+        name: "the same behind a readiness probe (probes refused)",
+        rehearse: &[
+            "--connections",
+            "new-connection",
+            "--pre-stop",
+            "2s",
+            "--readiness-path",
+            "/",
+            "--readiness-period",
+            "200ms",
+        ],
+        server: &["--mode", "graceful", "--startup-delay", "2s"],
     },
 ];
 
@@ -134,13 +162,24 @@ fn tally(report: &Value, t: &mut Tally) {
         if n(&pod["agent_connection_errors"]) + cut != n(&pod["client_connection_errors"]) {
             t.count_mismatch += 1;
         }
-        if pod["role"] != "old" {
-            continue;
-        }
-        t.pods += 1;
-        let clients_failed = n(&pod["client_failures_terminating"]) > 0;
         let agent = &pod["agent"];
-        match agent["verdict"].as_str() {
+        // A replaced pod is judged on its termination window; a new one on its startup errors,
+        // which fail the rollout just the same.
+        let (clients_failed, verdict) = if pod["role"] == "old" {
+            (
+                n(&pod["client_failures_terminating"]) > 0,
+                agent["verdict"].as_str(),
+            )
+        } else {
+            let verdict = if n(&agent["startup_errors"]) > 0 {
+                "fail"
+            } else {
+                "pass"
+            };
+            (n(&pod["client_connection_errors"]) > 0, Some(verdict))
+        };
+        t.pods += 1;
+        match verdict {
             Some("pass") => {
                 t.agent_pass += 1;
                 if clients_failed {
@@ -177,8 +216,9 @@ fn main() {
         report,
         "Each scenario is a whole rolling update of {} replicas of the test server at {} req/s \
          (64 keep-alive or new-connection clients, endpoint propagation 1 s), run {} times. \
-         Per replaced pod: the agent's verdict against the clients' ground truth (a failure on a \
-         connection to that pod after its deletion began).\n",
+         Per pod: the agent's verdict against the clients' ground truth; a replaced pod's is its \
+         termination verdict (a failure on a connection to it after its deletion began), a new \
+         pod's is fail when the agent counted startup errors (a failure on a connection to it).\n",
         args.replicas, args.rate, args.runs
     );
     let _ = writeln!(
@@ -187,7 +227,10 @@ fn main() {
     );
     let _ = writeln!(report, "|---|---|---|---|---|---|---|---|---|");
     let mut total = Tally::default();
-    for scenario in &SCENARIOS {
+    for scenario in SCENARIOS
+        .iter()
+        .filter(|s| args.only.as_ref().is_none_or(|only| s.name.contains(only.as_str())))
+    {
         let mut t = Tally::default();
         for run in 0..args.runs {
             eprintln!(
