@@ -579,21 +579,22 @@ pub async fn serve(
         tokio::spawn(async move {
             health_reporter.set_serving::<AgentServer<AgentApi>>().await;
         });
-        Ok(tonic::transport::Server::builder()
+        Ok(crate::limits::grpc_server()
             .add_service(health)
             .add_service(reflection)
             .add_service(service))
     };
+    let [tcp_limits, unix_limits, _] = crate::limits::agent_faces();
     let mut tcp_stop = shutdown_tx.subscribe();
     let mut unix_stop = shutdown_tx.subscribe();
     let tcp_server = make_router()?.serve_with_incoming_shutdown(
-        tokio_stream::wrappers::TcpListenerStream::new(tcp),
+        crate::limits::Incoming::new(tcp, tcp_limits),
         async move {
             let _ = tcp_stop.recv().await;
         },
     );
     let unix_server = make_router()?.serve_with_incoming_shutdown(
-        tokio_stream::wrappers::UnixListenerStream::new(unix),
+        crate::limits::Incoming::new(unix, unix_limits),
         async move {
             let _ = unix_stop.recv().await;
         },

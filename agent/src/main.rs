@@ -557,6 +557,10 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    // Every face's connection cap is fitted to this limit, keeping descriptors free for the
+    // inventory (it opens /proc and netns files on every resync).
+    let open_files = draingate::limits::raise_open_files_limit();
+    tracing::debug!(open_files, "open-files limit");
     let mut config = AgentConfig {
         probes: ProbeConfig {
             reset_source: (args.reset_source == ResetSourceArg::Packets)
