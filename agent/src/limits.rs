@@ -569,7 +569,69 @@ pub async fn serve_http(
 
 #[cfg(test)]
 mod tests {
-    use super::{FD_RESERVE, FaceLimits, scaled};
+    use std::time::Duration;
+
+    use tokio::io::AsyncReadExt as _;
+    use tokio_stream::StreamExt as _;
+
+    use super::{FD_RESERVE, FaceLimits, Incoming, scaled};
+
+    /// Whether the server closed `conn` within `within` (EOF or an error).
+    async fn closed(conn: &mut tokio::net::TcpStream, within: Duration) -> bool {
+        let mut buf = [0u8; 64];
+        matches!(
+            tokio::time::timeout(within, conn.read(&mut buf)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
+    async fn connect_from(local: [u8; 4], to: std::net::SocketAddr) -> tokio::net::TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind((local, 0).into()).unwrap();
+        socket.connect(to).await.unwrap()
+    }
+
+    /// Over a cap a connection is closed at once; one address cannot take another's place; an
+    /// admitted connection that stays silent is closed after the idle timeout, and its slot
+    /// is free again.
+    #[tokio::test]
+    async fn caps_refuse_at_once_and_idle_connections_are_closed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = FaceLimits {
+            name: "test",
+            max_connections: 3,
+            max_per_peer: 2,
+            idle_timeout: Duration::from_millis(600),
+        };
+        let mut incoming = Incoming::new(listener, limits);
+        // The server: holds each connection and reads it (as hyper does) until it fails.
+        tokio::spawn(async move {
+            while let Some(Ok(mut conn)) = incoming.next().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 64];
+                    while matches!(conn.read(&mut buf).await, Ok(n) if n > 0) {}
+                });
+            }
+        });
+        let short = Duration::from_millis(200);
+        let mut a1 = connect_from([127, 0, 0, 1], addr).await;
+        let mut a2 = connect_from([127, 0, 0, 1], addr).await;
+        let mut a3 = connect_from([127, 0, 0, 1], addr).await;
+        assert!(closed(&mut a3, short).await, "a third from one address");
+        let mut b1 = connect_from([127, 0, 0, 2], addr).await;
+        let mut c1 = connect_from([127, 0, 0, 3], addr).await;
+        assert!(closed(&mut c1, short).await, "a fourth in all");
+        assert!(!closed(&mut a1, short).await);
+        assert!(!closed(&mut b1, short).await);
+        // Idle: closed within the timeout (600 ms, measured from the connect).
+        assert!(closed(&mut a1, Duration::from_secs(2)).await, "idle a1");
+        assert!(closed(&mut a2, Duration::from_secs(2)).await, "idle a2");
+        assert!(closed(&mut b1, Duration::from_secs(2)).await, "idle b1");
+        // Freed slots are taken again.
+        let mut again = connect_from([127, 0, 0, 1], addr).await;
+        assert!(!closed(&mut again, short).await, "a freed slot is reused");
+    }
 
     #[test]
     fn caps_leave_the_reserve_free_when_descriptors_are_few() {
