@@ -28,12 +28,61 @@ pub const MAX_WAIT: Duration = Duration::from_hours(1);
 #[derive(Debug, Clone)]
 pub struct AgentApi {
     handle: AgentHandle,
+    /// The event backlog as of its fingerprint, shared by every `StreamEvents` that starts while
+    /// it is current; held (weakly here) only as long as some stream still replays it.
+    backlog: Arc<std::sync::Mutex<Option<SharedBacklog>>>,
+}
+
+/// A backlog's fingerprint (see [`backlog_fingerprint`]) and the backlog, while some stream holds it.
+type SharedBacklog = (u64, std::sync::Weak<[PodEvent]>);
+
+/// What changes when any pod's events change: events are only ever appended to a pod (the
+/// oldest dropped, and counted, when it has too many), and pods come and go.
+fn backlog_fingerprint(state: &AgentState) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for pod in state.pods.values() {
+        pod.id.uid.hash(&mut hasher);
+        pod.events.len().hash(&mut hasher);
+        pod.events_dropped.hash(&mut hasher);
+        pod.events.back().map(|e| e.time).hash(&mut hasher);
+    }
+    hasher.finish()
 }
 
 impl AgentApi {
     #[must_use]
     pub fn new(handle: AgentHandle) -> Self {
-        Self { handle }
+        Self {
+            handle,
+            backlog: Arc::default(),
+        }
+    }
+
+    /// Every pod's events, oldest first: one copy shared by all the streams that replay it, not
+    /// one per stream.
+    fn backlog(&self) -> Arc<[PodEvent]> {
+        let state = self.state();
+        let fingerprint = backlog_fingerprint(&state);
+        let mut cache = self
+            .backlog
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((cached, weak)) = &*cache
+            && *cached == fingerprint
+            && let Some(events) = weak.upgrade()
+        {
+            return events;
+        }
+        let mut events: Vec<PodEvent> = state
+            .pods
+            .values()
+            .flat_map(|p| p.events.iter().cloned())
+            .collect();
+        events.sort_by_key(|e| e.time);
+        let events: Arc<[PodEvent]> = events.into();
+        *cache = Some((fingerprint, Arc::downgrade(&events)));
+        events
     }
 
     /// A permit for one more stream, held until the stream ends; refused (`RESOURCE_EXHAUSTED`)
@@ -344,23 +393,20 @@ impl AgentService for AgentApi {
         let permit = self.stream_permit()?;
         // Subscribe before reading the backlog, so nothing falls between the two.
         let mut live = self.handle.events.subscribe();
-        let mut backlog: Vec<PodEvent> = self
-            .state()
-            .pods
-            .values()
-            .flat_map(|p| p.events.iter().cloned())
-            .filter(|e| matches(filter.as_ref(), e))
-            .collect();
-        backlog.sort_by_key(|e| e.time);
-        let (tx, rx) = mpsc::channel(256);
+        let backlog = self.backlog();
+        // Small: what a stream holds of its own is this queue (and the connection's buffers);
+        // the backlog it replays is shared.
+        let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             let _permit = permit;
-            let last = backlog.last().map(|e| e.time);
-            for event in &backlog {
+            let mut last = None;
+            for event in backlog.iter().filter(|e| matches(filter.as_ref(), e)) {
+                last = Some(event.time);
                 if tx.send(Ok(event_message(event))).await.is_err() {
                     return;
                 }
             }
+            drop(backlog);
             if !request.follow {
                 return;
             }
@@ -534,30 +580,32 @@ pub async fn serve(
     let ours = socket_identity(&listen.socket);
 
     let (shutdown_tx, _) = tokio::sync::broadcast::channel::<()>(1);
+    let api = AgentApi::new(handle.clone());
     let make_router = || -> Result<tonic::transport::server::Router, ServeError> {
         let (health_reporter, health) = tonic_health::server::health_reporter();
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(draingate_proto::v1::FILE_DESCRIPTOR_SET)
             .build_v1()?;
-        let service = AgentServer::new(AgentApi::new(handle.clone()));
+        let service = AgentServer::new(api.clone());
         tokio::spawn(async move {
             health_reporter.set_serving::<AgentServer<AgentApi>>().await;
         });
-        Ok(tonic::transport::Server::builder()
+        Ok(crate::limits::grpc_server()
             .add_service(health)
             .add_service(reflection)
             .add_service(service))
     };
+    let [tcp_limits, unix_limits, _] = crate::limits::agent_faces();
     let mut tcp_stop = shutdown_tx.subscribe();
     let mut unix_stop = shutdown_tx.subscribe();
     let tcp_server = make_router()?.serve_with_incoming_shutdown(
-        tokio_stream::wrappers::TcpListenerStream::new(tcp),
+        crate::limits::Incoming::new(tcp, tcp_limits),
         async move {
             let _ = tcp_stop.recv().await;
         },
     );
     let unix_server = make_router()?.serve_with_incoming_shutdown(
-        tokio_stream::wrappers::UnixListenerStream::new(unix),
+        crate::limits::Incoming::new(unix, unix_limits),
         async move {
             let _ = unix_stop.recv().await;
         },

@@ -1128,13 +1128,7 @@ mod tests;
 
 /// One connection per agent in flight: lifts the soft open-files limit to the hard one.
 pub fn raise_open_files_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
-        && soft < hard
-        && let Err(err) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
-    {
-        tracing::warn!(error = %err, soft, "cannot raise the open-files limit");
-    }
+    let _ = crate::limits::raise_open_files_limit();
 }
 
 /// Where the gate listens.
@@ -1175,32 +1169,31 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(draingate_proto::v1::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let mut grpc_stop = stop.subscribe();
-    let grpc = tonic::transport::Server::builder()
+    let [http_limits, grpc_limits] = crate::limits::gate_faces(MAX_WAIT);
+    let grpc = crate::limits::grpc_server()
         .add_service(health)
         .add_service(reflection)
         .add_service(GateServer::new(api::GateApi::new(std::sync::Arc::clone(
             &gate,
         ))))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            crate::limits::Incoming::new(grpc_listener, grpc_limits),
             async move {
                 let _ = grpc_stop.recv().await;
             },
         );
     let mut http_stop = stop.subscribe();
-    let http = axum::serve(http_listener, http::router(gate)).with_graceful_shutdown(async move {
-        let _ = http_stop.recv().await;
-    });
+    let http =
+        crate::limits::serve_http(http_listener, http_limits, http::router(gate), async move {
+            let _ = http_stop.recv().await;
+        });
     let stopper = async move {
         shutdown.await;
         let _ = stop.send(());
     };
     let (grpc, http, ()) = tokio::join!(grpc, http, stopper);
     poller.abort();
+    let () = http;
     grpc?;
-    http.map_err(|source| ServeError::Listen {
-        what: listen.http.to_string(),
-        source,
-    })?;
     Ok(())
 }

@@ -203,13 +203,14 @@ pub fn router(handle: AgentHandle) -> Router {
         .with_state(handle)
 }
 
-/// Serves the HTTP endpoints on `listener` until `shutdown` resolves.
+/// Serves the HTTP endpoints on `listener` until `shutdown` resolves, within the agent HTTP
+/// face's limits (see [`crate::limits`]).
 pub async fn serve(
     handle: AgentHandle,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(handle))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let [_, _, limits] = crate::limits::agent_faces();
+    crate::limits::serve_http(listener, limits, router(handle), shutdown).await;
+    Ok(())
 }

@@ -5,6 +5,7 @@
 //! - [`btf`]: kernel struct member offsets from the running kernel's BTF;
 //! - [`loader`]: loads and attaches the eBPF programs, typed access to their maps;
 //! - [`rehearse`]: a whole rolling update on one machine, the agent held against the clients;
+//! - [`limits`]: connection caps and timeouts of every listening face;
 //! - [`telemetry`]: logging set up from the environment.
 
 pub mod agent;
@@ -16,6 +17,7 @@ pub mod events;
 pub mod gate;
 pub mod http;
 pub mod inventory;
+pub mod limits;
 pub mod lint;
 pub mod loader;
 pub mod netns;

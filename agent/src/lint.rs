@@ -56,6 +56,11 @@ pub enum LintError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "{file}: larger than {} MiB; lint reads manifests, not archives (split the file)",
+        MAX_INPUT / 1024 / 1024
+    )]
+    TooLarge { file: String },
     #[error("{file}:{line}: not valid YAML: {message}")]
     Yaml {
         file: String,
@@ -80,11 +85,38 @@ pub enum LintError {
 /// about this long; a preStop sleep shorter than it leaves a gap.
 pub const PROPAGATION: Duration = Duration::from_secs(5);
 
-/// One document of a file: its parsed value and where it starts.
+/// Largest file lint reads (manifests are kilobytes; a bound keeps a huge or endless input from
+/// taking the machine's memory).
+pub const MAX_INPUT: u64 = 4 * 1024 * 1024;
+
+/// Reads at most [`MAX_INPUT`] bytes of `reader` (the file `file`) as text; more is an error.
+pub fn read_bounded(file: &str, reader: impl std::io::Read) -> Result<String, LintError> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    reader
+        .take(MAX_INPUT + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|source| LintError::Read {
+            file: file.into(),
+            source,
+        })?;
+    if bytes.len() as u64 > MAX_INPUT {
+        return Err(LintError::TooLarge { file: file.into() });
+    }
+    String::from_utf8(bytes).map_err(|e| LintError::Read {
+        file: file.into(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })
+}
+
+/// One document of a file: its parsed value and where it is.
 struct Document {
     value: Value,
-    /// 1-based line of the document's first line.
+    /// 1-based line of `lines[0]` in the file.
     first_line: usize,
+    /// 1-based line of the document's first content (not a comment, blank or `---`).
+    head: usize,
+    /// The document's text, from its `---` (or the file's start) to the next one.
     lines: Vec<String>,
 }
 
@@ -133,38 +165,99 @@ impl Document {
     }
 }
 
-fn split_documents(file: &str, text: &str) -> Result<Vec<Document>, LintError> {
-    let mut starts = vec![0];
-    for (i, line) in text.lines().enumerate() {
-        if line.starts_with("---") && i > 0 {
-            starts.push(i + 1);
-        } else if line.starts_with("---") {
-            starts[0] = 1;
+/// Whether `line` starts a YAML document: `---` at column 0, alone or followed by a space (a
+/// `---` there can be nothing else, not even inside a block scalar).
+fn is_document_start(line: &str) -> bool {
+    line.strip_prefix("---")
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t', '\r']))
+}
+
+/// Whether `line` holds YAML content (not blank, a comment, a directive or a bare marker).
+fn is_content(line: &str) -> bool {
+    let trimmed = line.trim();
+    !(trimmed.is_empty()
+        || trimmed.starts_with('#')
+        || line.starts_with('%')
+        || trimmed == "---"
+        || trimmed == "...")
+}
+
+/// A YAML error's line in the file: its location within a document that starts at `offset`
+/// (0-based), else `fallback`.
+fn yaml_line(e: &serde_yaml_ng::Error, offset: usize, fallback: usize) -> usize {
+    e.location().map_or(fallback, |l| offset + l.line())
+}
+
+/// A YAML error's message with every `line N` in it made a line of the file (the parser counts
+/// from the start of the document it was given).
+fn yaml_message(e: &serde_yaml_ng::Error, offset: usize) -> String {
+    let text = e.to_string();
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text.as_str();
+    while let Some(at) = rest.find("line ") {
+        let (before, after) = rest.split_at(at + "line ".len());
+        out.push_str(before);
+        let digits = after.len() - after.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        match after[..digits].parse::<usize>() {
+            Ok(n) => out.push_str(&(n + offset).to_string()),
+            Err(_) => out.push_str(&after[..digits]),
         }
+        rest = &after[digits..];
     }
+    out.push_str(rest);
+    out
+}
+
+/// The file's documents, each parsed on its own so that every line reported is the file's: the
+/// text is cut at each `---`; what precedes the first one is a document only if it has content.
+fn split_documents(file: &str, text: &str) -> Result<Vec<Document>, LintError> {
     let all: Vec<&str> = text.lines().collect();
+    let mut starts: Vec<usize> = vec![0];
+    starts.extend(
+        all.iter()
+            .enumerate()
+            .skip(1)
+            .filter(|(_, l)| is_document_start(l))
+            .map(|(i, _)| i),
+    );
     let mut documents = Vec::new();
-    for (n, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-        let start = starts.get(n).copied().unwrap_or(0);
-        let end = starts.get(n + 1).map_or(all.len(), |s| s - 1);
-        let value: Value = serde::Deserialize::deserialize(doc).map_err(|e| LintError::Yaml {
-            file: file.into(),
-            line: e.location().map_or(start + 1, |l| l.line()),
-            message: e.to_string(),
-        })?;
-        if value.is_null() {
+    for (n, &start) in starts.iter().enumerate() {
+        let end = starts.get(n + 1).copied().unwrap_or(all.len());
+        let lines = &all[start..end];
+        let Some(head) = lines.iter().position(|l| is_content(l)) else {
             continue;
+        };
+        let head = start + head + 1;
+        let mut segment = lines.join("\n");
+        segment.push('\n');
+        for doc in serde_yaml_ng::Deserializer::from_str(&segment) {
+            let value: Value =
+                serde::Deserialize::deserialize(doc).map_err(|e| LintError::Yaml {
+                    file: file.into(),
+                    line: yaml_line(&e, start, head),
+                    message: yaml_message(&e, start),
+                })?;
+            if value.is_null() {
+                continue;
+            }
+            documents.push(Document {
+                value,
+                first_line: start + 1,
+                head,
+                lines: lines.iter().map(|l| (*l).to_owned()).collect(),
+            });
         }
-        documents.push(Document {
-            value,
-            first_line: start + 1,
-            lines: all[start.min(all.len())..end.min(all.len())]
-                .iter()
-                .map(|l| (*l).to_owned())
-                .collect(),
-        });
     }
     Ok(documents)
+}
+
+/// `T` read from the document's own text, for the line of what makes it invalid (a value has
+/// no positions; the text has).
+fn typed_error_line<T: serde::de::DeserializeOwned>(doc: &Document) -> usize {
+    match serde_yaml_ng::from_str::<T>(&(doc.lines.join("\n") + "\n")) {
+        Err(e) => yaml_line(&e, doc.first_line - 1, doc.head),
+        Ok(_) => doc.head,
+    }
 }
 
 /// The workload a document describes, when it is one lint checks.
@@ -179,13 +272,32 @@ struct Workload<'a> {
     strategy: Option<(String, Option<String>, Option<String>)>,
 }
 
-fn invalid(file: &str, doc: &Document, kind: &str, message: &dyn std::fmt::Display) -> LintError {
+/// `doc` is not a valid `T` (of kind `kind`): the error at the line that makes it so.
+fn invalid<T: serde::de::DeserializeOwned>(
+    file: &str,
+    doc: &Document,
+    kind: &str,
+    message: &dyn std::fmt::Display,
+) -> LintError {
     LintError::Invalid {
         file: file.into(),
-        line: doc.first_line,
+        line: typed_error_line::<T>(doc),
         kind: kind.into(),
         message: message.to_string(),
     }
+}
+
+/// What lint reads of an Argo Rollout (the rest it ignores).
+#[derive(serde::Deserialize)]
+#[expect(dead_code, reason = "read only for the line of an error in it")]
+struct RolloutTemplate {
+    spec: RolloutSpec,
+}
+
+#[derive(serde::Deserialize)]
+#[expect(dead_code, reason = "read only for the line of an error in it")]
+struct RolloutSpec {
+    template: PodTemplateSpec,
 }
 
 fn int_or_string(
@@ -203,6 +315,9 @@ fn int_or_string(
 pub fn lint(files: &[(String, String)]) -> Result<Vec<Finding>, LintError> {
     let mut parsed = Vec::new();
     for (file, text) in files {
+        if text.len() as u64 > MAX_INPUT {
+            return Err(LintError::TooLarge { file: file.clone() });
+        }
         parsed.push((file.as_str(), split_documents(file, text)?));
     }
     let mut workloads = Vec::new();
@@ -214,13 +329,13 @@ pub fn lint(files: &[(String, String)]) -> Result<Vec<Finding>, LintError> {
             let (Some(kind), Some(api)) = (kind, api) else {
                 return Err(LintError::NotKubernetes {
                     file: (*file).into(),
-                    line: doc.first_line,
+                    line: doc.head,
                 });
             };
             match (kind, api) {
                 ("Deployment", _) => {
                     let d: Deployment = serde_json::from_value(doc.value.clone())
-                        .map_err(|e| invalid(file, doc, kind, &e))?;
+                        .map_err(|e| invalid::<Deployment>(file, doc, kind, &e))?;
                     let spec = d.spec;
                     let strategy = spec.strategy.unwrap_or_default();
                     let rolling = strategy.rolling_update.unwrap_or_default();
@@ -242,7 +357,9 @@ pub fn lint(files: &[(String, String)]) -> Result<Vec<Finding>, LintError> {
                     let template: PodTemplateSpec = serde_json::from_value(
                         doc.value["spec"]["template"].clone(),
                     )
-                    .map_err(|e| invalid(file, doc, kind, &format!("spec.template: {e}")))?;
+                    .map_err(|e| {
+                        invalid::<RolloutTemplate>(file, doc, kind, &format!("spec.template: {e}"))
+                    })?;
                     let metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta =
                         serde_json::from_value(doc.value["metadata"].clone()).unwrap_or_default();
                     workloads.push(Workload {
@@ -261,7 +378,7 @@ pub fn lint(files: &[(String, String)]) -> Result<Vec<Finding>, LintError> {
                 ("PodDisruptionBudget", _) => {
                     budgets.push(
                         serde_json::from_value(doc.value.clone())
-                            .map_err(|e| invalid(file, doc, kind, &e))?,
+                            .map_err(|e| invalid::<PodDisruptionBudget>(file, doc, kind, &e))?,
                     );
                 }
                 _ => {}

@@ -433,15 +433,19 @@ fn lint(files: &[PathBuf], output: EventsOutput) -> anyhow::Result<ExitCode> {
     use draingate::lint;
     let mut texts = Vec::new();
     for file in files {
+        // Never more than lint::MAX_INPUT of any input (a huge or endless one is refused).
         let (name, text) = if file.as_os_str() == "-" {
-            let mut text = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
-                .context("cannot read standard input")?;
-            ("<stdin>".to_owned(), text)
+            let name = "<stdin>".to_owned();
+            let text = lint::read_bounded(&name, std::io::stdin().lock())?;
+            (name, text)
         } else {
-            let text = std::fs::read_to_string(file)
-                .with_context(|| format!("cannot read {}", file.display()))?;
-            (file.display().to_string(), text)
+            let name = file.display().to_string();
+            let opened = std::fs::File::open(file).map_err(|source| lint::LintError::Read {
+                file: name.clone(),
+                source,
+            })?;
+            let text = lint::read_bounded(&name, opened)?;
+            (name, text)
         };
         texts.push((name, text));
     }
@@ -553,6 +557,10 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    // Every face's connection cap is fitted to this limit, keeping descriptors free for the
+    // inventory (it opens /proc and netns files on every resync).
+    let open_files = draingate::limits::raise_open_files_limit();
+    tracing::debug!(open_files, "open-files limit");
     let mut config = AgentConfig {
         probes: ProbeConfig {
             reset_source: (args.reset_source == ResetSourceArg::Packets)

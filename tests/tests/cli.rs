@@ -193,7 +193,7 @@ fn a_second_agent_on_a_served_socket_is_refused_and_files_are_never_replaced() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Streams are bounded (each copies the event backlog): one past the cap is refused with
+/// Streams are bounded (each holds a queue and connection buffers): one past the cap is refused with
 /// `RESOURCE_EXHAUSTED`, and a client that goes away frees its stream at once, though no event
 /// comes.
 #[test]
