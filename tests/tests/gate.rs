@@ -234,7 +234,11 @@ fn new_pods_that_refused_clients_fail_the_rollout_through_the_gate() {
         (1, &Value::from("fail")),
         "{answer:#}"
     );
-    assert_eq!(answer["failedRequests"].as_u64(), Some(startup), "{answer:#}");
+    assert_eq!(
+        answer["failedRequests"].as_u64(),
+        Some(startup),
+        "{answer:#}"
+    );
     let reason = answer["reason"].as_str().expect("reason");
     let failing = new_pods
         .iter()

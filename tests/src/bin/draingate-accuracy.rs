@@ -227,10 +227,11 @@ fn main() {
     );
     let _ = writeln!(report, "|---|---|---|---|---|---|---|---|---|");
     let mut total = Tally::default();
-    for scenario in SCENARIOS
-        .iter()
-        .filter(|s| args.only.as_ref().is_none_or(|only| s.name.contains(only.as_str())))
-    {
+    for scenario in SCENARIOS.iter().filter(|s| {
+        args.only
+            .as_ref()
+            .is_none_or(|only| s.name.contains(only.as_str()))
+    }) {
         let mut t = Tally::default();
         for run in 0..args.runs {
             eprintln!(
