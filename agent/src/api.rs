@@ -486,6 +486,9 @@ impl AgentService for AgentApi {
 pub struct ListenConfig {
     pub grpc_addr: std::net::SocketAddr,
     pub socket: PathBuf,
+    /// Mutual TLS on the TCP face (`--tls`): only clients with a certificate of the set's CA.
+    /// The unix socket stays plain.
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -581,7 +584,7 @@ pub async fn serve(
 
     let (shutdown_tx, _) = tokio::sync::broadcast::channel::<()>(1);
     let api = AgentApi::new(handle.clone());
-    let make_router = || -> Result<tonic::transport::server::Router, ServeError> {
+    let make_router = |tls: Option<tonic::transport::ServerTlsConfig>| -> Result<tonic::transport::server::Router, ServeError> {
         let (health_reporter, health) = tonic_health::server::health_reporter();
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(draingate_proto::v1::FILE_DESCRIPTOR_SET)
@@ -590,7 +593,11 @@ pub async fn serve(
         tokio::spawn(async move {
             health_reporter.set_serving::<AgentServer<AgentApi>>().await;
         });
-        Ok(crate::limits::grpc_server()
+        let mut server = crate::limits::grpc_server();
+        if let Some(tls) = tls {
+            server = server.tls_config(tls)?;
+        }
+        Ok(server
             .add_service(health)
             .add_service(reflection)
             .add_service(service))
@@ -598,13 +605,13 @@ pub async fn serve(
     let [tcp_limits, unix_limits, _] = crate::limits::agent_faces();
     let mut tcp_stop = shutdown_tx.subscribe();
     let mut unix_stop = shutdown_tx.subscribe();
-    let tcp_server = make_router()?.serve_with_incoming_shutdown(
+    let tcp_server = make_router(listen.tls.clone())?.serve_with_incoming_shutdown(
         crate::limits::Incoming::new(tcp, tcp_limits),
         async move {
             let _ = tcp_stop.recv().await;
         },
     );
-    let unix_server = make_router()?.serve_with_incoming_shutdown(
+    let unix_server = make_router(None)?.serve_with_incoming_shutdown(
         crate::limits::Incoming::new(unix, unix_limits),
         async move {
             let _ = unix_stop.recv().await;

@@ -151,6 +151,14 @@ pub fn pod_json(pod: &pb::Pod) -> Value {
             "failed_connects": window.failed_connects,
         },
         "peer_failures": pod.peer_failures,
+        "from_node": pod.from_node,
+        "startup": pod.startup.as_ref().map(|s| json!({
+            "errors": s.errors,
+            "errors_before_ready": s.errors_before_ready,
+            "first_error_at": rfc3339(s.first_error_at.as_ref()),
+            "ready_at": rfc3339(s.ready_at.as_ref()),
+            "reason": s.reason,
+        })),
         "errors": pod.errors,
         "open_at_exit": pod.open_at_exit,
         "verdict": verdict_name(pod.verdict),
@@ -242,6 +250,8 @@ pub fn pods_table(pods: &[pb::Pod], wide: bool) -> String {
             "RST_RECV",
             "REFUSED",
             "FAILED_CONN",
+            "PROBES",
+            "STARTUP",
             "ERRORS",
             "VERDICT",
             "ADDRESSES",
@@ -280,6 +290,8 @@ pub fn pods_table(pods: &[pb::Pod], wide: bool) -> String {
                 total.resets_received.to_string(),
                 total.refused.to_string(),
                 total.failed_connects.to_string(),
+                pod.from_node.to_string(),
+                pod.startup.as_ref().map_or(0, |s| s.errors).to_string(),
             ]);
         }
         row.push(pod.errors.to_string());

@@ -40,7 +40,7 @@ pub fn render_metrics(state: &AgentState) -> String {
     let errors = Family::<PodLabels, Gauge>::default();
     let open_at_exit = Family::<PodLabels, Gauge>::default();
     let verdict = Family::<VerdictLabels, Gauge>::default();
-    let counters: [(&str, &str, Family<PodLabels, Counter>); 7] = [
+    let counters: [(&str, &str, Family<PodLabels, Counter>); 9] = [
         (
             "accepted",
             "Connections the pod accepted",
@@ -72,6 +72,16 @@ pub fn render_metrics(state: &AgentState) -> String {
             "Connects to the pod by clients on this node that got no answer, inside its window",
             Family::default(),
         ),
+        (
+            "from_node",
+            "Resets and refusals with the node's own addresses (kubelet probes): not errors",
+            Family::default(),
+        ),
+        (
+            "startup_errors",
+            "Resets and refusals outside the termination window (a new pod's fail a rollout)",
+            Family::default(),
+        ),
     ];
     for pod in state.pods.values() {
         let labels = PodLabels {
@@ -97,6 +107,8 @@ pub fn render_metrics(state: &AgentState) -> String {
             t.refused,
             t.failed_connects,
             pod.peer_failures,
+            t.from_node,
+            pod.startup().errors(),
         ]) {
             family.get_or_create(&labels).inc_by(value);
         }

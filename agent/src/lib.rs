@@ -24,4 +24,5 @@ pub mod netns;
 pub mod peers;
 pub mod rehearse;
 pub mod telemetry;
+pub mod tls;
 pub mod tracefs;

@@ -93,6 +93,18 @@ enum Command {
     /// Flagger and CI pipelines (`gate serve`), and the question a pipeline asks (`gate check`).
     #[command(subcommand)]
     Gate(GateCommand),
+    /// Write a new set of certificates for mutual TLS between the gate and the agents: a CA
+    /// (its key is not kept), the agents' server certificate (name `draingate-agent`) and the
+    /// gate's client certificate, with their keys (mode 0600). For a Secret:
+    /// `kubectl -n draingate create secret generic draingate-tls --from-file=DIR`.
+    TlsCerts {
+        /// Directory to write into (made if missing; an existing set is never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+        /// How long the certificates are valid.
+        #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+        valid: Duration,
+    },
     /// Block until a pod's open connections reach zero. Exit 0: drained clean; 1: drained with
     /// errors; 2: timed out; 3: could not ask (no agent, unknown pod).
     ///
@@ -157,6 +169,10 @@ struct GateServeArgs {
     /// Each agent must answer within this.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     agent_timeout: Duration,
+    /// Ask the agents over mutual TLS with the set in DIR (`ca.crt`, `gate.crt`, `gate.key`,
+    /// as `draingate tls-certs` writes them): agents must run with `--tls` from the same set.
+    #[arg(long, env = "DRAINGATE_AGENT_TLS", value_name = "DIR")]
+    agent_tls: Option<PathBuf>,
     /// Agents asked at once.
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     concurrency: u32,
@@ -324,6 +340,11 @@ struct AgentArgs {
     /// gRPC unix socket, used by the CLI.
     #[arg(long, default_value = api::DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// Serve the TCP face over mutual TLS with the set in DIR (`ca.crt`, `agent.crt`,
+    /// `agent.key`, as `draingate tls-certs` writes them): only clients with a certificate of
+    /// that CA (the gate) are served. The unix socket stays plain.
+    #[arg(long, env = "DRAINGATE_TLS", value_name = "DIR")]
+    tls: Option<PathBuf>,
     /// bpffs directory for the pinned maps and links.
     #[arg(long, default_value = draingate_common::DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
@@ -394,6 +415,12 @@ fn main() -> ExitCode {
             Command::Rehearse(args) => rehearse(*args).await,
             Command::Gate(GateCommand::Serve(args)) => gate_serve(*args).await,
             Command::Lint { files, output } => lint(&files, output),
+            Command::TlsCerts { out, valid } => {
+                for file in draingate::tls::generate(&out, valid)? {
+                    println!("{}", file.display());
+                }
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Gate(GateCommand::Check(args)) => gate_check(args).await,
             Command::WaitDrained {
                 agent,
@@ -510,6 +537,11 @@ async fn gate_serve(args: GateServeArgs) -> anyhow::Result<ExitCode> {
             timeout: args.agent_timeout,
             concurrency: args.concurrency as usize,
             reuse: Duration::from_millis(500),
+            tls: args
+                .agent_tls
+                .as_deref()
+                .map(draingate::tls::client_config)
+                .transpose()?,
         },
         poll: args.poll,
         history_size: args.history_size as usize,
@@ -595,6 +627,11 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let listen = ListenConfig {
         grpc_addr: args.grpc_addr,
         socket: args.socket,
+        tls: args
+            .tls
+            .as_deref()
+            .map(draingate::tls::server_config)
+            .transpose()?,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let http_listener = tokio::net::TcpListener::bind(args.http_addr)

@@ -252,6 +252,7 @@ impl EmbeddedAgent {
         let listen = crate::api::ListenConfig {
             grpc_addr: listen.unwrap_or_else(|| "127.0.0.1:0".parse().expect("valid address")),
             socket: socket.clone(),
+            tls: None,
         };
         let api_handle = handle.clone();
         let mut api_stop = stop_rx;

@@ -386,6 +386,7 @@ impl TestAgent {
         let listen = draingate::api::ListenConfig {
             grpc_addr: "127.0.0.1:0".parse().expect("address"),
             socket: socket.clone(),
+            tls: None,
         };
         let http = runtime.block_on(async {
             let (agent, handle) = draingate::agent::Agent::new(

@@ -308,8 +308,15 @@ fn flood_helper() {
     }
 }
 
+/// The floods run one at a time: they share this process's descriptors, and each measures
+/// what the other would disturb.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn a_flooded_agent_keeps_serving_and_watching_within_its_memory_limit() {
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     require_root();
     // 20,000 idle gRPC connections: half held here, half by a helper process (a process may
     // hold only its open-files limit, 20,000 on some runners, whose root cannot raise it).
@@ -498,6 +505,9 @@ fn a_flooded_agent_keeps_serving_and_watching_within_its_memory_limit() {
 #[test]
 fn the_gate_closes_requests_that_never_finish_their_headers() {
     require_root();
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let _ = raise_open_files(65_536);
     let agent = Agent::start();
     let http = SocketAddr::from(([127, 0, 0, 1], free_port()));

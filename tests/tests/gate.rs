@@ -668,3 +668,108 @@ fn a_failed_connect_seen_only_on_another_node_fails_the_rollout_through_the_gate
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Mutual TLS between the gate and an agent, with the set `draingate tls-certs` writes: the
+/// gate with the gate's certificate is answered; a gate without one, and a client without a
+/// certificate, are refused at the handshake (never answered); the unix socket stays plain.
+#[test]
+fn the_gate_asks_agents_over_mutual_tls_and_clients_without_a_certificate_are_refused() {
+    require_root();
+    let dir = std::env::temp_dir().join(format!("draingate-tls-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temporary directory");
+    let certs = dir.join("tls");
+    let made = Command::new(draingate_bin())
+        .args(["tls-certs", "--out"])
+        .arg(&certs)
+        .output()
+        .expect("run draingate tls-certs");
+    assert!(made.status.success(), "{made:?}");
+    // A set is never overwritten.
+    let again = Command::new(draingate_bin())
+        .args(["tls-certs", "--out"])
+        .arg(&certs)
+        .output()
+        .expect("run draingate tls-certs");
+    assert!(
+        !again.status.success() && String::from_utf8_lossy(&again.stderr).contains("exists"),
+        "{again:?}"
+    );
+
+    let pins = PinDir::new();
+    let grpc = format!("127.0.0.1:{}", free_port());
+    let http_addr = format!("127.0.0.1:{}", free_port());
+    let socket = dir.join("agent.sock");
+    let mut agent = ChildGuard(
+        Command::new(draingate_bin())
+            .args(["agent", "--grpc-addr", &grpc, "--http-addr", &http_addr])
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--pin-dir")
+            .arg(&pins.config.pin_dir)
+            .arg("--tls")
+            .arg(&certs)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run draingate agent"),
+    );
+    wait_healthy(&http_addr, &mut agent);
+
+    let check = |grpc_gate: &str| {
+        Command::new(draingate_bin())
+            .args(["gate", "check", "--gate", grpc_gate, "-n", "default"])
+            .args(["--workload", "deploy/nosuchapp", "-o", "json"])
+            .output()
+            .expect("gate check")
+    };
+    // With the gate's certificate: the agent answers (it knows no such workload).
+    let (mut with_tls, _http, grpc_gate) = {
+        let (http_gate, grpc_gate) = (
+            format!("127.0.0.1:{}", free_port()),
+            format!("127.0.0.1:{}", free_port()),
+        );
+        let mut child = ChildGuard(
+            Command::new(draingate_bin())
+                .args(["gate", "serve", "--agents", &grpc])
+                .args(["--http-addr", &http_gate, "--grpc-addr", &grpc_gate])
+                .arg("--agent-tls")
+                .arg(&certs)
+                .env("RUST_LOG", "warn")
+                .spawn()
+                .expect("run draingate gate serve"),
+        );
+        wait_healthy(&http_gate, &mut child);
+        (child, http_gate, grpc_gate)
+    };
+    let answered = check(&grpc_gate);
+    assert_eq!(answered.status.code(), Some(3), "{answered:?}");
+    assert!(
+        String::from_utf8_lossy(&answered.stderr).contains("no agent knows"),
+        "{answered:?}"
+    );
+    let _ = with_tls.0.kill();
+
+    // Without it: the agent could not be asked, so the verdict is unknown, naming it.
+    let (_plain, _, grpc_plain) = gate_serve(std::slice::from_ref(&grpc));
+    let refused = check(&grpc_plain);
+    let answer: Value = serde_json::from_slice(&refused.stdout)
+        .unwrap_or_else(|e| panic!("no JSON ({e}): {refused:?}"));
+    assert_eq!(answer["verdict"], "unknown", "{answer:#}");
+    assert!(
+        answer["reason"].as_str().is_some_and(|r| r.contains(&grpc)),
+        "{answer:#}"
+    );
+
+    // A client without a certificate is refused on TCP; the unix socket answers.
+    let pods = |agent: &str| {
+        Command::new(draingate_bin())
+            .args(["pods", "--agent", agent])
+            .output()
+            .expect("draingate pods")
+    };
+    assert!(!pods(&grpc).status.success());
+    let local = pods(socket.to_str().expect("utf-8 path"));
+    assert!(local.status.success(), "{local:?}");
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -72,6 +72,8 @@ pub struct PoolConfig {
     pub concurrency: usize,
     /// A round younger than this answers a new check too.
     pub reuse: Duration,
+    /// Mutual TLS to the agents (`--agent-tls`); plain HTTP/2 when `None`.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// One round: every agent's answer, and when it was gathered.
@@ -122,12 +124,22 @@ impl AgentPool {
     /// A connection to `target` for this round only. Kept connections would cost about
     /// 50 KiB each (HTTP/2 state and buffers): 50 MiB at 1,000 nodes for a request every few
     /// seconds, while a new loopback or pod-network connection costs well under a millisecond.
-    fn channel(target: &str, timeout: Duration) -> Result<Channel, String> {
-        let endpoint = Endpoint::from_shared(format!("http://{target}"))
+    fn channel(
+        target: &str,
+        timeout: Duration,
+        tls: Option<&tonic::transport::ClientTlsConfig>,
+    ) -> Result<Channel, String> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{target}"))
             .map_err(|e| format!("invalid agent address {target:?}: {e}"))?
             .connect_timeout(timeout)
             .timeout(timeout)
             .tcp_nodelay(true);
+        if let Some(tls) = tls {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| format!("TLS to {target}: {e}"))?;
+        }
         Ok(endpoint.connect_lazy())
     }
 
@@ -158,10 +170,11 @@ impl AgentPool {
             let limit = Arc::clone(&self.limit);
             let budget = Arc::clone(&budget);
             let timeout = self.config.timeout;
+            let tls = self.config.tls.clone();
             let target = target.clone();
             tasks.spawn(async move {
                 let _permit = limit.acquire_owned().await;
-                let result = match Self::channel(&target, timeout) {
+                let result = match Self::channel(&target, timeout, tls.as_ref()) {
                     Ok(channel) => ask(channel, timeout).await,
                     Err(err) => Err(err),
                 };

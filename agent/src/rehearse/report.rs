@@ -403,6 +403,9 @@ pub struct Report {
     pub verdict: &'static str,
     /// Why, when it failed.
     pub reasons: Vec<String>,
+    /// Said when the clients made far less load than asked (this machine could not): the
+    /// rehearsal then tested a lighter rollout than the one asked for.
+    pub load_warning: Option<String>,
     pub clients: ClientTotals,
     pub clients_clean: bool,
     pub unattributed_failures: BTreeMap<&'static str, u64>,
@@ -534,6 +537,7 @@ impl Report {
             not_simulated: spec.not_simulated.clone(),
             verdict,
             reasons,
+            load_warning: load_warning(config.rate, &clients),
             clients,
             clients_clean,
             unattributed_failures,
@@ -568,6 +572,9 @@ impl Report {
         );
         for item in &self.not_simulated {
             let _ = writeln!(out, "not simulated: {item}");
+        }
+        if let Some(warning) = &self.load_warning {
+            let _ = writeln!(out, "warning: {warning}");
         }
         let _ = writeln!(out);
         let _ = writeln!(
@@ -692,6 +699,22 @@ impl Report {
         let _ = writeln!(out, "pod output: {}", self.logs);
         out
     }
+}
+
+/// Below this share of the target rate, the report warns.
+const LOW_RATE: f64 = 0.8;
+
+/// A warning when the clients' rate fell below [`LOW_RATE`] of the target.
+fn load_warning(target: u32, clients: &ClientTotals) -> Option<String> {
+    let target = f64::from(target);
+    (clients.requests > 0 && clients.rate < target * LOW_RATE).then(|| {
+        format!(
+            "the clients made {:.0} requests/s of the {target:.0} asked ({:.0}%): this machine \
+             could not drive more, so the rollout was rehearsed under lighter load",
+            clients.rate,
+            clients.rate / target * 100.0
+        )
+    })
 }
 
 fn fmt_at(t: Option<f64>) -> String {

@@ -256,3 +256,20 @@ fn exit_codes_say_clean_dirty_or_defect() {
     assert_eq!(unattributed.exit_code, 4);
     assert!(unattributed.disagreements[0].contains("could not be attributed"));
 }
+
+#[test]
+fn a_rate_far_below_the_target_is_a_warning() {
+    let clients = |rate| ClientTotals {
+        requests: 1000,
+        rate,
+        ..ClientTotals::default()
+    };
+    let config = config();
+    let target = f64::from(config.rate);
+    let low = Report::new(&config, vec![], clients(target * 0.5), &[], Duration::ZERO);
+    let warning = low.load_warning.clone().expect("warned");
+    assert!(warning.contains("50%"), "{warning}");
+    assert!(low.render().contains("warning: the clients made"));
+    let fine = Report::new(&config, vec![], clients(target * 0.95), &[], Duration::ZERO);
+    assert_eq!(fine.load_warning, None);
+}
