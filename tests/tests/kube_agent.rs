@@ -1,5 +1,5 @@
-//! The agent as the DaemonSet runs it (`deploy/agent.yaml`): `--source kubernetes`, as uid 0 with
-//! every capability gone but the ones the DaemonSet adds, read from the manifest itself
+//! The agent as the DaemonSet runs it (`deploy/base/agent.yaml`): `--source kubernetes`, as uid 0
+//! with every capability gone but the ones the DaemonSet adds, read from the manifest itself
 //! (`CAP_BPF`, `CAP_PERFMON`, `CAP_NET_ADMIN`), against a local server answering in the
 //! API server's JSON (`draingate_tests::kube_api`). The pod it lists has the address of a real
 //! network namespace, as a CNI would have set it up; the kernel programs must count that pod's
@@ -47,11 +47,12 @@ fn wait_for(what: &str, mut check: impl FnMut() -> Option<Value>) -> Value {
     }
 }
 
-/// The capabilities `deploy/agent.yaml` adds to the agent's container, each with its number.
+/// The capabilities `deploy/base/agent.yaml` adds to the agent's container, each with its
+/// number.
 fn daemonset_capabilities() -> Vec<(String, u32)> {
     use serde::Deserialize as _;
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/agent.yaml");
-    let text = std::fs::read_to_string(path).expect("deploy/agent.yaml");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/base/agent.yaml");
+    let text = std::fs::read_to_string(path).expect("deploy/base/agent.yaml");
     let daemonset = serde_yaml_ng::Deserializer::from_str(&text)
         .map(|doc| Value::deserialize(doc).expect("a YAML document"))
         .find(|doc| doc["kind"] == "DaemonSet")
@@ -68,7 +69,7 @@ fn daemonset_capabilities() -> Vec<(String, u32)> {
                 "NET_ADMIN" => 12,
                 "PERFMON" => 38,
                 "BPF" => 39,
-                other => panic!("deploy/agent.yaml adds {other}: give this test its number"),
+                other => panic!("{path} adds {other}: give this test its number"),
             };
             (name, number)
         })
