@@ -210,6 +210,7 @@ fn exported() -> BTreeMap<String, BTreeSet<String>> {
             timeout: Duration::from_secs(1),
             concurrency: 1,
             reuse: Duration::from_secs(1),
+            tls: None,
         },
         poll: Duration::from_secs(1),
         history_size: 1,
