@@ -4,6 +4,7 @@
 use k8s_openapi::api::{
     apps::v1::{DaemonSet, Deployment},
     core::v1::{Namespace, Service, ServiceAccount},
+    networking::v1::NetworkPolicy,
     policy::v1::PodDisruptionBudget,
     rbac::v1::{ClusterRole, ClusterRoleBinding},
 };
@@ -44,6 +45,7 @@ pub(crate) fn check_builtin(origin: &str, doc: &Value) -> bool {
         "ClusterRole" => round_trip::<ClusterRole>(origin, doc),
         "ClusterRoleBinding" => round_trip::<ClusterRoleBinding>(origin, doc),
         "PodDisruptionBudget" => round_trip::<PodDisruptionBudget>(origin, doc),
+        "NetworkPolicy" => round_trip::<NetworkPolicy>(origin, doc),
         _ => return false,
     }
     true
