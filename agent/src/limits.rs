@@ -409,6 +409,26 @@ impl<IO> Limited<IO> {
     }
 }
 
+impl<IO> Limited<IO> {
+    /// What a read or write of the inner stream returned, after the idle clock saw it: any
+    /// bytes moved (`active`) are activity; a pending one fails once the connection has been
+    /// idle too long (a peer that reads nothing is as idle as one that writes nothing).
+    fn settle<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+        active: bool,
+    ) -> Poll<io::Result<T>> {
+        if active {
+            self.last_activity = Instant::now();
+        }
+        if polled.is_pending() && self.poll_idle(cx) {
+            return Poll::Ready(Err(idle_error()));
+        }
+        polled
+    }
+}
+
 fn idle_error() -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, "connection idle too long")
 }
@@ -421,22 +441,9 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Limited<IO> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         let before = buf.filled().len();
-        match Pin::new(&mut this.io).poll_read(cx, buf) {
-            Poll::Ready(Ok(())) => {
-                if buf.filled().len() > before {
-                    this.last_activity = Instant::now();
-                }
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
-            Poll::Pending => {
-                if this.poll_idle(cx) {
-                    Poll::Ready(Err(idle_error()))
-                } else {
-                    Poll::Pending
-                }
-            }
-        }
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        let active = matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before;
+        this.settle(cx, polled, active)
     }
 }
 
@@ -447,23 +454,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Limited<IO> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        match Pin::new(&mut this.io).poll_write(cx, buf) {
-            Poll::Ready(Ok(n)) => {
-                if n > 0 {
-                    this.last_activity = Instant::now();
-                }
-                Poll::Ready(Ok(n))
-            }
-            Poll::Pending => {
-                // A peer that reads nothing is as idle as one that writes nothing.
-                if this.poll_idle(cx) {
-                    Poll::Ready(Err(idle_error()))
-                } else {
-                    Poll::Pending
-                }
-            }
-            other @ Poll::Ready(_) => other,
-        }
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        let active = matches!(polled, Poll::Ready(Ok(n)) if n > 0);
+        this.settle(cx, polled, active)
     }
 
     fn poll_write_vectored(
@@ -472,22 +465,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Limited<IO> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        match Pin::new(&mut this.io).poll_write_vectored(cx, bufs) {
-            Poll::Ready(Ok(n)) => {
-                if n > 0 {
-                    this.last_activity = Instant::now();
-                }
-                Poll::Ready(Ok(n))
-            }
-            Poll::Pending => {
-                if this.poll_idle(cx) {
-                    Poll::Ready(Err(idle_error()))
-                } else {
-                    Poll::Pending
-                }
-            }
-            other @ Poll::Ready(_) => other,
-        }
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        let active = matches!(polled, Poll::Ready(Ok(n)) if n > 0);
+        this.settle(cx, polled, active)
     }
 
     fn is_write_vectored(&self) -> bool {

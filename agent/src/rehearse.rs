@@ -187,6 +187,17 @@ impl Shared {
         f(timelines.entry(pod.to_owned()).or_default(), now);
     }
 
+    /// Tells the embedded agent something the API server would about the pod living in
+    /// namespace `netns` (its inventory reads it at its next resync).
+    fn tell_agent(&self, netns: &str, f: impl FnOnce(&mut LocalPodInfo)) {
+        f(self
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(netns.to_owned())
+            .or_default());
+    }
+
     fn log_path(&self, pod: &str) -> String {
         self.config
             .log_dir
@@ -681,14 +692,7 @@ async fn try_start_pod(
     }
     shared.mark(name, |t, now| t.ready = Some(now));
     // The agent learns the readiness as it would from the pod's status.
-    let netns = format!("{}{name}", shared.node.lock().await.prefix);
-    shared
-        .known
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .entry(netns)
-        .or_default()
-        .ready_since = Some(SystemTime::now());
+    shared.tell_agent(&netns, |info| info.ready_since = Some(SystemTime::now()));
     if !initial {
         tokio::time::sleep(shared.config.spec.min_ready + shared.config.propagation).await;
     }
@@ -833,13 +837,7 @@ async fn try_terminate_pod(shared: &Arc<Shared>, name: &str) -> Result<(), Rehea
     let deleted = tokio::time::Instant::now();
     shared.mark(name, |t, now| t.deleted = Some(now));
     if let Some(netns) = shared.node.lock().await.pods[name].netns_name() {
-        shared
-            .known
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(netns.to_owned())
-            .or_default()
-            .deleting_since = Some(SystemTime::now());
+        shared.tell_agent(netns, |info| info.deleting_since = Some(SystemTime::now()));
     }
     let endpoint = {
         let shared = Arc::clone(shared);

@@ -137,6 +137,7 @@ impl PodReport {
         let at = |t: Option<std::time::SystemTime>| t.and_then(|t| since(started, t)).map(secs);
         let agent_view = agent.map(|pod| {
             let (verdict, reason) = pod.verdict_and_reason();
+            let startup = pod.startup();
             AgentView {
                 verdict: verdict.as_str(),
                 reason,
@@ -150,9 +151,9 @@ impl PodReport {
                 drained_at: at(pod.timeline.drained_at),
                 exited_at: at(pod.timeline.exited_at),
                 sigkill_at: at(pod.timeline.sigkill_at),
-                startup_errors: pod.startup().errors(),
-                startup_errors_before_ready: pod.startup().before_ready,
-                startup_reason: pod.startup().reason(name),
+                startup_errors: startup.errors(),
+                startup_errors_before_ready: startup.before_ready,
+                startup_reason: startup.reason(name),
                 from_node: pod.totals.from_node,
             }
         });
