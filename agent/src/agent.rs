@@ -3,7 +3,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     os::unix::fs::MetadataExt as _,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
@@ -19,6 +19,7 @@ use crate::{
     inventory::{InventorySource, ObservedPod, PodId},
     loader::{KernelProbes, LoaderError, ProbeConfig},
     peers::PeerLog,
+    services::{ServiceLookup, Translation},
 };
 
 /// How the agent behaves; the defaults are what `draingate agent` uses.
@@ -57,10 +58,20 @@ impl NodeAddresses {
     fn read(&self) -> Option<std::io::Result<Vec<IpAddr>>> {
         match self {
             Self::None => None,
-            Self::Own => Some(crate::inventory::addresses_in(std::path::Path::new(
-                "/proc/self/ns/net",
-            ))),
+            // Not through /proc/self/ns/net: entering a namespace needs CAP_SYS_ADMIN, which
+            // the DaemonSet does not grant.
+            Self::Own => Some(crate::inventory::own_addresses()),
             Self::Netns(path) => Some(crate::inventory::addresses_in(path)),
+        }
+    }
+
+    /// Connection tracking of the node's namespace, where Service IPs are translated; `None`
+    /// for [`Self::None`].
+    fn services(&self) -> Option<std::io::Result<ServiceLookup>> {
+        match self {
+            Self::None => None,
+            Self::Own => Some(ServiceLookup::open()),
+            Self::Netns(path) => Some(ServiceLookup::open_in(path)),
         }
     }
 }
@@ -138,10 +149,14 @@ impl AgentState {
             self.peer_failures.record(event.clone());
             return None;
         };
-        if !target.in_window(event.time) {
+        let in_window = target.in_window(event.time);
+        if in_window {
+            target.peer_failures += 1;
+        } else if target.timeline.terminating_since.is_some() {
+            // After its window closed: no longer its failure.
             return None;
         }
-        target.peer_failures += 1;
+        // Outside the window, before termination: one of its startup errors.
         let seen = PodEvent {
             pod: target.id.clone(),
             kind: EventKind::PeerConnectFailed,
@@ -149,7 +164,7 @@ impl AgentState {
             local_port: event.remote_port,
             remote: event.local,
             remote_port: event.local_port,
-            in_window: true,
+            in_window,
             ..event.clone()
         };
         target.push_event(seen.clone());
@@ -206,6 +221,10 @@ pub struct Agent {
     watched_by_previous: BTreeMap<IpAddr, u32>,
     /// Whether a problem with the node's addresses was logged (once).
     node_addresses_warned: bool,
+    /// Connection tracking in the node's namespace, for connects to Service IPs that failed.
+    services: Option<ServiceLookup>,
+    /// Whether a failed lookup was logged (once).
+    services_warned: bool,
     last_loss: u64,
 }
 
@@ -239,6 +258,18 @@ impl Agent {
             "kernel programs ready"
         );
         let watched_by_previous: BTreeMap<IpAddr, u32> = probes.watched()?.into_iter().collect();
+        let services = match config.node_addresses.services() {
+            Some(Ok(lookup)) => Some(lookup),
+            Some(Err(err)) => {
+                tracing::warn!(
+                    error = %err,
+                    "cannot read the node's connection tracking: failed connects to Service IPs \
+                     stay with the Service address, not the pod behind it"
+                );
+                None
+            }
+            None => None,
+        };
         // Processes tracked by a previous agent are re-tracked from the inventory.
         let state = Arc::new(Mutex::new(AgentState {
             node: config.node.clone(),
@@ -270,6 +301,8 @@ impl Agent {
                 .collect(),
             watched_by_previous,
             node_addresses_warned: false,
+            services,
+            services_warned: false,
             last_loss: 0,
         };
         Ok((agent, handle))
@@ -726,8 +759,31 @@ impl Agent {
         state.pods.contains_key(&uid).then_some(uid)
     }
 
+    /// The backend a failed connect to a Service IP was translated to, from the node's
+    /// connection tracking, looked up while the entry is surely there (now).
+    fn service_backend(&mut self, event: &NotableEvent) -> Option<SocketAddr> {
+        if event.kind != event_kind::CONNECT_FAILED || event.reason != connect_failure::NO_ANSWER {
+            return None;
+        }
+        let lookup = self.services.as_mut()?;
+        let client = SocketAddr::new(IpAddr::from(event.local), event.local_port);
+        let server = SocketAddr::new(IpAddr::from(event.remote), event.remote_port);
+        match lookup.translation(client, server) {
+            Ok(Translation::Backend(backend)) => Some(backend),
+            Ok(Translation::Direct | Translation::Unknown) => None,
+            Err(err) => {
+                if !self.services_warned {
+                    self.services_warned = true;
+                    tracing::warn!(error = %err, %server, "connection tracking lookup failed");
+                }
+                None
+            }
+        }
+    }
+
     fn handle_event(&mut self, event: &NotableEvent) {
         let time = self.wall(event.time_ns);
+        let backend = self.service_backend(event);
         let shared = Arc::clone(&self.state);
         let mut state = shared
             .lock()
@@ -798,14 +854,21 @@ impl Agent {
                     return;
                 };
                 let in_window = pod.in_window(time);
+                // A connect to a Service IP is the backend's failure: name it, keep the Service.
+                let service =
+                    backend.map(|_| SocketAddr::new(IpAddr::from(event.remote), event.remote_port));
+                let remote = backend.unwrap_or_else(|| {
+                    SocketAddr::new(IpAddr::from(event.remote), event.remote_port)
+                });
                 let pod_event = PodEvent {
                     pod: pod.id.clone(),
                     kind,
                     time,
                     local: IpAddr::from(event.local),
                     local_port: event.local_port,
-                    remote: IpAddr::from(event.remote),
-                    remote_port: event.remote_port,
+                    remote: remote.ip(),
+                    remote_port: remote.port(),
+                    service,
                     tcp_state: tcp_state::name(u32::from(event.tcp_state)),
                     reason: event.reason,
                     in_window,
@@ -902,6 +965,7 @@ mod tests {
             reason: 0,
             in_window: false,
             from_node: false,
+            service: None,
         }
     }
 
@@ -912,9 +976,22 @@ mod tests {
         server.addresses = vec!["10.0.0.2".parse().unwrap()];
         state.pods.insert("uid-server".into(), server);
 
-        // Running: not its drain's failure, and not the gate's either (the pod is here).
-        assert!(state.peer_failure(&no_answer("10.0.0.2", 10)).is_none());
+        // Running: not its drain's failure but one of its startup errors, and not the gate's
+        // (the pod is here).
+        let early = state.peer_failure(&no_answer("10.0.0.2", 10)).unwrap();
+        assert!(!early.in_window);
         assert!(state.peer_failures.is_empty());
+        let running = &state.pods["uid-server"];
+        assert_eq!((running.peer_failures, running.errors()), (0, 0));
+        let startup = running.startup();
+        assert_eq!((startup.no_answer, startup.errors()), (1, 1));
+        assert!(
+            startup
+                .reason("server")
+                .contains("1 client connects got no answer"),
+            "{}",
+            startup.reason("server")
+        );
 
         state.pods.get_mut("uid-server").unwrap().open_window(t(20));
         let seen = state.peer_failure(&no_answer("10.0.0.2", 30)).unwrap();
@@ -928,7 +1005,9 @@ mod tests {
         );
         let server = &state.pods["uid-server"];
         assert_eq!((server.peer_failures, server.errors()), (1, 1));
-        assert_eq!(server.events.len(), 1);
+        assert_eq!(server.events.len(), 2);
+        // The window's failure is not a startup error.
+        assert_eq!(server.startup().no_answer, 1);
         assert!(
             server
                 .verdict_and_reason()

@@ -248,6 +248,11 @@ pub fn event_message(event: &PodEvent) -> pb::Event {
             _ => event.reason.to_string(),
         },
         in_window: event.in_window,
+        service_address: event
+            .service
+            .map(|s| s.ip().to_string())
+            .unwrap_or_default(),
+        service_port: event.service.map_or(0, |s| s.port().into()),
     }
 }
 

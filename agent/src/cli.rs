@@ -197,6 +197,8 @@ pub fn event_json(event: &pb::Event) -> Value {
         "tcp_state": event.tcp_state,
         "reason": event.reason,
         "in_window": event.in_window,
+        "service": (!event.service_address.is_empty())
+            .then(|| format!("{}:{}", bracket(&event.service_address), event.service_port)),
     })
 }
 
@@ -311,13 +313,22 @@ pub fn event_line(event: &pb::Event) -> String {
     let id = event.pod.clone().unwrap_or_default();
     let time = rfc3339(event.time.as_ref());
     format!(
-        "{}  {}/{}  {:<14} {}:{} -> {}:{}  state={}{}{}",
+        "{}  {}/{}  {:<14} {}:{} -> {}{}:{}  state={}{}{}",
         time.as_str().unwrap_or("-"),
         id.namespace,
         id.name,
         event_kind_name(event.kind),
         bracket(&event.local_address),
         event.local_port,
+        if event.service_address.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "{}:{} => ",
+                bracket(&event.service_address),
+                event.service_port
+            )
+        },
         bracket(&event.remote_address),
         event.remote_port,
         event.tcp_state,

@@ -117,17 +117,24 @@ pub struct PodEvent {
     pub in_window: bool,
     /// The peer is one of the node's own addresses (a kubelet probe): never an error.
     pub from_node: bool,
+    /// For a failed connect to a Service IP: that address, which the node's connection
+    /// tracking translated to `remote` (the backend pod's).
+    pub service: Option<std::net::SocketAddr>,
 }
 
 impl PodEvent {
-    /// A reset or refusal with a client (not the node): a failure of the pod's, inside its
-    /// window or outside it.
+    /// A reset or refusal with a client (not the node), or a client's connect that got no
+    /// answer from the pod (the peer view): a failure of the pod's, inside its window or
+    /// outside it.
     #[must_use]
     pub const fn is_error(&self) -> bool {
         !self.from_node
             && matches!(
                 self.kind,
-                EventKind::ResetSent | EventKind::ResetReceived | EventKind::Refused
+                EventKind::ResetSent
+                    | EventKind::ResetReceived
+                    | EventKind::Refused
+                    | EventKind::PeerConnectFailed
             )
     }
 }
@@ -138,7 +145,10 @@ pub struct Startup {
     pub resets_sent: u64,
     pub resets_received: u64,
     pub refused: u64,
-    /// Of all three, the ones before the pod was ready.
+    /// Clients' connects to it that got no answer (timed out, or unreachable), from the
+    /// clients' side: an accept queue that overflowed drops SYNs without a packet back.
+    pub no_answer: u64,
+    /// Of all of them, the ones before the pod was ready.
     pub before_ready: u64,
     pub first_error_at: Option<SystemTime>,
 }
@@ -146,7 +156,7 @@ pub struct Startup {
 impl Startup {
     #[must_use]
     pub const fn errors(&self) -> u64 {
-        self.resets_sent + self.resets_received + self.refused
+        self.resets_sent + self.resets_received + self.refused + self.no_answer
     }
 
     /// What the errors say, for people (`name` is the pod's): empty when there were none.
@@ -182,6 +192,13 @@ impl Startup {
                 reason,
                 "; {} resets sent, {} received",
                 self.resets_sent, self.resets_received
+            );
+        }
+        if self.no_answer > 0 {
+            let _ = write!(
+                reason,
+                "; {} client connects got no answer (timed out: a full accept queue drops SYNs)",
+                self.no_answer
             );
         }
         reason
@@ -223,6 +240,8 @@ pub struct PodDrain {
     /// and after.
     startup_before_ready: u64,
     startup_after_ready: u64,
+    /// Clients' connects that got no answer from it outside its window (the peer view).
+    startup_no_answer: u64,
     /// The first error event outside the window.
     first_startup_error: Option<SystemTime>,
 }
@@ -251,6 +270,7 @@ impl PodDrain {
             events_dropped: 0,
             startup_before_ready: 0,
             startup_after_ready: 0,
+            startup_no_answer: 0,
             first_startup_error: None,
         }
     }
@@ -273,12 +293,14 @@ impl PodDrain {
         let resets_sent = t.resets_sent.saturating_sub(window.resets_sent);
         let resets_received = t.resets_received.saturating_sub(window.resets_received);
         let refused = t.refused.saturating_sub(window.refused);
-        let errors = resets_sent + resets_received + refused;
+        let no_answer = self.startup_no_answer;
+        let errors = resets_sent + resets_received + refused + no_answer;
         let seen = self.startup_before_ready + self.startup_after_ready;
         Startup {
             resets_sent,
             resets_received,
             refused,
+            no_answer,
             before_ready: (self.startup_before_ready + errors.saturating_sub(seen)).min(errors),
             first_error_at: self.first_startup_error,
         }
@@ -465,6 +487,9 @@ impl PodDrain {
     /// Adds an event, dropping the oldest beyond [`EVENTS_PER_POD`].
     pub fn push_event(&mut self, event: PodEvent) {
         if event.is_error() && !event.in_window {
+            if event.kind == EventKind::PeerConnectFailed {
+                self.startup_no_answer += 1;
+            }
             if self
                 .timeline
                 .ready_at

@@ -244,26 +244,31 @@ fn netns_inode(path: &Path) -> Option<u64> {
     fs::metadata(path).ok().map(|m| m.ino())
 }
 
-/// The addresses of the namespace behind `path`, read through netlink (glibc's `getifaddrs`) on
-/// a thread that entered it; the agent's own threads stay in the host namespace.
+/// The addresses of the namespace behind `path`, read on a thread that entered it; the agent's
+/// own threads stay in the host namespace. Entering needs `CAP_SYS_ADMIN`: for the agent's own
+/// namespace use [`own_addresses`].
 pub fn addresses_in(path: &Path) -> std::io::Result<Vec<IpAddr>> {
     let file = fs::File::open(path)?;
-    crate::netns::run_in(&file, || {
-        let mut addresses: Vec<IpAddr> = nix::ifaddrs::getifaddrs()?
-            .filter_map(|ifaddr| ifaddr.address)
-            .filter_map(|addr| {
-                if let Some(v4) = addr.as_sockaddr_in() {
-                    Some(IpAddr::V4(v4.ip()))
-                } else {
-                    addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
-                }
-            })
-            .filter(is_pod_address)
-            .collect();
-        addresses.sort_unstable();
-        addresses.dedup();
-        Ok(addresses)
-    })?
+    crate::netns::run_in(&file, own_addresses)?
+}
+
+/// The addresses of the calling thread's network namespace, through netlink (glibc's
+/// `getifaddrs`): no capability needed, so this works under the DaemonSet's.
+pub fn own_addresses() -> std::io::Result<Vec<IpAddr>> {
+    let mut addresses: Vec<IpAddr> = nix::ifaddrs::getifaddrs()?
+        .filter_map(|ifaddr| ifaddr.address)
+        .filter_map(|addr| {
+            if let Some(v4) = addr.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .filter(is_pod_address)
+        .collect();
+    addresses.sort_unstable();
+    addresses.dedup();
+    Ok(addresses)
 }
 
 /// Loopback and link-local addresses are not how other pods reach a pod.

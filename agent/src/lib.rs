@@ -23,6 +23,7 @@ pub mod loader;
 pub mod netns;
 pub mod peers;
 pub mod rehearse;
+pub mod services;
 pub mod telemetry;
 pub mod tls;
 pub mod tracefs;

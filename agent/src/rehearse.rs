@@ -824,8 +824,8 @@ fn probe_once(
 
 /// Terminates a pod in the kubelet's order: the endpoint removal starts (and lands after the
 /// propagation delay) while the preStop hook runs; then SIGTERM; SIGKILL at the end of the grace
-/// period (counted from the deletion); the sandbox goes once the process has exited and the
-/// endpoint is gone.
+/// period (counted from the deletion); the sandbox goes once the process has exited, even while
+/// the endpoint removal has not landed yet.
 async fn terminate_pod(shared: Arc<Shared>, name: String) {
     if let Err(err) = try_terminate_pod(&shared, &name).await {
         let _ = shared.events.send(PodEvent::Failed(err));
@@ -877,12 +877,15 @@ async fn try_terminate_pod(shared: &Arc<Shared>, name: &str) -> Result<(), Rehea
         }
     }
     shared.mark(name, |t, now| t.exited = Some(now));
-    endpoint
-        .await
-        .map_err(|e| RehearseError::Setup(e.to_string()))??;
+    // The kubelet tears the sandbox down once the containers have exited, whether or not the
+    // Services still send to the pod: until the endpoint removal lands, clients DNATed to it
+    // find no one there (no route, or no answer), the failure only the client side sees.
     tokio::time::sleep(node::SANDBOX_TEARDOWN).await;
     shared.node.lock().await.remove_pod(name);
     shared.mark(name, |t, now| t.removed = Some(now));
+    endpoint
+        .await
+        .map_err(|e| RehearseError::Setup(e.to_string()))??;
     let _ = shared.events.send(PodEvent::Gone(name.to_owned()));
     Ok(())
 }

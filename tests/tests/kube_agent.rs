@@ -83,7 +83,9 @@ enum Setup {
     BesidePod,
     /// The pod's veth peer in the node's namespace, as a CNI sets it up, the client on the
     /// node, and resets counted from the packets (as on kernels before 6.10): the agent puts
-    /// its TC program on the node's side of the pod's interface.
+    /// its TC program on the node's side of the pod's interface. A client on the node is the
+    /// kubelet's probe: its refusals are counted `from_node`, never as errors, which proves the
+    /// agent reads the node's addresses with only the DaemonSet's capabilities.
     NodeSidePackets,
 }
 
@@ -230,11 +232,17 @@ fn kubernetes_agent_counts_a_pods_failures(setup: Setup) {
     assert_eq!(seen["phase"], "running", "{seen:#}");
     assert_eq!(seen["addresses"][0], client.pod_addr().to_string());
 
-    // A refused connection to it is its failure, counted in the kernel.
+    // A refused connection to it is counted in the kernel: a client's as a refusal, a probe's
+    // (from the node's own address) apart.
+    let (counted_as, other) = match setup {
+        Setup::BesidePod => ("refused", "from_node"),
+        Setup::NodeSidePackets => ("from_node", "refused"),
+    };
     assert!(client.refused(9));
-    wait_for("the refusal", || {
-        pod_json(&socket, name).filter(|p| p["refused"] == 1)
+    let first = wait_for("the refusal", || {
+        pod_json(&socket, name).filter(|p| p[counted_as] == 1)
     });
+    assert_eq!(first[other], 0, "{first:#}");
 
     // Deleted: the deletionTimestamp opens its window; a refusal now is an error and fails it.
     let mut deleting = listed;
@@ -247,11 +255,18 @@ fn kubernetes_agent_counts_a_pods_failures(setup: Setup) {
     });
     std::thread::sleep(Duration::from_millis(1100));
     assert!(client.refused(9));
-    let failed = wait_for("the error in the window", || {
-        pod_json(&socket, name).filter(|p| p["errors"] == 1)
+    let in_window = wait_for("the refusal in the window", || {
+        pod_json(&socket, name).filter(|p| p[counted_as] == 2)
     });
-    assert_eq!(failed["verdict"], "fail", "{failed:#}");
-    assert_eq!(failed["refused"], 2, "{failed:#}");
+    // A client's refusal is an error and fails the pod; a probe's is not.
+    let errors = u64::from(setup == Setup::BesidePod);
+    assert_eq!(in_window["errors"], errors, "{in_window:#}");
+    assert_eq!(in_window[other], 0, "{in_window:#}");
+    if setup == Setup::BesidePod {
+        assert_eq!(in_window["verdict"], "fail", "{in_window:#}");
+    } else {
+        assert_ne!(in_window["verdict"], "fail", "{in_window:#}");
+    }
     // Only this node's pods were asked for.
     assert!(
         api.requests()
@@ -282,9 +297,9 @@ fn kubernetes_agent_counts_a_pods_failures(setup: Setup) {
     }
     assert!(client.refused(9));
     let counted = wait_for("a refusal while the API is gone", || {
-        pod_json(&socket, name).filter(|p| p["refused"] == 3)
+        pod_json(&socket, name).filter(|p| p[counted_as] == 3)
     });
-    assert_eq!(counted["errors"], 2, "{counted:#}");
+    assert_eq!(counted["errors"], 2 * errors, "{counted:#}");
     agent.signal(nix::sys::signal::Signal::SIGTERM);
     let _ = agent.0.wait();
     let _ = std::fs::remove_dir_all(&dir);

@@ -118,6 +118,7 @@ fn the_event_log_is_bounded() {
         reason: 0,
         in_window: false,
         from_node: false,
+        service: None,
     };
     for _ in 0..super::EVENTS_PER_POD + 5 {
         pod.push_event(event.clone());
@@ -139,6 +140,7 @@ fn refusal(secs: u64, from_node: bool, in_window: bool) -> super::PodEvent {
         reason: 0,
         in_window,
         from_node,
+        service: None,
     }
 }
 

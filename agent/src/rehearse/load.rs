@@ -97,14 +97,11 @@ impl Outcome {
         matches!(self, Self::Refused | Self::Reset | Self::Closed)
     }
 
-    /// A failure of the connection with no packet of the pod's behind it (no answer, or no
-    /// route): no pod can count it.
+    /// A connect that got no answer (timed out, or unreachable): the client's kernel saw its
+    /// SYN go unanswered, which the agent counts from the client's side (the peer view).
     #[must_use]
-    pub const fn invisible_to_pod(self) -> bool {
-        matches!(
-            self,
-            Self::Timeout | Self::ConnectTimeout | Self::Unreachable
-        )
+    pub const fn connect_unanswered(self) -> bool {
+        matches!(self, Self::ConnectTimeout | Self::Unreachable)
     }
 
     #[must_use]

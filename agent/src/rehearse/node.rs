@@ -245,6 +245,34 @@ pub async fn reap_stale() {
 
 /// Joins `inner` to the node with a veth pair, `veth` on the node and `eth0` inside, a /30 each
 /// side, and makes the node `inner`'s default route.
+/// The node's route for the whole pod network (the /22 at `base`), as a bridge CNI keeps one:
+/// a pod's own /30 is more specific while it exists, and once its sandbox is gone, packets to
+/// its address still leave the node and are lost, unanswered, rather than refused by routing.
+/// So a Service that still sends to a removed pod makes its clients' connects time out, as in a
+/// cluster, and the node's conntrack keeps the translation (the packet was routed). The sink is
+/// one end of a veth pair whose other end stays down: it has no carrier, and drops all it sends.
+/// The Service address itself stays unreachable (what kube-proxy answers for a Service without
+/// endpoints), for connects the Service chain did not translate.
+async fn pod_network_sink(node: &Netns, base: Ipv4Addr, vip: Ipv4Addr) -> Result<(), NodeError> {
+    node.ip(&[
+        "link",
+        "add",
+        "podsink",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "podsink-peer",
+    ])
+    .await?;
+    node.ip(&["link", "set", "podsink", "arp", "off", "up"])
+        .await?;
+    node.ip(&["route", "add", &format!("{base}/22"), "dev", "podsink"])
+        .await?;
+    node.ip(&["route", "add", "unreachable", &format!("{vip}/32")])
+        .await
+}
+
 async fn wire(
     node: &Netns,
     veth: &str,
@@ -380,6 +408,7 @@ impl Node {
         let (node_side, client_addr, vip) = (block.addr(1), block.addr(2), block.addr(5));
         wire(&node, "client0", node_side, &client, client_addr).await?;
         node.sysctl("net.ipv4.ip_forward", "1").await?;
+        pod_network_sink(&node, block.addr(0), vip).await?;
         // A load generator opening thousands of connections a second needs its ports back.
         client.sysctl("net.ipv4.tcp_tw_reuse", "1").await?;
         client

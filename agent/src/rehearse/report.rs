@@ -53,6 +53,8 @@ pub struct AgentView {
     /// Resets and refusals with the node's own addresses (the simulated kubelet's probes):
     /// never errors.
     pub from_node: u64,
+    /// Clients' connects to it that got no answer inside its window (the peer view).
+    pub peer_failures: u64,
 }
 
 /// One pod's line in the report.
@@ -75,6 +77,10 @@ pub struct PodReport {
     /// process had read the request and died before answering): no reset to count, but the
     /// agent counts those connections in `open_at_exit`, which fails the pod.
     pub cut_at_exit: u64,
+    /// Connects that got no answer (timeouts, unreachable): the clients' count, and the
+    /// agent's (its peer view, through the node's connection tracking).
+    pub client_no_answer: u64,
+    pub agent_no_answer: u64,
     pub agrees: bool,
     /// Why it does or does not agree, when there is something to say.
     pub note: String,
@@ -130,9 +136,10 @@ impl PodReport {
         // address has no packet from the pod to count.
         let client_connection_errors =
             failures.iter().filter(|f| f.outcome.seen_by_pod()).count() as u64;
+        // Of those, connects that got no answer: the agent counts them from the client's side.
         let invisible = failures
             .iter()
-            .filter(|f| f.outcome.invisible_to_pod())
+            .filter(|f| f.outcome.connect_unanswered())
             .count();
         let at = |t: Option<std::time::SystemTime>| t.and_then(|t| since(started, t)).map(secs);
         let agent_view = agent.map(|pod| {
@@ -155,6 +162,7 @@ impl PodReport {
                 startup_errors_before_ready: startup.before_ready,
                 startup_reason: startup.reason(name),
                 from_node: pod.totals.from_node,
+                peer_failures: pod.peer_failures,
             }
         });
         // Probes come from the node's addresses, which the agent leaves out of its counts.
@@ -225,6 +233,8 @@ impl PodReport {
             agent_connection_errors,
             client_connection_errors,
             cut_at_exit,
+            client_no_answer: invisible as u64,
+            agent_no_answer: agent.map_or(0, |p| p.peer_failures + p.startup().no_answer),
             agrees,
             note,
             timeline,
@@ -277,12 +287,21 @@ fn judge(
         return (false, "the agent never saw this pod".into());
     };
     let mut notes = Vec::new();
-    if invisible > 0 {
+    // Timeouts and unreachable errors leave no packet of the pod's: the agent counts them from
+    // the clients' side (the peer view, through the node's connection tracking).
+    let agent_no_answer = pod.peer_failures + pod.startup().no_answer;
+    let invisible = invisible as u64;
+    if invisible != agent_no_answer {
         notes.push(format!(
-            "{invisible} client timeouts or unreachable errors: no packet of the pod's to count"
+            "the clients saw {invisible} timeouts or unreachable errors, the agent counted \
+             {agent_no_answer} connects that got no answer"
+        ));
+    } else if invisible > 0 {
+        notes.push(format!(
+            "{invisible} client timeouts or unreachable errors, counted from the clients' side"
         ));
     }
-    let counts = agent_errors == client_errors;
+    let counts = agent_errors == client_errors && invisible == agent_no_answer;
     if !counts {
         notes.push(format!(
             "the agent counted {agent_errors} resets, refusals and connections cut at exit, the \
@@ -293,15 +312,15 @@ fn judge(
         // Its startup errors fail the rollout: they must be the clients' failures.
         PodRole::New => {
             let startup = pod.startup().errors();
-            if startup > 0 && client_errors == 0 {
+            if startup > 0 && client_errors + invisible == 0 {
                 notes.push(format!(
                     "the agent counted {startup} startup errors, but the clients saw none"
                 ));
                 false
-            } else if startup == 0 && client_errors > 0 {
+            } else if startup == 0 && client_errors + invisible > 0 {
                 notes.push(format!(
-                    "the clients saw {client_errors} failures the agent did not count against \
-                     the new pod"
+                    "the clients saw {} failures the agent did not count against the new pod",
+                    client_errors + invisible
                 ));
                 false
             } else {

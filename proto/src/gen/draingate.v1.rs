@@ -222,6 +222,13 @@ pub struct Event {
     /// Whether the event falls inside the pod's termination window (counts as an error).
     #[prost(bool, tag = "10")]
     pub in_window: bool,
+    /// For a failed connect to a Service virtual IP: the address and port the client connected
+    /// to, which the node's connection tracking translated to remote_address (the backend pod's).
+    /// Empty when the client connected to the pod's address itself.
+    #[prost(string, tag = "11")]
+    pub service_address: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "12")]
+    pub service_port: u32,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct StreamEventsRequest {

@@ -43,6 +43,7 @@ fn terminated_pod(resets_sent: u64, refused: u64, open_at_exit: u64) -> PodDrain
             reason: 0,
             in_window: true,
             from_node: false,
+            service: None,
         });
     }
     pod
@@ -156,12 +157,28 @@ fn requests_cut_at_exit_without_a_reset_are_bounded_by_open_at_exit() {
 }
 
 #[test]
-fn timeouts_are_named_as_invisible_to_the_pod() {
-    let pod = terminated_pod(0, 0, 0);
-    let r = report(&pod, &[failure(Outcome::Timeout, 40000, 6)]);
-    assert_eq!(r.client_connection_errors, 0);
+fn unanswered_connects_must_be_counted_from_the_clients_side() {
+    // A connect to the pod's address timed out after its deletion: no packet of the pod's.
+    let failures = [failure(Outcome::ConnectTimeout, 40000, 6)];
+    let mut pod = terminated_pod(0, 0, 0);
+    let r = report(&pod, &failures);
+    assert_eq!((r.client_connection_errors, r.client_no_answer), (0, 1));
+    assert!(!r.agrees, "uncounted, it is a disagreement: {}", r.note);
     assert!(
-        r.note.contains("no packet of the pod's to count"),
+        r.note.contains(
+            "the clients saw 1 timeouts or unreachable errors, the agent counted 0 connects"
+        ),
+        "{}",
+        r.note
+    );
+    // The agent's peer view counted it in the pod's window: it fails the pod, and agrees.
+    pod.peer_failures = 1;
+    let r = report(&pod, &failures);
+    assert_eq!(r.agent_no_answer, 1);
+    assert!(r.agrees, "{}", r.note);
+    assert_eq!(r.agent.as_ref().map(|a| a.verdict), Some("fail"));
+    assert!(
+        r.note.contains("counted from the clients' side"),
         "{}",
         r.note
     );
