@@ -57,9 +57,23 @@ pub(crate) struct KernelLine {
     pub(crate) line: &'static str,
     /// Where Debian ships it (for messages; the private sources list carries all suites).
     pub(crate) suites: &'static str,
-    /// Whether the agent supports it (5.19+): the kernel tests run there; below, the agent
-    /// must refuse to start in one line (`xtask/vm/too-old.sh`).
-    pub(crate) supported: bool,
+    /// What the guest runs there by default.
+    pub(crate) suite: Suite,
+}
+
+/// The kernel tests a line runs. A VM runs them under QEMU's software CPU, about 20 times
+/// slower than the host: each line runs what only it can prove.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Suite {
+    /// Everything in [`KERNEL_TESTS`]: the oldest supported line, whose tracepoints and reset
+    /// path (from packets, before 6.10) differ most from the host's.
+    Full,
+    /// Only the tests that read this kernel's record layouts and count through them
+    /// ([`LAYOUT_TESTS`]): its reset path is the host's (6.10+), which runs the rest.
+    Layouts,
+    /// Below the minimum (5.19): the agent must refuse to start, in one line
+    /// (`xtask/vm/too-old.sh`).
+    Refused,
 }
 
 /// The kernel lines, in the order they run by default: the agent's main target first.
@@ -67,17 +81,17 @@ pub(crate) const KERNEL_LINES: [KernelLine; 3] = [
     KernelLine {
         line: "6.1",
         suites: "bookworm, bookworm-security",
-        supported: true,
+        suite: Suite::Full,
     },
     KernelLine {
         line: "6.12",
         suites: "bookworm-backports",
-        supported: true,
+        suite: Suite::Layouts,
     },
     KernelLine {
         line: "5.10",
         suites: "bullseye, bullseye-security",
-        supported: false,
+        suite: Suite::Refused,
     },
 ];
 
@@ -270,10 +284,14 @@ pub(crate) fn run(lines: &[String], args: &[String], options: &Options) -> anyho
     setup::run()?;
     let results = if args.is_empty() && env::var_os("DRAINGATE_VM_TESTS").is_none() {
         // The project's kernel tests where the agent runs, its refusal where it does not.
-        let (tests, refusal) = default_commands()?;
+        let commands = default_commands()?;
         let mut results = Vec::new();
         for line in lines {
-            let guest = if line.supported { &tests } else { &refusal };
+            let guest = match line.suite {
+                Suite::Full => &commands.full,
+                Suite::Layouts => &commands.layouts,
+                Suite::Refused => &commands.refusal,
+            };
             results.extend(run_matrix_with(&[line], guest, options)?);
         }
         results
@@ -333,9 +351,29 @@ const KERNEL_TESTS: &[(&str, &str)] = &[
     ),
 ];
 
-/// Builds the binaries and test binaries the guests run, and returns the two guest commands:
-/// the kernel tests, and the check that a kernel below the minimum is refused.
-fn default_commands() -> anyhow::Result<(GuestCommand, GuestCommand)> {
+/// The part of [`KERNEL_TESTS`] that reads the kernel's record layouts and counts through them:
+/// the agent's counts against the pod's own kernel counters, each program's counting, signals
+/// and exits, and the agent's start.
+const LAYOUT_TESTS: &[(&str, &str)] = &[
+    ("ground_truth", ""),
+    ("kernel_smoke", "counts_ reports_"),
+    (
+        "cli",
+        "the_agent_starts_without_warnings_and_names_its_programs --exact",
+    ),
+];
+
+/// The guest commands of the default matrix, one per [`Suite`].
+struct DefaultCommands {
+    full: GuestCommand,
+    layouts: GuestCommand,
+    refusal: GuestCommand,
+}
+
+/// Builds the binaries and test binaries the guests run, and returns the guest commands: the
+/// kernel tests (all, or the layout part), and the check that a kernel below the minimum is
+/// refused.
+fn default_commands() -> anyhow::Result<DefaultCommands> {
     let root = workspace_root();
     run_checked(cargo(None).args([
         "build",
@@ -358,31 +396,35 @@ fn default_commands() -> anyhow::Result<(GuestCommand, GuestCommand)> {
         build.args(["--test", test]);
     }
     let messages = stdout(&mut build)?;
-    let mut entries = Vec::new();
-    for (test, filter) in KERNEL_TESTS {
-        let executable = messages
-            .lines()
-            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-            .find(|m| {
-                m["reason"] == "compiler-artifact"
-                    && m["target"]["name"] == *test
-                    && m["target"]["kind"][0] == "test"
-            })
-            .and_then(|m| m["executable"].as_str().map(str::to_owned))
-            .with_context(|| format!("cargo built no test binary `{test}`"))?;
-        // One test at a time: the guest has two slow CPUs, and the tests' timing bounds are
-        // for a loaded host, not a software CPU shared by several tests.
-        entries.push(format!("{executable} --test-threads=1 {filter}"));
-    }
+    let entries = |tests: &[(&str, &str)]| -> anyhow::Result<String> {
+        let mut entries = Vec::new();
+        for (test, filter) in tests {
+            let executable = messages
+                .lines()
+                .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+                .find(|m| {
+                    m["reason"] == "compiler-artifact"
+                        && m["target"]["name"] == *test
+                        && m["target"]["kind"][0] == "test"
+                })
+                .and_then(|m| m["executable"].as_str().map(str::to_owned))
+                .with_context(|| format!("cargo built no test binary `{test}`"))?;
+            // One test at a time: the guest has two slow CPUs, and the tests' timing bounds
+            // are for a loaded host, not a software CPU shared by several tests.
+            entries.push(format!("{executable} --test-threads=1 {filter}"));
+        }
+        Ok(entries.join(";"))
+    };
     let too_old = format!(
         "bash {} {}",
         shell_quote(&root.join("xtask/vm/too-old.sh").to_string_lossy()),
         shell_quote(&root.join("target/debug/draingate").to_string_lossy())
     );
-    Ok((
-        GuestCommand::KernelTests(entries.join(";")),
-        GuestCommand::Shell(too_old),
-    ))
+    Ok(DefaultCommands {
+        full: GuestCommand::KernelTests(entries(KERNEL_TESTS)?),
+        layouts: GuestCommand::KernelTests(entries(LAYOUT_TESTS)?),
+        refusal: GuestCommand::Shell(too_old),
+    })
 }
 
 /// Boots each kernel line in turn (one VM at a time), runs `guest` in it and returns how each

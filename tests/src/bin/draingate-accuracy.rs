@@ -4,8 +4,9 @@
 //! - false pass: the agent said `pass`, the clients saw a failure on that pod while it
 //!   terminated;
 //! - false fail: the agent said `fail` with errors, the clients saw none (a fail for connections
-//!   still open at exit is DESIGN's rule and is counted apart, as "cut at exit");
-//! - count mismatch: the agent's resets and refusals differ from the clients' failures.
+//!   still open at exit is the verdict's rule, docs/verdict.md, and is counted apart, as "cut at exit");
+//! - count mismatch: the agent's resets, refusals and unanswered connects (counted from the
+//!   clients' side, through conntrack) differ from the clients' failures.
 //!
 //! Appends a Markdown section to `--out` (draingate-bench writes the file first).
 #![expect(
@@ -45,7 +46,7 @@ struct Scenario {
     server: &'static [&'static str],
 }
 
-const SCENARIOS: [Scenario; 9] = [
+const SCENARIOS: [Scenario; 10] = [
     Scenario {
         name: "graceful drain, preStop 2s",
         rehearse: &["--pre-stop", "2s"],
@@ -106,6 +107,11 @@ const SCENARIOS: [Scenario; 9] = [
         ],
         server: &["--mode", "graceful", "--startup-delay", "2s"],
     },
+    Scenario {
+        name: "sandbox gone while the Service still sends to it (3 s propagation)",
+        rehearse: &["--connections", "new-connection", "--propagation", "3s"],
+        server: &["--mode", "abrupt"],
+    },
 ];
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -155,11 +161,15 @@ fn tally(report: &Value, t: &mut Tally) {
     t.requests += n(&report["clients"]["requests"]);
     t.seconds += report["clients"]["seconds"].as_f64().unwrap_or(0.0);
     for pod in report["pods"].as_array().into_iter().flatten() {
-        t.client_failures += n(&pod["client_connection_errors"]);
+        // Resets and refusals the pod's kernel saw, and connects that got no answer, which the
+        // agent counts from the clients' side.
+        let client_failures = n(&pod["client_connection_errors"]) + n(&pod["client_no_answer"]);
+        let agent_errors = n(&pod["agent_connection_errors"]) + n(&pod["agent_no_answer"]);
+        t.client_failures += client_failures;
         let cut = n(&pod["cut_at_exit"]);
-        t.agent_errors += n(&pod["agent_connection_errors"]);
+        t.agent_errors += agent_errors;
         t.cut_requests += cut;
-        if n(&pod["agent_connection_errors"]) + cut != n(&pod["client_connection_errors"]) {
+        if agent_errors + cut != client_failures {
             t.count_mismatch += 1;
         }
         let agent = &pod["agent"];
@@ -176,7 +186,7 @@ fn tally(report: &Value, t: &mut Tally) {
             } else {
                 "pass"
             };
-            (n(&pod["client_connection_errors"]) > 0, Some(verdict))
+            (client_failures > 0, Some(verdict))
         };
         t.pods += 1;
         match verdict {
@@ -301,7 +311,7 @@ fn main() {
         report,
         "\nTargets: zero false passes, zero false fails. \"Cut at exit\": the agent failed the pod \
          because connections were still open when its last process exited (SIGKILL), while the \
-         clients on them happened to be idle; DESIGN's verdict counts that as fail. \
+         clients on them happened to be idle; the verdict (docs/verdict.md) counts that as fail. \
          \"Requests cut at exit\": requests the process had read and died before answering; the \
          kernel closes such a connection with a FIN, not a reset, so they show in open_at_exit \
          rather than as resets. Took {:.0} s.",
