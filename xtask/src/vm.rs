@@ -352,11 +352,26 @@ const KERNEL_TESTS: &[(&str, &str)] = &[
 ];
 
 /// The part of [`KERNEL_TESTS`] that reads the kernel's record layouts and counts through them:
-/// the agent's counts against the pod's own kernel counters, each program's counting, signals
-/// and exits, and the agent's start.
+/// the agent's counts against the pod's own kernel counters, each tracepoint program's counting
+/// (not the packet path, which reads no layout: 6.1 runs it), signals and exits, and the
+/// agent's start. Test names, exact (a filter matches anywhere in a name).
 const LAYOUT_TESTS: &[(&str, &str)] = &[
     ("ground_truth", ""),
-    ("kernel_smoke", "counts_ reports_"),
+    (
+        "kernel_smoke",
+        "--exact \
+         counts_ipv4_connections_per_pod_address \
+         counts_ipv6_connections_per_pod_address \
+         counts_ipv4_connections_with_offsets_from_tracefs \
+         counts_ipv6_connections_with_offsets_from_tracefs \
+         counts_ipv4_refused_connections_with_events \
+         counts_ipv6_refused_connections_with_events \
+         counts_ipv4_refused_connections_with_offsets_from_tracefs \
+         counts_ipv6_refused_connections_with_offsets_from_tracefs \
+         reports_signals_and_exits_of_pod_processes_reading_records_in_place \
+         reports_signals_and_exits_of_pod_processes_with_offsets_from_tracefs \
+         reports_exits_of_pod_processes_from_the_live_thread_count_without_group_dead",
+    ),
     (
         "cli",
         "the_agent_starts_without_warnings_and_names_its_programs --exact",
