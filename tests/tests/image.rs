@@ -517,7 +517,8 @@ fn the_image_counts_a_pod_under_podman_as_the_daemonset_runs_it_and_the_gate_jud
         .expect("git rev-parse");
     assert_eq!(
         labels["org.opencontainers.image.revision"],
-        String::from_utf8_lossy(&head.stdout).trim()
+        String::from_utf8_lossy(&head.stdout).trim(),
+        "{IMAGE} was built at another commit: rebuild it with `sudo -E cargo xtask image --debug`"
     );
     let version = podman_ok(&[&RUN[..], &["--rm", IMAGE, "--version"]].concat());
     assert_eq!(
