@@ -3,6 +3,7 @@
 
 mod command;
 mod demo;
+mod image;
 mod setup;
 mod test;
 mod vm;
@@ -41,6 +42,24 @@ enum Command {
     },
     /// Setup, then formatting and clippy only.
     Lint,
+    /// Setup, then draingate's OCI image (agent, gate and CLI: one binary): a release build, and
+    /// one layer with the binary and exactly the shared libraries it loads (no shell, no package
+    /// manager), user 65532, OCI labels; reproducible (same commit and build, same digest).
+    /// Writes the OCI layout to `target/image/draingate-release/` and its archive beside it,
+    /// loads it into podman, and prints its size and digest. See docs/install.md.
+    Image {
+        /// The debug build the kernel tests run (its debug information stripped) instead of a
+        /// release build; `cargo xtask test` builds this one, tagged localhost/draingate:debug.
+        #[arg(long)]
+        debug: bool,
+        /// The name podman gives it (default: localhost/draingate:VERSION, or
+        /// localhost/draingate:debug with --debug).
+        #[arg(long)]
+        tag: Option<String>,
+        /// Only write the layout and its archive; do not load them into podman.
+        #[arg(long)]
+        no_load: bool,
+    },
     /// Setup, then measure the agent against a baseline run side by side (root): connections/s
     /// and p99 latency with and without the agent, kernel time per program run, agent memory
     /// with 110 pods; then the verdict's accuracy over repeated rehearsals of every shutdown
@@ -94,6 +113,21 @@ fn main() -> ExitCode {
         Command::Test => test::run(test::Scope::All),
         Command::Lint => test::run(test::Scope::LintOnly),
         Command::Demo { rate, replicas } => demo::run(rate, replicas),
+        Command::Image {
+            debug,
+            tag,
+            no_load,
+        } => setup::run().and_then(|_| {
+            image::run(&image::Options {
+                profile: if debug {
+                    image::Profile::Debug
+                } else {
+                    image::Profile::Release
+                },
+                tag,
+                load: !no_load,
+            })
+        }),
         Command::Bench { only, args } => test::bench(only.as_deref(), &args),
         Command::VmTest {
             kernels,

@@ -21,12 +21,18 @@ const BPF_LINKER_LLVM_MAJORS: [u32; 3] = [21, 22, 23];
 /// clippy for the eBPF crate.
 const NIGHTLY_COMPONENTS: [&str; 3] = ["rust-src", "rustfmt", "clippy"];
 /// Debian packages the tests use, with a command each provides (what the tests actually run).
-const DEBIAN_PACKAGES: [(&str, &str); 3] = [
+const DEBIAN_PACKAGES: [(&str, &str); 5] = [
     ("iproute2", "ip"),
     // The rehearsal's Service: kube-proxy-style DNAT rules written with iptables-restore.
     ("iptables", "iptables-restore"),
     // conntrack -E: which pod each client connection was sent to.
     ("conntrack", "conntrack"),
+    // `cargo xtask image` loads the image into podman; a kernel test runs it there as the
+    // DaemonSet and the gate's Deployment run it (tests/tests/image.rs).
+    ("podman", "podman"),
+    // The runtime that test runs the image with: containerd's default, and, unlike crun,
+    // podman's default here, it runs containers on hybrid cgroup hierarchies.
+    ("runc", "runc"),
 ];
 
 /// What one run did: steps that changed the machine.

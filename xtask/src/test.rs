@@ -109,6 +109,17 @@ pub(crate) fn run(scope: Scope) -> anyhow::Result<()> {
             ]))
             .map(|()| None)
         })?;
+        // The image of the binary just built (debug: the release build would add minutes),
+        // loaded into podman, where a kernel test runs it as the manifests do
+        // (tests/tests/image.rs). `cargo xtask image` makes the release image the same way.
+        step("image", &mut || {
+            crate::image::run(&crate::image::Options {
+                profile: crate::image::Profile::Debug,
+                tag: None,
+                load: true,
+            })
+            .map(|()| None)
+        })?;
         step("kernel tests", &mut || {
             cargo_test(&["--package", "draingate-tests"]).map(Some)
         })?;
