@@ -17,7 +17,8 @@
 //! - the node is `node-a`;
 //! - the gate finds the agent by `--agents`, not the headless Service's DNS name;
 //! - the agent listens on free ports, not the manifest's (the host's may be taken);
-//! - the agent pins under a test directory of the host's bpffs;
+//! - the agent pins into a test directory of the host's bpffs, mounted where the DaemonSet mounts
+//!   its own pin directory;
 //! - the socket's host directory is a temporary one, not `/run/draingate`.
 //!
 //! The image is the one `cargo xtask test` builds just before the kernel tests: the debug binary
@@ -577,8 +578,11 @@ fn the_image_counts_a_pod_under_podman_as_the_daemonset_runs_it_and_the_gate_jud
     let daemonset = manifest("agent.yaml", "DaemonSet");
     let spec = &daemonset["spec"]["template"]["spec"];
     let container = &spec["containers"][0];
+    std::fs::create_dir_all(&pins.config.pin_dir).expect("the test's pin directory");
     let volumes = HashMap::from([
         ("run", dir.join("run")),
+        // The agent's pin directory: the test's own, mounted where the agent pins by default.
+        ("pins", pins.config.pin_dir.clone()),
         (
             "tls",
             secret_dir(spec, "tls", &certs, &dir.join("agent-tls")),
@@ -607,7 +611,6 @@ fn the_image_counts_a_pod_under_podman_as_the_daemonset_runs_it_and_the_gate_jud
             }
         })
         .collect();
-    args.push(format!("--pin-dir={}", pins.config.pin_dir.display()));
     let started = Instant::now();
     let agent = Container::run("agent", &flags, &args);
     agent.wait_http_ok(&format!("127.0.0.1:{http_port}"), "/readyz");

@@ -39,7 +39,7 @@ pub(crate) const DEBUG_TAG: &str = "localhost/draingate:debug";
 /// deploy/base/agent.yaml).
 const AGENT_NEEDS: &str = "uid 0; capabilities BPF, PERFMON, NET_ADMIN (all others dropped); \
                            seccomp unconfined; host network; /sys/kernel/tracing (read-only), \
-                           /sys/fs/bpf and /run/draingate from the host; see \
+                           /sys/fs/bpf/draingate and /run/draingate from the host; see \
                            deploy/base/agent.yaml";
 /// gzip level of the layer: the default, a fixed input of the digest.
 const GZIP_LEVEL: u32 = 6;
