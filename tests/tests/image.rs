@@ -581,7 +581,7 @@ fn the_image_counts_a_pod_under_podman_as_the_daemonset_runs_it_and_the_gate_jud
     std::fs::create_dir_all(&pins.config.pin_dir).expect("the test's pin directory");
     let volumes = HashMap::from([
         ("run", dir.join("run")),
-        // The agent's pin directory: the test's own, mounted where the agent pins by default.
+        // The agent's pin directory: the test's own, mounted where the DaemonSet mounts its own.
         ("pins", pins.config.pin_dir.clone()),
         (
             "tls",
@@ -596,7 +596,7 @@ fn the_image_counts_a_pod_under_podman_as_the_daemonset_runs_it_and_the_gate_jud
     ));
     flags.push("--env=KUBECONFIG=/etc/draingate/kubeconfig".into());
     let (grpc_port, http_port) = (free_port(), free_port());
-    let mut args: Vec<String> = container["args"]
+    let args: Vec<String> = container["args"]
         .as_array()
         .expect("the agent's args")
         .iter()

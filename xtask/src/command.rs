@@ -7,6 +7,19 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+/// What `cargo build` builds for the kernel tests: the `draingate` binary and the test crate's
+/// binaries (test server, benchmarks). The same packages as `cargo test -p draingate-tests`
+/// selects, so that features unify the same way and the tests reuse this build: with
+/// `--workspace`, xtask's own dependencies (nix's `mount`, tar's and flate2's) changed shared
+/// crates' features, and the kernel-test step rebuilt nix, the agent and its eBPF object.
+pub(crate) const TEST_BINARIES: [&str; 5] = [
+    "--package",
+    "draingate",
+    "--package",
+    "draingate-tests",
+    "--bins",
+];
+
 /// The workspace root (this crate's parent directory).
 pub(crate) fn workspace_root() -> PathBuf {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));

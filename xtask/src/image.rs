@@ -144,9 +144,9 @@ fn build_binary(profile: Profile) -> anyhow::Result<PathBuf> {
     cmd.args(["build", "--locked"]);
     match profile {
         Profile::Release => cmd.args(["--release", "--package", "draingate", "--bin", "draingate"]),
-        // Exactly `cargo xtask test`'s build: features unify across the workspace, so this
+        // Exactly `cargo xtask test`'s build (the same packages, so the same features): this
         // finds that build's binary instead of making another.
-        Profile::Debug => cmd.args(["--workspace", "--exclude", "draingate-ebpf", "--bins"]),
+        Profile::Debug => cmd.args(crate::command::TEST_BINARIES),
     };
     cmd.arg("--message-format=json-render-diagnostics");
     println!("image: building draingate ({})", profile.name());

@@ -99,14 +99,11 @@ pub(crate) fn run(scope: Scope) -> anyhow::Result<()> {
         })?;
         // The kernel tests run the `draingate` binary and the test server as real processes.
         step("build binaries", &mut || {
-            run_cmd(cargo(None).args([
-                "build",
-                "--locked",
-                "--workspace",
-                "--exclude",
-                "draingate-ebpf",
-                "--bins",
-            ]))
+            run_cmd(
+                cargo(None)
+                    .args(["build", "--locked"])
+                    .args(crate::command::TEST_BINARIES),
+            )
             .map(|()| None)
         })?;
         // The image of the binary just built (debug: the release build would add minutes),

@@ -390,14 +390,11 @@ struct DefaultCommands {
 /// refused.
 fn default_commands() -> anyhow::Result<DefaultCommands> {
     let root = workspace_root();
-    run_checked(cargo(None).args([
-        "build",
-        "--locked",
-        "--workspace",
-        "--exclude",
-        "draingate-ebpf",
-        "--bins",
-    ]))?;
+    run_checked(
+        cargo(None)
+            .args(["build", "--locked"])
+            .args(crate::command::TEST_BINARIES),
+    )?;
     let mut build = cargo(None);
     build.args([
         "test",
