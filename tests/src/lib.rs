@@ -583,6 +583,25 @@ pub fn draingate_bin() -> std::path::PathBuf {
     build_bin("draingate")
 }
 
+/// `draingate pods --agent AGENT -o json` (a socket path or HOST:PORT): the pod named `name`,
+/// `None` while the agent does not answer or lists no such pod.
+#[must_use]
+pub fn pod_json(agent: impl AsRef<std::ffi::OsStr>, name: &str) -> Option<serde_json::Value> {
+    let output = Command::new(draingate_bin())
+        .arg("pods")
+        .arg("--agent")
+        .arg(agent)
+        .args(["-o", "json"])
+        .output()
+        .ok()?;
+    let all: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+    all["pods"]
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == name)
+        .cloned()
+}
+
 /// A binary of this build by name: beside the running executable (a binary) or one directory
 /// up (a test, which runs from `deps/`).
 #[must_use]

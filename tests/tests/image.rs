@@ -36,7 +36,7 @@ use std::{
 use draingate_tests::{
     Family, Link, NodeLink, PinDir, draingate_bin, free_port, http_request,
     kube_api::{self, FakeKubeApi},
-    require_root,
+    pod_json, require_root,
 };
 use serde::Deserialize as _;
 use serde_json::{Value, json};
@@ -421,23 +421,6 @@ fn secret_dir(spec: &Value, name: &str, source: &Path, dir: &Path) -> PathBuf {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
     }
     dir.to_path_buf()
-}
-
-/// `draingate pods --agent SOCKET -o json` from the host: the pod named `name`.
-fn pod_json(socket: &Path, name: &str) -> Option<Value> {
-    let output = Command::new(draingate_bin())
-        .arg("pods")
-        .arg("--agent")
-        .arg(socket)
-        .args(["-o", "json"])
-        .output()
-        .ok()?;
-    let all: Value = serde_json::from_slice(&output.stdout).ok()?;
-    all["pods"]
-        .as_array()?
-        .iter()
-        .find(|p| p["name"] == name)
-        .cloned()
 }
 
 fn wait_for(what: &str, agent: &Container, mut check: impl FnMut() -> Option<Value>) -> Value {

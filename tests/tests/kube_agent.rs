@@ -14,26 +14,12 @@ use std::{
 use draingate_tests::{
     ChildGuard, Family, Link, NodeLink, PinDir, draingate_bin, free_port, http_request,
     kube_api::{FakeKubeApi, pod},
-    require_root,
+    pod_json, require_root,
 };
 use serde_json::{Value, json};
 
 fn get(addr: &str, path: &str) -> Option<(u16, String)> {
     http_request(addr, "GET", path, "").ok()
-}
-
-/// `draingate pods -o json` against the agent: the pod named `name`.
-fn pod_json(socket: &str, name: &str) -> Option<Value> {
-    let output = Command::new(draingate_bin())
-        .args(["pods", "--agent", socket, "-o", "json"])
-        .output()
-        .ok()?;
-    let all: Value = serde_json::from_slice(&output.stdout).ok()?;
-    all["pods"]
-        .as_array()?
-        .iter()
-        .find(|p| p["name"] == name)
-        .cloned()
 }
 
 fn wait_for(what: &str, mut check: impl FnMut() -> Option<Value>) -> Value {
