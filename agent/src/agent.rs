@@ -855,11 +855,11 @@ impl Agent {
                 };
                 let in_window = pod.in_window(time);
                 // A connect to a Service IP is the backend's failure: name it, keep the Service.
-                let service =
-                    backend.map(|_| SocketAddr::new(IpAddr::from(event.remote), event.remote_port));
-                let remote = backend.unwrap_or_else(|| {
-                    SocketAddr::new(IpAddr::from(event.remote), event.remote_port)
-                });
+                let dialed = SocketAddr::new(IpAddr::from(event.remote), event.remote_port);
+                let (remote, service) = match backend {
+                    Some(backend) => (backend, Some(dialed)),
+                    None => (dialed, None),
+                };
                 let pod_event = PodEvent {
                     pod: pod.id.clone(),
                     kind,
