@@ -496,27 +496,7 @@ pub struct ListenConfig {
     pub tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    #[error("cannot listen on {what}: {source}")]
-    Listen {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(
-        "another process serves {} (another draingate agent?): stop it, or give this agent \
-         its own --socket",
-        path.display()
-    )]
-    SocketInUse { path: PathBuf },
-    #[error("{} is not a socket; refusing to replace it (give --socket another path)", path.display())]
-    NotASocket { path: PathBuf },
-    #[error("gRPC server failed: {0}")]
-    Transport(#[from] tonic::transport::Error),
-    #[error("reflection service: {0}")]
-    Reflection(#[from] tonic_reflection::server::Error),
-}
+pub use draingate_serve::ServeError;
 
 /// Makes way for this agent's socket at `path`: a socket nobody answers on (left by an agent
 /// that died) is removed; a socket someone serves, or a file that is not a socket, is refused.

@@ -5,8 +5,10 @@
 //! - [`btf`]: kernel struct member offsets from the running kernel's BTF;
 //! - [`loader`]: loads and attaches the eBPF programs, typed access to their maps;
 //! - [`rehearse`]: a whole rolling update on one machine, the agent held against the clients;
-//! - [`limits`]: connection caps and timeouts of every listening face;
-//! - [`telemetry`]: logging set up from the environment.
+//!
+//! The gate, the linter and what every server shares are crates of their own
+//! (`draingate-gate`, `draingate-lint`, `draingate-serve`), re-exported here under their
+//! module names; they build on stable Rust without the eBPF toolchain.
 
 pub mod agent;
 pub mod api;
@@ -14,16 +16,15 @@ pub mod btf;
 pub mod cli;
 pub mod drain;
 pub mod events;
-pub mod gate;
 pub mod http;
 pub mod inventory;
-pub mod limits;
-pub mod lint;
 pub mod loader;
 pub mod netns;
 pub mod peers;
 pub mod rehearse;
 pub mod services;
-pub mod telemetry;
-pub mod tls;
 pub mod tracefs;
+
+pub use draingate_gate as gate;
+pub use draingate_lint as lint;
+pub use draingate_serve::{limits, telemetry, tls};

@@ -157,7 +157,7 @@ fn parse_exposition(text: &str) -> BTreeMap<String, BTreeSet<String>> {
 }
 
 /// The gate's labelled families. The gate renders a family only once it has a sample, and
-/// these get theirs from agents' answers, so they are read from agent/src/gate.rs instead:
+/// these get theirs from agents' answers, so they are read from gate/src/lib.rs instead:
 /// (name registered under the `draingate_gate` prefix, field of `GateMetrics`, label struct,
 /// metric type). Each row is checked against the source, and its labels are the struct's fields.
 const GATE_FAMILIES: [(&str, &str, &str, &str); 4] = [
@@ -217,17 +217,17 @@ fn exported() -> BTreeMap<String, BTreeSet<String>> {
         history_age: Duration::from_secs(1),
     });
     let mut gate_series = parse_exposition(&gate.render_metrics());
-    let source = include_str!("../src/gate.rs");
+    let source = include_str!("../../gate/src/lib.rs");
     assert!(source.contains("Registry::with_prefix(\"draingate_gate\")"));
     for (name, field, labels, kind) in GATE_FAMILIES {
         assert!(
             source.contains(&format!("{field}: Family<{labels}, {kind}>,")),
-            "gate.rs: GateMetrics::{field} is no longer a Family<{labels}, {kind}>"
+            "gate/src/lib.rs: GateMetrics::{field} is no longer a Family<{labels}, {kind}>"
         );
         let registered = format!("\"{name}\",");
         let at = source
             .find(&registered)
-            .unwrap_or_else(|| panic!("gate.rs registers no {registered}"));
+            .unwrap_or_else(|| panic!("gate/src/lib.rs registers no {registered}"));
         assert!(
             source[at..]
                 .split("self.metrics.")

@@ -68,6 +68,7 @@ pub(crate) fn run(scope: Scope) -> anyhow::Result<()> {
         ]))
         .map(|()| None)
     })?;
+    step("stable crates", &mut || stable_crates().map(|()| None))?;
     // The eBPF crate separately, with nightly: it is #![no_std] and has its own panic handler,
     // so it needs panic=abort, also for its (empty) test harness.
     step("clippy-ebpf", &mut || {
@@ -221,4 +222,63 @@ pub(crate) fn bench(only: Option<&str>, args: &[String]) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The crates that build on stable Rust alone: nothing they depend on (to build or to run)
+/// builds the eBPF object, so `cargo build -p draingate-gate` needs no nightly and no
+/// bpf-linker.
+const STABLE_CRATES: [&str; 3] = ["draingate-gate", "draingate-lint", "draingate-serve"];
+
+/// Packages whose presence in a dependency graph means the eBPF toolchain is needed.
+const NEEDS_EBPF_TOOLCHAIN: [&str; 3] = ["draingate", "draingate-ebpf", "aya-build"];
+
+/// Fails when a crate of [`STABLE_CRATES`] depends on one of [`NEEDS_EBPF_TOOLCHAIN`].
+fn stable_crates() -> anyhow::Result<()> {
+    for krate in STABLE_CRATES {
+        let output = cargo(None)
+            .args(["tree", "--locked", "--offline", "--edges", "normal,build"])
+            .args(["--prefix", "none", "--format", "{p}", "--package", krate])
+            .stderr(Stdio::inherit())
+            .output()
+            .context("running cargo tree")?;
+        if !output.status.success() {
+            bail!("cargo tree --package {krate} failed ({})", output.status);
+        }
+        let tree = String::from_utf8_lossy(&output.stdout);
+        if let Some(bad) = ebpf_toolchain_dependency(&tree) {
+            bail!(
+                "{krate} depends on {bad}, which needs nightly and bpf-linker to build; \
+                 it must build on stable alone (docs/architecture.md, \"Crates\")"
+            );
+        }
+    }
+    println!(
+        "{} build without the eBPF toolchain",
+        STABLE_CRATES.join(", ")
+    );
+    Ok(())
+}
+
+/// The first package of [`NEEDS_EBPF_TOOLCHAIN`] in `cargo tree --prefix none --format {p}`
+/// output (one `name vX.Y.Z (path)` per line).
+fn ebpf_toolchain_dependency(tree: &str) -> Option<&str> {
+    tree.lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .find(|name| NEEDS_EBPF_TOOLCHAIN.contains(name))
+}
+
+#[cfg(test)]
+mod stable_tests {
+    use super::ebpf_toolchain_dependency;
+
+    #[test]
+    fn a_dependency_on_the_agent_or_the_ebpf_build_is_found() {
+        let clean = "draingate-gate v0.1.0 (/w/gate)\ndraingate-proto v0.1.0 (/w/proto)\n\
+                     tonic v0.14.9\n";
+        assert_eq!(ebpf_toolchain_dependency(clean), None);
+        let through_agent = format!("{clean}draingate v0.1.0 (/w/agent)\naya-build v0.2.0\n");
+        assert_eq!(ebpf_toolchain_dependency(&through_agent), Some("draingate"));
+        // A name that only starts like one is not it.
+        assert_eq!(ebpf_toolchain_dependency("draingate-serve v0.1.0\n"), None);
+    }
 }

@@ -19,7 +19,7 @@ fn brief(findings: &[Finding]) -> Vec<(usize, Severity, &'static str)> {
 
 #[test]
 fn the_senior_example_is_clean() {
-    let text = include_str!("../../../examples/senior.yaml");
+    let text = include_str!("../../examples/senior.yaml");
     let findings = run(&[("senior.yaml", text)]).unwrap();
     assert_eq!(findings, [], "{}", render(&findings));
 }
@@ -400,7 +400,7 @@ fn arbitrary_manifests_never_panic_the_linter() {
     ];
     let seeds = [
         BAD.to_owned(),
-        include_str!("../../../examples/senior.yaml").to_owned(),
+        include_str!("../../examples/senior.yaml").to_owned(),
         format!("# c\n---\n{BAD}---\n{BAD}"),
     ];
     let mut rng = Rng(0x5eed_d4a1_9a7e_0017);

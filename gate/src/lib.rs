@@ -75,7 +75,7 @@ impl Kind {
             "rollout" | "rollouts" | "ro" => Ok(Self::Rollout),
             _ => Err(QueryError(format!(
                 "unknown workload kind {}: use Deployment or Rollout",
-                crate::telemetry::quoted(s)
+                draingate_serve::telemetry::quoted(s)
             ))),
         }
     }
@@ -115,7 +115,7 @@ fn check_name(what: &str, value: &str, max: usize) -> Result<(), QueryError> {
         Err(QueryError(format!(
             "invalid {what} {}: a Kubernetes name is 1 to {max} lower-case letters, digits, '-' \
              or '.', starting and ending with a letter or digit",
-            crate::telemetry::quoted(value)
+            draingate_serve::telemetry::quoted(value)
         )))
     }
 }
@@ -138,8 +138,8 @@ impl Query {
                 {
                     return Err(QueryError(format!(
                         "kind {} contradicts workload {}",
-                        crate::telemetry::quoted(kind),
-                        crate::telemetry::quoted(workload)
+                        draingate_serve::telemetry::quoted(kind),
+                        draingate_serve::telemetry::quoted(workload)
                     )));
                 }
                 (parsed, name)
@@ -1128,7 +1128,7 @@ mod tests;
 
 /// One connection per agent in flight: lifts the soft open-files limit to the hard one.
 pub fn raise_open_files_limit() {
-    let _ = crate::limits::raise_open_files_limit();
+    let _ = draingate_serve::limits::raise_open_files_limit();
 }
 
 /// Where the gate listens.
@@ -1143,10 +1143,9 @@ pub async fn serve(
     gate: std::sync::Arc<Gate>,
     listen: &GateListen,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), crate::api::ServeError> {
+) -> Result<(), draingate_serve::ServeError> {
     use draingate_proto::v1::gate_server::GateServer;
-
-    use crate::api::ServeError;
+    use draingate_serve::ServeError;
     let bind = |addr: SocketAddr| async move {
         tokio::net::TcpListener::bind(addr)
             .await
@@ -1169,24 +1168,28 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(draingate_proto::v1::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let mut grpc_stop = stop.subscribe();
-    let [http_limits, grpc_limits] = crate::limits::gate_faces(MAX_WAIT);
-    let grpc = crate::limits::grpc_server()
+    let [http_limits, grpc_limits] = draingate_serve::limits::gate_faces(MAX_WAIT);
+    let grpc = draingate_serve::limits::grpc_server()
         .add_service(health)
         .add_service(reflection)
         .add_service(GateServer::new(api::GateApi::new(std::sync::Arc::clone(
             &gate,
         ))))
         .serve_with_incoming_shutdown(
-            crate::limits::Incoming::new(grpc_listener, grpc_limits),
+            draingate_serve::limits::Incoming::new(grpc_listener, grpc_limits),
             async move {
                 let _ = grpc_stop.recv().await;
             },
         );
     let mut http_stop = stop.subscribe();
-    let http =
-        crate::limits::serve_http(http_listener, http_limits, http::router(gate), async move {
+    let http = draingate_serve::limits::serve_http(
+        http_listener,
+        http_limits,
+        http::router(gate),
+        async move {
             let _ = http_stop.recv().await;
-        });
+        },
+    );
     let stopper = async move {
         shutdown.await;
         let _ = stop.send(());
