@@ -1,6 +1,6 @@
 //! A local server that answers as the Kubernetes API server does, in its exact JSON, for the
-//! requests the agent's `kubernetes` source makes: `GET /api/v1/pods` and
-//! `GET /apis/discovery.k8s.io/v1/endpointslices`, each as a list (a `PodList` /
+//! requests the agent's `kubernetes` source makes: `GET /apis` (which versions it serves),
+//! `GET /api/v1/pods` and `GET /apis/discovery.k8s.io/v1/endpointslices` (or `v1beta1`), each as a list (a `PodList` /
 //! `EndpointSliceList`) and then as a watch (one `{"type":…,"object":…}` line per event). No API
 //! server can run on this machine; the objects are written in the API's wire format, as
 //! `kubectl get --raw` prints it.
@@ -31,6 +31,8 @@ struct Shared {
     slices: Vec<Value>,
     pod_watch: Watch,
     slice_watch: Watch,
+    /// The `discovery.k8s.io` version served: `v1`, or `v1beta1` as Kubernetes 1.20 does.
+    slice_version: &'static str,
 }
 
 /// The running fake API server. Its first pod watch and first `EndpointSlice` watch stream what
@@ -55,6 +57,16 @@ impl FakeKubeApi {
     /// Serves `pods` and `slices` (list items, without kind) on a loopback port, on the current
     /// tokio runtime.
     pub async fn start(pods: Vec<Value>, slices: Vec<Value>) -> Self {
+        Self::start_serving(pods, slices, "v1").await
+    }
+
+    /// As [`FakeKubeApi::start`], with `EndpointSlices` served as `discovery.k8s.io/<version>`
+    /// only (`v1`, or `v1beta1` as Kubernetes 1.17 to 1.20), as `/apis` says.
+    pub async fn start_serving(
+        pods: Vec<Value>,
+        slices: Vec<Value>,
+        slice_version: &'static str,
+    ) -> Self {
         let (pod_tx, pod_rx) = mpsc::unbounded_channel();
         let (slice_tx, slice_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
@@ -62,6 +74,7 @@ impl FakeKubeApi {
             slices,
             pod_watch: Mutex::new(Some(pod_rx)),
             slice_watch: Mutex::new(Some(slice_rx)),
+            slice_version,
             ..Shared::default()
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -70,8 +83,9 @@ impl FakeKubeApi {
         let addr = listener.local_addr().expect("address");
         let app = Router::new()
             .route("/api/v1/pods", get(pods_handler))
+            .route("/apis", get(groups_handler))
             .route(
-                "/apis/discovery.k8s.io/v1/endpointslices",
+                &format!("/apis/discovery.k8s.io/{slice_version}/endpointslices"),
                 get(slices_handler),
             )
             .with_state(Arc::clone(&shared));
@@ -97,7 +111,7 @@ impl FakeKubeApi {
         let _ = self.slice_tx.send(json!({"type": kind, "object": slice}));
     }
 
-    /// Every request so far: path (`pods` or `endpointslices`) and query.
+    /// Every request so far: path (`apis`, `pods` or `endpointslices.<version>`) and query.
     #[must_use]
     pub fn requests(&self) -> Vec<(String, HashMap<String, String>)> {
         self.shared.requests.lock().expect("requests").clone()
@@ -130,16 +144,43 @@ async fn pods_handler(
     answer(&shared, "pods", query, &list, &shared.pod_watch)
 }
 
+/// The API group list (`kubectl get --raw /apis`), with the one `discovery.k8s.io` version.
+async fn groups_handler(State(shared): State<Arc<Shared>>) -> Response {
+    let version = json!({
+        "groupVersion": format!("discovery.k8s.io/{}", shared.slice_version),
+        "version": shared.slice_version,
+    });
+    let list = json!({
+        "kind": "APIGroupList", "apiVersion": "v1",
+        "groups": [
+            {"name": "apps", "versions": [{"groupVersion": "apps/v1", "version": "v1"}],
+             "preferredVersion": {"groupVersion": "apps/v1", "version": "v1"}},
+            {"name": "discovery.k8s.io", "versions": [version], "preferredVersion": version}
+        ]
+    });
+    shared
+        .requests
+        .lock()
+        .expect("requests")
+        .push(("apis".to_owned(), HashMap::new()));
+    Response::builder()
+        .header("content-type", "application/json")
+        .body(Body::from(list.to_string()))
+        .expect("response")
+}
+
 async fn slices_handler(
     State(shared): State<Arc<Shared>>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
     let list = json!({
-        "kind": "EndpointSliceList", "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSliceList",
+        "apiVersion": format!("discovery.k8s.io/{}", shared.slice_version),
         "metadata": {"resourceVersion": "2001"},
         "items": shared.slices,
     });
-    answer(&shared, "endpointslices", query, &list, &shared.slice_watch)
+    let path = format!("endpointslices.{}", shared.slice_version);
+    answer(&shared, &path, query, &list, &shared.slice_watch)
 }
 
 fn answer(

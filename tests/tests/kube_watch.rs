@@ -197,6 +197,66 @@ fn the_watcher_follows_a_pod_from_listing_to_deletion() {
     snapshot_until(&mut source, "the deletion", |p| {
         find(p, "uid-web-1").is_none() && p.len() == 2
     });
+    assert!(
+        api.requests().iter().any(|(p, _)| p == "endpointslices.v1"),
+        "a server that serves discovery.k8s.io/v1 is watched in v1"
+    );
+    drop(runtime);
+}
+
+/// An `EndpointSlice` as Kubernetes 1.17 to 1.20 serve it: `discovery.k8s.io/v1beta1`, each
+/// endpoint's node a `topology` label instead of `nodeName`.
+fn slice_v1beta1(ready: bool, terminating: bool) -> Value {
+    let mut slice = slice(ready, terminating);
+    slice["apiVersion"] = json!("discovery.k8s.io/v1beta1");
+    for endpoint in slice["endpoints"].as_array_mut().unwrap() {
+        let node = endpoint
+            .as_object_mut()
+            .unwrap()
+            .remove("nodeName")
+            .unwrap();
+        endpoint["topology"] =
+            json!({"kubernetes.io/hostname": node, "topology.kubernetes.io/zone": "a"});
+    }
+    slice
+}
+
+#[test]
+fn a_server_with_endpoint_slices_in_v1beta1_only_is_followed_too() {
+    let runtime = draingate_tests::kube_api::runtime();
+    let web = |name, uid, ip| {
+        pod(
+            name,
+            uid,
+            ip,
+            Some(("web-7c9d5b8f4", "pod-template-hash", "7c9d5b8f4")),
+        )
+    };
+    let listed = vec![
+        web("web-7c9d5b8f4-x2kqz", "uid-web-1", "10.1.0.10"),
+        web("web-7c9d5b8f4-p8w2m", "uid-web-2", "10.1.0.11"),
+    ];
+    let (api, mut source) = runtime.block_on(async {
+        let api =
+            FakeKubeApi::start_serving(listed, vec![slice_v1beta1(true, false)], "v1beta1").await;
+        let config = kube::Config::new(format!("http://{}", api.addr).parse().unwrap());
+        let source = KubernetesSource::start(&kube::Client::try_from(config).unwrap(), "node-a");
+        (api, source)
+    });
+    snapshot_until(&mut source, "both pods in the Service", |p| {
+        p.len() == 2 && p.iter().all(|w| w.in_service)
+    });
+    api.slice_event("MODIFIED", &slice_v1beta1(false, true));
+    let pods = snapshot_until(&mut source, "the endpoint removal", |p| {
+        find(p, "uid-web-1").is_some_and(|w| w.left_endpoints.is_some())
+    });
+    let other = find(&pods, "uid-web-2").unwrap();
+    assert_eq!((other.left_endpoints, other.in_service), (None, true));
+    let paths: Vec<String> = api.requests().into_iter().map(|(p, _)| p).collect();
+    assert!(
+        paths.iter().any(|p| p == "apis") && paths.iter().any(|p| p == "endpointslices.v1beta1"),
+        "asked which version is served, then watched v1beta1: {paths:?}"
+    );
     drop(runtime);
 }
 

@@ -9,6 +9,8 @@
 //! - `EndpointSlices` say when a pod stopped taking new connections from its Services: the first
 //!   time one of its endpoints is no longer `ready` (terminating endpoints stay listed with
 //!   `ready: false`), or is removed, after it had been ready.
+//!   The agent watches `discovery.k8s.io/v1` where the server serves it (Kubernetes 1.21 and
+//!   later) and `v1beta1` otherwise (1.17 to 1.20), asking the server's API group list once.
 //! - Pods on the host network are left out: their address is the node's.
 //!
 //! The watches retry with backoff when the API server is unreachable; meanwhile the last known
@@ -25,6 +27,7 @@ use std::{
 use k8s_openapi::api::{core::v1::Pod, discovery::v1::EndpointSlice};
 use kube::{
     Api, Client,
+    api::{ApiResource, DynamicObject, GroupVersionKind},
     runtime::{WatchStreamExt as _, watcher},
 };
 use tokio_stream::StreamExt as _;
@@ -86,25 +89,24 @@ impl KubernetesSource {
                 }
             }
         });
-        let slices: Api<EndpointSlice> = Api::all(client.clone());
         let slice_shared = Arc::clone(&shared);
+        let slice_client = client.clone();
         let slice_node = node.to_owned();
         tokio::spawn(async move {
-            let mut stream =
-                Box::pin(watcher(slices, watcher::Config::default()).default_backoff());
-            while let Some(event) = stream.next().await {
-                match event {
-                    Ok(event) => {
-                        apply_slice_event(
-                            &mut lock(&slice_shared),
-                            &slice_node,
-                            event,
-                            SystemTime::now(),
-                        );
-                    }
-                    Err(err) => {
-                        tracing::debug!(error = %err, "watching EndpointSlices; retrying");
-                    }
+            let version = slice_version(&slice_client).await;
+            tracing::info!(
+                version = version.api_version(),
+                "watching EndpointSlices (when pods leave their Services)"
+            );
+            match version {
+                SliceVersion::V1 => {
+                    let api: Api<EndpointSlice> = Api::all(slice_client);
+                    watch_slices(api, Some, &slice_shared, &slice_node).await;
+                }
+                SliceVersion::V1beta1 => {
+                    let api: Api<DynamicObject> =
+                        Api::all_with(slice_client, &SliceVersion::V1beta1.resource());
+                    watch_slices(api, from_v1beta1, &slice_shared, &slice_node).await;
                 }
             }
         });
@@ -116,6 +118,139 @@ impl KubernetesSource {
     pub fn status(&self) -> KubeStatus {
         lock(&self.shared).status.clone()
     }
+}
+
+/// The `EndpointSlice` API version a server serves: `discovery.k8s.io/v1` since Kubernetes
+/// 1.21, only `v1beta1` before (1.17 to 1.20). The agent watches `v1` when the server has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SliceVersion {
+    V1,
+    V1beta1,
+}
+
+impl SliceVersion {
+    /// Its `apiVersion`.
+    #[must_use]
+    pub fn api_version(self) -> &'static str {
+        match self {
+            Self::V1 => "discovery.k8s.io/v1",
+            Self::V1beta1 => "discovery.k8s.io/v1beta1",
+        }
+    }
+
+    /// The newest version of `discovery.k8s.io` this agent reads, of those a server lists in
+    /// its API group list; `None` when it lists neither.
+    #[must_use]
+    pub fn newest_of<'a>(served: impl IntoIterator<Item = &'a str>) -> Option<Self> {
+        let served: Vec<&str> = served.into_iter().collect();
+        [Self::V1, Self::V1beta1]
+            .into_iter()
+            .find(|v| served.contains(&v.api_version()))
+    }
+
+    fn resource(self) -> ApiResource {
+        ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(
+                "discovery.k8s.io",
+                self.api_version().trim_start_matches("discovery.k8s.io/"),
+                "EndpointSlice",
+            ),
+            "endpointslices",
+        )
+    }
+}
+
+/// Asks the server which `EndpointSlice` version it serves, retrying (1 s doubling to 30 s)
+/// while it cannot be asked. A server that lists neither gets `v1`, whose watch then says why
+/// in the logs.
+async fn slice_version(client: &Client) -> SliceVersion {
+    let mut delay = std::time::Duration::from_secs(1);
+    loop {
+        match client.list_api_groups().await {
+            Ok(groups) => {
+                let served = groups
+                    .groups
+                    .iter()
+                    .filter(|g| g.name == "discovery.k8s.io")
+                    .flat_map(|g| g.versions.iter().map(|v| v.group_version.as_str()));
+                return SliceVersion::newest_of(served).unwrap_or(SliceVersion::V1);
+            }
+            Err(err) => {
+                tracing::debug!(error = %err, "listing API groups for EndpointSlices; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// Follows the `EndpointSlices` of `api`, each turned into a `v1` one by `convert`, until the
+/// watch ends (never, with backoff).
+async fn watch_slices<K>(
+    api: Api<K>,
+    convert: fn(K) -> Option<EndpointSlice>,
+    shared: &Mutex<Shared>,
+    node: &str,
+) where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let mut stream = Box::pin(watcher(api, watcher::Config::default()).default_backoff());
+    while let Some(event) = stream.next().await {
+        let event = match event {
+            Ok(event) => event,
+            Err(err) => {
+                tracing::debug!(error = %err, "watching EndpointSlices; retrying");
+                continue;
+            }
+        };
+        let event = match event {
+            watcher::Event::Init => watcher::Event::Init,
+            watcher::Event::InitDone => watcher::Event::InitDone,
+            watcher::Event::InitApply(o) => match convert(o) {
+                Some(s) => watcher::Event::InitApply(s),
+                None => continue,
+            },
+            watcher::Event::Apply(o) => match convert(o) {
+                Some(s) => watcher::Event::Apply(s),
+                None => continue,
+            },
+            watcher::Event::Delete(o) => match convert(o) {
+                Some(s) => watcher::Event::Delete(s),
+                None => continue,
+            },
+        };
+        apply_slice_event(&mut lock(shared), node, event, SystemTime::now());
+    }
+}
+
+/// A `discovery.k8s.io/v1beta1` `EndpointSlice` as the `v1` one it reads the same as: the
+/// fields the agent uses (`addresses`, `conditions.ready`, `targetRef`) kept their meaning; an
+/// endpoint's node, a `topology` label in `v1beta1` (`kubernetes.io/hostname`), becomes
+/// `nodeName` where it has none. `None` for an object that is no `EndpointSlice` at all.
+#[must_use]
+pub fn from_v1beta1(object: DynamicObject) -> Option<EndpointSlice> {
+    let mut value = serde_json::to_value(object).ok()?;
+    value["apiVersion"] = "discovery.k8s.io/v1".into();
+    value["kind"] = "EndpointSlice".into();
+    if let Some(endpoints) = value
+        .get_mut("endpoints")
+        .and_then(serde_json::Value::as_array_mut)
+    {
+        for endpoint in endpoints {
+            let host = endpoint
+                .pointer("/topology/kubernetes.io~1hostname")
+                .cloned();
+            if let (Some(host), Some(fields)) = (host, endpoint.as_object_mut()) {
+                fields.entry("nodeName").or_insert(host);
+            }
+            if let Some(fields) = endpoint.as_object_mut() {
+                fields.remove("topology");
+            }
+        }
+    }
+    serde_json::from_value(value)
+        .inspect_err(|err| tracing::debug!(error = %err, "an EndpointSlice (v1beta1) not read"))
+        .ok()
 }
 
 fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
