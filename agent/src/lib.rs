@@ -27,4 +27,4 @@ pub mod tracefs;
 
 pub use draingate_gate as gate;
 pub use draingate_lint as lint;
-pub use draingate_serve::{limits, telemetry, tls};
+pub use draingate_serve::{limits, parse_listen_addr, telemetry, tls};

@@ -161,10 +161,10 @@ struct GateServeArgs {
     #[arg(long)]
     agents_dns: Option<String>,
     /// HTTP address (rollout tools, /metrics, /healthz).
-    #[arg(long, default_value = draingate::gate::DEFAULT_HTTP_ADDR)]
+    #[arg(long, default_value = draingate::gate::DEFAULT_HTTP_ADDR, value_parser = draingate::parse_listen_addr)]
     http_addr: SocketAddr,
     /// gRPC address (`draingate gate check`).
-    #[arg(long, default_value = draingate::gate::DEFAULT_GRPC_ADDR)]
+    #[arg(long, default_value = draingate::gate::DEFAULT_GRPC_ADDR, value_parser = draingate::parse_listen_addr)]
     grpc_addr: SocketAddr,
     /// Each agent must answer within this.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
@@ -332,10 +332,10 @@ struct AgentArgs {
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
     /// gRPC address (TCP).
-    #[arg(long, default_value = api::DEFAULT_GRPC_ADDR)]
+    #[arg(long, default_value = api::DEFAULT_GRPC_ADDR, value_parser = draingate::parse_listen_addr)]
     grpc_addr: SocketAddr,
     /// HTTP address for /metrics (Prometheus), /healthz and /readyz.
-    #[arg(long, default_value = draingate::http::DEFAULT_HTTP_ADDR)]
+    #[arg(long, default_value = draingate::http::DEFAULT_HTTP_ADDR, value_parser = draingate::parse_listen_addr)]
     http_addr: SocketAddr,
     /// gRPC unix socket, used by the CLI.
     #[arg(long, default_value = api::DEFAULT_SOCKET)]

@@ -220,6 +220,19 @@ impl Drop for Container {
 }
 
 /// The first document of `kind` in `deploy/base/FILE`.
+/// `arg` with each `$(NAME)` replaced by the value `--env=NAME=value` in `flags` gives it, as
+/// the kubelet expands a container's args; a name with no value stays as written, as there.
+fn expand_env(arg: &str, flags: &[String]) -> String {
+    let mut arg = arg.to_owned();
+    for (name, value) in flags
+        .iter()
+        .filter_map(|f| f.strip_prefix("--env=")?.split_once('='))
+    {
+        arg = arg.replace(&format!("$({name})"), value);
+    }
+    arg
+}
+
 fn manifest(file: &str, kind: &str) -> Value {
     let path = format!("{}/../deploy/base/{file}", env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
@@ -240,7 +253,12 @@ fn keys(object: &Value) -> Vec<&str> {
 /// `volumes` gives host directories in place of volumes (every Secret, and hostPaths that must
 /// not be the host's own); `network` is the pod network's `--network` for pods without
 /// hostNetwork. Security fields it does not know stop the test, naming them.
-fn podman_flags(spec: &Value, volumes: &HashMap<&str, PathBuf>, network: &str) -> Vec<String> {
+fn podman_flags(
+    spec: &Value,
+    volumes: &HashMap<&str, PathBuf>,
+    network: &str,
+    node_ip: &str,
+) -> Vec<String> {
     let container = &spec["containers"][0];
     let mut flags = Vec::new();
     flags.push(if spec["hostNetwork"] == true {
@@ -355,6 +373,8 @@ fn podman_flags(spec: &Value, volumes: &HashMap<&str, PathBuf>, network: &str) -
             value.to_owned()
         } else if var["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName" {
             NODE.to_owned()
+        } else if var["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP" {
+            node_ip.to_owned()
         } else {
             panic!("env {name}: translate {var} here")
         };
@@ -571,7 +591,9 @@ fn the_image_counts_a_pod_under_podman_as_the_daemonset_runs_it_and_the_gate_jud
             secret_dir(spec, "tls", &certs, &dir.join("agent-tls")),
         ),
     ]);
-    let mut flags = podman_flags(spec, &volumes, "");
+    // The node's address, as status.hostIP gives it: the host's end of the gate's link.
+    let node_ip = gate_net.node_addr.to_string();
+    let mut flags = podman_flags(spec, &volumes, "", &node_ip);
     // In place of the service account: the kubeconfig of the local API server.
     flags.push(format!(
         "--volume={}:/etc/draingate/kubeconfig:ro",
@@ -584,19 +606,31 @@ fn the_image_counts_a_pod_under_podman_as_the_daemonset_runs_it_and_the_gate_jud
         .expect("the agent's args")
         .iter()
         .map(|arg| {
-            let arg = arg.as_str().expect("an arg");
-            if arg.starts_with("--grpc-addr=") {
-                format!("--grpc-addr=0.0.0.0:{grpc_port}")
+            // The kubelet expands `$(NAME)` in args from the container's env.
+            let arg = expand_env(arg.as_str().expect("an arg"), &flags);
+            // The manifest's address on free ports (the host's own may be taken).
+            let (flag, port) = if arg.starts_with("--grpc-addr=") {
+                ("--grpc-addr=", grpc_port)
             } else if arg.starts_with("--http-addr=") {
-                format!("--http-addr=0.0.0.0:{http_port}")
+                ("--http-addr=", http_port)
             } else {
-                arg.to_owned()
-            }
+                return arg;
+            };
+            let (host, _) = arg[flag.len()..].rsplit_once(':').expect("HOST:PORT");
+            assert_eq!(
+                host, node_ip,
+                "the agent listens on the node's address only"
+            );
+            format!("{flag}{host}:{port}")
         })
         .collect();
     let started = Instant::now();
     let agent = Container::run("agent", &flags, &args);
-    agent.wait_http_ok(&format!("127.0.0.1:{http_port}"), "/readyz");
+    agent.wait_http_ok(&format!("{node_ip}:{http_port}"), "/readyz");
+    assert!(
+        TcpStream::connect(("127.0.0.1", http_port)).is_err(),
+        "the agent listens on the node's address, not on every interface"
+    );
     eprintln!(
         "the agent's container was ready in {:.1}s",
         started.elapsed().as_secs_f64()
@@ -680,6 +714,7 @@ fn the_image_counts_a_pod_under_podman_as_the_daemonset_runs_it_and_the_gate_jud
         gate_spec,
         &volumes,
         &format!("ns:{}", gate_net.pod.path().display()),
+        &node_ip,
     );
     let agent_addr = format!("{}:{grpc_port}", gate_net.node_addr);
     let args: Vec<String> = gate_container["args"]
