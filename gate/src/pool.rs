@@ -27,6 +27,15 @@ pub enum Discovery {
     Dns { host: String, port: u16 },
 }
 
+/// Why a fixed list of agents was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ListError {
+    #[error("agent {0:?} is not HOST:PORT")]
+    NotHostPort(String),
+    #[error("no agents given: use --agents, --agents-file or --agents-dns")]
+    Empty,
+}
+
 impl Discovery {
     /// `HOST:PORT` for DNS discovery.
     pub fn dns(spec: &str) -> Result<Self, String> {
@@ -43,6 +52,37 @@ impl Discovery {
             host: host.to_owned(),
             port,
         })
+    }
+
+    /// A fixed list: the `--agents` values, then the lines of an `--agents-file` (`#` starts a
+    /// comment; blank lines are skipped), each `HOST:PORT`, sorted, without duplicates.
+    ///
+    /// # Errors
+    /// An entry that is not `HOST:PORT` (named), or no agent at all.
+    pub fn listed(agents: &[String], file: Option<&str>) -> Result<Self, ListError> {
+        let mut list: Vec<String> = agents
+            .iter()
+            .map(|a| a.trim())
+            .chain(
+                file.unwrap_or_default()
+                    .lines()
+                    .map(|l| l.split('#').next().unwrap_or_default().trim()),
+            )
+            .filter(|a| !a.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if let Some(bad) = list.iter().find(|a| {
+            a.rsplit_once(':')
+                .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+        }) {
+            return Err(ListError::NotHostPort(bad.clone()));
+        }
+        list.sort();
+        list.dedup();
+        if list.is_empty() {
+            return Err(ListError::Empty);
+        }
+        Ok(Self::Static(list))
     }
 
     async fn targets(&self) -> Result<Vec<String>, String> {
@@ -234,5 +274,34 @@ async fn ask(channel: Channel, timeout: Duration) -> Result<pb::ListPodsResponse
             code => format!("{code:?}: {}", status.message()),
         }),
         Ok(Ok(response)) => Ok(response.into_inner()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Discovery, ListError};
+
+    #[test]
+    fn a_fixed_list_merges_flags_and_file_and_names_a_bad_entry() {
+        let flags = vec![" 10.0.0.6:9560".to_owned(), String::new()];
+        let file = "# the agents\n10.0.0.5:9560\n\n10.0.0.6:9560  # again\n[fd00::5]:9560\n";
+        assert_eq!(
+            Discovery::listed(&flags, Some(file)),
+            Ok(Discovery::Static(vec![
+                "10.0.0.5:9560".into(),
+                "10.0.0.6:9560".into(),
+                "[fd00::5]:9560".into(),
+            ]))
+        );
+        for bad in ["10.0.0.5", "10.0.0.5:http", ":9560", "10.0.0.5:70000"] {
+            assert_eq!(
+                Discovery::listed(&[bad.to_owned()], None),
+                Err(ListError::NotHostPort(bad.into()))
+            );
+        }
+        assert_eq!(
+            Discovery::listed(&[], Some("# nobody yet\n")),
+            Err(ListError::Empty)
+        );
     }
 }
