@@ -24,6 +24,7 @@ use prometheus_client::{
 pub mod api;
 pub mod check;
 mod history;
+pub mod hold;
 pub mod http;
 pub mod pool;
 mod query;
