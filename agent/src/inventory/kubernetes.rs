@@ -236,15 +236,16 @@ pub fn from_v1beta1(object: DynamicObject) -> Option<EndpointSlice> {
         .get_mut("endpoints")
         .and_then(serde_json::Value::as_array_mut)
     {
-        for endpoint in endpoints {
-            let host = endpoint
-                .pointer("/topology/kubernetes.io~1hostname")
-                .cloned();
-            if let (Some(host), Some(fields)) = (host, endpoint.as_object_mut()) {
+        for fields in endpoints
+            .iter_mut()
+            .filter_map(serde_json::Value::as_object_mut)
+        {
+            let host = fields.remove("topology").and_then(|mut t| {
+                t.get_mut("kubernetes.io/hostname")
+                    .map(serde_json::Value::take)
+            });
+            if let Some(host) = host {
                 fields.entry("nodeName").or_insert(host);
-            }
-            if let Some(fields) = endpoint.as_object_mut() {
-                fields.remove("topology");
             }
         }
     }
