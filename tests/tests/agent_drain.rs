@@ -54,12 +54,15 @@ fn connect(link: &Link, addr: SocketAddr) -> std::io::Result<TcpStream> {
         .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
 }
 
-/// Starts the test server in namespace `b` and waits until it accepts connections.
-fn start_server(link: &Link, mode: &str) -> (ChildGuard, SocketAddr) {
-    start_server_with(link, &["--mode", mode])
+/// Starts the test server in namespace `b` and waits until it accepts connections. The agent
+/// watches the pod's address first, so it counts every connection, the readiness probe's too
+/// (a connection accepted and closed before the agent knew the pod is not in its totals).
+fn start_server(agent: &TestAgent, link: &Link, mode: &str) -> (ChildGuard, SocketAddr) {
+    start_server_with(agent, link, &["--mode", mode])
 }
 
-fn start_server_with(link: &Link, args: &[&str]) -> (ChildGuard, SocketAddr) {
+fn start_server_with(agent: &TestAgent, link: &Link, args: &[&str]) -> (ChildGuard, SocketAddr) {
+    agent.wait_for_pod(link.b.name(), |p| !p.addresses.is_empty());
     let addr = SocketAddr::new(link.b_addr, PORT);
     let listen = addr.to_string();
     let mut all = vec!["--listen", listen.as_str()];
@@ -88,7 +91,7 @@ fn graceful_drain_under_load_passes() {
     require_root();
     let link = Link::new("grace", Family::V4);
     let agent = TestAgent::start();
-    let (mut server, addr) = start_server(&link, "graceful");
+    let (mut server, addr) = start_server(&agent, &link, "graceful");
     let pod_name = link.b.name().to_owned();
     wait_for_server(&agent, &pod_name);
 
@@ -162,7 +165,7 @@ fn abrupt_exit(family: Family, restart: bool) {
     require_root();
     let link = Link::new("abrupt", family);
     let mut agent = TestAgent::start();
-    let (server, addr) = start_server(&link, "abrupt");
+    let (server, addr) = start_server(&agent, &link, "abrupt");
     let pod_name = link.b.name().to_owned();
     wait_for_server(&agent, &pod_name);
 
@@ -319,7 +322,8 @@ fn a_connect_that_gets_no_answer_from_a_terminated_pod_fails_it_and_a_refusal_co
     let link = Link::new("peer", Family::V4);
     let agent = TestAgent::start();
     // It stops listening at SIGTERM and exits a second later.
-    let (mut server, addr) = start_server_with(&link, &["--mode", "slow", "--drain-time", "1s"]);
+    let (mut server, addr) =
+        start_server_with(&agent, &link, &["--mode", "slow", "--drain-time", "1s"]);
     let (pod_name, client_name) = (link.b.name().to_owned(), link.a.name().to_owned());
     wait_for_server(&agent, &pod_name);
     agent.wait_for_pod(&client_name, |p| !p.addresses.is_empty());
@@ -426,7 +430,7 @@ fn a_connection_closed_by_the_server_but_not_yet_acked_at_its_exit_is_not_cut() 
     require_root();
     let link = Link::new("lack", Family::V4);
     let agent = TestAgent::start();
-    let (mut server, addr) = start_server(&link, "graceful");
+    let (mut server, addr) = start_server(&agent, &link, "graceful");
     let pod_name = link.b.name().to_owned();
     wait_for_server(&agent, &pod_name);
     let mut conn = connect(&link, addr).expect("connect");
@@ -474,7 +478,7 @@ fn connections_a_killed_server_still_held_are_open_at_exit() {
     require_root();
     let link = Link::new("held", Family::V4);
     let agent = TestAgent::start();
-    let (mut server, addr) = start_server(&link, "ignore");
+    let (mut server, addr) = start_server(&agent, &link, "ignore");
     let pod_name = link.b.name().to_owned();
     wait_for_server(&agent, &pod_name);
     let mut conns: Vec<TcpStream> = (0..3)
@@ -507,7 +511,7 @@ fn a_pod_whose_connections_the_full_socket_table_missed_is_unknown_not_pass() {
     let agent = TestAgent::start_with(pins);
     // Another pod pair fills the table first: two held connections, four sockets.
     let filler = Link::new("fill", Family::V4);
-    let (_filler_server, filler_addr) = start_server(&filler, "ignore");
+    let (_filler_server, filler_addr) = start_server(&agent, &filler, "ignore");
     let filler_name = filler.b.name().to_owned();
     wait_for_server(&agent, &filler_name);
     // (Other tests' pods, which this agent watches too, may take cells as well: the table is
@@ -517,7 +521,7 @@ fn a_pod_whose_connections_the_full_socket_table_missed_is_unknown_not_pass() {
         .collect();
 
     let link = Link::new("untrk", Family::V4);
-    let (mut server, addr) = start_server(&link, "ignore");
+    let (mut server, addr) = start_server(&agent, &link, "ignore");
     let pod_name = link.b.name().to_owned();
     wait_for_server(&agent, &pod_name);
     let mut conns: Vec<TcpStream> = (0..3)
@@ -557,8 +561,8 @@ fn pods_that_went_away_while_no_agent_ran_are_reported_fail_or_unknown() {
     let agent = TestAgent::start();
     let failing = Link::new("downf", Family::V4);
     let clean = Link::new("downc", Family::V4);
-    let (mut server, _) = start_server(&failing, "ignore");
-    let (mut clean_server, _) = start_server(&clean, "graceful");
+    let (mut server, _) = start_server(&agent, &failing, "ignore");
+    let (mut clean_server, _) = start_server(&agent, &clean, "graceful");
     let (failing_name, clean_name) = (failing.b.name().to_owned(), clean.b.name().to_owned());
     wait_for_server(&agent, &failing_name);
     wait_for_server(&agent, &clean_name);
