@@ -28,7 +28,7 @@ pub struct ObservedPod {
     pub addresses: Vec<IpAddr>,
     /// Processes (tgids) inside the pod; empty when none are left.
     pub pids: Vec<u32>,
-    /// When the pod's deletion began (Kubernetes' deletionTimestamp), if it did: its termination
+    /// When the pod's deletion was asked for (Kubernetes' deletionTimestamp less its grace period), if it was: its termination
     /// window opens then, or at the first SIGTERM if that comes first.
     pub deleting_since: Option<std::time::SystemTime>,
     /// What the pod belongs to; empty for a bare local namespace.

@@ -4,7 +4,7 @@
 //! - Each pod gives its namespace, name, uid, IPs (`status.podIPs`), owner (its controlling
 //!   `ReplicaSet`'s Deployment, or Argo Rollout, named from the `ReplicaSet`'s name and the pod's
 //!   `pod-template-hash` / `rollouts-pod-template-hash` label, so no read access to `ReplicaSets` is
-//!   needed), its deletionTimestamp (which opens its termination window) and whether all its
+//!   needed), its deletion (deletionTimestamp less the grace period: it opens the termination window) and whether all its
 //!   containers terminated (its exit, as seen without hostPID).
 //! - `EndpointSlices` say when a pod stopped taking new connections from its Services: the first
 //!   time one of its endpoints is no longer `ready` (terminating endpoints stay listed with
@@ -24,7 +24,10 @@ use std::{
     time::SystemTime,
 };
 
-use k8s_openapi::api::{core::v1::Pod, discovery::v1::EndpointSlice};
+use k8s_openapi::{
+    api::{core::v1::Pod, discovery::v1::EndpointSlice},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 use kube::{
     Api, Client,
     api::{ApiResource, DynamicObject, GroupVersionKind},
@@ -404,10 +407,7 @@ pub fn observe(pod: &Pod) -> Option<ObservedPod> {
         },
         addresses,
         pids: Vec::new(),
-        deleting_since: meta
-            .deletion_timestamp
-            .as_ref()
-            .map(|t| SystemTime::from(t.0)),
+        deleting_since: deletion_requested(meta),
         meta: owner(pod),
         exited_at,
         left_endpoints: None,
@@ -420,6 +420,22 @@ pub fn observe(pod: &Pod) -> Option<ObservedPod> {
             .map(std::time::Duration::from_secs),
         netns: None,
     })
+}
+
+/// When the pod's deletion was asked for: its `deletionTimestamp` is not that, but the time the
+/// grace period ends (the API server sets it to the request's time plus
+/// `deletionGracePeriodSeconds`), so the window opens that many seconds before it. Both are in
+/// whole seconds: the window may open up to a second early, never late.
+fn deletion_requested(meta: &ObjectMeta) -> Option<SystemTime> {
+    let ends = SystemTime::from(meta.deletion_timestamp.as_ref()?.0);
+    let grace = meta
+        .deletion_grace_period_seconds
+        .and_then(|s| u64::try_from(s).ok())
+        .unwrap_or(0);
+    Some(
+        ends.checked_sub(std::time::Duration::from_secs(grace))
+            .unwrap_or(ends),
+    )
 }
 
 /// The pod's top owner and template hash.

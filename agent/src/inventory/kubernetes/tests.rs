@@ -109,3 +109,24 @@ fn a_pod_exits_only_when_deleted_and_every_container_terminated() {
         None
     );
 }
+
+#[test]
+fn the_window_opens_when_the_deletion_was_asked_for_not_when_its_grace_period_ends() {
+    // `kubectl delete` at 10:00:00 with a 30 s grace period: the API server writes 10:00:30.
+    let deleted = observe(&pod(json!({"metadata": {
+        "deletionTimestamp": "2026-11-23T10:00:30Z",
+        "deletionGracePeriodSeconds": 30}})))
+    .unwrap();
+    let asked: std::time::SystemTime = humantime::parse_rfc3339("2026-11-23T10:00:00Z").unwrap();
+    assert_eq!(deleted.deleting_since, Some(asked));
+    assert_eq!(
+        deleted.grace_period,
+        Some(std::time::Duration::from_secs(30))
+    );
+    // Without a grace period (a force delete), the timestamp is the request's time.
+    let forced = observe(&pod(
+        json!({"metadata": {"deletionTimestamp": "2026-11-23T10:00:00Z"}}),
+    ))
+    .unwrap();
+    assert_eq!(forced.deleting_since, Some(asked));
+}
