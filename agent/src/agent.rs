@@ -716,11 +716,16 @@ impl Agent {
         if let Some(deleting) = pod.deleting_since
             && drain.timeline.terminating_since.is_none()
         {
-            let boot_ns = self.boot_ns(deleting);
-            self.probes.open_window(drain.slot, boot_ns)?;
             // The kernel's window is the truth: a SIGTERM may have opened it first.
-            let since = self.probes.window_since(drain.slot)?.unwrap_or(boot_ns);
-            drain.open_window(self.wall(since));
+            if let Some(since) = self.probes.window_since(drain.slot)? {
+                drain.open_window(self.wall(since));
+            } else {
+                // The kernel counts from now on; the errors since the deletion are taken from
+                // their events.
+                self.probes
+                    .open_window(drain.slot, self.boot_ns(deleting))?;
+                drain.open_window_late(deleting, SystemTime::now());
+            }
         }
         if had_processes && drain.pids.is_empty() {
             drain.exited(now);

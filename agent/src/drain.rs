@@ -244,6 +244,12 @@ pub struct PodDrain {
     startup_no_answer: u64,
     /// The first error event outside the window.
     first_startup_error: Option<SystemTime>,
+    /// When the kernel began counting the window, when that was after the window's start (the
+    /// agent learned of a deletion late): errors between the two are only in the events.
+    window_counted_from: Option<SystemTime>,
+    /// Errors inside the window from before the kernel counted it (from their events), by
+    /// kind: resets sent, resets received, refusals, connects that got no answer.
+    late: [u64; 4],
 }
 
 impl PodDrain {
@@ -272,6 +278,8 @@ impl PodDrain {
             startup_after_ready: 0,
             startup_no_answer: 0,
             first_startup_error: None,
+            window_counted_from: None,
+            late: [0; 4],
         }
     }
 
@@ -290,9 +298,14 @@ impl PodDrain {
     pub fn startup(&self) -> Startup {
         let t = self.totals;
         let window = self.window();
-        let resets_sent = t.resets_sent.saturating_sub(window.resets_sent);
-        let resets_received = t.resets_received.saturating_sub(window.resets_received);
-        let refused = t.refused.saturating_sub(window.refused);
+        // The kernel's totals less its window's, less the window's errors it counted late.
+        let resets_sent = t
+            .resets_sent
+            .saturating_sub(window.resets_sent + self.late[0]);
+        let resets_received = t
+            .resets_received
+            .saturating_sub(window.resets_received + self.late[1]);
+        let refused = t.refused.saturating_sub(window.refused + self.late[2]);
         let no_answer = self.startup_no_answer;
         let errors = resets_sent + resets_received + refused + no_answer;
         let seen = self.startup_before_ready + self.startup_after_ready;
@@ -306,11 +319,52 @@ impl PodDrain {
         }
     }
 
+    fn count_late(late: &mut [u64; 4], kind: EventKind) {
+        let index = match kind {
+            EventKind::ResetSent => 0,
+            EventKind::ResetReceived => 1,
+            EventKind::Refused => 2,
+            _ => 3,
+        };
+        late[index] += 1;
+    }
+
     /// Records that the termination window opened at `at` (the kernel counts its share from
     /// then on), if not recorded yet.
     pub fn open_window(&mut self, at: SystemTime) {
         if self.timeline.terminating_since.is_none() {
             self.timeline.terminating_since = Some(at);
+        }
+    }
+
+    /// Records that the window opened at `at` though the kernel counts it only from `counted`
+    /// (the agent learned of the deletion late: the watch's delay, a resync, a pod deleted and
+    /// gone in between). The errors between the two are taken from their events, those seen so
+    /// far and those still to come, so that none of the window's errors is missed.
+    pub fn open_window_late(&mut self, at: SystemTime, counted: SystemTime) {
+        if self.timeline.terminating_since.is_some() {
+            return;
+        }
+        self.timeline.terminating_since = Some(at);
+        if counted <= at {
+            return;
+        }
+        self.window_counted_from = Some(counted);
+        let ready_at = self.timeline.ready_at;
+        for event in &mut self.events {
+            if event.is_error() && !event.in_window && event.time >= at && event.time < counted {
+                event.in_window = true;
+                Self::count_late(&mut self.late, event.kind);
+                // It was counted as a startup error when it came; it is the window's.
+                if event.kind == EventKind::PeerConnectFailed {
+                    self.startup_no_answer = self.startup_no_answer.saturating_sub(1);
+                }
+                if ready_at.is_some_and(|ready| event.time >= ready) {
+                    self.startup_after_ready = self.startup_after_ready.saturating_sub(1);
+                } else {
+                    self.startup_before_ready = self.startup_before_ready.saturating_sub(1);
+                }
+            }
         }
     }
 
@@ -398,7 +452,11 @@ impl PodDrain {
     #[must_use]
     pub fn errors(&self) -> u64 {
         let w = self.window();
-        w.resets_sent + w.resets_received + w.refused + self.peer_failures
+        w.resets_sent
+            + w.resets_received
+            + w.refused
+            + self.peer_failures
+            + self.late.iter().sum::<u64>()
     }
 
     /// Whether the window closed (its totals are final).
@@ -455,6 +513,10 @@ impl PodDrain {
                     self.peer_failures
                 );
             }
+            let late: u64 = self.late.iter().sum();
+            if late > 0 {
+                let _ = write!(reason, ", {late} before the agent learned of its deletion");
+            }
             return (Verdict::Fail, reason);
         }
         if let Some(open) = self.open_at_exit.filter(|&open| open > 0) {
@@ -472,11 +534,11 @@ impl PodDrain {
                 format!("{} connections still open", self.totals.open),
             );
         }
-        if !self.pids.is_empty() && self.timeline.exited_at.is_none() {
-            return (
-                Verdict::Pending,
-                "drained; waiting for its processes to exit".into(),
-            );
+        // Not before the exit: until then the pod may still accept connections and fail them.
+        // Every pod gets an exit: its last process's, its containers' (without hostPID), or its
+        // leaving the API server.
+        if self.timeline.exited_at.is_none() {
+            return (Verdict::Pending, "drained; waiting for it to exit".into());
         }
         (
             Verdict::Pass,
@@ -486,6 +548,16 @@ impl PodDrain {
 
     /// Adds an event, dropping the oldest beyond [`EVENTS_PER_POD`].
     pub fn push_event(&mut self, event: PodEvent) {
+        // (A peer's failure in the window is counted in `peer_failures` when it comes.)
+        if event.is_error()
+            && event.in_window
+            && event.kind != EventKind::PeerConnectFailed
+            && self
+                .window_counted_from
+                .is_some_and(|counted| event.time < counted)
+        {
+            Self::count_late(&mut self.late, event.kind);
+        }
         if event.is_error() && !event.in_window {
             if event.kind == EventKind::PeerConnectFailed {
                 self.startup_no_answer += 1;

@@ -1,7 +1,7 @@
-//! The readiness condition that holds a plain Deployment's rollout (issue 21's rule, before its
-//! controller): a new pod's `draingate.io/predecessors-drained` condition, from the old pods
-//! deleted before it was created (its predecessors, chosen from the API server's pods by the
-//! caller) and the gate's judgement of that rollout.
+//! The readiness condition that holds a plain Deployment's rollout: a new pod's
+//! `draingate.io/predecessors-drained` condition, from the old pods it waits for (its
+//! predecessors, which [`crate::controller`] chooses from the API server's pods) and the gate's
+//! judgement of that rollout.
 //!
 //! The rule, in order:
 //! - no predecessors (a scale-up, a crash replacement, the first surge pod): `True` at once;

@@ -23,6 +23,7 @@ use prometheus_client::{
 
 pub mod api;
 pub mod check;
+pub mod controller;
 mod history;
 pub mod hold;
 pub mod http;
@@ -221,7 +222,7 @@ impl Gate {
     }
 
     /// A round of the agents' answers; a new one goes into the metrics once.
-    async fn round(&self) -> std::sync::Arc<pool::Round> {
+    pub(crate) async fn round(&self) -> std::sync::Arc<pool::Round> {
         let (round, new) = self.pool.round().await;
         if new {
             self.observe(&round);

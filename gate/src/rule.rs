@@ -152,7 +152,7 @@ impl AgentAnswer {
         }
     }
 
-    fn who(&self) -> String {
+    pub(crate) fn who(&self) -> String {
         match &self.node {
             Some(node) => format!("node {node} (agent {})", self.target),
             None => format!("agent {}", self.target),

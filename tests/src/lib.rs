@@ -14,6 +14,7 @@ use std::{
 use nix::sched::{CloneFlags, setns};
 
 pub mod kube_api;
+pub mod kube_cluster;
 
 /// Panics, with the reason and the fix, unless the test runs as root. Kernel tests never skip
 /// silently: a run without root fails loudly.

@@ -4,6 +4,7 @@
 mod command;
 mod demo;
 mod image;
+mod kube;
 mod setup;
 mod test;
 mod vm;
@@ -42,6 +43,15 @@ enum Command {
     },
     /// Setup, then formatting and clippy only.
     Lint,
+    /// A real Kubernetes control plane for the tests: builds kube-apiserver and
+    /// kube-controller-manager v1.20.2 from Debian bookworm's `kubernetes` source package with
+    /// Debian's Go (about 5 minutes, once; fetched through a private apt configuration with a
+    /// deb-src line, the host's sources untouched), installs Debian's etcd, and prints the
+    /// directory of the binaries (`~/.cache/draingate/kube/v1.20.2/bin`, or under
+    /// `$XDG_CACHE_HOME`). Cached: a second run returns at once. `cargo xtask test` does this
+    /// before the kernel tests and gives them the directory as `$DRAINGATE_KUBE_BIN`. Runs no
+    /// `setup`: it needs none of it.
+    Kube,
     /// Setup, then draingate's OCI image (agent, gate and CLI: one binary): a release build, and
     /// one layer with the binary and exactly the shared libraries it loads (no shell, no package
     /// manager), user 65532, OCI labels; reproducible (same commit and build, same digest).
@@ -112,6 +122,7 @@ fn main() -> ExitCode {
         Command::Setup => setup::run().map(|_| ()),
         Command::Test => test::run(test::Scope::All),
         Command::Lint => test::run(test::Scope::LintOnly),
+        Command::Kube => kube::run(),
         Command::Demo { rate, replicas } => demo::run(rate, replicas),
         Command::Image {
             debug,

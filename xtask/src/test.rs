@@ -2,6 +2,7 @@
 //! one-line summary at the end.
 
 use std::{
+    ffi::OsStr,
     io::{BufRead as _, BufReader},
     process::{Command, Stdio},
     time::Instant,
@@ -118,8 +119,19 @@ pub(crate) fn run(scope: Scope) -> anyhow::Result<()> {
             })
             .map(|()| None)
         })?;
+        // kube-apiserver and kube-controller-manager for the tests that run a real control
+        // plane (tests/src/kube_cluster.rs): built once, minutes; cached afterwards.
+        let mut kube_bin = std::path::PathBuf::new();
+        step("kube control plane", &mut || {
+            kube_bin = crate::kube::ensure()?;
+            Ok(None)
+        })?;
         step("kernel tests", &mut || {
-            cargo_test(&["--package", "draingate-tests"]).map(Some)
+            cargo_test_with(
+                &["--package", "draingate-tests"],
+                &[("DRAINGATE_KUBE_BIN", kube_bin.as_os_str())],
+            )
+            .map(Some)
         })?;
         // The same counting on the kernels users run (Debian's 6.1, 6.12; 5.10 refused), each
         // booted under QEMU: one line per kernel, the guest's log on failure.
@@ -153,8 +165,14 @@ pub(crate) fn run(scope: Scope) -> anyhow::Result<()> {
 
 /// Runs `cargo test --locked ARGS`, echoing its output, and returns how many tests passed.
 fn cargo_test(args: &[&str]) -> anyhow::Result<u64> {
+    cargo_test_with(args, &[])
+}
+
+/// [`cargo_test`] with environment variables `envs` set for cargo and so for the tests.
+fn cargo_test_with(args: &[&str], envs: &[(&str, &OsStr)]) -> anyhow::Result<u64> {
     let mut cmd = cargo(None);
     cmd.args(["test", "--locked"]).args(args);
+    cmd.envs(envs.iter().copied());
     // Full backtraces of kernel test failures help more than the default one-liner.
     cmd.env("RUST_BACKTRACE", "1");
     let mut child = cmd

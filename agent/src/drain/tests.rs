@@ -216,3 +216,50 @@ fn an_exit_before_the_window_is_forgotten_when_processes_come_back() {
     );
     assert_eq!(pod.verdict(), Verdict::Fail);
 }
+
+#[test]
+fn errors_before_the_agent_learned_of_the_deletion_are_the_windows() {
+    // Deleted at 10; the agent learned of it at 12, when the kernel began counting the window.
+    let mut pod = pod();
+    pod.pids.clear();
+    pod.push_event(refusal(9, false, false));
+    pod.push_event(refusal(11, false, false));
+    pod.push_event(refusal(11, true, false));
+    pod.open_window_late(t(10), t(12));
+    assert_eq!(
+        pod.errors(),
+        1,
+        "the refusal at 11, not the one at 9 nor the probe's"
+    );
+    // One at 11.5 read from the ring after the window opened: in the window, not in the
+    // kernel's counters either. One at 13 is in the counters.
+    pod.push_event(refusal(11, false, true));
+    pod.push_event(refusal(13, false, true));
+    // The kernel's totals: the four clients' refusals, the one at 13 in its window.
+    pod.update_totals(
+        SlotTotals {
+            refused: 4,
+            win_refused: 1,
+            ..SlotTotals::default()
+        },
+        t(14),
+    );
+    pod.exited(t(14));
+    let (verdict, reason) = pod.verdict_and_reason();
+    assert_eq!((verdict, pod.errors()), (Verdict::Fail, 3), "{reason}");
+    assert!(reason.contains("2 before the agent learned"), "{reason}");
+    // And the startup errors keep only the one before the window.
+    assert_eq!(pod.startup().errors(), 1);
+}
+
+#[test]
+fn a_drained_pod_passes_only_once_it_exited() {
+    // No processes known (Kubernetes without hostPID): drained is not done.
+    let mut pod = pod();
+    pod.pids.clear();
+    pod.open_window(t(2));
+    pod.update_totals(totals(0, 0, 0), t(3));
+    assert_eq!(pod.verdict(), Verdict::Pending);
+    pod.exited(t(4));
+    assert_eq!(pod.verdict(), Verdict::Pass);
+}

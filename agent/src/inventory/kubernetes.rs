@@ -55,7 +55,23 @@ struct Shared {
     ready_in: HashMap<String, HashSet<String>>,
     /// When each pod left its Services' endpoints.
     left_endpoints: HashMap<String, SystemTime>,
+    /// Pods the API server deleted since the last snapshot, as deleted and exited: a pod that
+    /// was deleted and gone between two snapshots (a fast exit, a force delete) still has its
+    /// termination seen once, its window opened at its deletion, not only its disappearance.
+    departed: BTreeMap<String, ObservedPod>,
     status: KubeStatus,
+}
+
+/// Most departed pods kept between two snapshots (a snapshot is taken every second).
+const MAX_DEPARTED: usize = 4096;
+
+/// `pod` as it left the API server at `now`: deleted (when it was asked for, or now) and
+/// exited (its containers' end, or now).
+fn departed(pod: &Pod, now: SystemTime) -> Option<ObservedPod> {
+    let mut observed = observe(pod)?;
+    let deleting = *observed.deleting_since.get_or_insert(now);
+    observed.exited_at = Some(observed.exited_at.unwrap_or(now).max(deleting));
+    Some(observed)
 }
 
 /// The pods of this node as the API server describes them.
@@ -294,6 +310,11 @@ fn apply_pod_event(shared: &mut Shared, event: watcher::Event<Pod>) {
             if let Some(uid) = pod.metadata.uid.as_deref() {
                 shared.pods.remove(uid);
             }
+            if shared.departed.len() < MAX_DEPARTED
+                && let Some(observed) = departed(&pod, SystemTime::now())
+            {
+                shared.departed.insert(observed.id.uid.clone(), observed);
+            }
         }
     }
 }
@@ -500,10 +521,16 @@ impl InventorySource for KubernetesSource {
     }
 
     fn snapshot(&mut self) -> Result<Vec<ObservedPod>, InventoryError> {
-        let shared = lock(&self.shared);
+        let mut shared = lock(&self.shared);
+        let departed = std::mem::take(&mut shared.departed);
         Ok(shared
             .pods
             .values()
+            .chain(
+                departed
+                    .values()
+                    .filter(|p| !shared.pods.contains_key(&p.id.uid)),
+            )
             .map(|pod| ObservedPod {
                 left_endpoints: shared.left_endpoints.get(&pod.id.uid).copied(),
                 in_service: shared

@@ -61,6 +61,16 @@ pub(crate) struct GateServeArgs {
     /// How long a final verdict is kept.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     history_age: Duration,
+    /// Hold plain Deployments' rollouts: set the readiness gate condition
+    /// `draingate.io/predecessors-drained` on each new pod that has it in `spec.readinessGates`,
+    /// `True` once the old pods deleted in its rollout drained clean, `False` with a reason
+    /// (draining, drain failed, no evidence) until then. Needs the Kubernetes API (in the cluster, or
+    /// $KUBECONFIG) with pods get/list/watch and pods/status patch.
+    #[arg(long)]
+    hold: bool,
+    /// How often --hold looks at the held pods again.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, requires = "hold")]
+    hold_interval: Duration,
 }
 
 #[derive(Debug, clap::Args)]
@@ -122,11 +132,29 @@ pub(crate) async fn gate_serve(args: GateServeArgs) -> anyhow::Result<ExitCode> 
         history_size: args.history_size as usize,
         history_age: args.history_age,
     }));
+    let hold = if args.hold {
+        let client = kube::Client::try_default()
+            .await
+            .context("--hold needs the Kubernetes API (in a cluster, or $KUBECONFIG)")?;
+        let config = gate::controller::HoldConfig {
+            interval: args.hold_interval,
+        };
+        Some(tokio::spawn(gate::controller::run(
+            std::sync::Arc::clone(&gate),
+            client,
+            config,
+        )))
+    } else {
+        None
+    };
     let listen = gate::GateListen {
         http: args.http_addr,
         grpc: args.grpc_addr,
     };
     gate::serve(gate, &listen, shutdown_signal()).await?;
+    if let Some(hold) = hold {
+        hold.abort();
+    }
     Ok(ExitCode::SUCCESS)
 }
 
