@@ -61,7 +61,7 @@ fn kustomizations() -> Vec<String> {
         .map(|e| format!("deploy/overlays/{}", e.file_name().to_string_lossy()))
         .collect();
     overlays.sort();
-    for expected in ["image", "prometheus-operator"] {
+    for expected in ["hold", "image", "prometheus-operator"] {
         assert!(
             overlays.contains(&format!("deploy/overlays/{expected}")),
             "no overlay {expected}: {overlays:?}"
@@ -858,5 +858,64 @@ fn the_promql_scanner_reads_what_the_checks_rely_on() {
     assert_eq!(
         template_labels("{{ $labels.pod }} {{namespace}} {{ $value }}"),
         ["pod", "namespace"]
+    );
+}
+
+#[test]
+fn the_hold_overlay_runs_the_gate_with_hold_as_the_service_account_its_rbac_binds() {
+    let docs = kustomize("deploy/overlays/hold");
+    let gate = docs
+        .iter()
+        .find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == "draingate-gate")
+        .expect("the gate's Deployment");
+    let spec = &gate["spec"]["template"]["spec"];
+    let args = spec["containers"][0]["args"].as_array().expect("args");
+    assert!(args.iter().any(|a| a == "--hold"), "{args:?}");
+    assert_eq!(spec["automountServiceAccountToken"], true);
+    let binding = docs
+        .iter()
+        .find(|d| {
+            d["kind"] == "ClusterRoleBinding" && d["metadata"]["name"] == "draingate-gate-hold"
+        })
+        .expect("the gate's ClusterRoleBinding");
+    assert_eq!(binding["subjects"][0]["kind"], "ServiceAccount");
+    assert_eq!(
+        (
+            &binding["subjects"][0]["name"],
+            &binding["subjects"][0]["namespace"]
+        ),
+        (&spec["serviceAccountName"], &gate["metadata"]["namespace"])
+    );
+    // Read pods, write their status: nothing else (tests/tests/hold.rs runs the gate with
+    // exactly this on a real API server).
+    let role = docs
+        .iter()
+        .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "draingate-gate-hold")
+        .expect("the gate's ClusterRole");
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    let granted: BTreeSet<String> = role["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .flat_map(|rule| {
+            let resources = rule["resources"].as_array().cloned().unwrap_or_default();
+            let verbs = rule["verbs"].as_array().cloned().unwrap_or_default();
+            resources.into_iter().flat_map(move |r| {
+                verbs.clone().into_iter().map(move |v| {
+                    format!(
+                        "{} {}",
+                        r.as_str().unwrap_or("?"),
+                        v.as_str().unwrap_or("?")
+                    )
+                })
+            })
+        })
+        .collect();
+    assert_eq!(
+        granted,
+        ["pods get", "pods list", "pods watch", "pods/status patch"]
+            .map(str::to_owned)
+            .into_iter()
+            .collect::<BTreeSet<_>>()
     );
 }

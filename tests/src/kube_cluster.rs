@@ -52,7 +52,12 @@ const SERVICE_CLUSTER_IP_RANGE: &str = "198.19.0.0/16";
 /// The address the Node reports, from the benchmarking range.
 const NODE_ADDRESS: &str = "198.18.0.1";
 
+/// The user name of `ServiceAccount` `draingate/draingate-gate`, which
+/// [`KubeCluster::gate_kubeconfig_path`] authenticates as.
+pub const GATE_USER: &str = "system:serviceaccount:draingate:draingate-gate";
+
 /// A running control plane; dropping it stops the three processes and removes its directory.
+
 #[derive(Debug)]
 pub struct KubeCluster {
     /// etcd, kube-apiserver, kube-controller-manager, in start order (stopped in reverse).
@@ -235,6 +240,14 @@ impl KubeCluster {
         &self.kubeconfig
     }
 
+    /// A kubeconfig like [`Self::kubeconfig_path`]'s, as `ServiceAccount`
+    /// `draingate/draingate-gate` ([`GATE_USER`]) instead of the admin: it may do only what RBAC
+    /// bindings to that `ServiceAccount` allow.
+    #[must_use]
+    pub fn gate_kubeconfig_path(&self) -> PathBuf {
+        self.dir.join("kubeconfig-gate")
+    }
+
     /// Creates Node `name` and marks it Ready with address 198.18.0.1, as its kubelet would on
     /// registering. Nothing heartbeats afterwards, and nothing needs to: node lifecycle does not
     /// run. Blocking; may be called from a test's tokio runtime.
@@ -340,6 +353,13 @@ impl KubeCluster {
             ca = pki.join("ca.crt").display(),
             token = self.token,
         );
+        // The gate's identity: ServiceAccount draingate/draingate-gate's user name and groups,
+        // through a static token (there is no token controller), so RBAC bindings to that
+        // ServiceAccount, and only those, apply to it.
+        let gate_kubeconfig = kubeconfig.replace(
+            &format!("token: {}", self.token),
+            &format!("token: {}-gate", self.token),
+        );
         for (name, text) in [
             ("ca.crt", self.ca_pem.clone()),
             ("apiserver.crt", server_cert.pem()),
@@ -348,7 +368,11 @@ impl KubeCluster {
             ("sa.pub", sa_key.public_key_pem()),
             (
                 "tokens.csv",
-                format!("{},admin,admin,system:masters\n", self.token),
+                format!(
+                    "{token},admin,admin,system:masters\n\
+                     {token}-gate,{GATE_USER},draingate-gate,\"system:serviceaccounts,system:serviceaccounts:draingate\"\n",
+                    token = self.token
+                ),
             ),
         ] {
             let path = pki.join(name);
@@ -356,6 +380,9 @@ impl KubeCluster {
         }
         fs::write(&self.kubeconfig, kubeconfig)
             .unwrap_or_else(|err| panic!("write {}: {err}", self.kubeconfig.display()));
+        let gate = self.gate_kubeconfig_path();
+        fs::write(&gate, gate_kubeconfig)
+            .unwrap_or_else(|err| panic!("write {}: {err}", gate.display()));
         pki
     }
 

@@ -613,10 +613,13 @@ fn a_failed_connect_seen_only_on_another_node_fails_the_rollout_through_the_gate
     let (_gate, _http, gate) = gate_serve(&[grpc_a, grpc_b]);
     let rollout = json!({"namespace": "shop", "workload": "web", "old_hash": "7c9d5b8f4"});
 
-    // Deleted with nothing open: it drained clean, and the gate says so.
+    // Deleted with nothing open, and its container exited: it drained clean, and the gate says
+    // so (not before the exit: until then it could still fail clients).
     let mut deleting = server;
-    deleting["metadata"]["deletionTimestamp"] =
-        json!(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string());
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    deleting["metadata"]["deletionTimestamp"] = json!(now);
+    deleting["status"]["containerStatuses"][0]["state"] =
+        json!({"terminated": {"exitCode": 0, "startedAt": now, "finishedAt": now}});
     deleting["metadata"]["resourceVersion"] = json!("1002");
     api_a.pod_event("MODIFIED", &deleting);
     let (code, answer) = gate_check(&gate, &rollout, &["--wait", "--timeout", "30s"]);

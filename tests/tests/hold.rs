@@ -1,7 +1,9 @@
 //! The readiness gate holding a plain Deployment's rolling update, with every part real but the
 //! kubelet: kube-apiserver and kube-controller-manager 1.20 (built from Debian's source by
 //! `cargo xtask kube`) with etcd, the agent as the DaemonSet runs it (`--source kubernetes`,
-//! watching that API server), and `draingate gate serve --hold`. This test plays the kubelet of
+//! watching that API server), and `draingate gate serve --hold` authenticated as the
+//! `ServiceAccount` of `deploy/overlays/hold` with only that overlay's RBAC. This test plays the
+//! kubelet of
 //! node `node-a`: each pod it is given becomes a real network namespace with the test server in
 //! it and a client beside it; a pod's `Ready` condition is `True` only when its readiness gate's
 //! condition is (as the kubelet computes it); a deleted pod's server gets SIGTERM, and once it
@@ -286,6 +288,56 @@ impl Kubelet {
     }
 }
 
+/// Creates what `deploy/overlays/hold/rbac.yaml` declares (its namespace first), as the admin.
+fn grant_the_overlays_rbac(runtime: &tokio::runtime::Runtime, client: &kube::Client) {
+    use k8s_openapi::api::{
+        core::v1::{Namespace, ServiceAccount},
+        rbac::v1::{ClusterRole, ClusterRoleBinding},
+    };
+    use serde::Deserialize as _;
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/overlays/hold/rbac.yaml"
+    );
+    let text = std::fs::read_to_string(path).expect("deploy/overlays/hold/rbac.yaml");
+    let post = PostParams::default();
+    runtime.block_on(async {
+        Api::<Namespace>::all(client.clone())
+            .create(
+                &post,
+                &serde_json::from_value(json!({"metadata": {"name": "draingate"}})).unwrap(),
+            )
+            .await
+            .expect("create namespace draingate");
+        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+            let doc = Value::deserialize(doc).expect("a YAML document");
+            let kind = doc["kind"].as_str().unwrap_or_default().to_owned();
+            let created = match kind.as_str() {
+                "ServiceAccount" => Api::<ServiceAccount>::namespaced(client.clone(), "draingate")
+                    .create(
+                        &post,
+                        &serde_json::from_value(doc).expect("a ServiceAccount"),
+                    )
+                    .await
+                    .map(|_| ()),
+                "ClusterRole" => Api::<ClusterRole>::all(client.clone())
+                    .create(&post, &serde_json::from_value(doc).expect("a ClusterRole"))
+                    .await
+                    .map(|_| ()),
+                "ClusterRoleBinding" => Api::<ClusterRoleBinding>::all(client.clone())
+                    .create(
+                        &post,
+                        &serde_json::from_value(doc).expect("a ClusterRoleBinding"),
+                    )
+                    .await
+                    .map(|_| ()),
+                other => panic!("{path}: give this test kind {other:?}"),
+            };
+            created.unwrap_or_else(|err| panic!("create the overlay's {kind}: {err}"));
+        }
+    });
+}
+
 /// The cluster, the agent and the gate, and this kubelet.
 struct Rig {
     _cluster: KubeCluster,
@@ -315,6 +367,7 @@ impl Rig {
                 &serde_json::from_value(json!({"metadata": {"name": NAMESPACE}})).unwrap(),
             ))
             .expect("create the namespace");
+        grant_the_overlays_rbac(&runtime, &client);
         let logs =
             std::env::temp_dir().join(format!("draingate-hold-{test}-{}", std::process::id()));
         std::fs::create_dir_all(&logs).expect("log directory");
@@ -342,7 +395,8 @@ impl Rig {
                 .args(["--hold-interval", "200ms", "--agent-timeout", "1s"])
                 .args(["--http-addr", &gate_http])
                 .args(["--grpc-addr", &format!("127.0.0.1:{}", free_port())])
-                .env("KUBECONFIG", cluster.kubeconfig_path())
+                // As the overlay's ServiceAccount, with only its RBAC: least privilege works.
+                .env("KUBECONFIG", cluster.gate_kubeconfig_path())
                 .env("RUST_LOG", "info")
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(logs.join("gate.log")).expect("log"))

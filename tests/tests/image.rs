@@ -750,14 +750,17 @@ fn the_image_counts_a_pod_under_podman_as_the_daemonset_runs_it_and_the_gate_jud
         "the runtime's default filter: {status:?}"
     );
 
-    // The pod is deleted with nothing open: it drained clean, and the gate says pass.
+    // The pod is deleted with nothing open and its container exits: it drained clean, and the
+    // gate says pass.
     let mut deleting = listed;
-    deleting["metadata"]["deletionTimestamp"] =
-        json!(humantime::format_rfc3339_seconds(SystemTime::now()).to_string());
+    let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    deleting["metadata"]["deletionTimestamp"] = json!(now);
+    deleting["status"]["containerStatuses"][0]["state"] =
+        json!({"terminated": {"exitCode": 0, "startedAt": now, "finishedAt": now}});
     deleting["metadata"]["resourceVersion"] = json!("1002");
     api.pod_event("MODIFIED", &deleting);
-    wait_for("the termination", &agent, || {
-        pod_json(&socket, name).filter(|p| p["phase"] == "terminating")
+    wait_for("the exit", &agent, || {
+        pod_json(&socket, name).filter(|p| p["phase"] == "exited")
     });
     let (code, answer) = gate_check(&gate_grpc, &["--wait", "--timeout", "30s"]);
     assert_eq!(

@@ -140,14 +140,15 @@ fn the_watcher_follows_a_pod_from_listing_to_deletion() {
         "in no Service"
     );
 
-    // Deletion: the API sets deletionTimestamp; the termination window opens there.
+    // Deletion at 10:05:00 with a 30 s grace period: the API server writes the grace period's
+    // end in deletionTimestamp; the termination window opens at the deletion.
     let mut deleting = pod(
         "web-7c9d5b8f4-x2kqz",
         "uid-web-1",
         "10.1.0.10",
         Some(("web-7c9d5b8f4", "pod-template-hash", "7c9d5b8f4")),
     );
-    deleting["metadata"]["deletionTimestamp"] = json!("2026-11-23T10:05:00Z");
+    deleting["metadata"]["deletionTimestamp"] = json!("2026-11-23T10:05:30Z");
     deleting["metadata"]["deletionGracePeriodSeconds"] = json!(30);
     deleting["metadata"]["resourceVersion"] = json!("1002");
     api.pod_event("MODIFIED", &deleting);
