@@ -886,8 +886,8 @@ fn the_hold_overlay_runs_the_gate_with_hold_as_the_service_account_its_rbac_bind
         ),
         (&spec["serviceAccountName"], &gate["metadata"]["namespace"])
     );
-    // Read pods, write their status: nothing else (tests/tests/hold.rs runs the gate with
-    // exactly this on a real API server).
+    // Read pods, write their status, record Events, read a Deployment's uid: nothing else
+    // (tests/tests/hold.rs runs the gate with exactly this on a real API server).
     let role = docs
         .iter()
         .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "draingate-gate-hold")
@@ -913,9 +913,17 @@ fn the_hold_overlay_runs_the_gate_with_hold_as_the_service_account_its_rbac_bind
         .collect();
     assert_eq!(
         granted,
-        ["pods get", "pods list", "pods watch", "pods/status patch"]
-            .map(str::to_owned)
-            .into_iter()
-            .collect::<BTreeSet<_>>()
+        [
+            "deployments get",
+            "events create",
+            "events patch",
+            "pods get",
+            "pods list",
+            "pods watch",
+            "pods/status patch"
+        ]
+        .map(str::to_owned)
+        .into_iter()
+        .collect::<BTreeSet<_>>()
     );
 }

@@ -26,11 +26,18 @@ use std::{
 };
 
 use draingate_proto::v1 as pb;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    core::v1::{ObjectReference, Pod},
+};
 use kube::{
-    Api,
+    Api, Resource as _,
     api::{Patch, PatchParams},
-    runtime::{WatchStreamExt as _, watcher},
+    runtime::{
+        WatchStreamExt as _,
+        events::{Event, EventType, Recorder, Reporter},
+        watcher,
+    },
 };
 use tokio_stream::StreamExt as _;
 
@@ -210,6 +217,7 @@ fn gated(pod: &Pod) -> bool {
 struct Held {
     namespace: String,
     name: String,
+    uid: String,
     current: Option<(bool, String, String)>,
     workload: Option<(String, String)>,
     predecessors: Vec<Predecessor>,
@@ -263,6 +271,7 @@ fn held_pods(pods: &Pods) -> Vec<Held> {
         held.push(Held {
             namespace,
             name: pod.metadata.name.clone().unwrap_or_default(),
+            uid: pod.metadata.uid.clone().unwrap_or_default(),
             current,
             workload,
             predecessors,
@@ -347,6 +356,13 @@ pub async fn run(
             }
         }
     });
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "draingate-gate".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        },
+    );
     let mut ticker = tokio::time::interval(config.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!(
@@ -381,16 +397,24 @@ pub async fn run(
                 _ => None,
             };
             let decision = hold::decide(&pod.predecessors, judgement.as_ref());
-            set_condition(&client, &pod, decision).await;
+            if let Some(changed) = set_condition(&client, &pod, decision).await {
+                record(&client, &recorder, &pod, &changed).await;
+            }
         }
     }
 }
 
-/// Writes the condition through `pods/status` when it changed.
-async fn set_condition(client: &kube::Client, pod: &Held, decision: Hold) {
-    let Some(decision) = decision.after(pod.current.as_ref().map(|c| c.0)) else {
-        return;
-    };
+/// A condition the controller set: its status, reason and message.
+#[derive(Debug)]
+struct Changed {
+    released: bool,
+    reason: String,
+    message: String,
+}
+
+/// Writes the condition through `pods/status` when it changed; what it set.
+async fn set_condition(client: &kube::Client, pod: &Held, decision: Hold) -> Option<Changed> {
+    let decision = decision.after(pod.current.as_ref().map(|c| c.0))?;
     let (reason, message) = match &decision {
         Hold::Release { reason, message } => ((*reason).to_owned(), message.clone()),
         Hold::Held { reason, message } => (reason.as_str().to_owned(), message.clone()),
@@ -401,7 +425,7 @@ async fn set_condition(client: &kube::Client, pod: &Held, decision: Hold) {
     if pod.current.as_ref().is_some_and(|(is_true, r, m)| {
         (*is_true, r.as_str(), m.as_str()) == (status == "True", reason.as_str(), message.as_str())
     }) {
-        return;
+        return None;
     }
     let mut condition = serde_json::json!({
         "type": CONDITION_TYPE,
@@ -429,18 +453,73 @@ async fn set_condition(client: &kube::Client, pod: &Held, decision: Hold) {
         )
         .await
     {
-        Ok(_) => tracing::info!(
-            pod = %format!("{}/{}", pod.namespace, pod.name),
-            status,
-            reason,
-            message,
-            "readiness gate condition set"
-        ),
-        Err(err) => tracing::warn!(
-            pod = %format!("{}/{}", pod.namespace, pod.name),
-            error = %err,
-            "cannot set the readiness gate condition"
-        ),
+        Ok(_) => {
+            tracing::info!(
+                pod = %format!("{}/{}", pod.namespace, pod.name),
+                status,
+                reason,
+                message,
+                "readiness gate condition set"
+            );
+            Some(Changed {
+                released: status == "True",
+                reason,
+                message,
+            })
+        }
+        Err(err) => {
+            tracing::warn!(
+                pod = %format!("{}/{}", pod.namespace, pod.name),
+                error = %err,
+                "cannot set the readiness gate condition"
+            );
+            None
+        }
+    }
+}
+
+/// Records the decision as Kubernetes Events, so that it outlives the gate and
+/// `kubectl describe` shows it: on the pod for every release after predecessors and every
+/// failed drain, and on its Deployment for a failed drain (the rollout is held).
+async fn record(client: &kube::Client, recorder: &Recorder, pod: &Held, changed: &Changed) {
+    let (type_, action) = match (changed.released, changed.reason.as_str()) {
+        (true, "PredecessorsDrained") => (EventType::Normal, "Release"),
+        (false, "DrainFailed") => (EventType::Warning, "Hold"),
+        _ => return,
+    };
+    let event = Event {
+        type_,
+        reason: changed.reason.clone(),
+        note: Some(changed.message.chars().take(1024).collect()),
+        action: action.into(),
+        secondary: None,
+    };
+    let mut references = vec![ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        namespace: Some(pod.namespace.clone()),
+        name: Some(pod.name.clone()),
+        uid: Some(pod.uid.clone()),
+        ..ObjectReference::default()
+    }];
+    if !changed.released
+        && let Some((deployment, _)) = &pod.workload
+    {
+        // `kubectl describe deploy` finds Events by the Deployment's uid.
+        let api: Api<Deployment> = Api::namespaced(client.clone(), &pod.namespace);
+        match api.get(deployment).await {
+            Ok(d) => references.push(d.object_ref(&())),
+            Err(err) => tracing::warn!(
+                deployment = %format!("{}/{deployment}", pod.namespace),
+                error = %err,
+                "cannot name the Deployment in its Event"
+            ),
+        }
+    }
+    for reference in &references {
+        if let Err(err) = recorder.publish(&event, reference).await {
+            tracing::warn!(error = %err, "cannot record the Event");
+        }
     }
 }
 

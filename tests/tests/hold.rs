@@ -344,7 +344,7 @@ struct Rig {
     kubelet: Kubelet,
     deployments: Api<Deployment>,
     gate_http: String,
-    _agent: ChildGuard,
+    agent: Option<ChildGuard>,
     _gate: ChildGuard,
     _pins: PinDir,
     logs: std::path::PathBuf,
@@ -425,7 +425,7 @@ impl Rig {
             _cluster: cluster,
             kubelet,
             gate_http,
-            _agent: agent,
+            agent: Some(agent),
             _gate: gate,
             _pins: pins,
             logs,
@@ -531,6 +531,26 @@ impl Rig {
             .expect("update the Deployment");
     }
 
+    /// The Events with `reason` in the namespace: (the kind they are about, their note).
+    fn events(&self, reason: &str) -> Vec<(String, String)> {
+        let api: Api<k8s_openapi::api::events::v1::Event> =
+            Api::namespaced(self.kubelet.pods.clone().into_client(), NAMESPACE);
+        self.kubelet
+            .runtime
+            .block_on(api.list(&ListParams::default()))
+            .expect("list Events")
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some(reason))
+            .map(|e| {
+                (
+                    e.regarding.and_then(|r| r.kind).unwrap_or_default(),
+                    e.note.unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
     /// The rollout's verdict from the gate's HTTP face.
     fn verdict(&self) -> Value {
         let (status, body) = http_request(
@@ -603,6 +623,13 @@ fn a_clean_rollout_goes_on_and_each_new_pod_waited_for_the_old_ones_it_replaced(
         rig.logs()
     );
     assert!(rig.kubelet.clients.failures.values().all(|&f| f == 0));
+    // Each release after predecessors is an Event on the pod.
+    let events = rig.events("PredecessorsDrained");
+    assert_eq!(
+        events.iter().filter(|(kind, _)| kind == "Pod").count(),
+        2,
+        "{events:?}"
+    );
     let verdict = rig.verdict();
     assert_eq!(verdict["verdict"], "pass", "{verdict:#}");
 }
@@ -658,6 +685,56 @@ fn an_old_pod_that_drops_its_clients_holds_the_rollout_where_it_stands() {
     assert!(held[0].2.contains(&dropped), "{held:?} names {dropped}");
     let status = rig.deployment().status.unwrap_or_default();
     assert_eq!(status.ready_replicas, Some(3), "{status:#?}");
+    // `kubectl describe` shows it: a Warning Event on the Deployment and on the held pod.
+    let events = rig.events("DrainFailed");
+    for kind in ["Deployment", "Pod"] {
+        assert!(
+            events
+                .iter()
+                .any(|(k, note)| k == kind && note.contains(&dropped)),
+            "no DrainFailed Event on the {kind} naming {dropped}: {events:?}"
+        );
+    }
     let verdict = rig.verdict();
     assert_eq!(verdict["verdict"], "fail", "{verdict:#}");
+}
+
+/// An agent that cannot be asked leaves the gate without evidence: the new pod that replaced an
+/// old one stays `False`, `NoEvidence`, naming the agent, and the rollout stops there.
+#[test]
+fn an_unreachable_agent_holds_the_rollout_as_no_evidence() {
+    let mut rig = Rig::start("blind");
+    rig.create("graceful");
+    let old_hash = hash(&rig.pods()[0]);
+    rig.agent = None;
+    rig.update("graceful");
+    rig.run_until(
+        "a new pod held without evidence",
+        Duration::from_mins(1),
+        |rig| {
+            rig.pods().iter().any(|p| {
+                gate_reason(p)
+                    .is_some_and(|(status, reason, _)| status == "False" && reason == "NoEvidence")
+            })
+        },
+    );
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        rig.kubelet.step();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pods = rig.pods();
+    let serving = pods
+        .iter()
+        .filter(|p| hash(p) == old_hash && p.metadata.deletion_timestamp.is_none())
+        .count();
+    assert_eq!(serving, 2, "two old pods still serve: {pods:#?}");
+    let held: Vec<(String, String, String)> = pods
+        .iter()
+        .filter_map(gate_reason)
+        .filter(|(status, _, _)| status == "False")
+        .collect();
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(held[0].1, "NoEvidence");
+    assert!(held[0].2.contains("unreachable"), "{held:?}");
 }
