@@ -462,6 +462,15 @@ impl Rig {
             .items
     }
 
+    /// Runs the kubelet for `duration`, whatever happens.
+    fn keep_running(&mut self, duration: Duration) {
+        let until = Instant::now() + duration;
+        while Instant::now() < until {
+            self.kubelet.step();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Runs the kubelet until `done` holds, at most `within`.
     fn run_until(&mut self, what: &str, within: Duration, mut done: impl FnMut(&Self) -> bool) {
         let deadline = Instant::now() + within;
@@ -574,6 +583,13 @@ fn hash(pod: &Pod) -> String {
         .unwrap_or_default()
 }
 
+/// The gate's conditions that hold their pods (`False`): (status, reason, message).
+fn held<'a>(pods: impl Iterator<Item = &'a Pod>) -> Vec<(String, String, String)> {
+    pods.filter_map(gate_reason)
+        .filter(|(status, _, _)| status == "False")
+        .collect()
+}
+
 fn gate_reason(pod: &Pod) -> Option<(String, String, String)> {
     condition(pod, CONDITION).map(|c| {
         (
@@ -645,10 +661,9 @@ fn an_old_pod_that_drops_its_clients_holds_the_rollout_where_it_stands() {
     rig.update("graceful");
     // The first old pod replaced, and its clients' failures seen.
     rig.run_until("a new pod held", Duration::from_mins(1), |rig| {
-        rig.pods().iter().any(|p| {
-            gate_reason(p)
-                .is_some_and(|(status, reason, _)| status == "False" && reason == "DrainFailed")
-        })
+        held(rig.pods().iter())
+            .iter()
+            .any(|(_, reason, _)| reason == "DrainFailed")
     });
     let failed: Vec<(&String, &u64)> = rig
         .kubelet
@@ -665,21 +680,12 @@ fn an_old_pod_that_drops_its_clients_holds_the_rollout_where_it_stands() {
     let (dropped, _) = failed[0];
     let dropped = dropped.clone();
     // It stays that way: the rollout does not go on.
-    let until = Instant::now() + Duration::from_secs(8);
-    while Instant::now() < until {
-        rig.kubelet.step();
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    rig.keep_running(Duration::from_secs(8));
     let pods = rig.pods();
     let old: Vec<&Pod> = pods.iter().filter(|p| hash(p) == old_hash).collect();
     assert_eq!(old.len(), 2, "two old pods still serve: {pods:#?}");
     assert!(old.iter().all(|p| p.metadata.deletion_timestamp.is_none()));
-    let held: Vec<(String, String, String)> = pods
-        .iter()
-        .filter(|p| hash(p) != old_hash)
-        .filter_map(gate_reason)
-        .filter(|(status, _, _)| status == "False")
-        .collect();
+    let held = held(pods.iter().filter(|p| hash(p) != old_hash));
     assert_eq!(held.len(), 1, "{held:?}");
     assert_eq!(held[0].1, "DrainFailed");
     assert!(held[0].2.contains(&dropped), "{held:?} names {dropped}");
@@ -712,28 +718,19 @@ fn an_unreachable_agent_holds_the_rollout_as_no_evidence() {
         "a new pod held without evidence",
         Duration::from_mins(1),
         |rig| {
-            rig.pods().iter().any(|p| {
-                gate_reason(p)
-                    .is_some_and(|(status, reason, _)| status == "False" && reason == "NoEvidence")
-            })
+            held(rig.pods().iter())
+                .iter()
+                .any(|(_, reason, _)| reason == "NoEvidence")
         },
     );
-    let until = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < until {
-        rig.kubelet.step();
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    rig.keep_running(Duration::from_secs(5));
     let pods = rig.pods();
     let serving = pods
         .iter()
         .filter(|p| hash(p) == old_hash && p.metadata.deletion_timestamp.is_none())
         .count();
     assert_eq!(serving, 2, "two old pods still serve: {pods:#?}");
-    let held: Vec<(String, String, String)> = pods
-        .iter()
-        .filter_map(gate_reason)
-        .filter(|(status, _, _)| status == "False")
-        .collect();
+    let held = held(pods.iter());
     assert_eq!(held.len(), 1, "{held:?}");
     assert_eq!(held[0].1, "NoEvidence");
     assert!(held[0].2.contains("unreachable"), "{held:?}");

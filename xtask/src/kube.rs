@@ -323,7 +323,7 @@ impl SourceApt {
         ] {
             fs::create_dir_all(&sub).with_context(|| format!("creating {}", sub.display()))?;
         }
-        let mirror = host_mirror();
+        let (mirror, _) = crate::vm::host_mirrors();
         let keyring = "/usr/share/keyrings/debian-archive-keyring.gpg";
         let mut sources = String::from("# Written by cargo xtask kube (xtask/src/kube.rs).\n");
         for suite in SOURCE_SUITES {
@@ -365,46 +365,6 @@ impl SourceApt {
         run_checked(self.command("apt-get").args(["update", "-q"]))
             .context("apt-get update with the private deb-src sources failed")
     }
-}
-
-/// The host's Debian mirror (not the security one) from its apt sources, deb822 or one-line
-/// format; deb.debian.org when none is found.
-fn host_mirror() -> String {
-    let mut files: Vec<PathBuf> = fs::read_dir("/etc/apt/sources.list.d")
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .map(|entry| entry.path())
-                .filter(|path| {
-                    path.extension()
-                        .is_some_and(|ext| ext == "sources" || ext == "list")
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    files.sort();
-    files.push(PathBuf::from("/etc/apt/sources.list"));
-    let mut uris = Vec::new();
-    for text in files
-        .iter()
-        .filter_map(|path| fs::read_to_string(path).ok())
-    {
-        for line in text.lines().map(str::trim) {
-            if let Some(rest) = line.strip_prefix("URIs:") {
-                uris.extend(rest.split_whitespace().map(str::to_owned));
-            } else if let Some(rest) = line.strip_prefix("deb ") {
-                // deb [options] uri suite components
-                let rest = match rest.trim_start().strip_prefix('[') {
-                    Some(options) => options.split_once(']').map_or("", |(_, rest)| rest),
-                    None => rest,
-                };
-                uris.extend(rest.split_whitespace().next().map(str::to_owned));
-            }
-        }
-    }
-    uris.into_iter()
-        .find(|uri| uri.contains("debian") && !uri.contains("security"))
-        .unwrap_or_else(|| "http://deb.debian.org/debian".to_owned())
 }
 
 /// Generates `pkg/generated/openapi/zz_generated.openapi.go`, which the source tarball lacks

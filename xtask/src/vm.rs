@@ -673,21 +673,28 @@ impl PrivateApt {
 }
 
 /// The host's Debian mirror and security mirror, from its apt sources (deb822 or one-line
-/// format); deb.debian.org when none is found.
-fn host_mirrors() -> (String, String) {
-    let mut texts = Vec::new();
-    if let Ok(entries) = fs::read_dir("/etc/apt/sources.list.d") {
-        for entry in entries.filter_map(Result::ok) {
-            let path = entry.path();
-            if path
-                .extension()
-                .is_some_and(|ext| ext == "sources" || ext == "list")
-            {
-                texts.extend(fs::read_to_string(path).ok());
-            }
-        }
-    }
-    texts.extend(fs::read_to_string("/etc/apt/sources.list").ok());
+/// format); deb.debian.org when none is found. `cargo xtask kube` fetches its source package
+/// from the same mirror.
+pub(crate) fn host_mirrors() -> (String, String) {
+    // In apt's order: sources.list.d by name, then sources.list.
+    let mut paths: Vec<PathBuf> = fs::read_dir("/etc/apt/sources.list.d")
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|entry| entry.path())
+                .filter(|path| {
+                    path.extension()
+                        .is_some_and(|ext| ext == "sources" || ext == "list")
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    paths.sort();
+    paths.push("/etc/apt/sources.list".into());
+    let texts: Vec<String> = paths
+        .iter()
+        .filter_map(|path| fs::read_to_string(path).ok())
+        .collect();
     let mut uris = Vec::new();
     for text in &texts {
         for line in text.lines().map(str::trim) {
