@@ -886,44 +886,138 @@ fn the_hold_overlay_runs_the_gate_with_hold_as_the_service_account_its_rbac_bind
         ),
         (&spec["serviceAccountName"], &gate["metadata"]["namespace"])
     );
-    // Read pods, write their status, record Events, read a Deployment's uid: nothing else
-    // (tests/tests/hold.rs runs the gate with exactly this on a real API server).
+    // Read pods, write their status, record Events, read and pause a Deployment, write its own
+    // webhook's caBundle: nothing else (tests/tests/hold.rs runs the gate with exactly this on
+    // a real API server).
     let role = docs
         .iter()
         .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "draingate-gate-hold")
         .expect("the gate's ClusterRole");
     assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
-    let granted: BTreeSet<String> = role["rules"]
-        .as_array()
-        .expect("rules")
-        .iter()
-        .flat_map(|rule| {
-            let resources = rule["resources"].as_array().cloned().unwrap_or_default();
-            let verbs = rule["verbs"].as_array().cloned().unwrap_or_default();
-            resources.into_iter().flat_map(move |r| {
-                verbs.clone().into_iter().map(move |v| {
-                    format!(
-                        "{} {}",
-                        r.as_str().unwrap_or("?"),
-                        v.as_str().unwrap_or("?")
-                    )
-                })
-            })
-        })
-        .collect();
     assert_eq!(
-        granted,
-        [
+        granted(role),
+        set(&[
             "deployments get",
+            "deployments patch",
             "events create",
             "events patch",
+            "mutatingwebhookconfigurations get draingate-gate",
+            "mutatingwebhookconfigurations update draingate-gate",
             "pods get",
             "pods list",
             "pods watch",
-            "pods/status patch"
-        ]
-        .map(str::to_owned)
-        .into_iter()
-        .collect::<BTreeSet<_>>()
+            "pods/status patch",
+        ])
     );
+    // In its own namespace: its Lease and its webhook Secret, by name but for create.
+    let local = docs
+        .iter()
+        .find(|d| d["kind"] == "Role" && d["metadata"]["name"] == "draingate-gate-hold")
+        .expect("the gate's Role");
+    assert_eq!(
+        local["metadata"]["namespace"],
+        gate["metadata"]["namespace"]
+    );
+    assert!(docs.iter().any(|d| d["kind"] == "RoleBinding"
+        && d["roleRef"]["name"] == "draingate-gate-hold"
+        && d["subjects"][0]["name"] == spec["serviceAccountName"]));
+    assert_eq!(
+        granted(local),
+        set(&[
+            "leases create",
+            "leases get draingate-gate",
+            "leases update draingate-gate",
+            "secrets create",
+            "secrets get draingate-gate-webhook",
+            "secrets update draingate-gate-webhook",
+        ])
+    );
+    // Two replicas, and a webhook that never blocks pod creation, reaches the gate's webhook
+    // port through a Service, and only in labelled namespaces.
+    assert_eq!(gate["spec"]["replicas"], 2);
+    assert!(
+        args.iter().any(|a| a == "--webhook-addr=0.0.0.0:9563"),
+        "{args:?}"
+    );
+    let webhook = docs
+        .iter()
+        .find(|d| d["kind"] == "MutatingWebhookConfiguration")
+        .expect("the MutatingWebhookConfiguration");
+    let hook = &webhook["webhooks"][0];
+    assert_eq!(hook["failurePolicy"], "Ignore");
+    assert_eq!(hook["sideEffects"], "None");
+    assert_eq!(
+        hook["namespaceSelector"]["matchLabels"]["draingate.io/hold"],
+        "enabled"
+    );
+    assert_eq!(hook["rules"][0]["operations"][0], "CREATE");
+    let service = &hook["clientConfig"]["service"];
+    let target = docs
+        .iter()
+        .find(|d| {
+            d["kind"] == "Service"
+                && d["metadata"]["name"] == service["name"]
+                && d["metadata"]["namespace"] == service["namespace"]
+        })
+        .expect("the webhook's Service");
+    assert!(matches(
+        &target["spec"]["selector"],
+        &gate["spec"]["template"]["metadata"]["labels"]
+    ));
+    let port = target["spec"]["ports"]
+        .as_array()
+        .expect("ports")
+        .iter()
+        .find(|p| p["port"] == service["port"])
+        .expect("the webhook's Service port");
+    let container_ports = spec["containers"][0]["ports"].as_array().expect("ports");
+    assert!(
+        container_ports
+            .iter()
+            .any(|p| p["name"] == port["targetPort"] && p["containerPort"] == 9563),
+        "{container_ports:?}"
+    );
+    // The certificate the gate makes is for that Service's name (the flag's default).
+    let help = Command::new(env!("CARGO_BIN_EXE_draingate"))
+        .args(["gate", "serve", "--help"])
+        .output()
+        .expect("draingate gate serve --help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    let name = format!(
+        "{}.{}.svc",
+        service["name"].as_str().expect("a name"),
+        service["namespace"].as_str().expect("a namespace")
+    );
+    assert!(help.contains(&name), "--webhook-names defaults to {name}");
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// A role's grants, as "resource verb [name]".
+fn granted(role: &Value) -> BTreeSet<String> {
+    let mut grants = BTreeSet::new();
+    for rule in role["rules"].as_array().expect("rules") {
+        let names: Vec<&str> = rule["resourceNames"]
+            .as_array()
+            .map(|n| n.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        for resource in rule["resources"].as_array().into_iter().flatten() {
+            for verb in rule["verbs"].as_array().into_iter().flatten() {
+                let grant = format!(
+                    "{} {}",
+                    resource.as_str().unwrap_or("?"),
+                    verb.as_str().unwrap_or("?")
+                );
+                for name in &names {
+                    grants.insert(format!("{grant} {name}"));
+                }
+                if names.is_empty() {
+                    grants.insert(grant);
+                }
+            }
+        }
+    }
+    grants
 }

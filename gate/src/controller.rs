@@ -25,7 +25,6 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use draingate_proto::v1 as pb;
 use k8s_openapi::api::{
     apps::v1::Deployment,
     core::v1::{ObjectReference, Pod},
@@ -42,8 +41,8 @@ use kube::{
 use tokio_stream::StreamExt as _;
 
 use crate::{
-    Gate, Judgement, Kind, Query,
-    hold::{self, CONDITION_TYPE, Hold, Predecessor},
+    Gate, Kind, Query,
+    hold::{self, CONDITION_TYPE, Evidence, Hold, HoldReason, Predecessor},
     judge,
 };
 
@@ -54,11 +53,24 @@ pub const REMEMBER: Duration = Duration::from_hours(1);
 /// cluster that deletes many pods an hour).
 pub const MAX_REMEMBERED: usize = 100_000;
 
+/// What the controller does to a Deployment when one of its old pods failed its drain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnFail {
+    /// Only hold (the new pod stays unready) and record the Events.
+    #[default]
+    None,
+    /// Also pause the Deployment (`spec.paused`): the controller creates no more pods for it
+    /// until a person resumes it (`kubectl rollout resume`), even if the held pod were deleted.
+    Pause,
+}
+
 /// How the controller runs.
 #[derive(Debug, Clone)]
 pub struct HoldConfig {
     /// How often the held pods are looked at again.
     pub interval: Duration,
+    /// What a failed drain does to the Deployment.
+    pub on_fail: OnFail,
 }
 
 /// Why the controller stopped.
@@ -223,11 +235,12 @@ struct Held {
     predecessors: Vec<Predecessor>,
 }
 
-/// The pods waiting for a decision, each with its predecessors.
-fn held_pods(pods: &Pods) -> Vec<Held> {
-    let mut held = Vec::new();
-    // When each version's rollout began: its oldest live pod's creation.
-    let mut began: HashMap<(String, String, String), SystemTime> = HashMap::new();
+/// A version of a Deployment: (namespace, Deployment, pod-template-hash).
+type Version = (String, String, String);
+
+/// When each version's rollout began: the creation of its oldest live pod.
+fn rollout_starts(pods: &Pods) -> HashMap<Version, SystemTime> {
+    let mut began: HashMap<Version, SystemTime> = HashMap::new();
     for pod in pods.live.values() {
         if let (Some((deployment, hash)), Some(created)) =
             (deployment_of(pod), pod.metadata.creation_timestamp.as_ref())
@@ -240,6 +253,57 @@ fn held_pods(pods: &Pods) -> Vec<Held> {
                 .or_insert(created);
         }
     }
+    began
+}
+
+/// The pods `version` replaced: those of its Deployment with another hash whose deletion was
+/// asked for since its rollout began, sorted by name.
+fn replaced_by(
+    pods: &Pods,
+    version: &Version,
+    began: &HashMap<Version, SystemTime>,
+) -> Vec<Predecessor> {
+    let (namespace, deployment, hash) = version;
+    let since = began
+        .get(version)
+        .copied()
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let mut replaced: Vec<Predecessor> = pods
+        .deleted
+        .values()
+        .filter(|d| {
+            &d.pod.namespace == namespace
+                && d.asked_at >= since
+                && d.workload
+                    .as_ref()
+                    .is_some_and(|(dep, h)| dep == deployment && h != hash)
+        })
+        .map(|d| d.pod.clone())
+        .collect();
+    replaced.sort_by(|a, b| a.name.cmp(&b.name));
+    replaced
+}
+
+/// A finished rollout whose final verdict was recorded: when it was recorded (to forget it), and
+/// the wall-clock time (pods of its version created after it belong to no rollout).
+#[derive(Debug, Clone, Copy)]
+struct Recorded {
+    seen: Instant,
+    at: SystemTime,
+}
+
+fn whole_seconds(at: SystemTime) -> SystemTime {
+    let since = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    SystemTime::UNIX_EPOCH + Duration::from_secs(since.as_secs())
+}
+
+/// The pods waiting for a decision, each with its predecessors. A pod created after its
+/// version's rollout finished (a scale-up, a crash replacement) has none.
+fn held_pods(pods: &Pods, recorded: &HashMap<Version, Recorded>) -> Vec<Held> {
+    let mut held = Vec::new();
+    let began = rollout_starts(pods);
     for pod in pods.live.values().filter(|p| gated(p)) {
         let current = current_condition(pod);
         if current.as_ref().is_some_and(|c| c.0) {
@@ -247,27 +311,29 @@ fn held_pods(pods: &Pods) -> Vec<Held> {
         }
         let namespace = pod.metadata.namespace.clone().unwrap_or_default();
         let workload = deployment_of(pod);
-        let mut predecessors: Vec<Predecessor> = match &workload {
+        let created = pod
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| SystemTime::from(t.0));
+        let predecessors = match &workload {
             None => Vec::new(),
             Some((deployment, hash)) => {
-                let since = began
-                    .get(&(namespace.clone(), deployment.clone(), hash.clone()))
-                    .copied()
-                    .unwrap_or(SystemTime::UNIX_EPOCH);
-                pods.deleted
-                    .values()
-                    .filter(|d| {
-                        d.pod.namespace == namespace
-                            && d.asked_at >= since
-                            && d.workload
-                                .as_ref()
-                                .is_some_and(|(dep, h)| dep == deployment && h != hash)
-                    })
-                    .map(|d| d.pod.clone())
-                    .collect()
+                let version = (namespace.clone(), deployment.clone(), hash.clone());
+                // Creation times are whole seconds: a pod created in the second the rollout's
+                // verdict was recorded counts as after it (every pod of the rollout was created
+                // before its last old pod was deleted, so before it finished).
+                let after_rollout = recorded
+                    .get(&version)
+                    .zip(created)
+                    .is_some_and(|(r, created)| created >= whole_seconds(r.at));
+                if after_rollout {
+                    Vec::new()
+                } else {
+                    replaced_by(pods, &version, &began)
+                }
             }
         };
-        predecessors.sort_by(|a, b| a.name.cmp(&b.name));
         held.push(Held {
             namespace,
             name: pod.metadata.name.clone().unwrap_or_default(),
@@ -281,15 +347,60 @@ fn held_pods(pods: &Pods) -> Vec<Held> {
     held
 }
 
-/// The evidence for one Deployment's rollout: its judgement where the agents name it, with
-/// every agent's own terminating pods added (a pod its agent cannot attribute to the Deployment
-/// is still found by uid or name), and the agents that could not be asked.
+/// A rollout whose Deployment runs only its new version now (no old pod left, none
+/// terminating), for the final verdict over the pods it replaced.
+#[derive(Debug)]
+struct Finished {
+    version: Version,
+    replaced: Vec<Predecessor>,
+}
+
+/// The held Deployments' rollouts that finished and are not yet `recorded`.
+fn finished_rollouts(pods: &Pods, recorded: &HashMap<Version, Recorded>) -> Vec<Finished> {
+    // Per Deployment: the hashes of its live pods, whether one is terminating, and whether the
+    // readiness gate holds it.
+    let mut deployments: HashMap<(String, String), (Vec<String>, bool, bool)> = HashMap::new();
+    for pod in pods.live.values() {
+        let Some((deployment, hash)) = deployment_of(pod) else {
+            continue;
+        };
+        let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+        let entry = deployments.entry((namespace, deployment)).or_default();
+        if !entry.0.contains(&hash) {
+            entry.0.push(hash);
+        }
+        entry.1 |= pod.metadata.deletion_timestamp.is_some();
+        entry.2 |= gated(pod);
+    }
+    let began = rollout_starts(pods);
+    let mut finished: Vec<Finished> = deployments
+        .into_iter()
+        .filter_map(|((namespace, deployment), (hashes, terminating, gated))| {
+            let [hash] = <[String; 1]>::try_from(hashes).ok()?;
+            if terminating || !gated {
+                return None;
+            }
+            let version = (namespace, deployment, hash);
+            if recorded.contains_key(&version) {
+                return None;
+            }
+            let replaced = replaced_by(pods, &version, &began);
+            (!replaced.is_empty()).then_some(Finished { version, replaced })
+        })
+        .collect();
+    finished.sort_by(|a, b| a.version.cmp(&b.version));
+    finished
+}
+
+/// The evidence for one Deployment's rollout: its judgement's pods where the agents name it,
+/// with every agent's own terminating pods added (a pod its agent cannot attribute to the
+/// Deployment is still found by uid or name), and the agents that could not be asked.
 fn evidence(
     round: &crate::pool::Round,
     namespace: &str,
     deployment: &str,
     new_hash: &str,
-) -> Judgement {
+) -> Evidence {
     let query = Query {
         namespace: namespace.to_owned(),
         kind: Kind::Deployment,
@@ -317,21 +428,7 @@ fn evidence(
             Err(_) => unreachable.push(answer.who()),
         }
     }
-    Judgement {
-        verdict: pb::Verdict::Pending,
-        reason: String::new(),
-        terminating_pods: 0,
-        drained_pods: 0,
-        inflight_at_kill: 0,
-        resets: 0,
-        failed_requests: 0,
-        pods,
-        unreachable,
-        agents: u32::try_from(round.answers.len()).unwrap_or(u32::MAX),
-        agents_answered: 0,
-        checked_at: round.at,
-        from_history: false,
-    }
+    Evidence { pods, unreachable }
 }
 
 /// Runs the controller until the watch ends (it retries with backoff on its own, so only at
@@ -356,17 +453,24 @@ pub async fn run(
             }
         }
     });
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: "draingate-gate".into(),
-            instance: std::env::var("POD_NAME").ok(),
-        },
-    );
+    let writer = Writer {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "draingate-gate".into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        ),
+        client,
+        on_fail: config.on_fail,
+    };
+    // The rollouts whose final verdict is recorded, and when.
+    let mut recorded: HashMap<Version, Recorded> = HashMap::new();
     let mut ticker = tokio::time::interval(config.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!(
         condition = CONDITION_TYPE,
+        on_fail = ?config.on_fail,
         "holding rollouts through the readiness gate"
     );
     loop {
@@ -374,31 +478,57 @@ pub async fn run(
         if watch.is_finished() {
             return Err(HoldError::WatchEnded);
         }
-        let held = {
+        let (held, finished) = {
             let mut pods = pods
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            pods.forget_old(Instant::now());
-            held_pods(&pods)
+            let now = Instant::now();
+            pods.forget_old(now);
+            recorded.retain(|_, r| now.duration_since(r.seen) < REMEMBER);
+            (
+                held_pods(&pods, &recorded),
+                finished_rollouts(&pods, &recorded),
+            )
         };
-        if held.is_empty() {
+        if held.is_empty() && finished.is_empty() {
             continue;
         }
-        let round = if held.iter().any(|h| !h.predecessors.is_empty()) {
+        let round = if held.iter().any(|h| !h.predecessors.is_empty()) || !finished.is_empty() {
             Some(gate.round().await)
         } else {
             None
         };
         for pod in held {
-            let judgement = match (&round, &pod.workload) {
+            let evidence = match (&round, &pod.workload) {
                 (Some(round), Some((deployment, hash))) => {
                     Some(evidence(round, &pod.namespace, deployment, hash))
                 }
                 _ => None,
             };
-            let decision = hold::decide(&pod.predecessors, judgement.as_ref());
-            if let Some(changed) = set_condition(&client, &pod, decision).await {
-                record(&client, &recorder, &pod, &changed).await;
+            let decision = hold::decide(&pod.predecessors, evidence.as_ref());
+            if let Some(changed) = writer.set_condition(&pod, decision).await {
+                writer.record(&pod, &changed).await;
+            }
+        }
+        if let Some(round) = &round {
+            for rollout in finished {
+                let (namespace, deployment, hash) = &rollout.version;
+                let evidence = evidence(round, namespace, deployment, hash);
+                if writer
+                    .record_rollout(&rollout, hold::decide(&rollout.replaced, Some(&evidence)))
+                    .await
+                {
+                    if recorded.len() >= MAX_REMEMBERED {
+                        recorded.clear();
+                    }
+                    recorded.insert(
+                        rollout.version,
+                        Recorded {
+                            seen: Instant::now(),
+                            at: SystemTime::now(),
+                        },
+                    );
+                }
             }
         }
     }
@@ -412,114 +542,226 @@ struct Changed {
     message: String,
 }
 
-/// Writes the condition through `pods/status` when it changed; what it set.
-async fn set_condition(client: &kube::Client, pod: &Held, decision: Hold) -> Option<Changed> {
-    let decision = decision.after(pod.current.as_ref().map(|c| c.0))?;
-    let (reason, message) = match &decision {
-        Hold::Release { reason, message } => ((*reason).to_owned(), message.clone()),
-        Hold::Held { reason, message } => (reason.as_str().to_owned(), message.clone()),
-    };
-    let status = decision.status();
-    // A bounded message: the API server keeps it in every pod's status.
-    let message: String = message.chars().take(1024).collect();
-    if pod.current.as_ref().is_some_and(|(is_true, r, m)| {
-        (*is_true, r.as_str(), m.as_str()) == (status == "True", reason.as_str(), message.as_str())
-    }) {
-        return None;
-    }
-    let mut condition = serde_json::json!({
-        "type": CONDITION_TYPE,
-        "status": status,
-        "reason": reason,
-        "message": message,
-    });
-    // The transition time changes only with the status.
-    if pod
-        .current
-        .as_ref()
-        .is_none_or(|c| c.0 != (status == "True"))
-    {
-        condition["lastTransitionTime"] = humantime::format_rfc3339_seconds(SystemTime::now())
-            .to_string()
-            .into();
-    }
-    let patch = serde_json::json!({"status": {"conditions": [condition]}});
-    let api: Api<Pod> = Api::namespaced(client.clone(), &pod.namespace);
-    match api
-        .patch_status(
-            &pod.name,
-            &PatchParams::default(),
-            &Patch::Strategic(&patch),
-        )
-        .await
-    {
-        Ok(_) => {
-            tracing::info!(
-                pod = %format!("{}/{}", pod.namespace, pod.name),
-                status,
-                reason,
-                message,
-                "readiness gate condition set"
-            );
-            Some(Changed {
-                released: status == "True",
-                reason,
-                message,
-            })
-        }
-        Err(err) => {
-            tracing::warn!(
-                pod = %format!("{}/{}", pod.namespace, pod.name),
-                error = %err,
-                "cannot set the readiness gate condition"
-            );
-            None
-        }
-    }
+/// What the controller writes to the API server.
+struct Writer {
+    client: kube::Client,
+    recorder: Recorder,
+    on_fail: OnFail,
 }
 
-/// Records the decision as Kubernetes Events, so that it outlives the gate and
-/// `kubectl describe` shows it: on the pod for every release after predecessors and every
-/// failed drain, and on its Deployment for a failed drain (the rollout is held).
-async fn record(client: &kube::Client, recorder: &Recorder, pod: &Held, changed: &Changed) {
-    let (type_, action) = match (changed.released, changed.reason.as_str()) {
-        (true, "PredecessorsDrained") => (EventType::Normal, "Release"),
-        (false, "DrainFailed") => (EventType::Warning, "Hold"),
-        _ => return,
-    };
-    let event = Event {
-        type_,
-        reason: changed.reason.clone(),
-        note: Some(changed.message.chars().take(1024).collect()),
-        action: action.into(),
-        secondary: None,
-    };
-    let mut references = vec![ObjectReference {
-        api_version: Some("v1".into()),
-        kind: Some("Pod".into()),
-        namespace: Some(pod.namespace.clone()),
-        name: Some(pod.name.clone()),
-        uid: Some(pod.uid.clone()),
-        ..ObjectReference::default()
-    }];
-    if !changed.released
-        && let Some((deployment, _)) = &pod.workload
-    {
-        // `kubectl describe deploy` finds Events by the Deployment's uid.
-        let api: Api<Deployment> = Api::namespaced(client.clone(), &pod.namespace);
-        match api.get(deployment).await {
-            Ok(d) => references.push(d.object_ref(&())),
-            Err(err) => tracing::warn!(
-                deployment = %format!("{}/{deployment}", pod.namespace),
-                error = %err,
-                "cannot name the Deployment in its Event"
-            ),
+impl Writer {
+    /// Writes the condition through `pods/status` when it changed; what it set.
+    async fn set_condition(&self, pod: &Held, decision: Hold) -> Option<Changed> {
+        let decision = decision.after(pod.current.as_ref().map(|c| c.0))?;
+        let (reason, message) = match &decision {
+            Hold::Release { reason, message } => ((*reason).to_owned(), message.clone()),
+            Hold::Held { reason, message } => (reason.as_str().to_owned(), message.clone()),
+        };
+        let status = decision.status();
+        // A bounded message: the API server keeps it in every pod's status.
+        let message: String = message.chars().take(1024).collect();
+        if pod.current.as_ref().is_some_and(|(is_true, r, m)| {
+            (*is_true, r.as_str(), m.as_str())
+                == (status == "True", reason.as_str(), message.as_str())
+        }) {
+            return None;
+        }
+        let mut condition = serde_json::json!({
+            "type": CONDITION_TYPE,
+            "status": status,
+            "reason": reason,
+            "message": message,
+        });
+        // The transition time changes only with the status.
+        if pod
+            .current
+            .as_ref()
+            .is_none_or(|c| c.0 != (status == "True"))
+        {
+            condition["lastTransitionTime"] = humantime::format_rfc3339_seconds(SystemTime::now())
+                .to_string()
+                .into();
+        }
+        let patch = serde_json::json!({"status": {"conditions": [condition]}});
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
+        match api
+            .patch_status(
+                &pod.name,
+                &PatchParams::default(),
+                &Patch::Strategic(&patch),
+            )
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(
+                    pod = %format!("{}/{}", pod.namespace, pod.name),
+                    status,
+                    reason,
+                    message,
+                    "readiness gate condition set"
+                );
+                Some(Changed {
+                    released: status == "True",
+                    reason,
+                    message,
+                })
+            }
+            Err(err) => {
+                tracing::warn!(
+                    pod = %format!("{}/{}", pod.namespace, pod.name),
+                    error = %err,
+                    "cannot set the readiness gate condition"
+                );
+                None
+            }
         }
     }
-    for reference in &references {
-        if let Err(err) = recorder.publish(&event, reference).await {
-            tracing::warn!(error = %err, "cannot record the Event");
+
+    /// The Deployment's reference for its Events (`kubectl describe deploy` finds Events by
+    /// its uid).
+    async fn deployment_ref(&self, namespace: &str, name: &str) -> Option<ObjectReference> {
+        let api: Api<Deployment> = Api::namespaced(self.client.clone(), namespace);
+        match api.get(name).await {
+            Ok(d) => Some(d.object_ref(&())),
+            Err(err) => {
+                tracing::warn!(
+                    deployment = %format!("{namespace}/{name}"),
+                    error = %err,
+                    "cannot name the Deployment in its Event"
+                );
+                None
+            }
         }
+    }
+
+    async fn publish(&self, event: &Event, references: &[ObjectReference]) {
+        for reference in references {
+            if let Err(err) = self.recorder.publish(event, reference).await {
+                tracing::warn!(error = %err, "cannot record the Event");
+            }
+        }
+    }
+
+    /// Records the decision as Kubernetes Events, so that it outlives the gate and
+    /// `kubectl describe` shows it: on the pod for every release after predecessors and every
+    /// failed drain, and on its Deployment for a failed drain (the rollout is held), which
+    /// `--on-fail pause` also pauses.
+    async fn record(&self, pod: &Held, changed: &Changed) {
+        let (type_, action) = match (changed.released, changed.reason.as_str()) {
+            (true, "PredecessorsDrained") => (EventType::Normal, "Release"),
+            (false, "DrainFailed") => (EventType::Warning, "Hold"),
+            _ => return,
+        };
+        let event = Event {
+            type_,
+            reason: changed.reason.clone(),
+            note: Some(changed.message.chars().take(1024).collect()),
+            action: action.into(),
+            secondary: None,
+        };
+        let mut references = vec![ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            namespace: Some(pod.namespace.clone()),
+            name: Some(pod.name.clone()),
+            uid: Some(pod.uid.clone()),
+            ..ObjectReference::default()
+        }];
+        let deployment = match (&pod.workload, changed.released) {
+            (Some((deployment, _)), false) => self.deployment_ref(&pod.namespace, deployment).await,
+            _ => None,
+        };
+        references.extend(deployment.clone());
+        self.publish(&event, &references).await;
+        if let (Some(reference), OnFail::Pause) = (deployment, self.on_fail) {
+            self.pause(&reference, &changed.message).await;
+        }
+    }
+
+    /// Pauses the Deployment (`spec.paused`), with an Event that says why.
+    async fn pause(&self, deployment: &ObjectReference, why: &str) {
+        let (Some(namespace), Some(name)) = (&deployment.namespace, &deployment.name) else {
+            return;
+        };
+        let api: Api<Deployment> = Api::namespaced(self.client.clone(), namespace);
+        let patch = serde_json::json!({"spec": {"paused": true}});
+        if let Err(err) = api
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            tracing::warn!(
+                deployment = %format!("{namespace}/{name}"),
+                error = %err,
+                "cannot pause the Deployment"
+            );
+            return;
+        }
+        tracing::warn!(deployment = %format!("{namespace}/{name}"), "paused the Deployment");
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "RolloutPaused".into(),
+            note: Some(
+                format!(
+                    "paused by draingate (--on-fail pause): {why}; `kubectl rollout resume` \
+                     once fixed"
+                )
+                .chars()
+                .take(1024)
+                .collect(),
+            ),
+            action: "Pause".into(),
+            secondary: None,
+        };
+        self.publish(&event, std::slice::from_ref(deployment)).await;
+    }
+
+    /// Records a finished rollout's final verdict over the pods it replaced as an Event on its
+    /// Deployment: `RolloutDrained` (every replaced pod passed) or `RolloutDrainFailed`. Whether
+    /// it is final (an outcome still unknown or draining is recorded later).
+    async fn record_rollout(&self, rollout: &Finished, decision: Hold) -> bool {
+        let (namespace, deployment, hash) = &rollout.version;
+        let names: Vec<&str> = rollout.replaced.iter().map(|p| p.name.as_str()).collect();
+        let (type_, reason, note) = match decision {
+            Hold::Release { .. } => (
+                EventType::Normal,
+                "RolloutDrained",
+                format!(
+                    "rollout to {hash}: all {} replaced pods drained with no error ({})",
+                    names.len(),
+                    names.join(", ")
+                ),
+            ),
+            Hold::Held {
+                reason: HoldReason::DrainFailed,
+                message,
+            } => (
+                EventType::Warning,
+                "RolloutDrainFailed",
+                format!(
+                    "rollout to {hash}: of {} replaced pods, failed: {message}",
+                    names.len()
+                ),
+            ),
+            Hold::Held { .. } => return false,
+        };
+        let Some(reference) = self.deployment_ref(namespace, deployment).await else {
+            return false;
+        };
+        tracing::info!(
+            deployment = %format!("{namespace}/{deployment}"),
+            reason,
+            note,
+            "rollout verdict"
+        );
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note.chars().take(1024).collect()),
+            action: "Verdict".into(),
+            secondary: None,
+        };
+        self.publish(&event, &[reference]).await;
+        true
     }
 }
 

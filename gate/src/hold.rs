@@ -16,8 +16,6 @@
 
 use draingate_proto::v1 as pb;
 
-use crate::Judgement;
-
 /// The condition type the webhook adds to `spec.readinessGates`.
 pub const CONDITION_TYPE: &str = "draingate.io/predecessors-drained";
 
@@ -80,10 +78,19 @@ impl Hold {
     }
 }
 
-/// The condition of a new pod whose predecessors are `predecessors`, from `judgement`, the
-/// gate's answer for the rollout they belong to (`None`: not asked, as when it has none).
+/// What the agents said about a rollout's pods, in one round.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Evidence {
+    /// Every pod the agents judged (with the peer view applied where the rollout is named).
+    pub pods: Vec<pb::Pod>,
+    /// The agents that could not be asked.
+    pub unreachable: Vec<String>,
+}
+
+/// The condition of a new pod whose predecessors are `predecessors`, from `evidence`, the
+/// agents' answers in one round (`None`: not asked, as when it has none).
 #[must_use]
-pub fn decide(predecessors: &[Predecessor], judgement: Option<&Judgement>) -> Hold {
+pub fn decide(predecessors: &[Predecessor], judgement: Option<&Evidence>) -> Hold {
     if predecessors.is_empty() {
         return Hold::Release {
             reason: "NoPredecessors",
@@ -155,12 +162,9 @@ pub fn decide(predecessors: &[Predecessor], judgement: Option<&Judgement>) -> Ho
 
 #[cfg(test)]
 mod tests {
-    use std::time::SystemTime;
-
     use draingate_proto::v1 as pb;
 
-    use super::{Hold, HoldReason, Predecessor, decide};
-    use crate::Judgement;
+    use super::{Evidence, Hold, HoldReason, Predecessor, decide};
 
     fn predecessor(name: &str) -> Predecessor {
         Predecessor {
@@ -183,21 +187,10 @@ mod tests {
         }
     }
 
-    fn judgement(pods: Vec<pb::Pod>, unreachable: &[&str]) -> Judgement {
-        Judgement {
-            verdict: pb::Verdict::Pending,
-            reason: String::new(),
-            terminating_pods: 0,
-            drained_pods: 0,
-            inflight_at_kill: 0,
-            resets: 0,
-            failed_requests: 0,
+    fn judgement(pods: Vec<pb::Pod>, unreachable: &[&str]) -> Evidence {
+        Evidence {
             pods,
             unreachable: unreachable.iter().map(|s| (*s).to_owned()).collect(),
-            agents: 2,
-            agents_answered: 2,
-            checked_at: SystemTime::UNIX_EPOCH,
-            from_history: false,
         }
     }
 

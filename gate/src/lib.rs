@@ -27,9 +27,11 @@ pub mod controller;
 mod history;
 pub mod hold;
 pub mod http;
+pub mod lease;
 pub mod pool;
 mod query;
 mod rule;
+pub mod webhook;
 
 pub use history::History;
 pub use query::{Kind, Query, QueryError, check_wait};

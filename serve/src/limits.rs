@@ -115,6 +115,18 @@ impl FaceLimits {
             idle_timeout: max_wait.saturating_add(IDLE_TIMEOUT),
         }
     }
+
+    /// The gate's admission webhook face: only the API servers call it, each request answered
+    /// at once.
+    #[must_use]
+    pub const fn gate_webhook() -> Self {
+        Self {
+            name: "gate webhook",
+            max_connections: 256,
+            max_per_peer: 64,
+            idle_timeout: IDLE_TIMEOUT,
+        }
+    }
 }
 
 /// Lifts the soft open-files limit to the hard one; returns the soft limit now in force.
@@ -509,7 +521,32 @@ pub async fn serve_http(
     router: axum::Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
+    serve(listener, limits, None, router, shutdown).await;
+}
+
+/// [`serve_http`] over TLS with `tls` (the admission webhook's face: the API server only calls
+/// webhooks over HTTPS). A handshake not done within [`HEADER_READ_TIMEOUT`] closes the
+/// connection.
+pub async fn serve_https(
+    listener: tokio::net::TcpListener,
+    limits: FaceLimits,
+    tls: Arc<tokio_rustls::rustls::ServerConfig>,
+    router: axum::Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    serve(listener, limits, Some(acceptor), router, shutdown).await;
+}
+
+async fn serve(
+    listener: tokio::net::TcpListener,
+    limits: FaceLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    router: axum::Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
     use tokio_stream::StreamExt as _;
+    let name = limits.name;
     let mut incoming = Incoming::new(listener, limits);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
@@ -519,25 +556,21 @@ pub async fn serve_http(
             io = incoming.next() => io,
         };
         let Some(Ok(io)) = io else { continue };
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
-        let mut stop = stop_rx.clone();
+        let router = router.clone();
+        let stop = stop_rx.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .max_buf_size(64 * 1024);
-            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), service);
-            let mut conn = std::pin::pin!(conn);
-            let result = tokio::select! {
-                result = conn.as_mut() => result,
-                () = async { let _ = stop.wait_for(|s| *s).await; } => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+            match tls {
+                None => serve_connection(io, router, stop).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(io)).await {
+                        Ok(Ok(io)) => serve_connection(io, router, stop).await,
+                        Ok(Err(err)) => {
+                            tracing::debug!(face = name, error = %err, "TLS handshake failed");
+                        }
+                        Err(_) => tracing::debug!(face = name, "TLS handshake timed out"),
+                    }
                 }
-            };
-            if let Err(err) = result {
-                tracing::debug!(error = %err, "HTTP connection ended");
             }
         });
     }
@@ -545,6 +578,34 @@ pub async fn serve_http(
     drop(stop_rx);
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), stop_tx.closed()).await;
+}
+
+/// One HTTP/1.1 connection, until it ends or `stop` turns true (then gracefully).
+async fn serve_connection<IO>(
+    io: IO,
+    router: axum::Router,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(64 * 1024);
+    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), service);
+    let mut conn = std::pin::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = async { let _ = stop.wait_for(|s| *s).await; } => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(err) = result {
+        tracing::debug!(error = %err, "HTTP connection ended");
+    }
 }
 
 #[cfg(test)]

@@ -51,6 +51,12 @@ pub enum TlsError {
     Generate(#[from] rcgen::Error),
     #[error("invalid TLS setting: {0}")]
     Config(#[from] tonic::transport::Error),
+    #[error("invalid certificate or key: {0}")]
+    Pem(#[from] rustls_pki_types::pem::Error),
+    #[error("the certificate file holds no certificate")]
+    NoCertificate,
+    #[error("cannot use the certificate and key: {0}")]
+    Rustls(#[from] tokio_rustls::rustls::Error),
 }
 
 fn read(dir: &Path, name: &str) -> Result<Vec<u8>, TlsError> {
@@ -94,6 +100,36 @@ pub fn client_config(dir: &Path) -> Result<ClientTlsConfig, TlsError> {
             read(dir, GATE_CERT)?,
             read(dir, GATE_KEY)?,
         )))
+}
+
+/// A plain HTTPS server's TLS (no client certificates): `cert_pem` is its chain, `key_pem` its
+/// key (PKCS#8, PKCS#1 or SEC1). HTTP/1.1 only.
+pub fn https_config(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<std::sync::Arc<tokio_rustls::rustls::ServerConfig>, TlsError> {
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+    use tokio_rustls::rustls;
+    let chain = CertificateDer::pem_slice_iter(cert_pem).collect::<Result<Vec<_>, _>>()?;
+    if chain.is_empty() {
+        return Err(TlsError::NoCertificate);
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem)?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(std::sync::Arc::new(config))
+}
+
+/// Reads `tls.crt` and `tls.key` from `dir` (a `kubernetes.io/tls` Secret, as cert-manager
+/// writes it) into [`https_config`].
+pub fn https_config_from_dir(
+    dir: &Path,
+) -> Result<std::sync::Arc<tokio_rustls::rustls::ServerConfig>, TlsError> {
+    https_config(&read(dir, "tls.crt")?, &read(dir, "tls.key")?)
 }
 
 /// Writes a new set into `dir` (made if missing): a CA certificate (its key is not kept: the

@@ -288,70 +288,177 @@ impl Kubelet {
     }
 }
 
-/// Creates what `deploy/overlays/hold/rbac.yaml` declares (its namespace first), as the admin.
-fn grant_the_overlays_rbac(runtime: &tokio::runtime::Runtime, client: &kube::Client) {
+/// Creates what `deploy/overlays/hold` declares (its namespace first), as the admin: the RBAC
+/// of `rbac.yaml` as it is, and the webhook configuration of `webhook.yaml` calling `webhook`
+/// by URL (no Service reaches a process on loopback without kube-proxy).
+fn apply_the_overlay(
+    runtime: &tokio::runtime::Runtime,
+    client: &kube::Client,
+    webhook: SocketAddr,
+) {
     use k8s_openapi::api::{
+        admissionregistration::v1::MutatingWebhookConfiguration,
         core::v1::{Namespace, ServiceAccount},
-        rbac::v1::{ClusterRole, ClusterRoleBinding},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     };
     use serde::Deserialize as _;
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/overlays/hold/rbac.yaml"
-    );
-    let text = std::fs::read_to_string(path).expect("deploy/overlays/hold/rbac.yaml");
     let post = PostParams::default();
-    runtime.block_on(async {
-        Api::<Namespace>::all(client.clone())
-            .create(
-                &post,
-                &serde_json::from_value(json!({"metadata": {"name": "draingate"}})).unwrap(),
-            )
-            .await
-            .expect("create namespace draingate");
+    runtime
+        .block_on(Api::<Namespace>::all(client.clone()).create(
+            &post,
+            &serde_json::from_value(json!({"metadata": {"name": "draingate"}})).unwrap(),
+        ))
+        .expect("create namespace draingate");
+    for file in ["rbac.yaml", "webhook.yaml"] {
+        let path = format!(
+            "{}/../deploy/overlays/hold/{file}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
         for doc in serde_yaml_ng::Deserializer::from_str(&text) {
-            let doc = Value::deserialize(doc).expect("a YAML document");
+            let mut doc = Value::deserialize(doc).expect("a YAML document");
             let kind = doc["kind"].as_str().unwrap_or_default().to_owned();
-            let created = match kind.as_str() {
-                "ServiceAccount" => Api::<ServiceAccount>::namespaced(client.clone(), "draingate")
-                    .create(
-                        &post,
-                        &serde_json::from_value(doc).expect("a ServiceAccount"),
-                    )
-                    .await
-                    .map(|_| ()),
-                "ClusterRole" => Api::<ClusterRole>::all(client.clone())
-                    .create(&post, &serde_json::from_value(doc).expect("a ClusterRole"))
-                    .await
-                    .map(|_| ()),
-                "ClusterRoleBinding" => Api::<ClusterRoleBinding>::all(client.clone())
-                    .create(
-                        &post,
-                        &serde_json::from_value(doc).expect("a ClusterRoleBinding"),
-                    )
-                    .await
-                    .map(|_| ()),
-                other => panic!("{path}: give this test kind {other:?}"),
+            let namespaced = |doc: &Value| {
+                doc["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or("draingate")
+                    .to_owned()
             };
+            let created = runtime.block_on(async {
+                match kind.as_str() {
+                    "ServiceAccount" => {
+                        Api::<ServiceAccount>::namespaced(client.clone(), &namespaced(&doc))
+                            .create(
+                                &post,
+                                &serde_json::from_value(doc).expect("a ServiceAccount"),
+                            )
+                            .await
+                            .map(|_| ())
+                    }
+                    "ClusterRole" => Api::<ClusterRole>::all(client.clone())
+                        .create(&post, &serde_json::from_value(doc).expect("a ClusterRole"))
+                        .await
+                        .map(|_| ()),
+                    "ClusterRoleBinding" => Api::<ClusterRoleBinding>::all(client.clone())
+                        .create(
+                            &post,
+                            &serde_json::from_value(doc).expect("a ClusterRoleBinding"),
+                        )
+                        .await
+                        .map(|_| ()),
+                    "Role" => Api::<Role>::namespaced(client.clone(), &namespaced(&doc))
+                        .create(&post, &serde_json::from_value(doc).expect("a Role"))
+                        .await
+                        .map(|_| ()),
+                    "RoleBinding" => {
+                        Api::<RoleBinding>::namespaced(client.clone(), &namespaced(&doc))
+                            .create(&post, &serde_json::from_value(doc).expect("a RoleBinding"))
+                            .await
+                            .map(|_| ())
+                    }
+                    "MutatingWebhookConfiguration" => {
+                        for hook in doc["webhooks"].as_array_mut().expect("webhooks") {
+                            hook["clientConfig"] =
+                                json!({"url": format!("https://{webhook}/mutate")});
+                        }
+                        Api::<MutatingWebhookConfiguration>::all(client.clone())
+                            .create(
+                                &post,
+                                &serde_json::from_value(doc).expect("a configuration"),
+                            )
+                            .await
+                            .map(|_| ())
+                    }
+                    // The webhook's Service: nothing routes it here.
+                    "Service" => Ok(()),
+                    other => panic!("{path}: give this test kind {other:?}"),
+                }
+            });
             created.unwrap_or_else(|err| panic!("create the overlay's {kind}: {err}"));
         }
-    });
+    }
 }
 
-/// The cluster, the agent and the gate, and this kubelet.
+/// A `draingate gate serve --hold` replica.
+struct GateProcess {
+    name: String,
+    http: String,
+    webhook: SocketAddr,
+    log: std::path::PathBuf,
+    process: Option<ChildGuard>,
+}
+
+impl GateProcess {
+    fn start(
+        name: &str,
+        agent_grpc: &str,
+        kubeconfig: &std::path::Path,
+        logs: &std::path::Path,
+        on_fail: &str,
+        webhook: SocketAddr,
+    ) -> Self {
+        let http = format!("127.0.0.1:{}", free_port());
+        let log = logs.join(format!("{name}.log"));
+        let process = ChildGuard(
+            Command::new(draingate_bin())
+                .args(["gate", "serve", "--agents", agent_grpc, "--hold"])
+                .args(["--hold-interval", "200ms", "--agent-timeout", "1s"])
+                .args(["--on-fail", on_fail])
+                .args(["--http-addr", &http])
+                .args(["--grpc-addr", &format!("127.0.0.1:{}", free_port())])
+                .args(["--webhook-addr", &webhook.to_string()])
+                .args(["--webhook-names", "127.0.0.1"])
+                // As the overlay's ServiceAccount, with only its RBAC: least privilege works.
+                .env("KUBECONFIG", kubeconfig)
+                .env("POD_NAME", name)
+                .env("POD_NAMESPACE", "draingate")
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).expect("log"))
+                .spawn()
+                .expect("run draingate gate serve"),
+        );
+        Self {
+            name: name.to_owned(),
+            http,
+            webhook,
+            log,
+            process: Some(process),
+        }
+    }
+}
+
+/// How a test sets the rig up.
+struct Setup {
+    /// Gate replicas.
+    gates: usize,
+    /// `--on-fail`.
+    on_fail: &'static str,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Self {
+            gates: 1,
+            on_fail: "none",
+        }
+    }
+}
+
+/// The cluster, the agent and the gates, and this kubelet.
 struct Rig {
     _cluster: KubeCluster,
+    admin: kube::Client,
     kubelet: Kubelet,
     deployments: Api<Deployment>,
-    gate_http: String,
     agent: Option<ChildGuard>,
-    _gate: ChildGuard,
+    gates: Vec<GateProcess>,
     _pins: PinDir,
     logs: std::path::PathBuf,
 }
 
 impl Rig {
-    fn start(test: &str) -> Self {
+    fn start(test: &str, setup: &Setup) -> Self {
         require_root();
         let cluster = KubeCluster::start();
         cluster.create_node("node-a");
@@ -360,14 +467,6 @@ impl Rig {
             let _entered = runtime.enter();
             cluster.client()
         };
-        let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
-        runtime
-            .block_on(namespaces.create(
-                &PostParams::default(),
-                &serde_json::from_value(json!({"metadata": {"name": NAMESPACE}})).unwrap(),
-            ))
-            .expect("create the namespace");
-        grant_the_overlays_rbac(&runtime, &client);
         let logs =
             std::env::temp_dir().join(format!("draingate-hold-{test}-{}", std::process::id()));
         std::fs::create_dir_all(&logs).expect("log directory");
@@ -388,23 +487,29 @@ impl Rig {
                 .spawn()
                 .expect("run the agent"),
         );
-        let gate_http = format!("127.0.0.1:{}", free_port());
-        let gate = ChildGuard(
-            Command::new(draingate_bin())
-                .args(["gate", "serve", "--agents", &agent_grpc, "--hold"])
-                .args(["--hold-interval", "200ms", "--agent-timeout", "1s"])
-                .args(["--http-addr", &gate_http])
-                .args(["--grpc-addr", &format!("127.0.0.1:{}", free_port())])
-                // As the overlay's ServiceAccount, with only its RBAC: least privilege works.
-                .env("KUBECONFIG", cluster.gate_kubeconfig_path())
-                .env("RUST_LOG", "info")
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(logs.join("gate.log")).expect("log"))
-                .spawn()
-                .expect("run draingate gate serve"),
-        );
+        let webhooks: Vec<SocketAddr> = (0..setup.gates)
+            .map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())))
+            .collect();
+        // The API server calls the first replica's webhook.
+        apply_the_overlay(&runtime, &client, webhooks[0]);
+        let gates: Vec<GateProcess> = webhooks
+            .iter()
+            .enumerate()
+            .map(|(i, webhook)| {
+                GateProcess::start(
+                    &format!("gate-{i}"),
+                    &agent_grpc,
+                    &cluster.gate_kubeconfig_path(),
+                    &logs,
+                    setup.on_fail,
+                    *webhook,
+                )
+            })
+            .collect();
         let deadline = Instant::now() + Duration::from_secs(30);
-        for (addr, path) in [(&agent_http, "/readyz"), (&gate_http, "/healthz")] {
+        let mut faces = vec![(agent_http.clone(), "/readyz")];
+        faces.extend(gates.iter().map(|g| (g.http.clone(), "/healthz")));
+        for (addr, path) in faces {
             while http_request(addr.as_str(), "GET", path, "")
                 .map(|r| r.0)
                 .ok()
@@ -414,6 +519,42 @@ impl Rig {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
+        // The gate wrote its CA into the webhook configuration, and its webhook listens.
+        let configurations: Api<
+            k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration,
+        > = Api::all(client.clone());
+        loop {
+            let configuration = runtime
+                .block_on(configurations.get("draingate-gate"))
+                .expect("the webhook configuration");
+            let bundled = configuration.webhooks.iter().flatten().all(|w| {
+                w.client_config
+                    .ca_bundle
+                    .as_ref()
+                    .is_some_and(|b| b.0.starts_with(b"-----BEGIN CERTIFICATE"))
+            });
+            if bundled && TcpStream::connect(gates[0].webhook).is_ok() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the gate never wrote the webhook's caBundle: {}",
+                std::fs::read_to_string(&gates[0].log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // The user's one step: the namespace opts in.
+        let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+        runtime
+            .block_on(
+                namespaces.create(
+                    &PostParams::default(),
+                    &serde_json::from_value(json!({"metadata": {"name": NAMESPACE,
+                    "labels": {"draingate.io/hold": "enabled"}}}))
+                    .unwrap(),
+                ),
+            )
+            .expect("create the namespace");
         let kubelet = Kubelet {
             pods: Api::namespaced(client.clone(), NAMESPACE),
             runtime,
@@ -421,25 +562,28 @@ impl Rig {
             clients: Clients::default(),
         };
         Self {
-            deployments: Api::namespaced(client, NAMESPACE),
+            deployments: Api::namespaced(client.clone(), NAMESPACE),
+            admin: client,
             _cluster: cluster,
             kubelet,
-            gate_http,
             agent: Some(agent),
-            _gate: gate,
+            gates,
             _pins: pins,
             logs,
         }
     }
 
     fn logs(&self) -> String {
-        ["agent.log", "gate.log"]
+        let mut files = vec![self.logs.join("agent.log")];
+        files.extend(self.gates.iter().map(|g| g.log.clone()));
+        files
             .iter()
             .map(|f| {
-                let text = std::fs::read_to_string(self.logs.join(f)).unwrap_or_default();
+                let text = std::fs::read_to_string(f).unwrap_or_default();
                 let tail: Vec<&str> = text.lines().rev().take(40).collect();
                 format!(
-                    "--- {f} (last lines)\n{}",
+                    "--- {} (last lines)\n{}",
+                    f.display(),
                     tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                 )
             })
@@ -489,13 +633,13 @@ impl Rig {
         }
     }
 
-    /// Creates Deployment `web`: 3 replicas, `maxSurge: 1, maxUnavailable: 0`, the readiness
-    /// gate in its template, and servers in `mode`.
-    fn create(&mut self, mode: &str) {
+    /// Creates Deployment `web`: `replicas`, `maxSurge: 1, maxUnavailable: 0`, servers in
+    /// `mode`, and no readiness gate in its template: the webhook adds it to each pod.
+    fn create(&mut self, mode: &str, replicas: i32) {
         let deployment = json!({
             "metadata": {"name": "web"},
             "spec": {
-                "replicas": 3,
+                "replicas": replicas,
                 "selector": {"matchLabels": {"app": "web"}},
                 "strategy": {"type": "RollingUpdate",
                              "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
@@ -504,7 +648,6 @@ impl Rig {
                                  "annotations": {"draingate.test/mode": mode}},
                     "spec": {
                         "nodeName": "node-a",
-                        "readinessGates": [{"conditionType": CONDITION}],
                         "terminationGracePeriodSeconds": 30,
                         "containers": [{"name": "web", "image": "draingate-test-server"}]
                     }
@@ -518,13 +661,67 @@ impl Rig {
                 &serde_json::from_value(deployment).unwrap(),
             ))
             .expect("create the Deployment");
-        self.run_until("3 ready pods", Duration::from_mins(1), |rig| {
+        self.run_until("every pod ready", Duration::from_mins(1), |rig| {
             rig.deployment()
                 .status
                 .and_then(|s| s.ready_replicas)
                 .unwrap_or(0)
-                == 3
+                == replicas
         });
+    }
+
+    /// Scales the Deployment to `replicas`.
+    fn scale(&self, replicas: i32) {
+        let patch = json!({"spec": {"replicas": replicas}});
+        self.kubelet
+            .runtime
+            .block_on(
+                self.deployments
+                    .patch("web", &PatchParams::default(), &Patch::Merge(&patch)),
+            )
+            .expect("scale the Deployment");
+    }
+
+    /// Whether the rollout to the current template is done: every replica updated and ready,
+    /// no pod of `old_hash` left.
+    fn rolled_out(&self, replicas: i32, old_hash: &str) -> bool {
+        let d = self.deployment();
+        let (generation, status) = (d.metadata.generation, d.status.unwrap_or_default());
+        status.observed_generation == generation
+            && status.updated_replicas == Some(replicas)
+            && status.ready_replicas == Some(replicas)
+            && status.replicas == Some(replicas)
+            && self.pods().iter().all(|p| hash(p) != old_hash)
+    }
+
+    /// Makes the API server call gate replica `index`'s webhook.
+    fn point_webhook_at(&self, index: usize) {
+        let configurations: Api<
+            k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration,
+        > = Api::all(self.admin.clone());
+        let url = format!("https://{}/mutate", self.gates[index].webhook);
+        let patch =
+            json!({"webhooks": [{"name": "hold.draingate.io", "clientConfig": {"url": url}}]});
+        self.kubelet
+            .runtime
+            .block_on(configurations.patch(
+                "draingate-gate",
+                &PatchParams::default(),
+                &Patch::Strategic(&patch),
+            ))
+            .expect("point the webhook at another replica");
+    }
+
+    /// The Lease's holder.
+    fn leader(&self) -> Option<String> {
+        let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(self.admin.clone(), "draingate");
+        self.kubelet
+            .runtime
+            .block_on(leases.get_opt("draingate-gate"))
+            .expect("read the Lease")
+            .and_then(|l| l.spec)
+            .and_then(|s| s.holder_identity)
     }
 
     /// Rolls the Deployment out to servers in `mode`.
@@ -563,7 +760,7 @@ impl Rig {
     /// The rollout's verdict from the gate's HTTP face.
     fn verdict(&self) -> Value {
         let (status, body) = http_request(
-            self.gate_http.as_str(),
+            self.gates[0].http.as_str(),
             "GET",
             &format!("/v1/verdict?namespace={NAMESPACE}&workload=web"),
             "",
@@ -600,38 +797,56 @@ fn gate_reason(pod: &Pod) -> Option<(String, String, String)> {
     })
 }
 
-/// A rollout whose old pods drain cleanly goes on to the end, and each new pod that replaced an
-/// old one became Ready only after that old pod's pass.
+fn has_the_gate(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.readiness_gates.as_ref())
+        .is_some_and(|g| g.iter().any(|g| g.condition_type == CONDITION))
+}
+
+/// A rollout of 4 replicas whose old pods drain cleanly goes on to the end, with two gate
+/// replicas of which one leads: the webhook gave every pod the readiness gate, each new pod
+/// that replaced an old one became Ready only after that old pod's pass, the finished
+/// rollout's verdict is one Event on the Deployment, and a pod added after the rollout (a
+/// scale-up) is Ready at once.
 #[test]
 fn a_clean_rollout_goes_on_and_each_new_pod_waited_for_the_old_ones_it_replaced() {
-    let mut rig = Rig::start("clean");
-    rig.create("graceful");
+    let mut rig = Rig::start(
+        "clean",
+        &Setup {
+            gates: 2,
+            ..Setup::default()
+        },
+    );
+    rig.create("graceful", 4);
+    let leader = rig.leader().expect("a replica leads");
+    assert!(["gate-0", "gate-1"].contains(&leader.as_str()), "{leader}");
     let old_hash = hash(&rig.pods()[0]);
     rig.update("graceful");
     rig.run_until("the rollout done", Duration::from_mins(2), |rig| {
-        let d = rig.deployment();
-        let (generation, status) = (d.metadata.generation, d.status.unwrap_or_default());
-        status.observed_generation == generation
-            && status.updated_replicas == Some(3)
-            && status.ready_replicas == Some(3)
-            && status.replicas == Some(3)
-            && rig.pods().iter().all(|p| hash(p) != old_hash)
+        rig.rolled_out(4, &old_hash)
     });
     let pods = rig.pods();
     let mut reasons: Vec<String> = pods
         .iter()
         .map(|p| {
+            assert!(
+                has_the_gate(p),
+                "the webhook gave {:?} the gate",
+                p.metadata.name
+            );
             let (status, reason, message) = gate_reason(p).expect("the gate's condition");
             assert_eq!(status, "True", "{message}");
             reason
         })
         .collect();
     reasons.sort();
-    // The surge pod came before any old pod was deleted; the other two replaced one each.
+    // The surge pod came before any old pod was deleted; the other three replaced one each.
     assert_eq!(
         reasons,
         [
             "NoPredecessors",
+            "PredecessorsDrained",
             "PredecessorsDrained",
             "PredecessorsDrained"
         ],
@@ -639,24 +854,71 @@ fn a_clean_rollout_goes_on_and_each_new_pod_waited_for_the_old_ones_it_replaced(
         rig.logs()
     );
     assert!(rig.kubelet.clients.failures.values().all(|&f| f == 0));
-    // Each release after predecessors is an Event on the pod.
+    // Each release after predecessors is an Event on the pod, written by the leader alone.
     let events = rig.events("PredecessorsDrained");
     assert_eq!(
         events.iter().filter(|(kind, _)| kind == "Pod").count(),
-        2,
+        3,
         "{events:?}"
+    );
+    // The final verdict, the last old pod's included (no new pod waited for it).
+    rig.run_until(
+        "the rollout's verdict recorded",
+        Duration::from_secs(20),
+        |rig| !rig.events("RolloutDrained").is_empty(),
+    );
+    let verdicts = rig.events("RolloutDrained");
+    assert_eq!(verdicts.len(), 1, "{verdicts:?}");
+    assert_eq!(verdicts[0].0, "Deployment");
+    assert!(
+        verdicts[0].1.contains("all 4 replaced pods"),
+        "{verdicts:?}"
     );
     let verdict = rig.verdict();
     assert_eq!(verdict["verdict"], "pass", "{verdict:#}");
+    // Outside a rollout a new pod waits for nothing.
+    rig.scale(5);
+    rig.run_until("the fifth pod ready", Duration::from_secs(30), |rig| {
+        rig.deployment().status.and_then(|s| s.ready_replicas) == Some(5)
+    });
+    let reasons: Vec<String> = rig
+        .pods()
+        .iter()
+        .filter_map(gate_reason)
+        .map(|(_, reason, _)| reason)
+        .filter(|r| r == "NoPredecessors")
+        .collect();
+    assert_eq!(
+        reasons.len(),
+        2,
+        "the surge pod and the scale-up: {reasons:?}"
+    );
+    let led: Vec<&str> = rig
+        .gates
+        .iter()
+        .filter(|g| {
+            std::fs::read_to_string(&g.log)
+                .unwrap_or_default()
+                .contains("readiness gate condition set")
+        })
+        .map(|g| g.name.as_str())
+        .collect();
+    assert_eq!(led, [leader.as_str()], "only the leader writes");
 }
 
 /// An old pod that exits with connections still open (its clients' next requests fail) holds
-/// the new pod that replaced it: `False`, `DrainFailed`, naming the pod, and the Deployment
-/// controller deletes no other old pod.
+/// the new pod that replaced it: `False`, `DrainFailed`, naming the pod; the Deployment
+/// controller deletes no other old pod; and with `--on-fail pause` the Deployment is paused.
 #[test]
 fn an_old_pod_that_drops_its_clients_holds_the_rollout_where_it_stands() {
-    let mut rig = Rig::start("dirty");
-    rig.create("abrupt");
+    let mut rig = Rig::start(
+        "dirty",
+        &Setup {
+            on_fail: "pause",
+            ..Setup::default()
+        },
+    );
+    rig.create("abrupt", 3);
     let old_hash = hash(&rig.pods()[0]);
     rig.update("graceful");
     // The first old pod replaced, and its clients' failures seen.
@@ -689,8 +951,11 @@ fn an_old_pod_that_drops_its_clients_holds_the_rollout_where_it_stands() {
     assert_eq!(held.len(), 1, "{held:?}");
     assert_eq!(held[0].1, "DrainFailed");
     assert!(held[0].2.contains(&dropped), "{held:?} names {dropped}");
-    let status = rig.deployment().status.unwrap_or_default();
+    let deployment = rig.deployment();
+    let status = deployment.status.clone().unwrap_or_default();
     assert_eq!(status.ready_replicas, Some(3), "{status:#?}");
+    // --on-fail pause: the Deployment controller will create no more pods for it.
+    assert_eq!(deployment.spec.paused, Some(true), "{}", rig.logs());
     // `kubectl describe` shows it: a Warning Event on the Deployment and on the held pod.
     let events = rig.events("DrainFailed");
     for kind in ["Deployment", "Pod"] {
@@ -701,6 +966,13 @@ fn an_old_pod_that_drops_its_clients_holds_the_rollout_where_it_stands() {
             "no DrainFailed Event on the {kind} naming {dropped}: {events:?}"
         );
     }
+    let paused = rig.events("RolloutPaused");
+    assert!(
+        paused
+            .iter()
+            .any(|(k, note)| k == "Deployment" && note.contains(&dropped)),
+        "{paused:?}"
+    );
     let verdict = rig.verdict();
     assert_eq!(verdict["verdict"], "fail", "{verdict:#}");
 }
@@ -709,8 +981,8 @@ fn an_old_pod_that_drops_its_clients_holds_the_rollout_where_it_stands() {
 /// old one stays `False`, `NoEvidence`, naming the agent, and the rollout stops there.
 #[test]
 fn an_unreachable_agent_holds_the_rollout_as_no_evidence() {
-    let mut rig = Rig::start("blind");
-    rig.create("graceful");
+    let mut rig = Rig::start("blind", &Setup::default());
+    rig.create("graceful", 3);
     let old_hash = hash(&rig.pods()[0]);
     rig.agent = None;
     rig.update("graceful");
@@ -734,4 +1006,75 @@ fn an_unreachable_agent_holds_the_rollout_as_no_evidence() {
     assert_eq!(held.len(), 1, "{held:?}");
     assert_eq!(held[0].1, "NoEvidence");
     assert!(held[0].2.contains("unreachable"), "{held:?}");
+}
+
+/// The gate down (every replica stopped): pods are still created, without the readiness gate
+/// (`failurePolicy: Ignore`), and become Ready as usual.
+#[test]
+fn a_gate_that_is_down_never_blocks_pod_creation() {
+    let mut rig = Rig::start("down", &Setup::default());
+    rig.create("graceful", 2);
+    assert!(rig.pods().iter().all(has_the_gate));
+    for gate in &mut rig.gates {
+        gate.process = None;
+    }
+    rig.scale(3);
+    rig.run_until("the third pod ready", Duration::from_secs(30), |rig| {
+        rig.deployment().status.and_then(|s| s.ready_replicas) == Some(3)
+    });
+    let ungated: Vec<Pod> = rig
+        .pods()
+        .into_iter()
+        .filter(|p| !has_the_gate(p))
+        .collect();
+    assert_eq!(ungated.len(), 1, "created without the gate: {ungated:#?}");
+}
+
+/// Two replicas: when the leader dies (SIGKILL: it cannot give its Lease up), the other takes
+/// the Lease once it expires and holds the rest of the rollout.
+#[test]
+fn a_standby_gate_takes_over_when_the_leader_dies() {
+    let mut rig = Rig::start(
+        "failover",
+        &Setup {
+            gates: 2,
+            ..Setup::default()
+        },
+    );
+    rig.create("graceful", 3);
+    let leader = rig.leader().expect("a replica leads");
+    let old_hash = hash(&rig.pods()[0]);
+    // The standby's webhook (the same certificate: the replicas share it through the Secret).
+    let standby = rig
+        .gates
+        .iter()
+        .position(|g| g.name != leader)
+        .expect("a standby");
+    rig.point_webhook_at(standby);
+    for gate in rig.gates.iter_mut().filter(|g| g.name == leader) {
+        gate.process = None;
+    }
+    rig.update("graceful");
+    rig.run_until("the rollout done", Duration::from_mins(2), |rig| {
+        rig.rolled_out(3, &old_hash)
+    });
+    let now = rig.leader().expect("a replica leads");
+    assert_ne!(now, leader, "{}", rig.logs());
+    let mut reasons: Vec<String> = rig
+        .pods()
+        .iter()
+        .filter_map(gate_reason)
+        .map(|(status, reason, _)| format!("{status} {reason}"))
+        .collect();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        [
+            "True NoPredecessors",
+            "True PredecessorsDrained",
+            "True PredecessorsDrained"
+        ],
+        "{}",
+        rig.logs()
+    );
 }

@@ -44,13 +44,25 @@ const BINARIES: [&str; 2] = ["kube-apiserver", "kube-controller-manager"];
 /// The Debian package of the etcd the API server stores its objects in, with the file it
 /// installs.
 const ETCD_PACKAGE: (&str, &str) = ("etcd-server", "/usr/bin/etcd");
+/// Debian's reflect2 1.0.2: the vendored 1.0.1 iterates maps through a runtime function whose
+/// signature Go 1.18 changed, so an API server built with Go 1.19 segfaults the first time it
+/// encodes a map through json-iterator (a mutating webhook's patch audit annotation does:
+/// json-iterator/go#612). 1.0.2 is the same API with the fix; the build uses Debian's copy.
+const REFLECT2: (&str, &str) = (
+    "golang-github-modern-go-reflect2-dev",
+    "/usr/share/gocode/src/github.com/modern-go/reflect2",
+);
 /// Debian packages, with a file each installs: Go to build, `dpkg-source` to unpack the source,
-/// and etcd.
-const BUILD_PACKAGES: [(&str, &str); 3] = [
+/// reflect2 1.0.2, and etcd.
+const BUILD_PACKAGES: [(&str, &str); 4] = [
     ("golang-go", "/usr/lib/go/bin/go"),
     ("dpkg-dev", "/usr/bin/dpkg-source"),
+    REFLECT2,
     ETCD_PACKAGE,
 ];
+/// What a finished build writes into `bin/BUILD`: a cache built otherwise (before reflect2 was
+/// replaced) is built again.
+const BUILD_STAMP: &str = "v1.20.2 reflect2-1.0.2";
 /// Debian's Go (1.19 in bookworm), by its own path: another `go` on `PATH` may be a newer one
 /// that refuses GOPATH mode's assumptions.
 const GO: &str = "/usr/lib/go/bin/go";
@@ -112,6 +124,14 @@ fn cached_binaries_mismatch(bin: &Path) -> Option<String> {
     if let Some(missing) = BINARIES.iter().find(|name| !bin.join(name).is_file()) {
         return Some(format!("{missing} is not in {}", bin.display()));
     }
+    let stamp = fs::read_to_string(bin.join("BUILD")).unwrap_or_default();
+    if stamp.trim() != BUILD_STAMP {
+        return Some(format!(
+            "{} says {:?}, not {BUILD_STAMP:?}",
+            bin.join("BUILD").display(),
+            stamp.trim()
+        ));
+    }
     let apiserver = bin.join(BINARIES[0]);
     match stdout(Command::new(&apiserver).arg("--version")) {
         // "Kubernetes v1.20.2"
@@ -143,6 +163,7 @@ fn install_packages(packages: &[(&str, &str)]) -> anyhow::Result<()> {
 fn build(root: &Path, bin: &Path) -> anyhow::Result<()> {
     let work = root.join("work");
     let source = source_tree(root, &work)?;
+    replace_reflect2(&source)?;
     let gopath = work.join("gopath");
     let link_dir = gopath.join("src/k8s.io");
     fs::create_dir_all(&link_dir).with_context(|| format!("creating {}", link_dir.display()))?;
@@ -191,6 +212,33 @@ fn build(root: &Path, bin: &Path) -> anyhow::Result<()> {
     for name in BINARIES {
         fs::rename(out.join(name), bin.join(name))
             .with_context(|| format!("moving {name} into {}", bin.display()))?;
+    }
+    fs::write(bin.join("BUILD"), format!("{BUILD_STAMP}\n"))
+        .with_context(|| format!("writing {}", bin.join("BUILD").display()))?;
+    Ok(())
+}
+
+/// Puts Debian's reflect2 1.0.2 ([`REFLECT2`]) in place of the vendored 1.0.1, once.
+fn replace_reflect2(source: &Path) -> anyhow::Result<()> {
+    let vendored = source.join("vendor/github.com/modern-go/reflect2");
+    let debian = Path::new(REFLECT2.1);
+    if vendored.join("go_above_118.go").is_file() {
+        return Ok(());
+    }
+    println!("kube: replacing the vendored reflect2 1.0.1 with Debian's 1.0.2 (Go 1.18+ maps)");
+    remove_if_present(&vendored)?;
+    fs::create_dir_all(&vendored).with_context(|| format!("creating {}", vendored.display()))?;
+    for entry in fs::read_dir(debian).with_context(|| format!("reading {}", debian.display()))? {
+        let entry = entry?;
+        let name = entry.file_name();
+        // Sources only: the module file would make Go treat the directory as a module.
+        if Path::new(&name)
+            .extension()
+            .is_some_and(|e| e == "go" || e == "s")
+        {
+            fs::copy(entry.path(), vendored.join(&name))
+                .with_context(|| format!("copying {}", entry.path().display()))?;
+        }
     }
     Ok(())
 }

@@ -2,11 +2,12 @@
 //! Kubernetes API's types.
 
 use k8s_openapi::api::{
+    admissionregistration::v1::MutatingWebhookConfiguration,
     apps::v1::{DaemonSet, Deployment},
     core::v1::{Namespace, Service, ServiceAccount},
     networking::v1::NetworkPolicy,
     policy::v1::PodDisruptionBudget,
-    rbac::v1::{ClusterRole, ClusterRoleBinding},
+    rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
 };
 use serde_json::Value;
 
@@ -44,6 +45,11 @@ pub(crate) fn check_builtin(origin: &str, doc: &Value) -> bool {
         "ServiceAccount" => round_trip::<ServiceAccount>(origin, doc),
         "ClusterRole" => round_trip::<ClusterRole>(origin, doc),
         "ClusterRoleBinding" => round_trip::<ClusterRoleBinding>(origin, doc),
+        "Role" => round_trip::<Role>(origin, doc),
+        "RoleBinding" => round_trip::<RoleBinding>(origin, doc),
+        "MutatingWebhookConfiguration" => {
+            round_trip::<MutatingWebhookConfiguration>(origin, doc);
+        }
         "PodDisruptionBudget" => round_trip::<PodDisruptionBudget>(origin, doc),
         "NetworkPolicy" => round_trip::<NetworkPolicy>(origin, doc),
         _ => return false,

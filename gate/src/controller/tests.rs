@@ -4,7 +4,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::watcher;
 use serde_json::json;
 
-use super::{Pods, deletion_asked, deployment_of, held_pods};
+use super::{Pods, Recorded, deletion_asked, deployment_of, finished_rollouts, held_pods};
 use crate::hold::CONDITION_TYPE;
 
 /// A pod of Deployment `web` with template hash `hash`, created at `created`.
@@ -101,7 +101,7 @@ fn predecessors_are_the_other_versions_pods_deleted_since_the_new_versions_rollo
         "a",
         "2026-12-03T10:00:00Z",
     ))));
-    let held = held_pods(&pods);
+    let held = held_pods(&pods, &std::collections::HashMap::new());
     let names: Vec<&str> = held.iter().map(|h| h.name.as_str()).collect();
     // Every pod with the gate that is not being deleted waits for a decision.
     assert_eq!(names, ["web-a-3", "web-b-1", "web-b-2"]);
@@ -126,7 +126,7 @@ fn a_pod_already_released_or_without_the_gate_is_left_alone() {
     for p in [released, ungated, held] {
         pods.apply(watcher::Event::Apply(parsed(p)));
     }
-    let waiting = held_pods(&pods);
+    let waiting = held_pods(&pods, &std::collections::HashMap::new());
     assert_eq!(waiting.len(), 1);
     assert_eq!(waiting[0].name, "web-b-3");
     assert_eq!(
@@ -152,6 +152,74 @@ fn a_relist_replaces_the_live_pods_but_keeps_the_deletions_seen() {
     pods.apply(watcher::Event::InitDone);
     assert_eq!(pods.live.len(), 1);
     assert_eq!(pods.deleted.len(), 1);
-    let held = held_pods(&pods);
+    let held = held_pods(&pods, &std::collections::HashMap::new());
     assert_eq!(held[0].predecessors[0].name, "web-a-1");
+}
+
+/// A rollout is finished, for its final Event, when its Deployment runs only the new version
+/// (no old pod left, none terminating), and it names every pod it replaced; once recorded it is
+/// not offered again.
+#[test]
+fn a_rollout_is_finished_when_only_its_version_is_left() {
+    let mut pods = Pods::default();
+    let old = [
+        pod("web-a-1", "a", "2026-12-03T10:00:00Z"),
+        pod("web-a-2", "a", "2026-12-03T10:00:00Z"),
+    ];
+    for (p, asked) in old
+        .iter()
+        .zip(["2026-12-03T10:02:10Z", "2026-12-03T10:03:10Z"])
+    {
+        pods.apply(watcher::Event::Apply(parsed(p.clone())));
+        pods.apply(watcher::Event::Apply(parsed(pod(
+            "web-b-x",
+            "b",
+            "2026-12-03T10:02:00Z",
+        ))));
+        pods.apply(watcher::Event::Apply(deleting(p.clone(), asked, 30)));
+    }
+    pods.apply(watcher::Event::Apply(parsed(pod(
+        "web-b-y",
+        "b",
+        "2026-12-03T10:03:00Z",
+    ))));
+    let mut recorded = std::collections::HashMap::new();
+    // Old pods still terminating: not finished.
+    assert!(finished_rollouts(&pods, &recorded).is_empty());
+    for p in &old {
+        pods.apply(watcher::Event::Delete(parsed(p.clone())));
+    }
+    let finished = finished_rollouts(&pods, &recorded);
+    assert_eq!(finished.len(), 1, "{finished:?}");
+    let version = ("shop".to_owned(), "web".to_owned(), "b".to_owned());
+    assert_eq!(finished[0].version, version);
+    let replaced: Vec<&str> = finished[0]
+        .replaced
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect();
+    assert_eq!(replaced, ["web-a-1", "web-a-2"]);
+    recorded.insert(
+        version,
+        Recorded {
+            seen: std::time::Instant::now(),
+            at: humantime::parse_rfc3339("2026-12-03T10:05:00Z").unwrap(),
+        },
+    );
+    assert!(finished_rollouts(&pods, &recorded).is_empty());
+    // Now a pod of the version created after that (a scale-up) waits for nothing; one created
+    // during the rollout still names the pods it replaced.
+    pods.apply(watcher::Event::Apply(parsed(pod(
+        "web-b-z",
+        "b",
+        "2026-12-03T10:06:00Z",
+    ))));
+    let held = held_pods(&pods, &recorded);
+    let predecessors = |name: &str| {
+        held.iter()
+            .find(|h| h.name == name)
+            .map(|h| h.predecessors.len())
+    };
+    assert_eq!(predecessors("web-b-z"), Some(0));
+    assert_eq!(predecessors("web-b-y"), Some(2));
 }

@@ -71,6 +71,58 @@ pub(crate) struct GateServeArgs {
     /// How often --hold looks at the held pods again.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, requires = "hold")]
     hold_interval: Duration,
+    /// What --hold does to a Deployment whose old pod failed its drain, beyond holding its new
+    /// pod and recording Events: `pause` also sets its `spec.paused` (needs deployments patch).
+    #[arg(long, value_enum, default_value_t = OnFail::None, requires = "hold")]
+    on_fail: OnFail,
+    /// The namespace of the gate's Lease (leader election among replicas) and webhook Secret.
+    #[arg(
+        long,
+        env = "POD_NAMESPACE",
+        default_value = "draingate",
+        requires = "hold"
+    )]
+    namespace: String,
+    /// The Lease through which replicas elect the one that writes conditions and Events.
+    #[arg(long, default_value = "draingate-gate", requires = "hold")]
+    lease: String,
+    /// Serve the mutating admission webhook (HTTPS) on this address: it adds the readiness gate
+    /// to the pods of Deployments in namespaces labelled `draingate.io/hold=enabled`.
+    #[arg(long, value_parser = draingate::parse_listen_addr, requires = "hold")]
+    webhook_addr: Option<SocketAddr>,
+    /// The webhook's certificate from DIR (`tls.crt`, `tls.key`: a `kubernetes.io/tls` Secret,
+    /// e.g. cert-manager's, which also injects the caBundle). Without it the gate makes its own
+    /// CA and certificate, keeps them in --webhook-secret and writes the CA into
+    /// --webhook-configuration's caBundle.
+    #[arg(long, value_name = "DIR", requires = "webhook_addr")]
+    webhook_tls_dir: Option<PathBuf>,
+    /// The Secret (in --namespace) that keeps the certificate the gate made.
+    #[arg(
+        long,
+        default_value = "draingate-gate-webhook",
+        requires = "webhook_addr"
+    )]
+    webhook_secret: String,
+    /// The names the certificate the gate makes is valid for (DNS names or IP addresses): the
+    /// webhook Service's.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "draingate-gate-webhook.draingate.svc",
+        requires = "webhook_addr"
+    )]
+    webhook_names: Vec<String>,
+    /// The mutating webhook configuration whose caBundle the gate writes.
+    #[arg(long, default_value = "draingate-gate", requires = "webhook_addr")]
+    webhook_configuration: String,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub(crate) enum OnFail {
+    /// Hold the new pod and record Events only.
+    None,
+    /// Also pause the Deployment.
+    Pause,
 }
 
 #[derive(Debug, clap::Args)]
@@ -132,18 +184,15 @@ pub(crate) async fn gate_serve(args: GateServeArgs) -> anyhow::Result<ExitCode> 
         history_size: args.history_size as usize,
         history_age: args.history_age,
     }));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut stop = stop_rx.clone();
+        async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }
+    };
     let hold = if args.hold {
-        let client = kube::Client::try_default()
-            .await
-            .context("--hold needs the Kubernetes API (in a cluster, or $KUBECONFIG)")?;
-        let config = gate::controller::HoldConfig {
-            interval: args.hold_interval,
-        };
-        Some(tokio::spawn(gate::controller::run(
-            std::sync::Arc::clone(&gate),
-            client,
-            config,
-        )))
+        Some(start_hold(&args, std::sync::Arc::clone(&gate), &stopped).await?)
     } else {
         None
     };
@@ -151,11 +200,123 @@ pub(crate) async fn gate_serve(args: GateServeArgs) -> anyhow::Result<ExitCode> 
         http: args.http_addr,
         grpc: args.grpc_addr,
     };
-    gate::serve(gate, &listen, shutdown_signal()).await?;
+    let signal = tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    gate::serve(gate, &listen, stopped()).await?;
+    signal.abort();
     if let Some(hold) = hold {
-        hold.abort();
+        for task in hold {
+            // The controller gives its Lease up; the webhook finishes its requests.
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Starts `--hold`: the webhook (when asked for) and the controller under leader election.
+async fn start_hold<S, F>(
+    args: &GateServeArgs,
+    gate: std::sync::Arc<draingate::gate::Gate>,
+    stopped: &S,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>>
+where
+    S: Fn() -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    use draingate::gate::{controller, lease, webhook};
+    let client = kube::Client::try_default()
+        .await
+        .context("--hold needs the Kubernetes API (in a cluster, or $KUBECONFIG)")?;
+    let mut tasks = Vec::new();
+    if let Some(addr) = args.webhook_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on --webhook-addr {addr}"))?;
+        let mounted = match &args.webhook_tls_dir {
+            Some(dir) => Some(
+                draingate::tls::https_config_from_dir(dir)
+                    .with_context(|| format!("--webhook-tls-dir {}", dir.display()))?,
+            ),
+            None => None,
+        };
+        let (client, namespace, secret, names, configuration) = (
+            client.clone(),
+            args.namespace.clone(),
+            args.webhook_secret.clone(),
+            args.webhook_names.clone(),
+            args.webhook_configuration.clone(),
+        );
+        let shutdown = stopped();
+        tasks.push(tokio::spawn(async move {
+            // The certificate the gate makes: retried until the API server lets it (RBAC or
+            // the configuration may be applied after the gate starts). Pods created meanwhile
+            // are not held (`failurePolicy: Ignore`).
+            let tls = match mounted {
+                Some(tls) => tls,
+                None => loop {
+                    let made = async {
+                        let cert =
+                            webhook::ensure_secret(&client, &namespace, &secret, &names).await?;
+                        webhook::patch_ca_bundle(&client, &configuration, &cert.ca_pem).await?;
+                        anyhow::Ok(draingate::tls::https_config(
+                            cert.cert_pem.as_bytes(),
+                            cert.key_pem.as_bytes(),
+                        )?)
+                    };
+                    match made.await {
+                        Ok(tls) => break tls,
+                        Err(err) => {
+                            tracing::warn!(
+                                error = %err,
+                                "the webhook cannot serve yet; retrying in 5 s"
+                            );
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                        }
+                    }
+                },
+            };
+            tracing::info!(%addr, "admission webhook serving");
+            draingate::limits::serve_https(
+                listener,
+                draingate::limits::FaceLimits::gate_webhook(),
+                tls,
+                webhook::router(),
+                shutdown,
+            )
+            .await;
+        }));
+    }
+    let config = controller::HoldConfig {
+        interval: args.hold_interval,
+        on_fail: match args.on_fail {
+            OnFail::None => controller::OnFail::None,
+            OnFail::Pause => controller::OnFail::Pause,
+        },
+    };
+    let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
+        format!(
+            "{}-{}",
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "gate".into()),
+            std::process::id()
+        )
+    });
+    let elector = lease::Elector::new(
+        client.clone(),
+        lease::LeaseConfig::new(&args.namespace, &args.lease, &identity),
+    );
+    let shutdown = stopped();
+    tasks.push(tokio::spawn(async move {
+        let run = || controller::run(std::sync::Arc::clone(&gate), client.clone(), config.clone());
+        if let Err(err) = lease::lead(elector, run, shutdown).await {
+            tracing::error!(error = %err, "the readiness gate stopped");
+        }
+    }));
+    Ok(tasks)
 }
 
 pub(crate) async fn gate_check(args: GateCheckArgs) -> anyhow::Result<ExitCode> {
