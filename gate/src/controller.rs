@@ -64,6 +64,9 @@ pub enum OnFail {
     Pause,
 }
 
+/// The oldest round of the agents' answers a decision is made from.
+const FRESH: Duration = Duration::from_millis(100);
+
 /// How the controller runs.
 #[derive(Debug, Clone)]
 pub struct HoldConfig {
@@ -494,7 +497,9 @@ pub async fn run(
             continue;
         }
         let round = if held.iter().any(|h| !h.predecessors.is_empty()) || !finished.is_empty() {
-            Some(gate.round().await)
+            // Fresh answers: a round shared with a rollout tool's check may be up to the pool's
+            // reuse age old, which would delay the release by as much.
+            Some(gate.round_within(FRESH).await)
         } else {
             None
         };

@@ -225,7 +225,12 @@ impl Gate {
 
     /// A round of the agents' answers; a new one goes into the metrics once.
     pub(crate) async fn round(&self) -> std::sync::Arc<pool::Round> {
-        let (round, new) = self.pool.round().await;
+        self.round_within(Duration::MAX).await
+    }
+
+    /// A round no older than `max_age` (nor than the pool's reuse setting).
+    pub(crate) async fn round_within(&self, max_age: Duration) -> std::sync::Arc<pool::Round> {
+        let (round, new) = self.pool.round_within(max_age).await;
         if new {
             self.observe(&round);
         }

@@ -150,9 +150,15 @@ impl AgentPool {
     /// A round of answers no older than the `reuse` setting; concurrent callers share one.
     /// The flag is true for the caller whose call asked the agents (a new round).
     pub async fn round(&self) -> (Arc<Round>, bool) {
+        self.round_within(self.config.reuse).await
+    }
+
+    /// [`Self::round`], reusing a round only when it is younger than `max_age` too (the
+    /// readiness gate wants fresh answers: a stale round delays each release by its age).
+    pub async fn round_within(&self, max_age: Duration) -> (Arc<Round>, bool) {
         let mut last = self.last.lock().await;
         if let Some(round) = last.as_ref()
-            && round.started.elapsed() < self.config.reuse
+            && round.started.elapsed() < self.config.reuse.min(max_age)
         {
             return (Arc::clone(round), false);
         }

@@ -74,11 +74,13 @@ enum Command {
     /// and p99 latency with and without the agent, kernel time per program run, agent memory
     /// with 110 pods; then the verdict's accuracy over repeated rehearsals of every shutdown
     /// scenario (false passes, false fails); then one gate check across 1,000 simulated agents
-    /// (latency against the bare fan-out, gate memory). Writes BENCHMARKS.md.
+    /// (latency against the bare fan-out, gate memory); then the readiness gate's release
+    /// latency on the real control plane. Writes BENCHMARKS.md.
     Bench {
-        /// Run only one part: `overhead` (draingate-bench), `accuracy` (draingate-accuracy) or
-        /// `gate` (draingate-gate-bench).
-        #[arg(long, value_parser = ["overhead", "accuracy", "gate"])]
+        /// Run only one part: `overhead` (draingate-bench), `accuracy` (draingate-accuracy),
+        /// `gate` (draingate-gate-bench) or `hold` (draingate-hold-bench: the readiness gate's
+        /// release latency on the real control plane).
+        #[arg(long, value_parser = ["overhead", "accuracy", "gate", "hold"])]
         only: Option<String>,
         /// Arguments after `--` for the part's binary (see its `--help`): draingate-bench, or the
         /// one chosen with --only.

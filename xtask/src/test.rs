@@ -228,9 +228,14 @@ pub(crate) fn bench(only: Option<&str>, args: &[String]) -> anyhow::Result<()> {
     for (part, binary) in [
         ("accuracy", "draingate-accuracy"),
         ("gate", "draingate-gate-bench"),
+        ("hold", "draingate-hold-bench"),
     ] {
         if runs(part) {
             let mut cmd = Command::new(root.join("target/release").join(binary));
+            if part == "hold" {
+                // The real control plane, built once and cached.
+                cmd.env("DRAINGATE_KUBE_BIN", crate::kube::ensure()?);
+            }
             cmd.arg("--out").arg(root.join("BENCHMARKS.md"));
             // Extra arguments go to the one part chosen with --only.
             if only == Some(part) {

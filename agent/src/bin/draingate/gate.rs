@@ -68,8 +68,9 @@ pub(crate) struct GateServeArgs {
     /// $KUBECONFIG) with pods get/list/watch and pods/status patch.
     #[arg(long)]
     hold: bool,
-    /// How often --hold looks at the held pods again.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, requires = "hold")]
+    /// How often --hold looks at the held pods again: a held pod is released at most this
+    /// long (plus one round of the agents) after its last predecessor passed.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration, requires = "hold")]
     hold_interval: Duration,
     /// What --hold does to a Deployment whose old pod failed its drain, beyond holding its new
     /// pod and recording Events: `pause` also sets its `spec.paused` (needs deployments patch).
