@@ -115,6 +115,18 @@ impl Pods {
             }
             watcher::Event::InitDone => {
                 if let Some(relisted) = self.relisting.take() {
+                    // A pod that was live and is missing from the relist left while the watch
+                    // was down (its deletion was never seen): it is a deletion all the same,
+                    // or a predecessor would be missed and its successor released unheld.
+                    let vanished: Vec<Pod> = self
+                        .live
+                        .iter()
+                        .filter(|(uid, _)| !relisted.contains_key(*uid))
+                        .map(|(_, pod)| pod.clone())
+                        .collect();
+                    for pod in &vanished {
+                        self.remember_deletion(pod, true);
+                    }
                     self.live = relisted;
                 }
             }

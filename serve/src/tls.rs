@@ -214,7 +214,7 @@ pub fn generate(dir: &Path, valid: Duration) -> Result<Vec<PathBuf>, TlsError> {
 mod tests {
     use std::time::Duration;
 
-    use super::{TlsError, client_config, generate, server_config};
+    use super::{TlsError, client_config, generate, https_config_from_dir, server_config};
 
     #[test]
     fn a_set_is_written_once_with_private_keys_and_reads_back() {
@@ -240,5 +240,25 @@ mod tests {
         std::fs::remove_file(dir.path().join("gate.key")).unwrap();
         let err = client_config(dir.path()).unwrap_err().to_string();
         assert!(err.contains("gate.key"), "{err}");
+    }
+
+    /// A `kubernetes.io/tls` Secret's files (as cert-manager writes them) serve HTTPS; a
+    /// missing key is named, a file with no certificate refused.
+    #[test]
+    fn a_tls_secrets_files_make_an_https_config() {
+        let set = tempfile::tempdir().unwrap();
+        generate(set.path(), Duration::from_hours(1)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(set.path().join("agent.crt"), dir.path().join("tls.crt")).unwrap();
+        let err = https_config_from_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("tls.key"), "{err}");
+        std::fs::copy(set.path().join("agent.key"), dir.path().join("tls.key")).unwrap();
+        let config = https_config_from_dir(dir.path()).unwrap();
+        assert_eq!(config.alpn_protocols, [b"http/1.1".to_vec()]);
+        std::fs::write(dir.path().join("tls.crt"), "not a certificate\n").unwrap();
+        assert!(matches!(
+            https_config_from_dir(dir.path()),
+            Err(TlsError::NoCertificate)
+        ));
     }
 }

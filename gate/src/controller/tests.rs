@@ -223,3 +223,31 @@ fn a_rollout_is_finished_when_only_its_version_is_left() {
     assert_eq!(predecessors("web-b-z"), Some(0));
     assert_eq!(predecessors("web-b-y"), Some(2));
 }
+
+/// A pod that left while the watch was down is missing from the relist: it counts as deleted
+/// (now, on the real clock: the pods here were created in the past), so the pod that replaced
+/// it still waits for it.
+#[test]
+fn a_pod_gone_during_a_watch_outage_is_a_deletion_all_the_same() {
+    let mut pods = Pods::default();
+    pods.apply(watcher::Event::Apply(parsed(pod(
+        "web-a-1",
+        "a",
+        "2026-01-01T10:00:00Z",
+    ))));
+    pods.apply(watcher::Event::Init);
+    pods.apply(watcher::Event::InitApply(parsed(pod(
+        "web-b-1",
+        "b",
+        "2026-01-01T10:02:00Z",
+    ))));
+    pods.apply(watcher::Event::InitDone);
+    let held = held_pods(&pods, &std::collections::HashMap::new());
+    assert_eq!(held.len(), 1);
+    let predecessors: Vec<&str> = held[0]
+        .predecessors
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect();
+    assert_eq!(predecessors, ["web-a-1"]);
+}
