@@ -48,6 +48,17 @@ impl LeaseConfig {
     }
 }
 
+/// This replica's name in the Lease: `$POD_NAME` (the downward API), else the host name and
+/// process id.
+#[must_use]
+pub fn identity() -> String {
+    std::env::var("POD_NAME").unwrap_or_else(|_| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map_or_else(|_| "gate".into(), |h| h.trim().to_owned());
+        format!("{host}-{}", std::process::id())
+    })
+}
+
 /// What this replica last saw of the Lease, and when (on its own clock).
 #[derive(Debug)]
 struct Observed {

@@ -359,6 +359,75 @@ pub async fn patch_ca_bundle(
     Ok(false)
 }
 
+/// Where the webhook's certificate comes from.
+#[derive(Debug, Clone)]
+pub enum WebhookTls {
+    /// Read from a mounted `kubernetes.io/tls` Secret (`--webhook-tls-dir`).
+    Mounted(draingate_serve::tls::HttpsConfig),
+    /// Made by the gate ([`ensure_secret`]) and its CA written into the configuration
+    /// ([`patch_ca_bundle`]).
+    SelfMade {
+        namespace: String,
+        secret: String,
+        names: Vec<String>,
+        configuration: String,
+    },
+}
+
+/// How long a self-made certificate is tried again after the API server refused it.
+const RETRY: Duration = Duration::from_secs(5);
+
+/// Serves the webhook on `listener` until `shutdown`. A self-made certificate is retried every
+/// [`RETRY`] until the API server lets the gate keep it (its RBAC or the webhook configuration
+/// may be applied after the gate starts); pods created meanwhile are not held
+/// (`failurePolicy: Ignore`).
+pub async fn serve(
+    client: kube::Client,
+    listener: tokio::net::TcpListener,
+    tls: WebhookTls,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let config = match tls {
+        WebhookTls::Mounted(config) => config,
+        WebhookTls::SelfMade {
+            namespace,
+            secret,
+            names,
+            configuration,
+        } => loop {
+            let made = async {
+                let cert = ensure_secret(&client, &namespace, &secret, &names).await?;
+                patch_ca_bundle(&client, &configuration, &cert.ca_pem).await?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                    draingate_serve::tls::https_config(
+                        cert.cert_pem.as_bytes(),
+                        cert.key_pem.as_bytes(),
+                    )?,
+                )
+            };
+            match made.await {
+                Ok(config) => break config,
+                Err(err) => {
+                    tracing::warn!(error = %err, "the webhook cannot serve yet; retrying in 5 s");
+                    tokio::time::sleep(RETRY).await;
+                }
+            }
+        },
+    };
+    tracing::info!(
+        addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        "admission webhook serving"
+    );
+    draingate_serve::limits::serve_https(
+        listener,
+        draingate_serve::limits::FaceLimits::gate_webhook(),
+        config,
+        router(),
+        shutdown,
+    )
+    .await;
+}
+
 #[cfg(test)]
 mod tests {
     use k8s_openapi::api::core::v1::Pod;

@@ -102,12 +102,12 @@ pub fn client_config(dir: &Path) -> Result<ClientTlsConfig, TlsError> {
         )))
 }
 
+/// An HTTPS face's TLS settings, as [`crate::limits::serve_https`] takes them.
+pub type HttpsConfig = std::sync::Arc<tokio_rustls::rustls::ServerConfig>;
+
 /// A plain HTTPS server's TLS (no client certificates): `cert_pem` is its chain, `key_pem` its
 /// key (PKCS#8, PKCS#1 or SEC1). HTTP/1.1 only.
-pub fn https_config(
-    cert_pem: &[u8],
-    key_pem: &[u8],
-) -> Result<std::sync::Arc<tokio_rustls::rustls::ServerConfig>, TlsError> {
+pub fn https_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<HttpsConfig, TlsError> {
     use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
     use tokio_rustls::rustls;
     let chain = CertificateDer::pem_slice_iter(cert_pem).collect::<Result<Vec<_>, _>>()?;
@@ -126,9 +126,7 @@ pub fn https_config(
 
 /// Reads `tls.crt` and `tls.key` from `dir` (a `kubernetes.io/tls` Secret, as cert-manager
 /// writes it) into [`https_config`].
-pub fn https_config_from_dir(
-    dir: &Path,
-) -> Result<std::sync::Arc<tokio_rustls::rustls::ServerConfig>, TlsError> {
+pub fn https_config_from_dir(dir: &Path) -> Result<HttpsConfig, TlsError> {
     https_config(&read(dir, "tls.crt")?, &read(dir, "tls.key")?)
 }
 

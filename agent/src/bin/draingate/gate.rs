@@ -104,8 +104,7 @@ pub(crate) struct GateServeArgs {
         requires = "webhook_addr"
     )]
     webhook_secret: String,
-    /// The names the certificate the gate makes is valid for (DNS names or IP addresses): the
-    /// webhook Service's.
+    /// The DNS names or IP addresses of the certificate the gate makes (the webhook Service's).
     #[arg(
         long,
         value_delimiter = ',',
@@ -235,59 +234,24 @@ where
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on --webhook-addr {addr}"))?;
-        let mounted = match &args.webhook_tls_dir {
-            Some(dir) => Some(
+        let tls = match &args.webhook_tls_dir {
+            Some(dir) => webhook::WebhookTls::Mounted(
                 draingate::tls::https_config_from_dir(dir)
                     .with_context(|| format!("--webhook-tls-dir {}", dir.display()))?,
             ),
-            None => None,
+            None => webhook::WebhookTls::SelfMade {
+                namespace: args.namespace.clone(),
+                secret: args.webhook_secret.clone(),
+                names: args.webhook_names.clone(),
+                configuration: args.webhook_configuration.clone(),
+            },
         };
-        let (client, namespace, secret, names, configuration) = (
+        tasks.push(tokio::spawn(webhook::serve(
             client.clone(),
-            args.namespace.clone(),
-            args.webhook_secret.clone(),
-            args.webhook_names.clone(),
-            args.webhook_configuration.clone(),
-        );
-        let shutdown = stopped();
-        tasks.push(tokio::spawn(async move {
-            // The certificate the gate makes: retried until the API server lets it (RBAC or
-            // the configuration may be applied after the gate starts). Pods created meanwhile
-            // are not held (`failurePolicy: Ignore`).
-            let tls = match mounted {
-                Some(tls) => tls,
-                None => loop {
-                    let made = async {
-                        let cert =
-                            webhook::ensure_secret(&client, &namespace, &secret, &names).await?;
-                        webhook::patch_ca_bundle(&client, &configuration, &cert.ca_pem).await?;
-                        anyhow::Ok(draingate::tls::https_config(
-                            cert.cert_pem.as_bytes(),
-                            cert.key_pem.as_bytes(),
-                        )?)
-                    };
-                    match made.await {
-                        Ok(tls) => break tls,
-                        Err(err) => {
-                            tracing::warn!(
-                                error = %err,
-                                "the webhook cannot serve yet; retrying in 5 s"
-                            );
-                            tokio::time::sleep(Duration::from_secs(5)).await;
-                        }
-                    }
-                },
-            };
-            tracing::info!(%addr, "admission webhook serving");
-            draingate::limits::serve_https(
-                listener,
-                draingate::limits::FaceLimits::gate_webhook(),
-                tls,
-                webhook::router(),
-                shutdown,
-            )
-            .await;
-        }));
+            listener,
+            tls,
+            stopped(),
+        )));
     }
     let config = controller::HoldConfig {
         interval: args.hold_interval,
@@ -296,19 +260,9 @@ where
             OnFail::Pause => controller::OnFail::Pause,
         },
     };
-    let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
-        format!(
-            "{}-{}",
-            nix::unistd::gethostname()
-                .ok()
-                .and_then(|h| h.into_string().ok())
-                .unwrap_or_else(|| "gate".into()),
-            std::process::id()
-        )
-    });
     let elector = lease::Elector::new(
         client.clone(),
-        lease::LeaseConfig::new(&args.namespace, &args.lease, &identity),
+        lease::LeaseConfig::new(&args.namespace, &args.lease, &lease::identity()),
     );
     let shutdown = stopped();
     tasks.push(tokio::spawn(async move {
