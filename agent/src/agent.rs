@@ -467,12 +467,28 @@ impl Agent {
                 state.pods.insert(previous.id.uid.clone(), previous);
             }
             if !state.pods.contains_key(&pod.id.uid) {
+                // A previous agent's slot carries the pod's counts from before this agent.
+                let inherited = pod
+                    .addresses
+                    .iter()
+                    .any(|a| self.watched_by_previous.contains_key(a));
                 let slot = self.allocate_slot(&pod)?;
                 tracing::info!(pod = %pod.id.name, uid = %pod.id.uid, slot, addresses = ?pod.addresses, "new pod");
                 self.probes
                     .set_slot_id(slot, &pod.id.namespace, &pod.id.name, &pod.id.uid)?;
                 let mut drain = PodDrain::new(pod.id.clone(), slot, now);
                 drain.untracked_at_start = loss.socket_table_full;
+                // First seen already deleted (it lived less than a resync, or its deletion came
+                // before its address did): its connections were never watched, so its drain
+                // cannot be vouched for. Never a pass.
+                if pod.deleting_since.is_some() && !inherited {
+                    tracing::warn!(pod = %pod.id.name, uid = %pod.id.uid, "first seen already deleted: its verdict is unknown");
+                    drain.lost = Some(
+                        "the agent first saw it after its deletion was asked for: its \
+                         connections before that were never watched"
+                            .to_owned(),
+                    );
+                }
                 state.pods.insert(pod.id.uid.clone(), drain);
             }
             let drain = state.pods.get_mut(&pod.id.uid).expect("inserted above");
