@@ -253,6 +253,9 @@ struct Held {
 /// A version of a Deployment: (namespace, Deployment, pod-template-hash).
 type Version = (String, String, String);
 
+/// A Deployment: (namespace, name).
+type DeploymentKey = (String, String);
+
 /// When each version's rollout began: the creation of its oldest live pod.
 fn rollout_starts(pods: &Pods) -> HashMap<Version, SystemTime> {
     let mut began: HashMap<Version, SystemTime> = HashMap::new();
@@ -272,17 +275,10 @@ fn rollout_starts(pods: &Pods) -> HashMap<Version, SystemTime> {
 }
 
 /// The pods `version` replaced: those of its Deployment with another hash whose deletion was
-/// asked for since its rollout began, sorted by name.
-fn replaced_by(
-    pods: &Pods,
-    version: &Version,
-    began: &HashMap<Version, SystemTime>,
-) -> Vec<Predecessor> {
+/// asked for at or after `since` (whole seconds), sorted by name.
+fn replaced_by(pods: &Pods, version: &Version, since: SystemTime) -> Vec<Predecessor> {
     let (namespace, deployment, hash) = version;
-    let since = began
-        .get(version)
-        .copied()
-        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let since = whole_seconds(since);
     let mut replaced: Vec<Predecessor> = pods
         .deleted
         .values()
@@ -299,14 +295,6 @@ fn replaced_by(
     replaced
 }
 
-/// A finished rollout whose final verdict was recorded: when it was recorded (to forget it), and
-/// the wall-clock time (pods of its version created after it belong to no rollout).
-#[derive(Debug, Clone, Copy)]
-struct Recorded {
-    seen: Instant,
-    at: SystemTime,
-}
-
 fn whole_seconds(at: SystemTime) -> SystemTime {
     let since = at
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -314,9 +302,139 @@ fn whole_seconds(at: SystemTime) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(since.as_secs())
 }
 
-/// The pods waiting for a decision, each with its predecessors. A pod created after its
-/// version's rollout finished (a scale-up, a crash replacement) has none.
-fn held_pods(pods: &Pods, recorded: &HashMap<Version, Recorded>) -> Vec<Held> {
+/// What the controller saw of one Deployment's rollouts, tick by tick.
+#[derive(Debug, Clone, Default)]
+struct Rollouts {
+    /// The last tick it ran one version with nothing terminating.
+    stable_at: Option<SystemTime>,
+    /// While it runs more than one version or terminates pods: from when deletions count.
+    rolling: Option<RollingSince>,
+    /// The last rollout that finished: its version's hash, from when its deletions counted, and
+    /// when it was seen finished. Its pods created before then still wait for its old pods.
+    last: Option<(String, Option<SystemTime>, SystemTime)>,
+}
+
+/// From when a rollout's deletions count: the last stable tick before it (`None`: unknown, the
+/// gate came up mid-rollout).
+#[derive(Debug, Clone, Copy)]
+struct RollingSince(Option<SystemTime>);
+
+/// A rollout whose Deployment runs only its new version now (no old pod left, none
+/// terminating), for the final verdict over the pods it replaced.
+#[derive(Debug, Clone)]
+struct Finished {
+    version: Version,
+    replaced: Vec<Predecessor>,
+    seen: Instant,
+}
+
+/// Every Deployment's rollouts, and the finished ones whose verdict is not recorded yet.
+#[derive(Debug, Default)]
+struct Tracker {
+    deployments: HashMap<DeploymentKey, Rollouts>,
+    pending: Vec<Finished>,
+}
+
+impl Tracker {
+    /// Notes what each Deployment with live pods runs at `now`; a rollout seen finishing is
+    /// queued for its final verdict (only where the readiness gate holds the Deployment).
+    fn observe(&mut self, pods: &Pods, now: SystemTime) {
+        // Per Deployment: its live hashes, whether a pod terminates, whether one is gated.
+        let mut seen: HashMap<DeploymentKey, (Vec<String>, bool, bool)> = HashMap::new();
+        for pod in pods.live.values() {
+            let Some((deployment, hash)) = deployment_of(pod) else {
+                continue;
+            };
+            let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+            let entry = seen.entry((namespace, deployment)).or_default();
+            if !entry.0.contains(&hash) {
+                entry.0.push(hash);
+            }
+            entry.1 |= pod.metadata.deletion_timestamp.is_some();
+            entry.2 |= gated(pod) || pod_has_gate(pod);
+        }
+        let began = rollout_starts(pods);
+        // A Deployment without pods has nothing to hold.
+        self.deployments.retain(|key, _| seen.contains_key(key));
+        for (key, (hashes, terminating, gated)) in seen {
+            let state = self.deployments.entry(key.clone()).or_default();
+            let stable = hashes.len() == 1 && !terminating;
+            if !stable {
+                if state.rolling.is_none() {
+                    state.rolling = Some(RollingSince(state.stable_at));
+                }
+                continue;
+            }
+            let hash = hashes.into_iter().next().unwrap_or_default();
+            if let Some(RollingSince(since)) = state.rolling.take() {
+                let version = (key.0.clone(), key.1.clone(), hash.clone());
+                let from = since.unwrap_or_else(|| {
+                    began
+                        .get(&version)
+                        .copied()
+                        .unwrap_or(SystemTime::UNIX_EPOCH)
+                });
+                let replaced = replaced_by(pods, &version, from);
+                if gated && !replaced.is_empty() {
+                    if self.pending.len() >= MAX_REMEMBERED {
+                        self.pending.remove(0);
+                    }
+                    self.pending.push(Finished {
+                        version,
+                        replaced,
+                        seen: Instant::now(),
+                    });
+                }
+                state.last = Some((hash, since, now));
+            }
+            state.stable_at = Some(now);
+        }
+        self.pending.retain(|f| f.seen.elapsed() < REMEMBER);
+    }
+
+    /// From when the deletions that `pod` (of `version`, created at `created`) waits for count;
+    /// `None`: it waits for none (created after its version's rollout finished, or outside any).
+    fn since(
+        &self,
+        version: &Version,
+        created: Option<SystemTime>,
+        began: &HashMap<Version, SystemTime>,
+    ) -> Option<SystemTime> {
+        let fallback = || began.get(version).copied().or(Some(SystemTime::UNIX_EPOCH));
+        let Some(state) = self
+            .deployments
+            .get(&(version.0.clone(), version.1.clone()))
+        else {
+            return fallback();
+        };
+        if let Some(RollingSince(since)) = state.rolling {
+            return since.or_else(fallback);
+        }
+        match (&state.last, created) {
+            // A pod of the last rollout's version created before it was seen finished (in the
+            // same second counts: creation times are whole seconds) was part of it.
+            (Some((hash, since, ended)), Some(created))
+                if *hash == version.2 && created <= whole_seconds(*ended) =>
+            {
+                since.or_else(fallback)
+            }
+            (_, None) => fallback(),
+            // Outside a rollout: a scale-up, a crash replacement.
+            _ => None,
+        }
+    }
+}
+
+/// Whether `pod` names the readiness gate (being deleted or not).
+fn pod_has_gate(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.readiness_gates.as_ref())
+        .is_some_and(|gates| gates.iter().any(|g| g.condition_type == CONDITION_TYPE))
+}
+
+/// The pods waiting for a decision, each with its predecessors.
+fn held_pods(pods: &Pods, tracker: &Tracker) -> Vec<Held> {
     let mut held = Vec::new();
     let began = rollout_starts(pods);
     for pod in pods.live.values().filter(|p| gated(p)) {
@@ -335,18 +453,10 @@ fn held_pods(pods: &Pods, recorded: &HashMap<Version, Recorded>) -> Vec<Held> {
             None => Vec::new(),
             Some((deployment, hash)) => {
                 let version = (namespace.clone(), deployment.clone(), hash.clone());
-                // Creation times are whole seconds: a pod created in the second the rollout's
-                // verdict was recorded counts as after it (every pod of the rollout was created
-                // before its last old pod was deleted, so before it finished).
-                let after_rollout = recorded
-                    .get(&version)
-                    .zip(created)
-                    .is_some_and(|(r, created)| created >= whole_seconds(r.at));
-                if after_rollout {
-                    Vec::new()
-                } else {
-                    replaced_by(pods, &version, &began)
-                }
+                tracker
+                    .since(&version, created, &began)
+                    .map(|since| replaced_by(pods, &version, since))
+                    .unwrap_or_default()
             }
         };
         held.push(Held {
@@ -360,51 +470,6 @@ fn held_pods(pods: &Pods, recorded: &HashMap<Version, Recorded>) -> Vec<Held> {
     }
     held.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     held
-}
-
-/// A rollout whose Deployment runs only its new version now (no old pod left, none
-/// terminating), for the final verdict over the pods it replaced.
-#[derive(Debug)]
-struct Finished {
-    version: Version,
-    replaced: Vec<Predecessor>,
-}
-
-/// The held Deployments' rollouts that finished and are not yet `recorded`.
-fn finished_rollouts(pods: &Pods, recorded: &HashMap<Version, Recorded>) -> Vec<Finished> {
-    // Per Deployment: the hashes of its live pods, whether one is terminating, and whether the
-    // readiness gate holds it.
-    let mut deployments: HashMap<(String, String), (Vec<String>, bool, bool)> = HashMap::new();
-    for pod in pods.live.values() {
-        let Some((deployment, hash)) = deployment_of(pod) else {
-            continue;
-        };
-        let namespace = pod.metadata.namespace.clone().unwrap_or_default();
-        let entry = deployments.entry((namespace, deployment)).or_default();
-        if !entry.0.contains(&hash) {
-            entry.0.push(hash);
-        }
-        entry.1 |= pod.metadata.deletion_timestamp.is_some();
-        entry.2 |= gated(pod);
-    }
-    let began = rollout_starts(pods);
-    let mut finished: Vec<Finished> = deployments
-        .into_iter()
-        .filter_map(|((namespace, deployment), (hashes, terminating, gated))| {
-            let [hash] = <[String; 1]>::try_from(hashes).ok()?;
-            if terminating || !gated {
-                return None;
-            }
-            let version = (namespace, deployment, hash);
-            if recorded.contains_key(&version) {
-                return None;
-            }
-            let replaced = replaced_by(pods, &version, &began);
-            (!replaced.is_empty()).then_some(Finished { version, replaced })
-        })
-        .collect();
-    finished.sort_by(|a, b| a.version.cmp(&b.version));
-    finished
 }
 
 /// The evidence for one Deployment's rollout: its judgement's pods where the agents name it,
@@ -457,7 +522,8 @@ pub async fn run(
     let watched = Arc::clone(&pods);
     let api: Api<Pod> = Api::all(client.clone());
     let mut stream = Box::pin(watcher(api, watcher::Config::default()).default_backoff());
-    let watch = tokio::spawn(async move {
+    // The watch stops with the controller (an aborted `run` leaves no watch behind).
+    let watch = AbortOnDrop(tokio::spawn(async move {
         while let Some(event) = stream.next().await {
             match event {
                 Ok(event) => watched
@@ -467,7 +533,7 @@ pub async fn run(
                 Err(err) => tracing::warn!(error = %err, "the pod watch failed; retrying"),
             }
         }
-    });
+    }));
     let writer = Writer {
         recorder: Recorder::new(
             client.clone(),
@@ -479,8 +545,7 @@ pub async fn run(
         client,
         on_fail: config.on_fail,
     };
-    // The rollouts whose final verdict is recorded, and when.
-    let mut recorded: HashMap<Version, Recorded> = HashMap::new();
+    let mut tracker = Tracker::default();
     let mut ticker = tokio::time::interval(config.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!(
@@ -490,31 +555,28 @@ pub async fn run(
     );
     loop {
         ticker.tick().await;
-        if watch.is_finished() {
+        if watch.0.is_finished() {
             return Err(HoldError::WatchEnded);
         }
-        let (held, finished) = {
+        let held = {
             let mut pods = pods
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let now = Instant::now();
-            pods.forget_old(now);
-            recorded.retain(|_, r| now.duration_since(r.seen) < REMEMBER);
-            (
-                held_pods(&pods, &recorded),
-                finished_rollouts(&pods, &recorded),
-            )
+            pods.forget_old(Instant::now());
+            tracker.observe(&pods, SystemTime::now());
+            held_pods(&pods, &tracker)
         };
-        if held.is_empty() && finished.is_empty() {
+        if held.is_empty() && tracker.pending.is_empty() {
             continue;
         }
-        let round = if held.iter().any(|h| !h.predecessors.is_empty()) || !finished.is_empty() {
-            // Fresh answers: a round shared with a rollout tool's check may be up to the pool's
-            // reuse age old, which would delay the release by as much.
-            Some(gate.round_within(FRESH).await)
-        } else {
-            None
-        };
+        let round =
+            if held.iter().any(|h| !h.predecessors.is_empty()) || !tracker.pending.is_empty() {
+                // Fresh answers: a round shared with a rollout tool's check may be up to the pool's
+                // reuse age old, which would delay the release by as much.
+                Some(gate.round_within(FRESH).await)
+            } else {
+                None
+            };
         for pod in held {
             let evidence = match (&round, &pod.workload) {
                 (Some(round), Some((deployment, hash))) => {
@@ -522,32 +584,58 @@ pub async fn run(
                 }
                 _ => None,
             };
-            let decision = hold::decide(&pod.predecessors, evidence.as_ref());
+            let decision = held_once_held(
+                hold::decide(&pod.predecessors, evidence.as_ref()),
+                pod.current.as_ref(),
+            );
             if let Some(changed) = writer.set_condition(&pod, decision).await {
                 writer.record(&pod, &changed).await;
             }
         }
         if let Some(round) = &round {
-            for rollout in finished {
+            let mut recorded = Vec::new();
+            for (i, rollout) in tracker.pending.iter().enumerate() {
                 let (namespace, deployment, hash) = &rollout.version;
                 let evidence = evidence(round, namespace, deployment, hash);
                 if writer
-                    .record_rollout(&rollout, hold::decide(&rollout.replaced, Some(&evidence)))
+                    .record_rollout(rollout, hold::decide(&rollout.replaced, Some(&evidence)))
                     .await
                 {
-                    if recorded.len() >= MAX_REMEMBERED {
-                        recorded.clear();
-                    }
-                    recorded.insert(
-                        rollout.version,
-                        Recorded {
-                            seen: Instant::now(),
-                            at: SystemTime::now(),
-                        },
-                    );
+                    recorded.push(i);
                 }
             }
+            for i in recorded.into_iter().rev() {
+                tracker.pending.remove(i);
+            }
         }
+    }
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A pod the gate holds (`False`) is released only after its predecessors passed: if they are
+/// no longer known (the gate restarted, a new leader took over, or they were forgotten after
+/// [`REMEMBER`]), "no predecessors" would release a pod held for a failed drain. It stays held,
+/// `NoEvidence`, saying what to do.
+fn held_once_held(decision: Hold, current: Option<&(bool, String, String)>) -> Hold {
+    match (&decision, current) {
+        (Hold::Release { reason, .. }, Some((false, _, _))) if *reason == "NoPredecessors" => {
+            Hold::Held {
+                reason: HoldReason::NoEvidence,
+                message: "the old pods this pod waited for are no longer known (the gate \
+                          restarted or forgot them): delete this pod to decide afresh, or roll \
+                          back"
+                    .into(),
+            }
+        }
+        _ => decision,
     }
 }
 
@@ -651,12 +739,16 @@ impl Writer {
         }
     }
 
-    async fn publish(&self, event: &Event, references: &[ObjectReference]) {
+    /// Publishes `event` on each of `references`; whether every one was recorded.
+    async fn publish(&self, event: &Event, references: &[ObjectReference]) -> bool {
+        let mut all = true;
         for reference in references {
             if let Err(err) = self.recorder.publish(event, reference).await {
                 tracing::warn!(error = %err, "cannot record the Event");
+                all = false;
             }
         }
+        all
     }
 
     /// Records the decision as Kubernetes Events, so that it outlives the gate and
@@ -689,7 +781,7 @@ impl Writer {
             _ => None,
         };
         references.extend(deployment.clone());
-        self.publish(&event, &references).await;
+        let _ = self.publish(&event, &references).await;
         if let (Some(reference), OnFail::Pause) = (deployment, self.on_fail) {
             self.pause(&reference, &changed.message).await;
         }
@@ -729,7 +821,7 @@ impl Writer {
             action: "Pause".into(),
             secondary: None,
         };
-        self.publish(&event, std::slice::from_ref(deployment)).await;
+        let _ = self.publish(&event, std::slice::from_ref(deployment)).await;
     }
 
     /// Records a finished rollout's final verdict over the pods it replaced as an Event on its
@@ -777,8 +869,8 @@ impl Writer {
             action: "Verdict".into(),
             secondary: None,
         };
-        self.publish(&event, &[reference]).await;
-        true
+        // Not recorded: tried again next time.
+        self.publish(&event, &[reference]).await
     }
 }
 

@@ -205,24 +205,27 @@ impl Elector {
     }
 
     /// Renews the Lease until it cannot for [`LeaseConfig::deadline`] or another replica took
-    /// it; returns then (this replica no longer leads).
+    /// it; returns then (this replica no longer leads). Each attempt is bounded by what is left
+    /// of the deadline, counted from the start of the last attempt that succeeded: a request
+    /// that hangs cannot keep a replica leading past it.
     pub async fn hold(&mut self) {
         let mut renewed = Instant::now();
         loop {
             tokio::time::sleep(self.config.renew).await;
-            match self.try_acquire_or_renew().await {
-                Ok(true) => renewed = Instant::now(),
-                Ok(false) => {
+            let started = Instant::now();
+            let left = self.config.deadline.saturating_sub(renewed.elapsed());
+            match tokio::time::timeout(left, self.try_acquire_or_renew()).await {
+                Ok(Ok(true)) => renewed = started,
+                Ok(Ok(false)) => {
                     tracing::warn!("another replica took the Lease: no longer leading");
                     return;
                 }
-                Err(err) => {
-                    tracing::warn!(error = %err, "cannot renew the Lease");
-                    if renewed.elapsed() >= self.config.deadline {
-                        tracing::warn!("the Lease was not renewed in time: no longer leading");
-                        return;
-                    }
-                }
+                Ok(Err(err)) => tracing::warn!(error = %err, "cannot renew the Lease"),
+                Err(_) => tracing::warn!("renewing the Lease timed out"),
+            }
+            if renewed.elapsed() >= self.config.deadline {
+                tracing::warn!("the Lease was not renewed in time: no longer leading");
+                return;
             }
         }
     }
@@ -253,16 +256,18 @@ impl Elector {
 }
 
 /// Runs `work` while this replica leads, again each time it leads anew, until `shutdown`
-/// (then the Lease is given up, so another replica takes over at once) or `work` fails.
+/// (then the Lease is given up, so another replica takes over at once). `work` is not meant to
+/// end: when it does (an error, or a panic), the Lease is given up and the reason returned, so
+/// the caller can stop rather than stand by forever.
 pub async fn lead<W, F, E>(
     mut elector: Elector,
     mut work: W,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), E>
+) -> Result<(), String>
 where
     W: FnMut() -> F,
     F: Future<Output = Result<(), E>> + Send + 'static,
-    E: Send + 'static,
+    E: std::fmt::Display + Send + 'static,
 {
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -272,15 +277,22 @@ where
         }
         let mut task = tokio::spawn(work());
         tokio::select! {
-            () = elector.hold() => task.abort(),
+            () = elector.hold() => {
+                // Stop writing before anyone may take over.
+                task.abort();
+                let _ = task.await;
+            }
             ended = &mut task => {
-                if let Ok(Err(err)) = ended {
-                    elector.release().await;
-                    return Err(err);
-                }
+                elector.release().await;
+                return Err(match ended {
+                    Ok(Ok(())) => "the readiness gate's controller stopped".to_owned(),
+                    Ok(Err(err)) => err.to_string(),
+                    Err(err) => format!("the readiness gate's controller failed: {err}"),
+                });
             }
             () = &mut shutdown => {
                 task.abort();
+                let _ = task.await;
                 elector.release().await;
                 return Ok(());
             }

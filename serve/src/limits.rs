@@ -117,13 +117,14 @@ impl FaceLimits {
     }
 
     /// The gate's admission webhook face: only the API servers call it, each request answered
-    /// at once.
+    /// at once, one connection per request ([`serve_https`]), so one API server may hold every
+    /// slot.
     #[must_use]
     pub const fn gate_webhook() -> Self {
         Self {
             name: "gate webhook",
             max_connections: 256,
-            max_per_peer: 64,
+            max_per_peer: 256,
             idle_timeout: IDLE_TIMEOUT,
         }
     }
@@ -526,7 +527,11 @@ pub async fn serve_http(
 
 /// [`serve_http`] over TLS with `tls` (the admission webhook's face: the API server only calls
 /// webhooks over HTTPS). A handshake not done within [`HEADER_READ_TIMEOUT`] closes the
-/// connection.
+/// connection. No keep-alive: each response closes its connection. A kept connection would be
+/// closed by the header timeout after [`HEADER_READ_TIMEOUT`] idle, and an API server that sent
+/// its next review on it at that moment would see the call fail and, with
+/// `failurePolicy: Ignore`, create the pod ungated; a handshake per admission costs about a
+/// millisecond.
 pub async fn serve_https(
     listener: tokio::net::TcpListener,
     limits: FaceLimits,
@@ -561,10 +566,10 @@ async fn serve(
         let tls = tls.clone();
         tokio::spawn(async move {
             match tls {
-                None => serve_connection(io, router, stop).await,
+                None => serve_connection(io, router, stop, true).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(io)).await {
-                        Ok(Ok(io)) => serve_connection(io, router, stop).await,
+                        Ok(Ok(io)) => serve_connection(io, router, stop, false).await,
                         Ok(Err(err)) => {
                             tracing::debug!(face = name, error = %err, "TLS handshake failed");
                         }
@@ -585,6 +590,7 @@ async fn serve_connection<IO>(
     io: IO,
     router: axum::Router,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    keep_alive: bool,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -593,6 +599,7 @@ async fn serve_connection<IO>(
     builder
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(keep_alive)
         .max_buf_size(64 * 1024);
     let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);

@@ -668,6 +668,24 @@ impl Rig {
                 .unwrap_or(0)
                 == replicas
         });
+        // Pods serve a while before a rollout replaces them: the agent watches them (a pod it
+        // first sees already deleted is `unknown`, never judged).
+        self.run_until(
+            "the agent watching every pod",
+            Duration::from_secs(30),
+            |rig| {
+                let listed: Value = serde_json::from_str(&rig.agent_pods()).unwrap_or_default();
+                let names: Vec<&str> = listed["pods"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|p| p["name"].as_str())
+                    .collect();
+                rig.pods()
+                    .iter()
+                    .all(|p| names.contains(&p.metadata.name.as_deref().unwrap_or_default()))
+            },
+        );
     }
 
     /// Scales the Deployment to `replicas`.
@@ -710,6 +728,19 @@ impl Rig {
                 &Patch::Strategic(&patch),
             ))
             .expect("point the webhook at another replica");
+    }
+
+    /// What the agent says of every pod (`draingate pods -o json`), for failure messages.
+    fn agent_pods(&self) -> String {
+        let output = Command::new(draingate_bin())
+            .args(["pods", "--agent"])
+            .arg(self.logs.join("agent.sock"))
+            .args(["-o", "json"])
+            .output();
+        output.map_or_else(
+            |e| e.to_string(),
+            |o| String::from_utf8_lossy(&o.stdout).into_owned(),
+        )
     }
 
     /// The Lease's holder.
@@ -876,7 +907,10 @@ fn a_clean_rollout_goes_on_and_each_new_pod_waited_for_the_old_ones_it_replaced(
     );
     let verdict = rig.verdict();
     assert_eq!(verdict["verdict"], "pass", "{verdict:#}");
-    // Outside a rollout a new pod waits for nothing.
+    // Outside a rollout a new pod waits for nothing. (Creation times are whole seconds: a pod
+    // created in the second its version's rollout was seen finished counts as the rollout's, and
+    // waits for its old pods, which passed: a scale-up comes later than that.)
+    rig.keep_running(Duration::from_millis(1100));
     rig.scale(5);
     rig.run_until("the fifth pod ready", Duration::from_secs(30), |rig| {
         rig.deployment().status.and_then(|s| s.ready_replicas) == Some(5)
@@ -927,6 +961,17 @@ fn an_old_pod_that_drops_its_clients_holds_the_rollout_where_it_stands() {
             .iter()
             .any(|(_, reason, _)| reason == "DrainFailed")
     });
+    let ungated: Vec<Option<String>> = rig
+        .pods()
+        .iter()
+        .filter(|p| !has_the_gate(p))
+        .map(|p| p.metadata.name.clone())
+        .collect();
+    assert!(
+        ungated.is_empty(),
+        "the webhook gave these no gate: {ungated:?}\n{}",
+        rig.logs()
+    );
     let failed: Vec<(&String, &u64)> = rig
         .kubelet
         .clients
@@ -937,10 +982,17 @@ fn an_old_pod_that_drops_its_clients_holds_the_rollout_where_it_stands() {
     assert_eq!(
         failed.len(),
         1,
-        "one old pod failed its clients: {failed:?}"
+        "one old pod failed its clients: {failed:?}\nconditions: {:?}\nagent: {}\n{}",
+        rig.pods()
+            .iter()
+            .map(|p| (p.metadata.name.clone(), gate_reason(p)))
+            .collect::<Vec<_>>(),
+        rig.agent_pods(),
+        rig.logs()
     );
     let (dropped, _) = failed[0];
     let dropped = dropped.clone();
+
     // It stays that way: the rollout does not go on.
     rig.keep_running(Duration::from_secs(8));
     let pods = rig.pods();

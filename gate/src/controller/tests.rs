@@ -4,8 +4,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::watcher;
 use serde_json::json;
 
-use super::{Pods, Recorded, deletion_asked, deployment_of, finished_rollouts, held_pods};
-use crate::hold::CONDITION_TYPE;
+use super::{Pods, Tracker, deletion_asked, deployment_of, held_once_held, held_pods};
+use crate::hold::{CONDITION_TYPE, Hold, HoldReason};
 
 /// A pod of Deployment `web` with template hash `hash`, created at `created`.
 fn pod(name: &str, hash: &str, created: &str) -> serde_json::Value {
@@ -101,7 +101,7 @@ fn predecessors_are_the_other_versions_pods_deleted_since_the_new_versions_rollo
         "a",
         "2026-12-03T10:00:00Z",
     ))));
-    let held = held_pods(&pods, &std::collections::HashMap::new());
+    let held = held_pods(&pods, &Tracker::default());
     let names: Vec<&str> = held.iter().map(|h| h.name.as_str()).collect();
     // Every pod with the gate that is not being deleted waits for a decision.
     assert_eq!(names, ["web-a-3", "web-b-1", "web-b-2"]);
@@ -126,7 +126,7 @@ fn a_pod_already_released_or_without_the_gate_is_left_alone() {
     for p in [released, ungated, held] {
         pods.apply(watcher::Event::Apply(parsed(p)));
     }
-    let waiting = held_pods(&pods, &std::collections::HashMap::new());
+    let waiting = held_pods(&pods, &Tracker::default());
     assert_eq!(waiting.len(), 1);
     assert_eq!(waiting[0].name, "web-b-3");
     assert_eq!(
@@ -152,76 +152,128 @@ fn a_relist_replaces_the_live_pods_but_keeps_the_deletions_seen() {
     pods.apply(watcher::Event::InitDone);
     assert_eq!(pods.live.len(), 1);
     assert_eq!(pods.deleted.len(), 1);
-    let held = held_pods(&pods, &std::collections::HashMap::new());
+    let held = held_pods(&pods, &Tracker::default());
     assert_eq!(held[0].predecessors[0].name, "web-a-1");
 }
 
-/// A rollout is finished, for its final Event, when its Deployment runs only the new version
-/// (no old pod left, none terminating), and it names every pod it replaced; once recorded it is
-/// not offered again.
+fn at(time: &str) -> SystemTime {
+    humantime::parse_rfc3339(time).unwrap()
+}
+
+/// The tracker sees a rollout start (two versions), then finish (one version, nothing
+/// terminating): the finished rollout names every pod it replaced, the last batch's included;
+/// a pod of the version created after that waits for nothing, one created during it still
+/// waits for its old pods; and a rollback to an older version waits for the pods it replaces.
 #[test]
-fn a_rollout_is_finished_when_only_its_version_is_left() {
+fn a_rollout_is_tracked_from_its_first_new_pod_to_its_last_old_one() {
     let mut pods = Pods::default();
+    let mut tracker = Tracker::default();
     let old = [
-        pod("web-a-1", "a", "2026-12-03T10:00:00Z"),
-        pod("web-a-2", "a", "2026-12-03T10:00:00Z"),
+        pod("web-a-1", "a", "2026-12-03T09:00:00Z"),
+        pod("web-a-2", "a", "2026-12-03T09:00:00Z"),
     ];
-    for (p, asked) in old
-        .iter()
-        .zip(["2026-12-03T10:02:10Z", "2026-12-03T10:03:10Z"])
-    {
+    for p in &old {
         pods.apply(watcher::Event::Apply(parsed(p.clone())));
-        pods.apply(watcher::Event::Apply(parsed(pod(
-            "web-b-x",
-            "b",
-            "2026-12-03T10:02:00Z",
-        ))));
-        pods.apply(watcher::Event::Apply(deleting(p.clone(), asked, 30)));
     }
+    tracker.observe(&pods, at("2026-12-03T10:00:00Z"));
+    // The rollout: b-x surges, a-1 goes, b-y replaces it, a-2 goes.
+    pods.apply(watcher::Event::Apply(parsed(pod(
+        "web-b-x",
+        "b",
+        "2026-12-03T10:00:01Z",
+    ))));
+    tracker.observe(&pods, at("2026-12-03T10:00:01Z"));
+    pods.apply(watcher::Event::Apply(deleting(
+        old[0].clone(),
+        "2026-12-03T10:00:02Z",
+        30,
+    )));
     pods.apply(watcher::Event::Apply(parsed(pod(
         "web-b-y",
         "b",
-        "2026-12-03T10:03:00Z",
+        "2026-12-03T10:00:02Z",
     ))));
-    let mut recorded = std::collections::HashMap::new();
-    // Old pods still terminating: not finished.
-    assert!(finished_rollouts(&pods, &recorded).is_empty());
+    tracker.observe(&pods, at("2026-12-03T10:00:02Z"));
+    let held = held_pods(&pods, &tracker);
+    let waits = |held: &[super::Held], name: &str| {
+        held.iter().find(|h| h.name == name).map(|h| {
+            h.predecessors
+                .iter()
+                .map(|p| p.name.clone())
+                .collect::<Vec<_>>()
+        })
+    };
+    assert_eq!(waits(&held, "web-b-y"), Some(vec!["web-a-1".to_owned()]));
+    pods.apply(watcher::Event::Apply(deleting(
+        old[1].clone(),
+        "2026-12-03T10:00:03Z",
+        30,
+    )));
+    tracker.observe(&pods, at("2026-12-03T10:00:03Z"));
+    assert!(tracker.pending.is_empty(), "old pods still terminating");
     for p in &old {
         pods.apply(watcher::Event::Delete(parsed(p.clone())));
     }
-    let finished = finished_rollouts(&pods, &recorded);
-    assert_eq!(finished.len(), 1, "{finished:?}");
-    let version = ("shop".to_owned(), "web".to_owned(), "b".to_owned());
-    assert_eq!(finished[0].version, version);
-    let replaced: Vec<&str> = finished[0]
+    tracker.observe(&pods, at("2026-12-03T10:00:05Z"));
+    assert_eq!(tracker.pending.len(), 1, "{:?}", tracker.pending);
+    let replaced: Vec<&str> = tracker.pending[0]
         .replaced
         .iter()
         .map(|p| p.name.as_str())
         .collect();
     assert_eq!(replaced, ["web-a-1", "web-a-2"]);
-    recorded.insert(
-        version,
-        Recorded {
-            seen: std::time::Instant::now(),
-            at: humantime::parse_rfc3339("2026-12-03T10:05:00Z").unwrap(),
-        },
-    );
-    assert!(finished_rollouts(&pods, &recorded).is_empty());
-    // Now a pod of the version created after that (a scale-up) waits for nothing; one created
-    // during the rollout still names the pods it replaced.
+    // Finished: a pod of the rollout still waits for its old pods; a later scale-up waits for
+    // nothing.
     pods.apply(watcher::Event::Apply(parsed(pod(
         "web-b-z",
         "b",
-        "2026-12-03T10:06:00Z",
+        "2026-12-03T10:00:09Z",
     ))));
-    let held = held_pods(&pods, &recorded);
-    let predecessors = |name: &str| {
-        held.iter()
-            .find(|h| h.name == name)
-            .map(|h| h.predecessors.len())
+    tracker.observe(&pods, at("2026-12-03T10:00:10Z"));
+    let held = held_pods(&pods, &tracker);
+    assert_eq!(
+        waits(&held, "web-b-y"),
+        Some(vec!["web-a-1".to_owned(), "web-a-2".to_owned()])
+    );
+    assert_eq!(waits(&held, "web-b-z"), Some(vec![]));
+    // A rollback to a: its new pod waits for the b pods deleted since, not for a's own.
+    pods.apply(watcher::Event::Apply(parsed(pod(
+        "web-a-9",
+        "a",
+        "2026-12-03T10:01:00Z",
+    ))));
+    tracker.observe(&pods, at("2026-12-03T10:01:00Z"));
+    pods.apply(watcher::Event::Apply(deleting(
+        pod("web-b-x", "b", "2026-12-03T10:00:01Z"),
+        "2026-12-03T10:01:01Z",
+        30,
+    )));
+    tracker.observe(&pods, at("2026-12-03T10:01:01Z"));
+    let held = held_pods(&pods, &tracker);
+    assert_eq!(waits(&held, "web-a-9"), Some(vec!["web-b-x".to_owned()]));
+}
+
+/// A pod the gate holds is never released because its predecessors were forgotten.
+#[test]
+fn a_held_pod_whose_predecessors_are_forgotten_stays_held() {
+    let release = || Hold::Release {
+        reason: "NoPredecessors",
+        message: String::new(),
     };
-    assert_eq!(predecessors("web-b-z"), Some(0));
-    assert_eq!(predecessors("web-b-y"), Some(2));
+    let held = (
+        false,
+        "DrainFailed".to_owned(),
+        "web-a-1 reset 4".to_owned(),
+    );
+    assert!(matches!(
+        held_once_held(release(), Some(&held)),
+        Hold::Held {
+            reason: HoldReason::NoEvidence,
+            ..
+        }
+    ));
+    // Never decided before (a scale-up): released at once.
+    assert_eq!(held_once_held(release(), None), release());
 }
 
 /// A pod that left while the watch was down is missing from the relist: it counts as deleted
@@ -242,7 +294,7 @@ fn a_pod_gone_during_a_watch_outage_is_a_deletion_all_the_same() {
         "2026-01-01T10:02:00Z",
     ))));
     pods.apply(watcher::Event::InitDone);
-    let held = held_pods(&pods, &std::collections::HashMap::new());
+    let held = held_pods(&pods, &Tracker::default());
     assert_eq!(held.len(), 1);
     let predecessors: Vec<&str> = held[0]
         .predecessors

@@ -260,15 +260,15 @@ where
             OnFail::Pause => controller::OnFail::Pause,
         },
     };
-    let elector = lease::Elector::new(
-        client.clone(),
-        lease::LeaseConfig::new(&args.namespace, &args.lease, &lease::identity()),
-    );
+    let lease_config = lease::LeaseConfig::new(&args.namespace, &args.lease, &lease::identity());
+    let elector = lease::Elector::new(client.clone(), lease_config);
     let shutdown = stopped();
     tasks.push(tokio::spawn(async move {
         let run = || controller::run(std::sync::Arc::clone(&gate), client.clone(), config.clone());
+        // Standing by forever would leave held pods unready.
         if let Err(err) = lease::lead(elector, run, shutdown).await {
-            tracing::error!(error = %err, "the readiness gate stopped");
+            tracing::error!(error = %err, "the readiness gate stopped; exiting to be restarted");
+            std::process::exit(1);
         }
     }));
     Ok(tasks)
