@@ -248,6 +248,8 @@ struct Held {
     current: Option<(bool, String, String)>,
     workload: Option<(String, String)>,
     predecessors: Vec<Predecessor>,
+    /// From when the deletions it waits for count (`None`: it waits for none).
+    since: Option<SystemTime>,
 }
 
 /// A version of a Deployment: (namespace, Deployment, pod-template-hash).
@@ -449,15 +451,20 @@ fn held_pods(pods: &Pods, tracker: &Tracker) -> Vec<Held> {
             .creation_timestamp
             .as_ref()
             .map(|t| SystemTime::from(t.0));
-        let predecessors = match &workload {
-            None => Vec::new(),
-            Some((deployment, hash)) => {
-                let version = (namespace.clone(), deployment.clone(), hash.clone());
-                tracker
-                    .since(&version, created, &began)
-                    .map(|since| replaced_by(pods, &version, since))
-                    .unwrap_or_default()
-            }
+        let since = workload.as_ref().and_then(|(deployment, hash)| {
+            tracker.since(
+                &(namespace.clone(), deployment.clone(), hash.clone()),
+                created,
+                &began,
+            )
+        });
+        let predecessors = match (&workload, since) {
+            (Some((deployment, hash)), Some(since)) => replaced_by(
+                pods,
+                &(namespace.clone(), deployment.clone(), hash.clone()),
+                since,
+            ),
+            _ => Vec::new(),
         };
         held.push(Held {
             namespace,
@@ -466,6 +473,7 @@ fn held_pods(pods: &Pods, tracker: &Tracker) -> Vec<Held> {
             current,
             workload,
             predecessors,
+            since,
         });
     }
     held.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
@@ -569,21 +577,26 @@ pub async fn run(
         if held.is_empty() && tracker.pending.is_empty() {
             continue;
         }
-        let round =
-            if held.iter().any(|h| !h.predecessors.is_empty()) || !tracker.pending.is_empty() {
-                // Fresh answers: a round shared with a rollout tool's check may be up to the pool's
-                // reuse age old, which would delay the release by as much.
-                Some(gate.round_within(FRESH).await)
-            } else {
-                None
-            };
-        for pod in held {
+        let round = if held.iter().any(|h| h.since.is_some()) || !tracker.pending.is_empty() {
+            // Fresh answers: a round shared with a rollout tool's check may be up to the pool's
+            // reuse age old, which would delay the release by as much.
+            Some(gate.round_within(FRESH).await)
+        } else {
+            None
+        };
+        for mut pod in held {
             let evidence = match (&round, &pod.workload) {
                 (Some(round), Some((deployment, hash))) => {
                     Some(evidence(round, &pod.namespace, deployment, hash))
                 }
                 _ => None,
             };
+            if let (Some(evidence), Some((deployment, hash)), Some(since)) =
+                (&evidence, &pod.workload, pod.since)
+            {
+                let version = (pod.namespace.clone(), deployment.clone(), hash.clone());
+                add_agent_predecessors(&mut pod.predecessors, evidence, &version, since);
+            }
             let decision = held_once_held(
                 hold::decide(&pod.predecessors, evidence.as_ref()),
                 pod.current.as_ref(),
@@ -609,6 +622,44 @@ pub async fn run(
             }
         }
     }
+}
+
+/// The predecessors the agents still report that the API server no longer shows (a gate that
+/// restarted or took over mid-rollout never saw their deletion): pods of the same Deployment with
+/// another hash whose window opened at or after `since` (whole seconds). Added to `known`, never
+/// taken away: they can only make a pod wait longer.
+fn add_agent_predecessors(
+    known: &mut Vec<Predecessor>,
+    evidence: &Evidence,
+    version: &Version,
+    since: SystemTime,
+) {
+    let (namespace, deployment, hash) = version;
+    let since = whole_seconds(since);
+    for pod in &evidence.pods {
+        let Some(id) = pod.pod.as_ref() else {
+            continue;
+        };
+        let opened = pod
+            .timeline
+            .as_ref()
+            .and_then(|t| t.terminating_since)
+            .and_then(|t| SystemTime::try_from(t).ok());
+        if pod.owner_kind == "Deployment"
+            && &pod.owner_name == deployment
+            && &id.namespace == namespace
+            && &pod.pod_template_hash != hash
+            && opened.is_some_and(|t| t >= since)
+            && !known.iter().any(|k| k.uid == id.uid)
+        {
+            known.push(Predecessor {
+                namespace: id.namespace.clone(),
+                name: id.name.clone(),
+                uid: id.uid.clone(),
+            });
+        }
+    }
+    known.sort_by(|a, b| a.name.cmp(&b.name));
 }
 
 /// Aborts the task when dropped.

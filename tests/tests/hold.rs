@@ -447,7 +447,9 @@ impl Default for Setup {
 
 /// The cluster, the agent and the gates, and this kubelet.
 struct Rig {
-    _cluster: KubeCluster,
+    cluster: KubeCluster,
+    agent_grpc: String,
+    on_fail: &'static str,
     admin: kube::Client,
     kubelet: Kubelet,
     deployments: Api<Deployment>,
@@ -564,7 +566,9 @@ impl Rig {
         Self {
             deployments: Api::namespaced(client.clone(), NAMESPACE),
             admin: client,
-            _cluster: cluster,
+            cluster,
+            agent_grpc,
+            on_fail: setup.on_fail,
             kubelet,
             agent: Some(agent),
             gates,
@@ -728,6 +732,27 @@ impl Rig {
                 &Patch::Strategic(&patch),
             ))
             .expect("point the webhook at another replica");
+    }
+
+    /// Stops gate replica `index` with SIGTERM (it gives its Lease up) and starts a new process
+    /// in its place, as a restarted pod: a new name, the same addresses.
+    fn restart_gate(&mut self, index: usize) {
+        let old = &mut self.gates[index];
+        if let Some(mut process) = old.process.take() {
+            process.signal(Signal::SIGTERM);
+            let _ = process.0.wait();
+        }
+        let name = format!("{}-restarted", old.name);
+        let webhook = old.webhook;
+        let restarted = GateProcess::start(
+            &name,
+            &self.agent_grpc,
+            &self.cluster.gate_kubeconfig_path(),
+            &self.logs,
+            self.on_fail,
+            webhook,
+        );
+        self.gates[index] = restarted;
     }
 
     /// What the agent says of every pod (`draingate pods -o json`), for failure messages.
@@ -1027,6 +1052,24 @@ fn an_old_pod_that_drops_its_clients_holds_the_rollout_where_it_stands() {
     );
     let verdict = rig.verdict();
     assert_eq!(verdict["verdict"], "fail", "{verdict:#}");
+    // A restarted gate never saw the failed pod's deletion (it is gone from the API server):
+    // the agent still reports it, so the pod stays held for it, never released.
+    rig.restart_gate(0);
+    rig.keep_running(Duration::from_secs(5));
+    let pods = rig.pods();
+    let still = self::held(pods.iter().filter(|p| hash(p) != old_hash));
+    assert_eq!(
+        still.len(),
+        1,
+        "still held after a restart: {still:?}\n{}",
+        rig.logs()
+    );
+    assert_eq!(still[0].1, "DrainFailed", "{still:?}");
+    assert_eq!(
+        pods.iter().filter(|p| hash(p) == old_hash).count(),
+        2,
+        "no more old pods deleted"
+    );
 }
 
 /// An agent that cannot be asked leaves the gate without evidence: the new pod that replaced an

@@ -303,3 +303,48 @@ fn a_pod_gone_during_a_watch_outage_is_a_deletion_all_the_same() {
         .collect();
     assert_eq!(predecessors, ["web-a-1"]);
 }
+
+/// After a restart, the old pods the agents still report count as predecessors: same
+/// Deployment and namespace, another hash, window opened since the rollout began; never a pod of
+/// the new version, another Deployment's, or one from an earlier rollout.
+#[test]
+fn the_agents_old_pods_are_predecessors_the_api_server_no_longer_shows() {
+    use draingate_proto::v1 as pb;
+    let agent_pod = |name: &str, owner: &str, hash: &str, opened: &str| pb::Pod {
+        pod: Some(pb::PodRef {
+            namespace: "shop".into(),
+            name: name.into(),
+            uid: format!("uid-{name}"),
+        }),
+        owner_kind: "Deployment".into(),
+        owner_name: owner.into(),
+        pod_template_hash: hash.into(),
+        timeline: Some(pb::Timeline {
+            terminating_since: Some(prost_types::Timestamp::from(at(opened))),
+            ..pb::Timeline::default()
+        }),
+        ..pb::Pod::default()
+    };
+    let evidence = crate::hold::Evidence {
+        pods: vec![
+            agent_pod("web-a-1", "web", "a", "2026-12-03T10:00:02Z"),
+            agent_pod("web-a-0", "web", "a", "2026-12-03T09:00:00Z"),
+            agent_pod("web-b-2", "web", "b", "2026-12-03T10:00:03Z"),
+            agent_pod("api-a-1", "api", "a", "2026-12-03T10:00:02Z"),
+        ],
+        unreachable: Vec::new(),
+    };
+    let mut known = vec![super::Predecessor {
+        namespace: "shop".into(),
+        name: "web-a-1".into(),
+        uid: "uid-web-a-1".into(),
+    }];
+    let version = ("shop".to_owned(), "web".to_owned(), "b".to_owned());
+    super::add_agent_predecessors(&mut known, &evidence, &version, at("2026-12-03T10:00:00Z"));
+    let names: Vec<&str> = known.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["web-a-1"], "no duplicate, nothing else");
+    let mut known = Vec::new();
+    super::add_agent_predecessors(&mut known, &evidence, &version, at("2026-12-03T10:00:00Z"));
+    let names: Vec<&str> = known.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["web-a-1"]);
+}
