@@ -230,13 +230,9 @@ fn current_condition(pod: &Pod) -> Option<(bool, String, String)> {
         })
 }
 
+/// Whether `pod` waits for a decision: it names the readiness gate and is not being deleted.
 fn gated(pod: &Pod) -> bool {
-    pod.metadata.deletion_timestamp.is_none()
-        && pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.readiness_gates.as_ref())
-            .is_some_and(|gates| gates.iter().any(|g| g.condition_type == CONDITION_TYPE))
+    pod.metadata.deletion_timestamp.is_none() && pod_has_gate(pod)
 }
 
 /// A pod to decide for.
@@ -353,7 +349,7 @@ impl Tracker {
                 entry.0.push(hash);
             }
             entry.1 |= pod.metadata.deletion_timestamp.is_some();
-            entry.2 |= gated(pod) || pod_has_gate(pod);
+            entry.2 |= pod_has_gate(pod);
         }
         let began = rollout_starts(pods);
         // A Deployment without pods has nothing to hold.
