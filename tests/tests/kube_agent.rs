@@ -231,6 +231,15 @@ fn kubernetes_agent_counts_a_pods_failures(setup: Setup) {
     assert_eq!(first[other], 0, "{first:#}");
 
     // Deleted: the deletionTimestamp opens its window; a refusal now is an error and fails it.
+    // Kubernetes' timestamps have whole seconds: wait for the next second, so the deletion's
+    // (truncated) timestamp is not before the first refusal, which would put it in the window.
+    let since_second = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .expect("after 1970")
+        .subsec_nanos();
+    std::thread::sleep(
+        Duration::from_nanos(u64::from(1_000_000_000 - since_second)) + Duration::from_millis(20),
+    );
     let mut deleting = listed;
     deleting["metadata"]["deletionTimestamp"] =
         json!(humantime::format_rfc3339_seconds(SystemTime::now()).to_string());
