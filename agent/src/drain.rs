@@ -319,6 +319,13 @@ impl PodDrain {
         }
     }
 
+    /// Clients' connects to it that got no answer over its whole life (the peer view): in its
+    /// window (those counted late included) and outside it.
+    #[must_use]
+    pub const fn no_answer(&self) -> u64 {
+        self.peer_failures + self.late[3] + self.startup_no_answer
+    }
+
     fn count_late(late: &mut [u64; 4], kind: EventKind) {
         let index = match kind {
             EventKind::ResetSent => 0,

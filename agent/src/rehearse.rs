@@ -417,7 +417,7 @@ pub async fn run(
             clients: config.clients,
             mode: config.mode,
             path: config.path.clone(),
-            connect_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_millis(1500),
             request_timeout: config.request_timeout,
             max_records: 20_000_000,
         },

@@ -269,6 +269,40 @@ fn new_pods_without_a_readiness_probe_refuse_clients_and_fail_the_rollout() {
 }
 
 #[test]
+fn a_server_whose_accept_queue_overflows_fails_and_each_dropped_connect_is_counted() {
+    // A server that accepts 20 connections a second with a backlog of 1, behind a readiness
+    // probe and a preStop: the kernel drops the SYNs its full accept queue cannot take, so
+    // clients' connects time out, on old pods and new ones alike. No packet of the pod's says
+    // so: the agent counts each from the clients' side, through the Service's conntrack entry.
+    let (code, report) = rehearse(
+        &["--connections", "new-connection", "--pre-stop", "2s"],
+        &[
+            "--mode",
+            "graceful",
+            "--backlog",
+            "1",
+            "--accept-pause",
+            "50ms",
+        ],
+    );
+    assert_agent_matches_clients(&report);
+    let no_answer: u64 = report["pods"]
+        .as_array()
+        .expect("pods")
+        .iter()
+        .map(|p| n(&p["client_no_answer"]))
+        .sum();
+    assert!(no_answer > 0, "no connect timed out: {report:#}");
+    assert_eq!(report["verdict"], "fail", "{report:#}");
+    let reasons = report["reasons"].to_string();
+    assert!(
+        reasons.contains("got no answer") && reasons.contains("accept queue"),
+        "{reasons}"
+    );
+    assert_eq!(code, 1, "exit 1: failures, agent and clients agree");
+}
+
+#[test]
 fn the_same_new_pods_behind_a_readiness_probe_pass_and_probes_are_not_errors() {
     // The readiness probe (from the node's address, as the kubelet's) is refused until the
     // server listens: those refusals are the node's, never the pod's errors.

@@ -253,6 +253,31 @@ fn errors_before_the_agent_learned_of_the_deletion_are_the_windows() {
 }
 
 #[test]
+fn connects_without_answer_are_counted_once_whether_the_window_was_learned_late_or_not() {
+    // Clients' connects to the pod that got no answer, at 9, 11 and 13; deleted at 10, learned
+    // at 12: the one at 11 moves from its startup to its window, and none is lost on the way.
+    let no_answer = |secs, in_window| super::PodEvent {
+        kind: super::EventKind::PeerConnectFailed,
+        ..refusal(secs, false, in_window)
+    };
+    let mut pod = pod();
+    pod.push_event(no_answer(9, false));
+    pod.push_event(no_answer(11, false));
+    assert_eq!((pod.no_answer(), pod.startup().no_answer), (2, 2));
+    pod.open_window_late(t(10), t(12));
+    assert_eq!((pod.no_answer(), pod.startup().no_answer), (2, 1));
+    // One in the window, as the agent counts it (`peer_failures`, then the event).
+    pod.peer_failures += 1;
+    pod.push_event(no_answer(13, true));
+    assert_eq!((pod.no_answer(), pod.startup().no_answer), (3, 1));
+    assert_eq!(
+        pod.errors(),
+        2,
+        "the window's: the one at 11 and the one at 13"
+    );
+}
+
+#[test]
 fn a_drained_pod_passes_only_once_it_exited() {
     // No processes known (Kubernetes without hostPID): drained is not done.
     let mut pod = pod();

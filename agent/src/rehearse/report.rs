@@ -234,7 +234,7 @@ impl PodReport {
             client_connection_errors,
             cut_at_exit,
             client_no_answer: invisible as u64,
-            agent_no_answer: agent.map_or(0, |p| p.peer_failures + p.startup().no_answer),
+            agent_no_answer: agent.map_or(0, PodDrain::no_answer),
             agrees,
             note,
             timeline,
@@ -289,7 +289,7 @@ fn judge(
     let mut notes = Vec::new();
     // Timeouts and unreachable errors leave no packet of the pod's: the agent counts them from
     // the clients' side (the peer view, through the node's connection tracking).
-    let agent_no_answer = pod.peer_failures + pod.startup().no_answer;
+    let agent_no_answer = pod.no_answer();
     let invisible = invisible as u64;
     if invisible != agent_no_answer {
         notes.push(format!(

@@ -12,6 +12,9 @@
 //!   them as `graceful` does (a drain slower than a short grace period);
 //! - `late-close`: keep accepting and serving for `--drain-time` (the app's own shutdown delay),
 //!   then drain as `graceful` does.
+//!
+//! `--backlog` and `--accept-pause` make a server that accepts more slowly than clients
+//! connect: its accept queue overflows and the kernel drops their SYNs (their connects time out).
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -25,7 +28,7 @@ use std::{
 use clap::{Parser, ValueEnum};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
+    net::{TcpSocket, TcpStream},
     signal::unix::{SignalKind, signal},
 };
 
@@ -53,6 +56,12 @@ struct Args {
     /// For `slow` and `late-close`: how long the drain (or the delay before it) takes.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     drain_time: Duration,
+    /// The listen backlog: how many connections the kernel queues until the server accepts them.
+    #[arg(long, default_value_t = 1024)]
+    backlog: u32,
+    /// Pause this long after each accept (an application that accepts slowly).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    accept_pause: Duration,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -74,7 +83,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         () = tokio::time::sleep(args.startup_delay) => {}
         _ = term.recv() => return Ok(()),
     }
-    let listener = TcpListener::bind(listen).await?;
+    let socket = if listen.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(listen)?;
+    let listener = socket.listen(args.backlog)?;
     let open = Arc::new(AtomicUsize::new(0));
     let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     println!("listening on {listen}");
@@ -98,6 +114,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     open.fetch_sub(1, Ordering::SeqCst);
                     let _ = closed.send(());
                 });
+                if !args.accept_pause.is_zero() {
+                    tokio::time::sleep(args.accept_pause).await;
+                }
             }
             _ = term.recv(), if accept_until.is_none() => {
                 println!("SIGTERM: {:?}", args.mode);
