@@ -205,6 +205,7 @@ pub fn pod_message(pod: &PodDrain, node: &str) -> pb::Pod {
                 errors: startup.errors(),
                 errors_before_ready: startup.before_ready,
                 first_error_at: timestamp(startup.first_error_at),
+                last_error_at: timestamp(startup.last_error_at),
                 ready_at: timestamp(pod.timeline.ready_at),
                 reason: startup.reason(&pod.id.name),
             }

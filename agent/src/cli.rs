@@ -156,6 +156,7 @@ pub fn pod_json(pod: &pb::Pod) -> Value {
             "errors": s.errors,
             "errors_before_ready": s.errors_before_ready,
             "first_error_at": rfc3339(s.first_error_at.as_ref()),
+            "last_error_at": rfc3339(s.last_error_at.as_ref()),
             "ready_at": rfc3339(s.ready_at.as_ref()),
             "reason": s.reason,
         })),

@@ -151,6 +151,9 @@ pub struct Startup {
     /// Of all of them, the ones before the pod was ready.
     pub before_ready: u64,
     pub first_error_at: Option<SystemTime>,
+    /// The last one, from the events: an old pod's errors before its termination fail the
+    /// rollout when they come after the rollout began.
+    pub last_error_at: Option<SystemTime>,
 }
 
 impl Startup {
@@ -242,8 +245,9 @@ pub struct PodDrain {
     startup_after_ready: u64,
     /// Clients' connects that got no answer from it outside its window (the peer view).
     startup_no_answer: u64,
-    /// The first error event outside the window.
+    /// The first and last error events outside the window.
     first_startup_error: Option<SystemTime>,
+    last_startup_error: Option<SystemTime>,
     /// When the kernel began counting the window, when that was after the window's start (the
     /// agent learned of a deletion late): errors between the two are only in the events.
     window_counted_from: Option<SystemTime>,
@@ -278,6 +282,7 @@ impl PodDrain {
             startup_after_ready: 0,
             startup_no_answer: 0,
             first_startup_error: None,
+            last_startup_error: None,
             window_counted_from: None,
             late: [0; 4],
         }
@@ -316,6 +321,7 @@ impl PodDrain {
             no_answer,
             before_ready: (self.startup_before_ready + errors.saturating_sub(seen)).min(errors),
             first_error_at: self.first_startup_error,
+            last_error_at: self.last_startup_error,
         }
     }
 
@@ -372,6 +378,18 @@ impl PodDrain {
                     self.startup_before_ready = self.startup_before_ready.saturating_sub(1);
                 }
             }
+        }
+        // The last error outside the window is now before it opened: from the events kept, or,
+        // when they were dropped, just before the window (never later than it was).
+        if self.last_startup_error.is_some_and(|last| last >= at) {
+            let kept = self
+                .events
+                .iter()
+                .filter(|e| e.is_error() && !e.in_window)
+                .map(|e| e.time)
+                .max();
+            let remaining = self.startup_before_ready + self.startup_after_ready > 0;
+            self.last_startup_error = kept.or(remaining.then_some(at));
         }
     }
 
@@ -583,6 +601,9 @@ impl PodDrain {
                 .is_none_or(|first| event.time < first)
             {
                 self.first_startup_error = Some(event.time);
+            }
+            if self.last_startup_error.is_none_or(|last| event.time > last) {
+                self.last_startup_error = Some(event.time);
             }
         }
         if self.events.len() == EVENTS_PER_POD {

@@ -268,6 +268,7 @@ pub fn judge(
             }
         }
     }
+    let failed_before = failed_before_termination(query, &pods, &others);
     let failed_new = failed_new_pods(query, &pods, others);
     if !known && unreachable.is_empty() {
         return Err(JudgeError::UnknownWorkload(query.describe()));
@@ -304,7 +305,10 @@ pub fn judge(
             .collect::<Vec<_>>()
             .join("; ")
     };
-    let (verdict, reason) = if !failed.is_empty() || !failed_new.is_empty() {
+    let (verdict, reason) = if !failed.is_empty()
+        || !failed_new.is_empty()
+        || !failed_before.is_empty()
+    {
         let mut reasons = Vec::new();
         if !failed.is_empty() {
             reasons.push(format!(
@@ -319,6 +323,18 @@ pub fn judge(
                 "{} new pods had errors: {}",
                 failed_new.len(),
                 failed_new
+                    .iter()
+                    .map(|p| startup(p).reason.clone())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ));
+        }
+        if !failed_before.is_empty() {
+            reasons.push(format!(
+                "{} old pods had errors before their termination, after the rollout's first \
+                 deletion: {}",
+                failed_before.len(),
+                failed_before
                     .iter()
                     .map(|p| startup(p).reason.clone())
                     .collect::<Vec<_>>()
@@ -378,8 +394,16 @@ pub fn judge(
         .iter()
         .map(|p| window(p).resets_sent + window(p).resets_received)
         .sum();
-    let failed_requests = pods.iter().map(|p| p.errors).sum::<u64>() + new_errors;
+    let before_errors: u64 = failed_before.iter().map(|p| startup(p).errors).sum();
+    let failed_requests = pods.iter().map(|p| p.errors).sum::<u64>() + new_errors + before_errors;
     pods.extend(failed_new);
+    // Running old pods that failed before their termination join the list; terminating ones
+    // are in it.
+    pods.extend(
+        failed_before
+            .into_iter()
+            .filter(|p| pod_verdict(p) == pb::Verdict::None),
+    );
     Ok(Judgement {
         verdict,
         reason,
@@ -404,6 +428,7 @@ fn startup(pod: &pb::Pod) -> &pb::Startup {
         errors: 0,
         errors_before_ready: 0,
         first_error_at: None,
+        last_error_at: None,
         ready_at: None,
         reason: String::new(),
     };
@@ -442,6 +467,43 @@ fn failed_new_pods(query: &Query, old: &[pb::Pod], others: Vec<pb::Pod>) -> Vec<
                     _ => true,
                 }
         })
+        .collect();
+    failed.sort_by_key(pod_name);
+    failed
+}
+
+/// The rollout's old pods (terminating or still running) whose errors outside their own
+/// termination window went on after the rollout's first deletion (the first old pod's window
+/// opening): clients failed while pods were replaced, though not inside any window (an old
+/// pod overloaded once a replaced one stopped taking traffic). Errors are dated by their last
+/// event; a pod whose errors have no event (an agent restart since) is not counted.
+fn failed_before_termination(query: &Query, old: &[pb::Pod], others: &[pb::Pod]) -> Vec<pb::Pod> {
+    let Some(start) = old
+        .iter()
+        .filter_map(|p| {
+            time(
+                p.timeline
+                    .as_ref()
+                    .and_then(|t| t.terminating_since.as_ref()),
+            )
+        })
+        .min()
+    else {
+        return Vec::new();
+    };
+    let old_hashes: BTreeSet<&str> = old.iter().map(|p| p.pod_template_hash.as_str()).collect();
+    let mut failed: Vec<pb::Pod> = old
+        .iter()
+        .chain(
+            others
+                .iter()
+                .filter(|p| query.judges(p) && !query.is_new(p, &old_hashes)),
+        )
+        .filter(|p| {
+            let s = startup(p);
+            s.errors > 0 && time(s.last_error_at.as_ref()).is_some_and(|last| last >= start)
+        })
+        .cloned()
         .collect();
     failed.sort_by_key(pod_name);
     failed

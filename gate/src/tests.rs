@@ -464,6 +464,63 @@ fn a_new_pod_that_refused_clients_fails_the_rollout_and_is_named() {
 }
 
 #[test]
+fn old_pods_errors_before_their_termination_fail_the_rollout_once_it_began() {
+    // web-a-1's window opened at 150. web-a-2 and web-a-3 were still running (no window):
+    // clients' connects to web-a-2 got no answer at 160 (it took web-a-1's share of the load
+    // and its accept queue overflowed), web-a-3's one error was at 100, before the rollout.
+    let before = |name: &str, errors: u64, last: Option<u64>| {
+        let mut p = pod(name, "a", NotTerminating, 0);
+        p.startup = Some(pb::Startup {
+            errors,
+            last_error_at: last.map(|s| at(s).into()),
+            reason: format!("{name} had {errors} errors outside its termination window"),
+            ..pb::Startup::default()
+        });
+        p
+    };
+    let q = Query::new("shop", "web", None, None, None).unwrap();
+    let answers = [answer(
+        "n1",
+        vec![
+            passed_old("web-a-1", 200),
+            before("web-a-2", 4, Some(160)),
+            before("web-a-3", 1, Some(100)),
+        ],
+    )];
+    let j = judge(&q, &answers, at(300)).unwrap();
+    assert_eq!(j.verdict, Fail, "{}", j.reason);
+    assert!(
+        j.reason.contains("web-a-2 had 4 errors") && !j.reason.contains("web-a-3"),
+        "{}",
+        j.reason
+    );
+    assert_eq!(j.failed_requests, 4);
+    assert!(
+        j.pods
+            .iter()
+            .any(|p| p.pod.as_ref().unwrap().name == "web-a-2")
+    );
+    // Errors all before the first deletion, or undated ones: not the rollout's.
+    let earlier = [answer(
+        "n1",
+        vec![
+            passed_old("web-a-1", 200),
+            before("web-a-3", 1, Some(100)),
+            before("web-a-4", 2, None),
+        ],
+    )];
+    assert_eq!(judge(&q, &earlier, at(300)).unwrap().verdict, Pass);
+    // A terminating old pod's own errors before its window count the same way.
+    // (web-a-5's window opened at 210; its errors were at 180, after web-a-1's at 150.)
+    let mut terminated = passed_old("web-a-5", 260);
+    terminated.startup = before("web-a-5", 2, Some(180)).startup;
+    let answers = [answer("n1", vec![passed_old("web-a-1", 200), terminated])];
+    let j = judge(&q, &answers, at(300)).unwrap();
+    assert_eq!((j.verdict, j.failed_requests), (Fail, 2), "{}", j.reason);
+    assert_eq!(j.pods.len(), 2, "each listed once");
+}
+
+#[test]
 fn new_pods_count_only_inside_the_rollout_and_only_once_it_began() {
     // Errors first seen after the last old pod's window closed are not the rollout's.
     let late = [answer(

@@ -270,7 +270,8 @@ fn new_pods_without_a_readiness_probe_refuse_clients_and_fail_the_rollout() {
 
 #[test]
 fn a_server_whose_accept_queue_overflows_fails_and_each_dropped_connect_is_counted() {
-    // A server that accepts 20 connections a second with a backlog of 1, behind a readiness
+    // A server that accepts 10 connections a second with a backlog of 2 (3 pods queue fewer than
+    // the 16 clients), behind a readiness
     // probe and a preStop: the kernel drops the SYNs its full accept queue cannot take, so
     // clients' connects time out, on old pods and new ones alike. No packet of the pod's says
     // so: the agent counts each from the clients' side, through the Service's conntrack entry.
@@ -280,9 +281,9 @@ fn a_server_whose_accept_queue_overflows_fails_and_each_dropped_connect_is_count
             "--mode",
             "graceful",
             "--backlog",
-            "1",
+            "2",
             "--accept-pause",
-            "50ms",
+            "100ms",
         ],
     );
     assert_agent_matches_clients(&report);

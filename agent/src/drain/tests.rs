@@ -250,6 +250,10 @@ fn errors_before_the_agent_learned_of_the_deletion_are_the_windows() {
     assert!(reason.contains("2 before the agent learned"), "{reason}");
     // And the startup errors keep only the one before the window.
     assert_eq!(pod.startup().errors(), 1);
+    assert_eq!(
+        (pod.startup().first_error_at, pod.startup().last_error_at),
+        (Some(t(9)), Some(t(9)))
+    );
 }
 
 #[test]

@@ -50,6 +50,9 @@ pub struct AgentView {
     pub startup_errors_before_ready: u64,
     /// Why they fail the rollout, for people; empty without any.
     pub startup_reason: String,
+    /// The last of them (seconds since the rehearsal started): an old pod's fail the rollout
+    /// when it comes after the rollout's first deletion.
+    pub startup_last_error: Option<f64>,
     /// Resets and refusals with the node's own addresses (the simulated kubelet's probes):
     /// never errors.
     pub from_node: u64,
@@ -161,6 +164,7 @@ impl PodReport {
                 startup_errors: startup.errors(),
                 startup_errors_before_ready: startup.before_ready,
                 startup_reason: startup.reason(name),
+                startup_last_error: at(startup.last_error_at),
                 from_node: pod.totals.from_node,
                 peer_failures: pod.peer_failures,
             }
@@ -509,6 +513,23 @@ impl Report {
                 )
             })
             .collect();
+        // Old pods' errors before their termination, after the first deletion: clients failed
+        // while pods were replaced (the gate's rule).
+        let first_deletion = old
+            .iter()
+            .filter_map(|p| p.timeline.get("deleted").copied())
+            .reduce(f64::min);
+        reasons.extend(
+            old.iter()
+                .filter_map(|p| p.agent.as_ref())
+                .filter(|a| {
+                    a.startup_errors > 0
+                        && first_deletion
+                            .zip(a.startup_last_error)
+                            .is_some_and(|(first, last)| last >= first)
+                })
+                .map(|a| format!("before its termination: {}", a.startup_reason)),
+        );
         reasons.extend(
             pods.iter()
                 .filter(|p| p.role == PodRole::New)

@@ -129,6 +129,10 @@ pub struct Startup {
     /// What that means, for people; empty when there was no error.
     #[prost(string, tag = "5")]
     pub reason: ::prost::alloc::string::String,
+    /// The last such error, from its event: an old pod's errors before its termination fail
+    /// the rollout when they come after its first pod's deletion. Absent when none.
+    #[prost(message, optional, tag = "6")]
+    pub last_error_at: ::core::option::Option<::prost_types::Timestamp>,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListPodsRequest {

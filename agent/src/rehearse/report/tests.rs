@@ -290,3 +290,88 @@ fn a_rate_far_below_the_target_is_a_warning() {
     let fine = Report::new(&config, vec![], clients(target * 0.95), &[], Duration::ZERO);
     assert_eq!(fine.load_warning, None);
 }
+
+#[test]
+fn an_old_pods_errors_before_its_termination_after_the_first_deletion_fail_the_rollout() {
+    // app-v1-0 was deleted at 5 s and drained clean; app-v1-1, still running, then took its
+    // share of the load and a client's connect to it got no answer at 7 s; it was deleted at
+    // 9 s and drained clean too.
+    let started = Instant::now();
+    let running = |at_secs: u64| {
+        let mut pod = PodDrain::new(
+            PodId {
+                namespace: "local".into(),
+                name: "app-v1-1".into(),
+                uid: "netns-2".into(),
+            },
+            1,
+            SystemTime::now(),
+        );
+        pod.push_event(PodEvent {
+            pod: pod.id.clone(),
+            kind: EventKind::PeerConnectFailed,
+            time: SystemTime::now() + Duration::from_secs(at_secs),
+            local: IpAddr::V4(Ipv4Addr::new(198, 18, 0, 11)),
+            local_port: 8080,
+            remote: IpAddr::V4(CLIENT),
+            remote_port: 40001,
+            tcp_state: "SYN_SENT",
+            reason: 0,
+            in_window: false,
+            from_node: false,
+            service: None,
+        });
+        // Deleted at 9 s, it drained clean and exited.
+        pod.open_window(SystemTime::now() + Duration::from_secs(9));
+        pod.exited_with_open(SystemTime::now() + Duration::from_secs(10), 0);
+        pod
+    };
+    let clients = ClientTotals {
+        requests: 10,
+        failed: 1,
+        ..ClientTotals::default()
+    };
+    let judged = |at_secs: u64| {
+        let agent = running(at_secs);
+        let failures = [failure(Outcome::ConnectTimeout, 40001, at_secs)];
+        let overloaded = PodReport::new(
+            "app-v1-1",
+            PodRole::Old,
+            Some(&agent),
+            &deleted_at(9),
+            &ClientEvidence {
+                failures: &failures,
+                probe_refusals: 0,
+                client: CLIENT,
+            },
+            started,
+        );
+        let drained = report(&terminated_pod(0, 0, 0), &[]);
+        Report::new(
+            &config(),
+            vec![drained, overloaded],
+            clients.clone(),
+            &[],
+            Duration::ZERO,
+        )
+    };
+    let during = judged(7);
+    assert_eq!(
+        (during.verdict, during.exit_code),
+        ("fail", 1),
+        "{during:?}"
+    );
+    assert!(
+        during.reasons[0].starts_with("before its termination: app-v1-1"),
+        "{:?}",
+        during.reasons
+    );
+    // At 2 s, before the rollout's first deletion: not the rollout's failure (and a pass
+    // while a client failed is then said to be a defect).
+    let before = judged(2);
+    assert_eq!(
+        (before.verdict, before.exit_code),
+        ("pass", 4),
+        "{before:?}"
+    );
+}
