@@ -9,7 +9,7 @@ use anyhow::{Context as _, bail};
 use serde_json::Value;
 
 use crate::{
-    command::{cargo, is_root, run_checked as run_cmd, workspace_root},
+    command::{cargo, is_root, run_checked as run_cmd, target_dir, workspace_root},
     setup,
 };
 
@@ -110,7 +110,7 @@ fn rehearse(root: &Path, scenario: &Scenario, replicas: u32, rate: u32) -> anyho
         .join(Path::new(scenario.manifest).file_stem().unwrap_or_default());
     let report_path = log_dir.with_extension("json");
     let _ = std::fs::remove_file(&report_path);
-    let status = Command::new(root.join("target/release/draingate"))
+    let status = Command::new(target_dir().join("release/draingate"))
         .arg("rehearse")
         .arg("-f")
         .arg(root.join(scenario.manifest))
@@ -121,7 +121,7 @@ fn rehearse(root: &Path, scenario: &Scenario, replicas: u32, rate: u32) -> anyho
         .arg("--report")
         .arg(&report_path)
         .arg("--")
-        .arg(root.join("target/release/draingate-test-server"))
+        .arg(target_dir().join("release/draingate-test-server"))
         .args(scenario.server_args)
         .status()
         .context("cannot run draingate rehearse")?;

@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
-    command::{cargo, is_root, run_checked as run_cmd, workspace_root},
+    command::{cargo, is_root, run_checked as run_cmd, target_dir, workspace_root},
     setup,
 };
 
@@ -220,7 +220,7 @@ pub(crate) fn bench(only: Option<&str>, args: &[String]) -> anyhow::Result<()> {
     let root = workspace_root();
     let runs = |part: &str| only.is_none_or(|o| o == part);
     if runs("overhead") {
-        let mut cmd = Command::new(root.join("target/release/draingate-bench"));
+        let mut cmd = Command::new(target_dir().join("release/draingate-bench"));
         cmd.arg("--out").arg(root.join("BENCHMARKS.md")).args(args);
         run_cmd(&mut cmd)?;
     }
@@ -231,7 +231,7 @@ pub(crate) fn bench(only: Option<&str>, args: &[String]) -> anyhow::Result<()> {
         ("hold", "draingate-hold-bench"),
     ] {
         if runs(part) {
-            let mut cmd = Command::new(root.join("target/release").join(binary));
+            let mut cmd = Command::new(target_dir().join("release").join(binary));
             if part == "hold" {
                 // The real control plane, built once and cached.
                 cmd.env("DRAINGATE_KUBE_BIN", crate::kube::ensure()?);

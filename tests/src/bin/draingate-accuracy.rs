@@ -46,7 +46,7 @@ struct Scenario {
     server: &'static [&'static str],
 }
 
-const SCENARIOS: [Scenario; 10] = [
+const SCENARIOS: [Scenario; 11] = [
     Scenario {
         name: "graceful drain, preStop 2s",
         rehearse: &["--pre-stop", "2s"],
@@ -111,6 +111,18 @@ const SCENARIOS: [Scenario; 10] = [
         name: "sandbox gone while the Service still sends to it (3 s propagation)",
         rehearse: &["--connections", "new-connection", "--propagation", "3s"],
         server: &["--mode", "abrupt"],
+    },
+    Scenario {
+        name: "accept queue overflows (backlog 2, 10 accepts/s per pod)",
+        rehearse: &["--connections", "new-connection", "--pre-stop", "2s"],
+        server: &[
+            "--mode",
+            "graceful",
+            "--backlog",
+            "2",
+            "--accept-pause",
+            "100ms",
+        ],
     },
 ];
 
