@@ -282,6 +282,20 @@ fn seccomp_file(localhost_profile: &str) -> PathBuf {
     path
 }
 
+/// `flags` with its seccomp option set to `value` (a profile's path, or `unconfined`).
+fn with_seccomp(flags: &[String], value: &str) -> Vec<String> {
+    flags
+        .iter()
+        .map(|f| {
+            if f.starts_with("--security-opt=seccomp=") {
+                format!("--security-opt=seccomp={value}")
+            } else {
+                f.clone()
+            }
+        })
+        .collect()
+}
+
 /// Runs `draingate-syscall-probe` in the image with `flags` (the agent's, its seccomp option
 /// included): each syscall's name and its errno (0: it succeeded).
 fn probe_syscalls(flags: &[String]) -> HashMap<String, i32> {
@@ -713,6 +727,50 @@ fn the_image_counts_a_pod_under_podman_as_the_daemonset_runs_it_and_the_gate_jud
             format!("{flag}{host}:{port}")
         })
         .collect();
+    // First under a profile that refuses perf_event_open(), as runtime defaults before CRI-O
+    // 1.35.1 do: the agent stops at start, exit 3, and says that seccomp may be why.
+    let profile_path = flags
+        .iter()
+        .find_map(|f| f.strip_prefix("--security-opt=seccomp="))
+        .expect("the agent's seccomp profile");
+    let mut refusing: Value = serde_json::from_str(
+        &std::fs::read_to_string(profile_path).expect("the agent's seccomp profile"),
+    )
+    .expect("the profile is JSON");
+    for rule in refusing["syscalls"].as_array_mut().expect("syscalls") {
+        if let Some(names) = rule["names"].as_array_mut() {
+            names.retain(|n| n != "perf_event_open");
+        }
+    }
+    let refusing_path = dir.join("no-perf-event-open.json");
+    std::fs::write(&refusing_path, refusing.to_string()).expect("write the refusing profile");
+    let refused = Container::run(
+        "agent-refused",
+        &with_seccomp(&flags, &refusing_path.display().to_string()),
+        &args,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while refused.running() {
+        assert!(
+            Instant::now() < deadline,
+            "the agent runs without perf_event_open():\n{}",
+            refused.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let logs = refused.logs();
+    assert_eq!(
+        podman_ok(&["inspect", "--format", "{{.State.ExitCode}}", &refused.name]).trim(),
+        "3",
+        "{logs}"
+    );
+    assert!(
+        logs.contains("not permitted to attach to tracepoints")
+            && logs.contains("a seccomp profile that lets bpf() and perf_event_open() through"),
+        "{logs}"
+    );
+    drop(refused);
+
     let started = Instant::now();
     let agent = Container::run("agent", &flags, &args);
     agent.wait_http_ok(&format!("{node_ip}:{http_port}"), "/readyz");
@@ -746,17 +804,7 @@ fn the_image_counts_a_pod_under_podman_as_the_daemonset_runs_it_and_the_gate_jud
     // through unconfined (each fails harmlessly on its arguments, or does nothing) are EPERM
     // under the profile, and the ones the agent needs are not.
     let under_profile = probe_syscalls(&flags);
-    let unconfined: Vec<String> = flags
-        .iter()
-        .map(|f| {
-            if f.starts_with("--security-opt=seccomp=") {
-                "--security-opt=seccomp=unconfined".to_owned()
-            } else {
-                f.clone()
-            }
-        })
-        .collect();
-    let without_filter = probe_syscalls(&unconfined);
+    let without_filter = probe_syscalls(&with_seccomp(&flags, "unconfined"));
     for refused in [
         "unshare",
         "setns",
