@@ -646,18 +646,22 @@ fn the_image_counts_a_pod_under_podman_as_the_daemonset_runs_it_and_the_gate_jud
     // As the service account's files give it in a cluster, the client has a CA (the image has
     // no system CA store, and the kube client wants one when the kubeconfig names none). The API
     // here is plain HTTP, so the CA (the TLS set's, mounted for the agent) is never used.
-    let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: \
-             http://{}\n    certificate-authority: /etc/draingate/tls/ca.crt\ncontexts:\n- name: \
-             fake\n  context: {{cluster: fake, user: fake}}\ncurrent-context: fake\nusers:\n- \
-             name: fake\n  user: {{}}\n",
-            api.addr
-        ),
-    )
-    .expect("write the kubeconfig");
+    let write_kubeconfig = |file: &str, api: &FakeKubeApi| {
+        let path = dir.join(file);
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: \
+                 http://{}\n    certificate-authority: /etc/draingate/tls/ca.crt\ncontexts:\n- \
+                 name: fake\n  context: {{cluster: fake, user: fake}}\ncurrent-context: \
+                 fake\nusers:\n- name: fake\n  user: {{}}\n",
+                api.addr
+            ),
+        )
+        .expect("write the kubeconfig");
+        path
+    };
+    let kubeconfig = write_kubeconfig("kubeconfig", &api);
     let certs = dir.join("tls-set");
     let made = Command::new(draingate_bin())
         .args(["tls-certs", "--out"])
@@ -744,11 +748,23 @@ fn the_image_counts_a_pod_under_podman_as_the_daemonset_runs_it_and_the_gate_jud
     }
     let refusing_path = dir.join("no-perf-event-open.json");
     std::fs::write(&refusing_path, refusing.to_string()).expect("write the refusing profile");
-    let refused = Container::run(
-        "agent-refused",
-        &with_seccomp(&flags, &refusing_path.display().to_string()),
-        &args,
+    // An API server of its own: the fake one streams its events to its first watch only.
+    let spare_api = runtime.block_on(FakeKubeApi::start(vec![listed.clone()], vec![]));
+    let spare_kubeconfig = write_kubeconfig("kubeconfig-refused", &spare_api);
+    let refused_flags: Vec<String> = with_seccomp(&flags, &refusing_path.display().to_string())
+        .into_iter()
+        .map(|f| {
+            f.replace(
+                &*kubeconfig.to_string_lossy(),
+                &spare_kubeconfig.to_string_lossy(),
+            )
+        })
+        .collect();
+    assert_ne!(
+        refused_flags,
+        with_seccomp(&flags, &refusing_path.display().to_string())
     );
+    let refused = Container::run("agent-refused", &refused_flags, &args);
     let deadline = Instant::now() + Duration::from_secs(30);
     while refused.running() {
         assert!(
