@@ -252,10 +252,18 @@ fn manifest(file: &str, kind: &str) -> Value {
 /// applies that overlay gets. Fails, never skips, without kubectl.
 fn kustomized(dir: &str, kind: &str) -> Value {
     let path = format!("{}/../deploy/{dir}", env!("CARGO_MANIFEST_DIR"));
-    let output = Command::new("kubectl")
+    // As agent/tests/kustomize.rs: kubectl from $KUBECTL or PATH.
+    let kubectl = std::env::var_os("KUBECTL").unwrap_or_else(|| "kubectl".into());
+    let output = Command::new(&kubectl)
         .args(["kustomize", &path])
         .output()
-        .unwrap_or_else(|e| panic!("cannot run `kubectl kustomize {path}` ({e}): install kubectl"));
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run `{} kustomize {path}` ({e}): put kubectl (1.27 or newer) on PATH or \
+                 name it in $KUBECTL",
+                kubectl.to_string_lossy()
+            )
+        });
     assert!(
         output.status.success(),
         "kubectl kustomize {path}: {}",
