@@ -186,8 +186,11 @@ pub enum LoaderError {
     #[error(transparent)]
     Tracefs(#[from] TracefsError),
     #[error(
-        "not permitted to {action}: the agent needs CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN (or \
-         root) to load, attach and pin its tracepoint programs"
+        "not permitted to {action}: the agent needs CAP_BPF and CAP_PERFMON (or root) to load, \
+         attach and pin its tracepoint programs, and a seccomp profile that lets bpf() and \
+         perf_event_open() through (runtime default profiles refuse them without CAP_SYS_ADMIN \
+         before containerd 1.6.9, Docker 23.0 and CRI-O 1.35.1: deploy/overlays/seccomp runs the \
+         agent under its own profile)"
     )]
     PermissionDenied {
         action: &'static str,

@@ -61,7 +61,7 @@ fn kustomizations() -> Vec<String> {
         .map(|e| format!("deploy/overlays/{}", e.file_name().to_string_lossy()))
         .collect();
     overlays.sort();
-    for expected in ["hold", "image", "prometheus-operator"] {
+    for expected in ["hold", "image", "prometheus-operator", "seccomp"] {
         assert!(
             overlays.contains(&format!("deploy/overlays/{expected}")),
             "no overlay {expected}: {overlays:?}"
@@ -859,6 +859,129 @@ fn the_promql_scanner_reads_what_the_checks_rely_on() {
         template_labels("{{ $labels.pod }} {{namespace}} {{ $value }}"),
         ["pod", "namespace"]
     );
+}
+
+/// The agent container's seccompProfile in what `kubectl kustomize DIR` prints.
+fn agent_seccomp(dir: &str) -> Value {
+    let docs = kustomize(dir);
+    let agent = docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet" && d["metadata"]["name"] == "draingate-agent")
+        .unwrap_or_else(|| panic!("{dir}: no agent DaemonSet"));
+    agent["spec"]["template"]["spec"]["containers"][0]["securityContext"]["seccompProfile"].clone()
+}
+
+#[test]
+fn the_agent_runs_under_the_runtime_default_or_the_seccomp_overlay_s_own_profile() {
+    // The base: the runtime's default, never Unconfined (deploy/base/agent.yaml says which
+    // runtimes' defaults let bpf() and perf_event_open() through).
+    for dir in ["deploy", "deploy/base"] {
+        assert_eq!(
+            agent_seccomp(dir),
+            serde_json::json!({"type": "RuntimeDefault"}),
+            "{dir}"
+        );
+    }
+    // The overlay: draingate's profile, by a path under the kubelet's seccomp root that
+    // deploy/seccomp/ holds (tests/tests/image.rs runs the agent under it).
+    let overlay = agent_seccomp("deploy/overlays/seccomp");
+    assert_eq!(overlay["type"], "Localhost", "{overlay}");
+    let file = overlay["localhostProfile"]
+        .as_str()
+        .expect("localhostProfile");
+    let path = root().join("deploy/seccomp").join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let profile: Value = serde_json::from_str(&text).expect("the profile is JSON");
+
+    // Refused unless listed; listed are only allow rules, and errno rules that refuse.
+    assert_eq!(profile["defaultAction"], "SCMP_ACT_ERRNO", "{profile}");
+    assert!(
+        profile.get("defaultErrnoRet").is_none(),
+        "EPERM, the default"
+    );
+    let mut allowed = BTreeSet::new();
+    for rule in profile["syscalls"].as_array().expect("syscalls") {
+        let names = rule["names"].as_array().expect("names");
+        match rule["action"].as_str() {
+            Some("SCMP_ACT_ALLOW") => {
+                allowed.extend(names.iter().map(|n| n.as_str().expect("a name").to_owned()));
+            }
+            Some("SCMP_ACT_ERRNO") => {}
+            other => panic!("action {other:?} in {rule}"),
+        }
+    }
+    // What the agent needs beyond an ordinary program.
+    for needed in [
+        "bpf",
+        "perf_event_open",
+        "ioctl",
+        "socket",
+        "flock",
+        "execve",
+    ] {
+        assert!(allowed.contains(needed), "{needed} is not allowed");
+    }
+    // What it must never get: it enters no namespace, mounts nothing, traces no process, and
+    // touches no keyring, module, kexec image, clock or swap.
+    for refused in [
+        "mount",
+        "umount2",
+        "fsopen",
+        "fsmount",
+        "move_mount",
+        "open_tree",
+        "pivot_root",
+        "chroot",
+        "unshare",
+        "setns",
+        "clone3",
+        "ptrace",
+        "process_vm_readv",
+        "process_vm_writev",
+        "pidfd_getfd",
+        "kcmp",
+        "keyctl",
+        "add_key",
+        "request_key",
+        "init_module",
+        "finit_module",
+        "delete_module",
+        "kexec_load",
+        "kexec_file_load",
+        "reboot",
+        "swapon",
+        "swapoff",
+        "settimeofday",
+        "clock_settime",
+        "adjtimex",
+        "open_by_handle_at",
+        "name_to_handle_at",
+        "userfaultfd",
+        "io_uring_setup",
+        "personality",
+        "iopl",
+        "ioperm",
+        "syslog",
+        "acct",
+    ] {
+        assert!(!allowed.contains(refused), "{refused} is allowed");
+    }
+    // clone only without namespace flags; sockets of the families the agent uses.
+    let conditional: Vec<&Value> = profile["syscalls"]
+        .as_array()
+        .expect("syscalls")
+        .iter()
+        .filter(|r| r["args"].as_array().is_some_and(|a| !a.is_empty()))
+        .collect();
+    for rule in &conditional {
+        let names = &rule["names"];
+        assert!(
+            names == &serde_json::json!(["clone"]) || names == &serde_json::json!(["socket"]),
+            "{rule}"
+        );
+    }
+    // The count docs/install.md gives.
+    assert_eq!(allowed.len(), 167, "{allowed:?}");
 }
 
 #[test]

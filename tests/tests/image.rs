@@ -1,15 +1,19 @@
 //! The image `cargo xtask image` builds, run by podman as the manifests run it.
 //!
-//! The agent runs as `deploy/base/agent.yaml`'s DaemonSet runs it. The podman flags are
-//! translated from the manifest itself, and any field the translation does not know stops the
-//! test: host network, uid 0, every capability dropped but the ones it adds, seccomp unconfined,
-//! no privilege escalation, a read-only root filesystem, the memory limit, tracefs read-only,
-//! bpffs and the socket directory from the host, the TLS Secret, its args and env. It must count
-//! a pod's connections and a refusal exactly, and the CLI on the host reads them through the
-//! socket. Then the gate runs as `deploy/base/gate.yaml`'s Deployment runs it: uid 65532, no
-//! capabilities, the runtime's default seccomp profile, a read-only root. It has a network
-//! namespace of its own in place of the pod network, and asks the containerised agent over
-//! mutual TLS; `gate check` from the host must give the agent's verdict.
+//! The agent runs as `deploy/overlays/seccomp` runs its DaemonSet: `deploy/base/agent.yaml`'s,
+//! under draingate's own seccomp profile (`deploy/seccomp/draingate-agent.json`) in place of the
+//! runtime's default. The podman flags are translated from the manifest itself, and any field
+//! the translation does not know stops the test: host network, uid 0, every capability dropped
+//! but the ones it adds, the Localhost seccomp profile, no privilege escalation, a read-only root
+//! filesystem, the memory limit, tracefs read-only, bpffs and the socket directory from the host,
+//! the TLS Secret, its args and env. It must count a pod's connections and a refusal exactly, and
+//! the CLI on the host reads them through the socket. A probe under the same options shows the
+//! profile refuses what it should (mount, unshare, setns, ptrace, keyctl, `AF_ALG` sockets: each
+//! gets through unconfined) and lets `bpf()` and `perf_event_open()` through. Then the gate runs
+//! as `deploy/base/gate.yaml`'s Deployment runs it: uid 65532, no capabilities, the runtime's
+//! default seccomp profile, a read-only root. It has a network namespace of its own in place of
+//! the pod network, and asks the containerised agent over mutual TLS; `gate check` from the host
+//! must give the agent's verdict.
 //!
 //! No cluster runs here, so some parts stand in:
 //! - the agent's API server is `kube_api`, with a kubeconfig mounted in place of the service
@@ -44,6 +48,8 @@ use serde_json::{Value, json};
 /// What `cargo xtask test` (step `image`, as `cargo xtask image --debug`) tags.
 const IMAGE: &str = "localhost/draingate:debug";
 const NODE: &str = "node-a";
+/// What a seccomp profile's refusal (and a missing capability's) returns.
+const EPERM: i32 = 1;
 
 /// `podman run`'s flags for every container here: the local image only, and open-file and
 /// process limits this machine's root may set. podman asks for 1048576 and 4194304, which needs
@@ -242,6 +248,87 @@ fn manifest(file: &str, kind: &str) -> Value {
         .unwrap_or_else(|| panic!("no {kind} in {path}"))
 }
 
+/// The first document of `kind` that `kubectl kustomize deploy/DIR` prints: what a user who
+/// applies that overlay gets. Fails, never skips, without kubectl.
+fn kustomized(dir: &str, kind: &str) -> Value {
+    let path = format!("{}/../deploy/{dir}", env!("CARGO_MANIFEST_DIR"));
+    // As agent/tests/kustomize.rs: kubectl from $KUBECTL or PATH.
+    let kubectl = std::env::var_os("KUBECTL").unwrap_or_else(|| "kubectl".into());
+    let output = Command::new(&kubectl)
+        .args(["kustomize", &path])
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run `{} kustomize {path}` ({e}): put kubectl (1.27 or newer) on PATH or \
+                 name it in $KUBECTL",
+                kubectl.to_string_lossy()
+            )
+        });
+    assert!(
+        output.status.success(),
+        "kubectl kustomize {path}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).expect("kubectl prints UTF-8");
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).expect("a YAML document"))
+        .find(|doc| doc["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} in deploy/{dir}"))
+}
+
+/// A Localhost seccomp profile's file in the repository: deploy/seccomp/ holds what node
+/// provisioning installs under the kubelet's seccomp root.
+fn seccomp_file(localhost_profile: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/seccomp")
+        .join(localhost_profile);
+    assert!(
+        path.is_file(),
+        "seccomp profile {localhost_profile}: no {}",
+        path.display()
+    );
+    path
+}
+
+/// `flags` with its seccomp option set to `value` (a profile's path, or `unconfined`).
+fn with_seccomp(flags: &[String], value: &str) -> Vec<String> {
+    flags
+        .iter()
+        .map(|f| {
+            if f.starts_with("--security-opt=seccomp=") {
+                format!("--security-opt=seccomp={value}")
+            } else {
+                f.clone()
+            }
+        })
+        .collect()
+}
+
+/// Runs `draingate-syscall-probe` in the image with `flags` (the agent's, its seccomp option
+/// included): each syscall's name and its errno (0: it succeeded).
+fn probe_syscalls(flags: &[String]) -> HashMap<String, i32> {
+    let probe = env!("CARGO_BIN_EXE_draingate-syscall-probe");
+    let output = podman()
+        .args(RUN)
+        .arg("--rm")
+        .args(flags)
+        .arg(format!("--volume={probe}:/probe:ro"))
+        .args(["--entrypoint=/probe", IMAGE])
+        .output()
+        .expect("podman run the probe");
+    assert!(
+        output.status.success(),
+        "the probe failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.split_once(' '))
+        .map(|(name, errno)| (name.to_owned(), errno.parse().expect("an errno")))
+        .collect()
+}
+
 fn keys(object: &Value) -> Vec<&str> {
     object
         .as_object()
@@ -344,9 +431,20 @@ fn podman_flags(
         }
     }
     // The kubelet's default (without --seccomp-default) is Unconfined.
-    match field("seccompProfile").map(|p| p["type"].as_str().expect("seccompProfile.type")) {
+    let seccomp = field("seccompProfile");
+    match seccomp.map(|p| p["type"].as_str().expect("seccompProfile.type")) {
         None | Some("Unconfined") => flags.push("--security-opt=seccomp=unconfined".into()),
         Some("RuntimeDefault") => {}
+        // The kubelet passes `<seccomp root>/<localhostProfile>` to the runtime; deploy/seccomp/
+        // is that root's draingate part, as node provisioning installs it.
+        Some("Localhost") => {
+            let file = seccomp.and_then(|p| p["localhostProfile"].as_str());
+            let file = file.expect("a Localhost seccompProfile names its localhostProfile");
+            flags.push(format!(
+                "--security-opt=seccomp={}",
+                seccomp_file(file).display()
+            ));
+        }
         Some(other) => panic!("seccompProfile {other}: translate it to podman here"),
     }
 
@@ -556,18 +654,22 @@ fn the_image_counts_a_pod_under_podman_as_the_daemonset_runs_it_and_the_gate_jud
     // As the service account's files give it in a cluster, the client has a CA (the image has
     // no system CA store, and the kube client wants one when the kubeconfig names none). The API
     // here is plain HTTP, so the CA (the TLS set's, mounted for the agent) is never used.
-    let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: \
-             http://{}\n    certificate-authority: /etc/draingate/tls/ca.crt\ncontexts:\n- name: \
-             fake\n  context: {{cluster: fake, user: fake}}\ncurrent-context: fake\nusers:\n- \
-             name: fake\n  user: {{}}\n",
-            api.addr
-        ),
-    )
-    .expect("write the kubeconfig");
+    let write_kubeconfig = |file: &str, api: &FakeKubeApi| {
+        let path = dir.join(file);
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: \
+                 http://{}\n    certificate-authority: /etc/draingate/tls/ca.crt\ncontexts:\n- \
+                 name: fake\n  context: {{cluster: fake, user: fake}}\ncurrent-context: \
+                 fake\nusers:\n- name: fake\n  user: {{}}\n",
+                api.addr
+            ),
+        )
+        .expect("write the kubeconfig");
+        path
+    };
+    let kubeconfig = write_kubeconfig("kubeconfig", &api);
     let certs = dir.join("tls-set");
     let made = Command::new(draingate_bin())
         .args(["tls-certs", "--out"])
@@ -577,8 +679,21 @@ fn the_image_counts_a_pod_under_podman_as_the_daemonset_runs_it_and_the_gate_jud
     assert!(made.status.success(), "{made:?}");
     let pins = PinDir::new();
 
-    // The agent, as the DaemonSet runs it.
-    let daemonset = manifest("agent.yaml", "DaemonSet");
+    // The agent, as the DaemonSet runs it under the seccomp overlay: draingate's own profile.
+    // The base's is the runtime's default, which podman's may not match (an older one refuses
+    // bpf() without CAP_SYS_ADMIN); the overlay changes nothing else, so all else is the base's.
+    let daemonset = kustomized("overlays/seccomp", "DaemonSet");
+    let mut base = manifest("agent.yaml", "DaemonSet");
+    let base_seccomp =
+        &mut base["spec"]["template"]["spec"]["containers"][0]["securityContext"]["seccompProfile"];
+    assert_eq!(base_seccomp["type"], "RuntimeDefault", "{base_seccomp}");
+    *base_seccomp =
+        daemonset["spec"]["template"]["spec"]["containers"][0]["securityContext"]["seccompProfile"]
+            .clone();
+    assert_eq!(
+        daemonset["spec"], base["spec"],
+        "the seccomp overlay changes the agent's seccompProfile only"
+    );
     let spec = &daemonset["spec"]["template"]["spec"];
     let container = &spec["containers"][0];
     std::fs::create_dir_all(&pins.config.pin_dir).expect("the test's pin directory");
@@ -624,6 +739,62 @@ fn the_image_counts_a_pod_under_podman_as_the_daemonset_runs_it_and_the_gate_jud
             format!("{flag}{host}:{port}")
         })
         .collect();
+    // First under a profile that refuses perf_event_open(), as runtime defaults before CRI-O
+    // 1.35.1 do: the agent stops at start, exit 3, and says that seccomp may be why.
+    let profile_path = flags
+        .iter()
+        .find_map(|f| f.strip_prefix("--security-opt=seccomp="))
+        .expect("the agent's seccomp profile");
+    let mut refusing: Value = serde_json::from_str(
+        &std::fs::read_to_string(profile_path).expect("the agent's seccomp profile"),
+    )
+    .expect("the profile is JSON");
+    for rule in refusing["syscalls"].as_array_mut().expect("syscalls") {
+        if let Some(names) = rule["names"].as_array_mut() {
+            names.retain(|n| n != "perf_event_open");
+        }
+    }
+    let refusing_path = dir.join("no-perf-event-open.json");
+    std::fs::write(&refusing_path, refusing.to_string()).expect("write the refusing profile");
+    // An API server of its own: the fake one streams its events to its first watch only.
+    let spare_api = runtime.block_on(FakeKubeApi::start(vec![listed.clone()], vec![]));
+    let spare_kubeconfig = write_kubeconfig("kubeconfig-refused", &spare_api);
+    let refused_flags: Vec<String> = with_seccomp(&flags, &refusing_path.display().to_string())
+        .into_iter()
+        .map(|f| {
+            f.replace(
+                &*kubeconfig.to_string_lossy(),
+                &spare_kubeconfig.to_string_lossy(),
+            )
+        })
+        .collect();
+    assert_ne!(
+        refused_flags,
+        with_seccomp(&flags, &refusing_path.display().to_string())
+    );
+    let refused = Container::run("agent-refused", &refused_flags, &args);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while refused.running() {
+        assert!(
+            Instant::now() < deadline,
+            "the agent runs without perf_event_open():\n{}",
+            refused.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let logs = refused.logs();
+    assert_eq!(
+        podman_ok(&["inspect", "--format", "{{.State.ExitCode}}", &refused.name]).trim(),
+        "3",
+        "{logs}"
+    );
+    assert!(
+        logs.contains("not permitted to attach to tracepoints")
+            && logs.contains("a seccomp profile that lets bpf() and perf_event_open() through"),
+        "{logs}"
+    );
+    drop(refused);
+
     let started = Instant::now();
     let agent = Container::run("agent", &flags, &args);
     agent.wait_http_ok(&format!("{node_ip}:{http_port}"), "/readyz");
@@ -637,7 +808,7 @@ fn the_image_counts_a_pod_under_podman_as_the_daemonset_runs_it_and_the_gate_jud
     );
 
     // It runs as the manifest says: uid 0, exactly the added capabilities, no new privileges,
-    // no seccomp filter, a read-only root.
+    // a seccomp filter, a read-only root.
     let status = agent.status();
     let security = &container["securityContext"];
     assert!(status["Uid"].starts_with("0\t"), "{status:?}");
@@ -647,11 +818,48 @@ fn the_image_counts_a_pod_under_podman_as_the_daemonset_runs_it_and_the_gate_jud
         "{status:?}"
     );
     assert_eq!(status["NoNewPrivs"], "1", "{status:?}");
-    assert_eq!(status["Seccomp"], "0", "{status:?}");
+    assert_eq!(status["Seccomp"], "2", "{status:?}");
     assert!(
         status["root mount"].split(',').any(|o| o == "ro"),
         "{status:?}"
     );
+
+    // The profile is what refuses: under the agent's own options, a probe's syscalls that get
+    // through unconfined (each fails harmlessly on its arguments, or does nothing) are EPERM
+    // under the profile, and the ones the agent needs are not.
+    let under_profile = probe_syscalls(&flags);
+    let without_filter = probe_syscalls(&with_seccomp(&flags, "unconfined"));
+    for refused in [
+        "unshare",
+        "setns",
+        "mount",
+        "ptrace",
+        "keyctl",
+        "socket_af_alg",
+    ] {
+        assert_eq!(
+            (
+                under_profile.get(refused),
+                without_filter.get(refused).map(|&e| e == EPERM)
+            ),
+            (Some(&EPERM), Some(false)),
+            "{refused}: refused by the profile only; under it: {under_profile:?}, unconfined: \
+             {without_filter:?}"
+        );
+    }
+    for allowed in ["bpf", "perf_event_open", "socket_netlink_route"] {
+        assert_eq!(
+            under_profile.get(allowed),
+            without_filter.get(allowed),
+            "{allowed} gets through the profile: {under_profile:?}, unconfined: {without_filter:?}"
+        );
+        assert_ne!(
+            under_profile.get(allowed),
+            Some(&EPERM),
+            "{under_profile:?}"
+        );
+    }
+    eprintln!("syscalls under the profile: {under_profile:?}; unconfined: {without_filter:?}");
 
     // A pod's connections: three accepted, open; then one refused. The CLI on the host reads
     // them through the socket the container made.

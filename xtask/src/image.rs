@@ -38,7 +38,8 @@ pub(crate) const DEBUG_TAG: &str = "localhost/draingate:debug";
 /// What the agent needs beyond the default user, as a label (the reasons are in
 /// deploy/base/agent.yaml).
 const AGENT_NEEDS: &str = "uid 0; capabilities BPF, PERFMON, NET_ADMIN (all others dropped); \
-                           seccomp unconfined; host network; /sys/kernel/tracing (read-only), \
+                           seccomp RuntimeDefault (or deploy/seccomp/draingate-agent.json); \
+                           host network; /sys/kernel/tracing (read-only), \
                            /sys/fs/bpf/draingate and /run/draingate from the host; see \
                            deploy/base/agent.yaml";
 /// gzip level of the layer: the default, a fixed input of the digest.
