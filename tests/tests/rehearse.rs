@@ -168,6 +168,23 @@ fn abrupt_exit_with_keep_alive_clients_fails_and_counts_match() {
 }
 
 #[test]
+fn requests_in_flight_when_the_server_exits_at_once_are_each_counted() {
+    // Each request takes 30 ms, so at SIGTERM most keep-alive connections have one in flight:
+    // the exit cuts them (a reset when the request was unread, a close when it was read), and
+    // each client failure is on the agent's account of that pod, as a reset or as a connection
+    // open at the exit.
+    let (code, report) = rehearse(&[], &["--mode", "abrupt", "--request-time", "30ms"]);
+    assert_agent_matches_clients(&report);
+    assert_verdicts(&report, "fail");
+    let cut: u64 = old_pods(&report)
+        .iter()
+        .map(|p| n(&p["client_connection_errors"]))
+        .sum();
+    assert!(cut > 0, "no request was cut: {report:#}");
+    assert_eq!(code, 1, "exit 1: failures, agent and clients agree");
+}
+
+#[test]
 fn clients_sent_to_a_removed_pod_through_the_service_ip_fail_the_rollout_and_are_counted() {
     // The server exits at once on SIGTERM and the kubelet removes its sandbox half a second
     // later, but the endpoint removal takes 3 s to reach the node: until then the Service's

@@ -59,6 +59,9 @@ struct Args {
     /// The listen backlog: how many connections the kernel queues until the server accepts them.
     #[arg(long, default_value_t = 1024)]
     backlog: u32,
+    /// Take this long to answer each request (probes are answered at once).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    request_time: Duration,
     /// Pause this long after each accept (an application that accepts slowly).
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     accept_pause: Duration,
@@ -109,8 +112,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let (draining, terminating) = (Arc::clone(&draining), Arc::clone(&terminating));
                 let open = Arc::clone(&open);
                 let closed = closed_tx.clone();
+                let request_time = args.request_time;
                 tokio::spawn(async move {
-                    let _ = serve(stream, &draining, &terminating).await;
+                    let _ = serve(stream, &draining, &terminating, request_time).await;
                     open.fetch_sub(1, Ordering::SeqCst);
                     let _ = closed.send(());
                 });
@@ -151,6 +155,7 @@ async fn serve(
     mut stream: TcpStream,
     draining: &AtomicBool,
     terminating: &AtomicBool,
+    request_time: Duration,
 ) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
@@ -169,6 +174,9 @@ async fn serve(
                 .windows(17)
                 .any(|w| w.eq_ignore_ascii_case(b"connection: close"));
             buf.drain(..end + 4);
+            if !ready_probe && !request_time.is_zero() {
+                tokio::time::sleep(request_time).await;
+            }
             let close = draining.load(Ordering::SeqCst) || client_closes;
             let status = if ready_probe && terminating.load(Ordering::SeqCst) {
                 "503 Service Unavailable"
