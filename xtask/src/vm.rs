@@ -430,7 +430,11 @@ fn default_commands() -> anyhow::Result<DefaultCommands> {
     let too_old = format!(
         "bash {} {}",
         shell_quote(&root.join("xtask/vm/too-old.sh").to_string_lossy()),
-        shell_quote(&crate::command::target_dir().join("debug/draingate").to_string_lossy())
+        shell_quote(
+            &crate::command::target_dir()
+                .join("debug/draingate")
+                .to_string_lossy()
+        )
     );
     Ok(DefaultCommands {
         full: GuestCommand::KernelTests(entries(KERNEL_TESTS)?),
