@@ -9,8 +9,8 @@
 //! One module per concern: the maps ([`maps`]), the records and their fields ([`record`]), the
 //! counts and events ([`count`], [`event`]), the address table's lookups ([`addr`]), the socket
 //! table ([`socket_table`]) and the reset table ([`reset_table`]), then one module per hook
-//! family, which holds its programs: [`set_state`], [`tcp_reset`], [`tc`] and [`process`], and
-//! the benchmark's empty programs ([`floor`]).
+//! family, which holds its programs: [`set_state`], [`tcp_reset`], [`tc`] and [`process`]. The
+//! benchmark's empty programs are another object (`src/bin/floor.rs`).
 #![no_std]
 #![no_main]
 // Rust's bpf target declares no compare-and-swap, so `AtomicU64` offers neither `fetch_add`
@@ -25,7 +25,6 @@
 mod addr;
 mod count;
 mod event;
-mod floor;
 mod maps;
 mod process;
 mod record;

@@ -30,7 +30,12 @@ use draingate_common::{
 
 use crate::tracefs::{self, TracefsError, TracepointFormat};
 
-/// The eBPF object built by `build.rs`, embedded so the binary is self-contained.
+mod floor;
+
+pub use floor::{FLOOR_OBJECT, FloorProbe, TcFloor};
+
+/// The eBPF object built by `build.rs`, embedded so the binary is self-contained. The
+/// benchmark's empty programs are another object, not embedded ([`FLOOR_OBJECT`]).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/draingate"));
 
 /// Offset value the programs read as "this kernel has no such field".
@@ -206,6 +211,21 @@ pub enum LoaderError {
     )]
     Load {
         pin_dir: PathBuf,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    #[error(
+        "cannot read the benchmark's eBPF object {path}: it is built with the agent (`cargo \
+         build -p draingate`), and the benchmark runs on the machine that built it"
+    )]
+    FloorMissing {
+        path: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("loading the benchmark's eBPF object {path} failed")]
+    FloorLoad {
+        path: &'static str,
         #[source]
         source: Box<aya::EbpfError>,
     },
@@ -532,72 +552,6 @@ fn map_err(map: &'static str) -> impl FnOnce(MapError) -> LoaderError {
     }
 }
 
-/// The benchmark's empty program on each hook, attached while this lives.
-pub struct FloorProbe {
-    _objects: Vec<Ebpf>,
-    ids: Vec<(&'static str, u32)>,
-}
-
-impl FloorProbe {
-    /// The kernel's id of the empty program on each hook, by the name of the agent's program
-    /// there (`inet_sock_set_state`, `tcp_send_reset`, ...).
-    #[must_use]
-    pub fn program_ids(&self) -> &[(&'static str, u32)] {
-        &self.ids
-    }
-}
-
-/// The benchmark's empty TC program, attached while this lives.
-pub struct TcFloor {
-    _ebpf: Ebpf,
-    /// The namespace of the interfaces the filters are on: they are detached from inside it
-    /// (their interface indexes are that namespace's).
-    netns: std::fs::File,
-    links: Vec<SchedClassifierLink>,
-    id: u32,
-}
-
-impl Drop for TcFloor {
-    fn drop(&mut self) {
-        let links = std::mem::take(&mut self.links);
-        let netns = &self.netns;
-        std::thread::scope(|scope| {
-            scope.spawn(move || {
-                if nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET).is_ok() {
-                    // Dropping a netlink link deletes its filter.
-                    drop(links);
-                } else {
-                    // Deleting by index outside the namespace could hit another interface:
-                    // leave the filters; they go with the namespace.
-                    std::mem::forget(links);
-                }
-            });
-        });
-    }
-}
-
-impl TcFloor {
-    /// The kernel's id of the empty program.
-    #[must_use]
-    pub fn program_id(&self) -> u32 {
-        self.id
-    }
-}
-
-impl std::fmt::Debug for TcFloor {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TcFloor")
-            .field("id", &self.id)
-            .finish_non_exhaustive()
-    }
-}
-
-impl std::fmt::Debug for FloorProbe {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FloorProbe").finish_non_exhaustive()
-    }
-}
-
 impl KernelProbes {
     /// Reads this kernel's tracepoint layouts, loads the programs with them, and attaches them,
     /// or takes over the programs, links and maps that an earlier agent pinned.
@@ -789,101 +743,6 @@ impl KernelProbes {
         };
         probes.apply_addresses()?;
         Ok(probes)
-    }
-
-    /// The empty `floor` program on every tracepoint the agent uses, for the benchmark: its
-    /// kernel time per run on a tracepoint is the fixed cost of any program there. Each hook
-    /// gets its own copy of the program, so that each has its own statistics
-    /// ([`FloorProbe::program_ids`]). The object's maps are created under `pin_dir` (remove it
-    /// with [`Self::remove_pins`]); dropping the returned value detaches the programs.
-    pub fn attach_floor(pin_dir: &Path) -> Result<FloorProbe, LoaderError> {
-        std::fs::create_dir_all(pin_dir).map_err(|source| LoaderError::PinDir {
-            path: pin_dir.to_owned(),
-            source,
-        })?;
-        let mut objects = Vec::new();
-        let mut ids = Vec::new();
-        for hook in HOOKS {
-            let mut ebpf = EbpfLoader::new()
-                .default_map_pin_directory(pin_dir)
-                .load(EBPF_OBJECT)
-                .map_err(|err| {
-                    classify(err, "create eBPF maps", |source| LoaderError::Load {
-                        pin_dir: pin_dir.to_owned(),
-                        source: Box::new(source),
-                    })
-                })?;
-            let (program, _) = load_and_attach(&mut ebpf, "floor", hook)?;
-            let id = program
-                .info()
-                .map_err(|source| attach_error(hook, source))?
-                .id();
-            ids.push((hook.program, id));
-            objects.push(ebpf);
-        }
-        Ok(FloorProbe {
-            _objects: objects,
-            ids,
-        })
-    }
-
-    /// The empty TC program `tc_floor` on every interface but loopback of the network
-    /// namespace at `netns`, on egress, after the reset program (a lower priority), for the
-    /// benchmark: its kernel time per packet is the fixed cost of any TC program there. Its
-    /// maps go under `pin_dir` (remove it with [`Self::remove_pins`]); dropping the returned
-    /// value detaches it.
-    pub fn attach_tc_floor(pin_dir: &Path, netns: &Path) -> Result<TcFloor, LoaderError> {
-        std::fs::create_dir_all(pin_dir).map_err(|source| LoaderError::PinDir {
-            path: pin_dir.to_owned(),
-            source,
-        })?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pin_dir)
-            .load(EBPF_OBJECT)
-            .map_err(|err| {
-                classify(err, "create eBPF maps", |source| LoaderError::Load {
-                    pin_dir: pin_dir.to_owned(),
-                    source: Box::new(source),
-                })
-            })?;
-        let tc_error = |source: ProgramError| LoaderError::Tc {
-            interface: String::new(),
-            source: Box::new(source),
-        };
-        let program = classifier(&mut ebpf, "tc_floor")?;
-        program.load().map_err(tc_error)?;
-        let id = program.info().map_err(tc_error)?.id();
-        let file = std::fs::File::open(netns).map_err(|source| LoaderError::Netns {
-            path: netns.to_owned(),
-            source,
-        })?;
-        let links = crate::netns::run_in(&file, || {
-            let mut links = Vec::new();
-            for (_, name) in interfaces(|name| name != "lo") {
-                let options = TcAttachOptions::Netlink(NlOptions {
-                    priority: TC_PRIORITY + 1,
-                    ..NlOptions::default()
-                });
-                let id = program
-                    .attach_with_options(&name, TcAttachType::Egress, options)
-                    .map_err(|source| LoaderError::Tc {
-                        interface: name.clone(),
-                        source: Box::new(source),
-                    })?;
-                links.push(program.take_link(id).map_err(tc_error)?);
-            }
-            Ok::<_, LoaderError>(links)
-        })
-        .map_err(|source| LoaderError::Netns {
-            path: netns.to_owned(),
-            source,
-        })??;
-        Ok(TcFloor {
-            _ebpf: ebpf,
-            netns: file,
-            links,
-            id,
-        })
     }
 
     /// Removes what an agent on `pin_dir` leaves behind when it stops, for good (an uninstall):

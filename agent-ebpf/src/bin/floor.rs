@@ -1,5 +1,9 @@
-//! The benchmark's empty programs, which the agent never attaches: `cargo xtask bench` attaches
-//! them beside the agent's programs as the floor under their kernel time.
+//! The benchmark's empty programs, an object of their own (`OUT_DIR/draingate-floor`) so that
+//! the agent's object does not carry them: `cargo xtask bench` loads it from where the build put
+//! it (`draingate::loader::FLOOR_OBJECT`) and attaches its programs beside the agent's, as the
+//! floor under their kernel time.
+#![no_std]
+#![no_main]
 
 use aya_ebpf::{
     macros::{classifier, tracepoint},
@@ -25,4 +29,11 @@ fn floor(_ctx: TracePointContext) -> u32 {
 #[classifier]
 fn tc_floor(_ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+    // The verifier rejects any path that could reach here; it exists only to satisfy no_std.
+    loop {}
 }
