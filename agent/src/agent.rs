@@ -262,7 +262,7 @@ impl Agent {
             Some(Ok(lookup)) => Some(lookup),
             Some(Err(err)) => {
                 tracing::warn!(
-                    error = %err,
+                    error = %crate::telemetry::chain(&err),
                     "cannot read the node's connection tracking: failed connects to Service IPs \
                      stay with the Service address, not the pod behind it"
                 );
@@ -350,7 +350,7 @@ impl Agent {
                     tracing::debug!(elapsed_us = started.elapsed().as_micros(), "resync");
                     match result {
                         Ok(()) => { self.ready.send_if_modified(|r| !std::mem::replace(r, true)); }
-                        Err(err) => tracing::warn!(error = %err, "resync failed; retrying"),
+                        Err(err) => tracing::warn!(error = %crate::telemetry::chain(&err), "resync failed; retrying"),
                     }
                 }
                 guard = ring.readable_mut() => {
@@ -405,7 +405,7 @@ impl Agent {
             }
             Some(Err(err)) if !self.node_addresses_warned => {
                 self.node_addresses_warned = true;
-                tracing::warn!(error = %err, "cannot read the node's addresses: kubelet probes may count as clients");
+                tracing::warn!(error = %crate::telemetry::chain(&err), "cannot read the node's addresses: kubelet probes may count as clients");
             }
             None | Some(Err(_)) => {}
         }
@@ -795,7 +795,7 @@ impl Agent {
             Err(err) => {
                 if !self.services_warned {
                     self.services_warned = true;
-                    tracing::warn!(error = %err, %server, "connection tracking lookup failed");
+                    tracing::warn!(error = %crate::telemetry::chain(&err), %server, "connection tracking lookup failed");
                 }
                 None
             }
@@ -820,7 +820,7 @@ impl Agent {
                 // The kernel opened the window when it knew the process; otherwise open it now,
                 // at the signal's time.
                 if let Err(err) = self.probes.open_window(pod.slot, event.time_ns) {
-                    tracing::warn!(error = %err, "cannot open the termination window");
+                    tracing::warn!(error = %crate::telemetry::chain(&err), "cannot open the termination window");
                 }
                 let since = self
                     .probes

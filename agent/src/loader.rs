@@ -199,7 +199,7 @@ pub enum LoaderError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error("cannot prepare the pin directory {path}: {source}")]
+    #[error("cannot prepare the pin directory {path}")]
     PinDir {
         path: PathBuf,
         #[source]
@@ -275,7 +275,7 @@ pub enum LoaderError {
         #[source]
         source: Box<ProgramError>,
     },
-    #[error("entering network namespace {path} failed: {source}")]
+    #[error("entering network namespace {path} failed")]
     Netns {
         path: PathBuf,
         #[source]
@@ -294,7 +294,7 @@ pub enum LoaderError {
         path: PathBuf,
         message: String,
     },
-    #[error("eBPF map {map}: {source}")]
+    #[error("eBPF map {map}")]
     Map {
         map: &'static str,
         #[source]
@@ -307,9 +307,9 @@ pub enum LoaderError {
          not watched"
     )]
     AddressTableFull { addr: IpAddr },
-    #[error("waiting for running kernel programs to finish (membarrier) failed: {0}")]
+    #[error("waiting for running kernel programs to finish (membarrier) failed")]
     Membarrier(#[source] io::Error),
-    #[error("reading this machine's possible CPUs failed: {0}")]
+    #[error("reading this machine's possible CPUs failed")]
     PossibleCpus(#[source] io::Error),
     #[error("socket table buckets must be a power of two of at most {SOCKET_BUCKETS}, not {0}")]
     SocketBuckets(u32),

@@ -114,11 +114,11 @@ pub enum RehearseError {
          (try `sudo -E draingate rehearse …`)"
     )]
     NotRoot,
-    #[error("the embedded agent cannot start: {0}")]
+    #[error("the embedded agent cannot start")]
     Agent(#[from] AgentError),
-    #[error("the node simulator failed: {0}")]
+    #[error("the node simulator failed")]
     Node(#[from] NodeError),
-    #[error("the load generator failed: {0}")]
+    #[error("the load generator failed")]
     Load(#[from] load::LoadError),
     #[error("{0}")]
     Setup(String),
@@ -272,7 +272,7 @@ impl EmbeddedAgent {
                 let _ = api_stop.wait_for(|s| *s).await;
             };
             if let Err(err) = crate::api::serve(api_handle, &listen, shutdown).await {
-                tracing::warn!(error = %err, "the rehearsal's agent API is not served");
+                tracing::warn!(error = %crate::telemetry::chain(&err), "the rehearsal's agent API is not served");
             }
         });
         let mut ready = handle.ready.clone();
@@ -298,7 +298,7 @@ impl Drop for EmbeddedAgent {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
         if let Err(err) = crate::loader::KernelProbes::remove_pins(&self.pins) {
-            tracing::warn!(error = %err, pins = %self.pins.display(), "cannot remove the rehearsal's pins");
+            tracing::warn!(error = %crate::telemetry::chain(&err), pins = %self.pins.display(), "cannot remove the rehearsal's pins");
         }
         let _ = std::fs::remove_file(&self.socket);
     }
@@ -941,7 +941,9 @@ async fn run_pre_stop(
             Ok(_) => {}
             Err(_) => tracing::warn!(pod = name, "the preStop hook ran out of the grace period"),
         },
-        Err(err) => tracing::warn!(pod = name, error = %err, "cannot run the preStop hook"),
+        Err(err) => {
+            tracing::warn!(pod = name, error = %crate::telemetry::chain(&err), "cannot run the preStop hook");
+        }
     }
 }
 
@@ -991,4 +993,45 @@ pub fn since(start: Instant, at: SystemTime) -> Option<Duration> {
     let elapsed = start.elapsed();
     let start_wall = now_wall.checked_sub(elapsed)?;
     at.duration_since(start_wall).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{RehearseError, node::NodeError};
+
+    /// A failed rehearsal's message says each cause once, as `draingate` prints it (its `main`
+    /// prints the chain): each error chains its cause and leaves it out of its own message.
+    #[test]
+    fn a_nested_error_says_each_cause_once() {
+        let io = std::io::Error::from_raw_os_error(17);
+        let io_text = io.to_string();
+        let err: Box<dyn std::error::Error + Send + Sync> =
+            Box::new(RehearseError::from(NodeError::Io {
+                what: "cannot create netns".to_owned(),
+                source: io,
+            }));
+        let printed = crate::telemetry::chain(err.as_ref());
+        assert_eq!(
+            printed,
+            format!("the node simulator failed: cannot create netns: {io_text}")
+        );
+        for cause in ["the node simulator failed", "cannot create netns", &io_text] {
+            assert_eq!(
+                printed.matches(cause).count(),
+                1,
+                "{cause:?} in {printed:?}"
+            );
+        }
+        // Not thanks to `chain` skipping repeats: no error's message holds its cause's.
+        let mut current: Option<&(dyn std::error::Error + 'static)> = Some(err.as_ref());
+        while let Some(outer) = current {
+            if let Some(inner) = outer.source() {
+                assert!(
+                    !outer.to_string().contains(&inner.to_string()),
+                    "{outer} prints its cause"
+                );
+            }
+            current = outer.source();
+        }
+    }
 }

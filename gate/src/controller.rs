@@ -25,6 +25,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use draingate_serve::telemetry::chain;
 use k8s_openapi::api::{
     apps::v1::Deployment,
     core::v1::{ObjectReference, Pod},
@@ -534,7 +535,9 @@ pub async fn run(
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .apply(event),
-                Err(err) => tracing::warn!(error = %err, "the pod watch failed; retrying"),
+                Err(err) => {
+                    tracing::warn!(error = %chain(&err), "the pod watch failed; retrying");
+                }
             }
         }
     }));
@@ -761,7 +764,7 @@ impl Writer {
             Err(err) => {
                 tracing::warn!(
                     pod = %format!("{}/{}", pod.namespace, pod.name),
-                    error = %err,
+                    error = %chain(&err),
                     "cannot set the readiness gate condition"
                 );
                 None
@@ -778,7 +781,7 @@ impl Writer {
             Err(err) => {
                 tracing::warn!(
                     deployment = %format!("{namespace}/{name}"),
-                    error = %err,
+                    error = %chain(&err),
                     "cannot name the Deployment in its Event"
                 );
                 None
@@ -791,7 +794,7 @@ impl Writer {
         let mut all = true;
         for reference in references {
             if let Err(err) = self.recorder.publish(event, reference).await {
-                tracing::warn!(error = %err, "cannot record the Event");
+                tracing::warn!(error = %chain(&err), "cannot record the Event");
                 all = false;
             }
         }
@@ -847,7 +850,7 @@ impl Writer {
         {
             tracing::warn!(
                 deployment = %format!("{namespace}/{name}"),
-                error = %err,
+                error = %chain(&err),
                 "cannot pause the Deployment"
             );
             return;
