@@ -1,5 +1,6 @@
-//! Builds the eBPF programs (crate `draingate-ebpf`) with the nightly toolchain through aya-build;
-//! the object lands in `OUT_DIR` and is embedded in the binary by `loader`.
+//! Builds the eBPF programs (crate `draingate-ebpf`) with the nightly toolchain through aya-build:
+//! each of its binaries becomes an object in `OUT_DIR`, named after it. `loader` embeds the
+//! agent's (`draingate`); the benchmark loads its empty programs' (`draingate-floor`) from there.
 
 use anyhow::{Context as _, anyhow};
 use cargo_metadata::MetadataCommand;

@@ -22,8 +22,8 @@ const MAX_NESTING: usize = 8;
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
     #[error(
-        "cannot read this kernel's BTF at {path} ({source}); draingate needs it on kernels \
-         before 6.16 (CONFIG_DEBUG_INFO_BTF, on in the kernels of every major distribution)"
+        "cannot read this kernel's BTF at {path}, which draingate needs on kernels before 6.16 \
+         (CONFIG_DEBUG_INFO_BTF, on in the kernels of every major distribution)"
     )]
     Read {
         path: String,

@@ -90,7 +90,7 @@ pub trait InventorySource: Send {
 
 #[derive(Debug, thiserror::Error)]
 pub enum InventoryError {
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}")]
     Read {
         path: String,
         #[source]

@@ -21,8 +21,8 @@ pub enum TracefsError {
     )]
     NotMounted,
     #[error(
-        "this kernel has no tracepoint {tracepoint} ({path}: {source}); draingate needs it to \
-         count connections"
+        "this kernel has no tracepoint {tracepoint}, which draingate needs to count connections \
+         (reading {path})"
     )]
     MissingTracepoint {
         tracepoint: String,

@@ -11,8 +11,8 @@ use super::{Judgement, MAX_WAIT, Query, http::VerdictBody, verdict_name};
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
     #[error(
-        "no draingate gate answers at {addr} ({source}); start one with `draingate gate serve`, \
-         or point --gate at it"
+        "no draingate gate answers at {addr} (start one with `draingate gate serve`, or point \
+         --gate at it)"
     )]
     NoGate {
         addr: String,

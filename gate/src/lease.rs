@@ -12,6 +12,7 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
+use draingate_serve::telemetry::chain;
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
     apimachinery::pkg::apis::meta::v1::MicroTime,
@@ -198,7 +199,9 @@ impl Elector {
                         logged_holder = holder;
                     }
                 }
-                Err(err) => tracing::warn!(error = %err, "cannot read or take the Lease"),
+                Err(err) => {
+                    tracing::warn!(error = %chain(&err), "cannot read or take the Lease");
+                }
             }
             tokio::time::sleep(self.config.renew).await;
         }
@@ -220,7 +223,9 @@ impl Elector {
                     tracing::warn!("another replica took the Lease: no longer leading");
                     return;
                 }
-                Ok(Err(err)) => tracing::warn!(error = %err, "cannot renew the Lease"),
+                Ok(Err(err)) => {
+                    tracing::warn!(error = %chain(&err), "cannot renew the Lease");
+                }
                 Err(_) => tracing::warn!("renewing the Lease timed out"),
             }
             if renewed.elapsed() >= self.config.deadline {
@@ -250,7 +255,7 @@ impl Elector {
             .replace(&self.config.name, &PostParams::default(), &lease)
             .await
         {
-            tracing::warn!(error = %err, "cannot give the Lease up");
+            tracing::warn!(error = %chain(&err), "cannot give the Lease up");
         }
     }
 }

@@ -15,6 +15,7 @@
 use std::{net::SocketAddr, sync::Mutex, time::Duration};
 
 use draingate_proto::v1 as pb;
+use draingate_serve::telemetry::chain;
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -290,7 +291,7 @@ impl Gate {
         );
         let mut out = String::new();
         if let Err(err) = prometheus_client::encoding::text::encode(&mut out, &registry) {
-            tracing::warn!(error = %err, "cannot encode the metrics");
+            tracing::warn!(error = %chain(&err), "cannot encode the metrics");
         }
         out
     }

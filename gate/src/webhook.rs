@@ -23,6 +23,7 @@ use axum::{
     response::{IntoResponse as _, Response},
     routing::post,
 };
+use draingate_serve::telemetry::chain;
 use k8s_openapi::{
     ByteString,
     api::{
@@ -62,9 +63,9 @@ const NOT_AFTER_ANNOTATION: &str = "draingate.io/not-after";
 /// Why the webhook's TLS could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookError {
-    #[error("cannot make the webhook's certificate: {0}")]
+    #[error("cannot make the webhook's certificate")]
     Generate(#[from] rcgen::Error),
-    #[error("cannot read or write Secret {namespace}/{name}: {source}")]
+    #[error("cannot read or write Secret {namespace}/{name}")]
     Secret {
         namespace: String,
         name: String,
@@ -79,7 +80,7 @@ pub enum WebhookError {
     },
     #[error(
         "cannot write the caBundle of MutatingWebhookConfiguration {name} (apply \
-         deploy/overlays/hold first): {source}"
+         deploy/overlays/hold first)"
     )]
     Configuration {
         name: String,
@@ -408,7 +409,7 @@ pub async fn serve(
             match made.await {
                 Ok(config) => break config,
                 Err(err) => {
-                    tracing::warn!(error = %err, "the webhook cannot serve yet; retrying in 5 s");
+                    tracing::warn!(error = %chain(err.as_ref()), "the webhook cannot serve yet; retrying in 5 s");
                     tokio::time::sleep(RETRY).await;
                 }
             }

@@ -50,7 +50,7 @@ pub struct Finding {
 /// Why a file could not be linted.
 #[derive(Debug, thiserror::Error)]
 pub enum LintError {
-    #[error("{file}: {source}")]
+    #[error("cannot read {file}")]
     Read {
         file: String,
         #[source]

@@ -16,7 +16,7 @@ pub mod tls;
 /// Why a listening face could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("cannot listen on {what}: {source}")]
+    #[error("cannot listen on {what}")]
     Listen {
         what: String,
         #[source]
@@ -30,9 +30,9 @@ pub enum ServeError {
     SocketInUse { path: PathBuf },
     #[error("{} is not a socket; refusing to replace it (give --socket another path)", path.display())]
     NotASocket { path: PathBuf },
-    #[error("gRPC server failed: {0}")]
+    #[error("gRPC server failed")]
     Transport(#[from] tonic::transport::Error),
-    #[error("reflection service: {0}")]
+    #[error("reflection service failed")]
     Reflection(#[from] tonic_reflection::server::Error),
 }
 

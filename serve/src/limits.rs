@@ -137,13 +137,13 @@ pub fn raise_open_files_limit() -> u64 {
         Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
             Ok(()) => hard,
             Err(err) => {
-                tracing::warn!(error = %err, soft, hard, "cannot raise the open-files limit");
+                tracing::warn!(error = %crate::telemetry::chain(&err), soft, hard, "cannot raise the open-files limit");
                 soft
             }
         },
         Ok((soft, _)) => soft,
         Err(err) => {
-            tracing::warn!(error = %err, "cannot read the open-files limit");
+            tracing::warn!(error = %crate::telemetry::chain(&err), "cannot read the open-files limit");
             FD_RESERVE * 2
         }
     }
@@ -281,7 +281,7 @@ impl Listener for tokio::net::TcpListener {
                 .set_tcp_keepalive(&keepalive)
                 .and_then(|()| socket.set_tcp_nodelay(true))
             {
-                tracing::debug!(error = %err, "cannot set TCP keepalive");
+                tracing::debug!(error = %crate::telemetry::chain(&err), "cannot set TCP keepalive");
             }
             // An IPv4 peer on a dual-stack socket counts as that IPv4 address.
             (stream, Some(peer.ip().to_canonical()))
@@ -363,7 +363,7 @@ impl<L: Listener + Unpin> Stream for Incoming<L> {
             match this.listener.poll_accept(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(err)) => {
-                    tracing::warn!(face = this.slots.limits.name, error = %err, "accept failed");
+                    tracing::warn!(face = this.slots.limits.name, error = %crate::telemetry::chain(&err), "accept failed");
                     this.backoff = Some(Box::pin(tokio::time::sleep(Duration::from_millis(100))));
                     cx.waker().wake_by_ref();
                     return Poll::Pending;
@@ -571,7 +571,7 @@ async fn serve(
                     match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(io)).await {
                         Ok(Ok(io)) => serve_connection(io, router, stop, false).await,
                         Ok(Err(err)) => {
-                            tracing::debug!(face = name, error = %err, "TLS handshake failed");
+                            tracing::debug!(face = name, error = %crate::telemetry::chain(&err), "TLS handshake failed");
                         }
                         Err(_) => tracing::debug!(face = name, "TLS handshake timed out"),
                     }
@@ -611,7 +611,7 @@ async fn serve_connection<IO>(
         }
     };
     if let Err(err) = result {
-        tracing::debug!(error = %err, "HTTP connection ended");
+        tracing::debug!(error = %crate::telemetry::chain(&err), "HTTP connection ended");
     }
 }
 

@@ -32,8 +32,9 @@ pub fn quoted(value: &str) -> String {
     }
 }
 
-/// An error and its sources, one line: `outer: inner: innermost`, each said once (errors that
-/// print their source in their own message are not followed by it again).
+/// An error and its sources, one line: `outer: inner: innermost`, each said once. draingate's
+/// errors chain their cause and leave it out of their message; some libraries' errors print it
+/// too, and are not followed by it again.
 pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut text = err.to_string();
     let mut source = err.source();

@@ -31,7 +31,7 @@ const MAX_PEM: u64 = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: String,
         #[source]
@@ -39,7 +39,7 @@ pub enum TlsError {
     },
     #[error("{path} is larger than {MAX_PEM} bytes: not a certificate or key")]
     TooLarge { path: String },
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}")]
     Write {
         path: String,
         #[source]
@@ -47,15 +47,15 @@ pub enum TlsError {
     },
     #[error("{path} exists: remove the old set first, or write to another directory")]
     Exists { path: String },
-    #[error("cannot make the certificates: {0}")]
+    #[error("cannot make the certificates")]
     Generate(#[from] rcgen::Error),
-    #[error("invalid TLS setting: {0}")]
+    #[error("invalid TLS setting")]
     Config(#[from] tonic::transport::Error),
-    #[error("invalid certificate or key: {0}")]
+    #[error("invalid certificate or key")]
     Pem(#[from] rustls_pki_types::pem::Error),
     #[error("the certificate file holds no certificate")]
     NoCertificate,
-    #[error("cannot use the certificate and key: {0}")]
+    #[error("cannot use the certificate and key")]
     Rustls(#[from] tokio_rustls::rustls::Error),
 }
 

@@ -195,7 +195,7 @@ async fn slice_version(client: &Client) -> SliceVersion {
                 return SliceVersion::newest_of(served).unwrap_or(SliceVersion::V1);
             }
             Err(err) => {
-                tracing::debug!(error = %err, "listing API groups for EndpointSlices; retrying");
+                tracing::debug!(error = %crate::telemetry::chain(&err), "listing API groups for EndpointSlices; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(std::time::Duration::from_secs(30));
             }
@@ -218,7 +218,7 @@ async fn watch_slices<K>(
         let event = match event {
             Ok(event) => event,
             Err(err) => {
-                tracing::debug!(error = %err, "watching EndpointSlices; retrying");
+                tracing::debug!(error = %crate::telemetry::chain(&err), "watching EndpointSlices; retrying");
                 continue;
             }
         };
@@ -269,7 +269,7 @@ pub fn from_v1beta1(object: DynamicObject) -> Option<EndpointSlice> {
         }
     }
     serde_json::from_value(value)
-        .inspect_err(|err| tracing::debug!(error = %err, "an EndpointSlice (v1beta1) not read"))
+        .inspect_err(|err| tracing::debug!(error = %crate::telemetry::chain(err), "an EndpointSlice (v1beta1) not read"))
         .ok()
 }
 

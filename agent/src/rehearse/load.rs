@@ -144,7 +144,7 @@ pub struct LiveCounters {
 pub enum LoadError {
     #[error("cannot enter the client namespace: {0}")]
     Namespace(String),
-    #[error("cannot start the load generator's runtime: {0}")]
+    #[error("cannot start the load generator's runtime")]
     Runtime(#[source] io::Error),
 }
 

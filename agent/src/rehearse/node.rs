@@ -38,7 +38,7 @@ const NETNS_PREFIX: &str = "dgr";
 pub enum NodeError {
     #[error("`{command}` failed: {stderr}")]
     Command { command: String, stderr: String },
-    #[error("cannot run `{program}`: {source} (is it installed? `cargo xtask setup` installs it)")]
+    #[error("cannot run `{program}` (is it installed? `cargo xtask setup` installs it)")]
     Spawn {
         program: String,
         #[source]
@@ -46,7 +46,7 @@ pub enum NodeError {
     },
     #[error("all {BLOCKS} address blocks of 198.18.0.0/15 are taken by running rehearsals")]
     NoAddressBlock,
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         what: String,
         #[source]

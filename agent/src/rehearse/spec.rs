@@ -92,7 +92,7 @@ impl Default for RolloutSpec {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
-    #[error("{path}: not valid YAML for a Kubernetes object: {source}")]
+    #[error("{path}: not valid YAML for a Kubernetes object")]
     Yaml {
         path: String,
         #[source]
@@ -102,7 +102,7 @@ pub enum SpecError {
     NoDeployment { path: String, kinds: String },
     #[error("{path}: {count} Deployments found; keep one per file for a rehearsal")]
     ManyDeployments { path: String, count: usize },
-    #[error("{path}: invalid Deployment: {source}")]
+    #[error("{path}: invalid Deployment")]
     Invalid {
         path: String,
         #[source]

@@ -757,11 +757,9 @@ fn main() {
         eprintln!("round {}/{}: with agent", round + 1, args.rounds);
         let agent = AgentProcess::start(&format!("load{round}"));
         // The floor: an empty program on each tracepoint, attached after the agent's so that
-        // it runs right after it on every event. Its maps go to a pin directory of its own,
-        // removed on drop.
-        let floor_pins = draingate_tests::PinDir::new();
-        let floor_probe = draingate::loader::KernelProbes::attach_floor(&floor_pins.config.pin_dir)
-            .expect("attach the empty program");
+        // it runs right after it on every event.
+        let floor_probe =
+            draingate::loader::KernelProbes::attach_floor().expect("attach the empty program");
         let cpu_before = agent.cpu();
         let (run, hooks) = measure(&floor_probe, || {
             load(&link, target, args.rate, args.seconds)
@@ -784,9 +782,8 @@ fn main() {
     // The rare paths, beside the same connection load, with a floor on every tracepoint.
     eprintln!("rare paths: with agent");
     let agent = AgentProcess::start("rare");
-    let floor_pins = draingate_tests::PinDir::new();
-    let floor_probe = draingate::loader::KernelProbes::attach_floor(&floor_pins.config.pin_dir)
-        .expect("attach the empty program");
+    let floor_probe =
+        draingate::loader::KernelProbes::attach_floor().expect("attach the empty program");
     let ((rare_run, rare_counts), rare) = measure(&floor_probe, || {
         std::thread::scope(|scope| {
             let side = scope.spawn(|| rare_load(&link, target, args.seconds));
@@ -1012,15 +1009,11 @@ fn packets_section(args: &Args, link: &Link, target: SocketAddr) -> String {
             std::thread::sleep(Duration::from_millis(100));
         }
         std::thread::sleep(Duration::from_secs(2));
-        let floor_pins = draingate_tests::PinDir::new();
         let floors: Vec<_> = [&link.a, &link.b]
             .iter()
             .map(|ns| {
-                draingate::loader::KernelProbes::attach_tc_floor(
-                    &floor_pins.config.pin_dir,
-                    &ns.path(),
-                )
-                .expect("attach the empty TC program")
+                draingate::loader::KernelProbes::attach_tc_floor(&ns.path())
+                    .expect("attach the empty TC program")
             })
             .collect();
         let floor_ids: Vec<u32> = floors
@@ -1035,7 +1028,6 @@ fn packets_section(args: &Args, link: &Link, target: SocketAddr) -> String {
             floor: since(floor_before, stats_of(&floor_ids)),
         });
         drop(floors);
-        let _ = draingate::loader::KernelProbes::remove_pins(&floor_pins.config.pin_dir);
         drop(agent);
         if !baseline_first {
             eprintln!("packets round {}/{}: baseline", round + 1, args.rounds);

@@ -136,7 +136,7 @@ pub(crate) async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
                 let _ = stop.wait_for(|s| *s).await;
             };
             if let Err(err) = draingate::http::serve(handle, http_listener, shutdown).await {
-                tracing::error!(error = %err, "HTTP server failed");
+                tracing::error!(error = %draingate::telemetry::chain(&err), "HTTP server failed");
             }
         });
     }
