@@ -31,8 +31,8 @@ pub enum TracefsError {
         source: io::Error,
     },
     #[error(
-        "not permitted to read {path}: the agent needs CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN (or \
-         root)"
+        "not permitted to read {path}: the agent runs as uid 0 (tracefs is root's) with CAP_BPF \
+         and CAP_PERFMON"
     )]
     PermissionDenied {
         path: PathBuf,
