@@ -10,6 +10,10 @@
 //! build's agent against another build's, both attached at once under the same load.
 //!
 //! Prints a Markdown report (and writes it to `--out`).
+//!
+//! Over 800 lines for one reason: it is one program whose three measurements share the set-up
+//! (pod namespaces, the agent under test, the load loop and its rounds) and one report; each
+//! measurement alone would repeat that set-up.
 #![expect(
     clippy::cast_precision_loss,
     reason = "statistics over counts and durations far below 2^52"
