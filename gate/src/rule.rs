@@ -318,28 +318,18 @@ pub fn judge(
                 list(&failed)
             ));
         }
-        if !failed_new.is_empty() {
-            reasons.push(format!(
-                "{} new pods had errors: {}",
-                failed_new.len(),
-                failed_new
-                    .iter()
-                    .map(|p| startup(p).reason.clone())
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            ));
-        }
-        if !failed_before.is_empty() {
-            reasons.push(format!(
-                "{} old pods had errors before their termination, after the rollout's first \
-                 deletion: {}",
-                failed_before.len(),
-                failed_before
-                    .iter()
-                    .map(|p| startup(p).reason.clone())
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            ));
+        // Pods failed on their errors outside a window: how many, what, and each one's reason.
+        for (outside, what) in [
+            (&failed_new, "new pods had errors"),
+            (
+                &failed_before,
+                "old pods had errors before their termination, after the rollout's first deletion",
+            ),
+        ] {
+            if !outside.is_empty() {
+                let each: Vec<&str> = outside.iter().map(|p| startup(p).reason.as_str()).collect();
+                reasons.push(format!("{} {what}: {}", outside.len(), each.join("; ")));
+            }
         }
         (pb::Verdict::Fail, reasons.join("; "))
     } else if !unreachable.is_empty() {
