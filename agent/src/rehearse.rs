@@ -240,7 +240,7 @@ impl EmbeddedAgent {
         listen: Option<std::net::SocketAddr>,
         node_netns: PathBuf,
     ) -> Result<Self, RehearseError> {
-        let pins = PathBuf::from(format!("/sys/fs/bpf/draingate-rehearse-{id}"));
+        let pins = node::pin_dir(id);
         let config = AgentConfig {
             probes: ProbeConfig {
                 // As `draingate agent --reset-source packets`: the accuracy suite runs the
@@ -631,14 +631,6 @@ fn node_netns_name(node: &Node, pod: &str) -> String {
 pub async fn sweep() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     node::remove_all_of_this_process();
-    let prefix = format!("draingate-rehearse-dgr{}-", std::process::id());
-    if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") {
-        for entry in entries.filter_map(Result::ok) {
-            if entry.file_name().to_string_lossy().starts_with(&prefix) {
-                let _ = crate::loader::KernelProbes::remove_pins(&entry.path());
-            }
-        }
-    }
 }
 
 /// Every request as a CSV line: when it was due (seconds since the rehearsal started), its

@@ -527,13 +527,9 @@ fn bad_rehearsal_input_is_a_clear_error() {
     assert!(stderr.contains("it needs root"), "{stderr}");
 }
 
-#[test]
-fn an_interrupted_rehearsal_removes_everything_it_made() {
-    require_root();
-    let _one = ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let mut child = Command::new(draingate_bin())
+/// A rehearsal of 3 replicas with a long preStop, started in the background.
+fn rehearsal_in_background() -> std::process::Child {
+    Command::new(draingate_bin())
         .args([
             "rehearse",
             "--replicas",
@@ -548,41 +544,82 @@ fn an_interrupted_rehearsal_removes_everything_it_made() {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
-        .expect("start draingate rehearse");
-    let prefix = format!("dgr{}-", child.id());
-    let namespaces = || -> Vec<String> {
-        std::fs::read_dir("/run/netns")
+        .expect("start draingate rehearse")
+}
+
+/// The namespaces and the pin directories of the rehearsals of process `pid`.
+fn left_by(pid: u32) -> (Vec<String>, Vec<String>) {
+    let prefix = format!("dgr{pid}-");
+    let names = |dir: &str, start: &str| -> Vec<String> {
+        std::fs::read_dir(dir)
             .map(|entries| {
                 entries
                     .filter_map(Result::ok)
                     .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|name| name.starts_with(&prefix))
+                    .filter(|name| name.starts_with(start))
                     .collect()
             })
             .unwrap_or_default()
     };
-    let pins = || -> Vec<String> {
-        std::fs::read_dir("/sys/fs/bpf")
-            .expect("bpffs")
-            .filter_map(Result::ok)
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|name| name.contains(&format!("rehearse-{prefix}")))
-            .collect()
-    };
-    // Wait until the node, the client and the three pods exist, mid-rehearsal.
+    (
+        names("/run/netns", &prefix),
+        names("/sys/fs/bpf", &format!("draingate-rehearse-{prefix}")),
+    )
+}
+
+/// Waits until the rehearsal of `child` has its node, client and three pods, mid-rehearsal.
+fn wait_mid_rehearsal(child: &std::process::Child) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while namespaces().len() < 5 {
+    while left_by(child.id()).0.len() < 5 {
         assert!(
             std::time::Instant::now() < deadline,
             "the rehearsal never set up its pods"
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    assert_eq!(pins().len(), 1, "the embedded agent's pins exist meanwhile");
+    assert_eq!(
+        left_by(child.id()).1.len(),
+        1,
+        "the embedded agent's pins exist meanwhile"
+    );
+}
+
+#[test]
+fn an_interrupted_rehearsal_removes_everything_it_made() {
+    require_root();
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut child = rehearsal_in_background();
+    wait_mid_rehearsal(&child);
     let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("interrupt");
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), Some(130), "exit 130 after an interrupt");
-    assert_eq!(namespaces(), Vec::<String>::new(), "namespaces left behind");
-    assert_eq!(pins(), Vec::<String>::new(), "pins left behind");
+    assert_eq!(left_by(child.id()), (vec![], vec![]), "left behind");
+}
+
+#[test]
+fn what_a_killed_rehearsal_left_the_next_one_removes() {
+    // SIGKILL leaves its namespaces and its agent's pins, whose programs stay attached to every
+    // TCP state change of the host, until the next rehearsal starts.
+    let mut child = {
+        require_root();
+        let _one = ONE_AT_A_TIME
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut child = rehearsal_in_background();
+        wait_mid_rehearsal(&child);
+        child.kill().expect("SIGKILL");
+        child
+    };
+    child.wait().expect("wait");
+    let (namespaces, pins) = left_by(child.id());
+    assert!(
+        !namespaces.is_empty() && pins.len() == 1,
+        "{namespaces:?} {pins:?}"
+    );
+    let (code, _) = rehearse(&["--pre-stop", "2s"], &["--mode", "graceful"]);
+    assert_eq!(code, 0);
+    assert_eq!(left_by(child.id()), (vec![], vec![]), "left behind");
 }

@@ -206,39 +206,76 @@ impl Drop for Netns {
     }
 }
 
-/// Deletes every namespace the rehearsals of this process made: the last line of defence after
-/// an interrupt, which can land between `ip netns add` and the guard that would delete it.
-pub fn remove_all_of_this_process() {
-    let prefix = format!("{NETNS_PREFIX}{}-", std::process::id());
-    let Ok(entries) = std::fs::read_dir("/run/netns") else {
-        return;
+/// Where the embedded agents pin their maps and programs: `PINS_PREFIX` and the rehearsal's id
+/// (`dgr<pid>-<n>`, as its namespaces' names begin).
+const BPFFS: &str = "/sys/fs/bpf";
+const PINS_PREFIX: &str = "draingate-rehearse-";
+
+/// The pin directory of the embedded agent of rehearsal `id`.
+#[must_use]
+pub fn pin_dir(id: &str) -> PathBuf {
+    Path::new(BPFFS).join(format!("{PINS_PREFIX}{id}"))
+}
+
+/// The entries of `dir` named `{prefix}dgr<pid>-...`, with the pid.
+fn rehearsal_entries(dir: &str, prefix: &str) -> Vec<(std::fs::DirEntry, i32)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
     };
-    for entry in entries.filter_map(Result::ok) {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with(&prefix) {
-            drop(Netns { name });
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let pid = entry
+                .file_name()
+                .to_string_lossy()
+                .strip_prefix(prefix)?
+                .strip_prefix(NETNS_PREFIX)?
+                .split('-')
+                .next()?
+                .parse::<i32>()
+                .ok()?;
+            Some((entry, pid))
+        })
+        .collect()
+}
+
+/// Deletes every namespace the rehearsals of this process made, and their embedded agents'
+/// pins: the last line of defence after an interrupt, which can land between `ip netns add`
+/// and the guard that would delete it.
+pub fn remove_all_of_this_process() {
+    let me = i32::try_from(std::process::id()).unwrap_or_default();
+    for (entry, pid) in rehearsal_entries("/run/netns", "") {
+        if pid == me {
+            drop(Netns {
+                name: entry.file_name().to_string_lossy().into_owned(),
+            });
+        }
+    }
+    for (entry, pid) in rehearsal_entries(BPFFS, PINS_PREFIX) {
+        if pid == me {
+            let _ = crate::loader::KernelProbes::remove_pins(&entry.path());
         }
     }
 }
 
-/// Deletes namespaces that earlier rehearsals left behind when they were killed (their pid is
-/// gone), so a rehearsal killed by `SIGKILL` costs nothing but a few seconds of the next one.
+/// Deletes what earlier rehearsals left behind when they were killed (their pid is gone): their
+/// namespaces, and their embedded agents' pins, whose programs would otherwise stay attached to
+/// every TCP state change of the host. A rehearsal killed by `SIGKILL` costs nothing but a few
+/// seconds of the next one.
 pub async fn reap_stale() {
-    let Ok(entries) = std::fs::read_dir("/run/netns") else {
-        return;
-    };
-    for entry in entries.filter_map(Result::ok) {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix(NETNS_PREFIX)
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|pid| pid.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        if kill(Pid::from_raw(pid), None).is_err() {
+    let gone = |pid: i32| kill(Pid::from_raw(pid), None).is_err();
+    for (entry, pid) in rehearsal_entries("/run/netns", "") {
+        if gone(pid) {
+            let name = entry.file_name().to_string_lossy().into_owned();
             tracing::info!(netns = %name, "removing a namespace left by a killed rehearsal");
             let _ = run("ip", &["netns", "del", &name]).await;
+        }
+    }
+    for (entry, pid) in rehearsal_entries(BPFFS, PINS_PREFIX) {
+        if gone(pid) {
+            let path = entry.path();
+            tracing::info!(pins = %path.display(), "removing the pins of a killed rehearsal's agent");
+            let _ = crate::loader::KernelProbes::remove_pins(&path);
         }
     }
 }
