@@ -119,8 +119,9 @@ pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 /// `LossCounters::reset_table_full`.
 /// 4: `SLOT_IDS`, each slot's pod identity, so that a restarted agent can report a pod that
 /// went away while it was down. 5: `SlotCounters::from_node` (144 bytes), and the node's own
-/// addresses in the address table under [`NODE_SLOT`].
-pub const MAP_LAYOUT: u64 = 5;
+/// addresses in the address table under [`NODE_SLOT`]. 6: `SlotCounters`' HTTP responses
+/// (184 bytes).
+pub const MAP_LAYOUT: u64 = 6;
 
 /// A pod slot's identity as user space keeps it in the pinned `SLOT_IDS` map: its namespace,
 /// name and uid, each NUL-padded (longer ones cut). The kernel programs never read it; it lets
@@ -240,6 +241,16 @@ pub struct SlotCounters {
     pub from_node: u64,
     /// Of those, inside the termination window.
     pub win_from_node: u64,
+    /// HTTP/1.x responses the pod sent to clients (not the node), by status class: 1xx to 3xx,
+    /// 4xx and 5xx. Read from the first bytes of the segments leaving the pod (the TC program):
+    /// a status line that starts a segment.
+    pub http_ok: u64,
+    pub http_4xx: u64,
+    /// A 5xx is a failed request: inside the window, an error.
+    pub http_5xx: u64,
+    pub win_http_5xx: u64,
+    /// HTTP responses to the node's own addresses (kubelet probes), any status: never errors.
+    pub http_from_node: u64,
 }
 
 /// Per CPU: events the kernel programs could not account for. Any non-zero field means counts
@@ -404,6 +415,8 @@ pub mod event_kind {
     pub const SIGNAL: u8 = 5;
     /// The last thread of a known pod process exited.
     pub const EXIT: u8 = 6;
+    /// The pod answered a client's HTTP/1.x request with a 5xx status (`reason` holds it).
+    pub const HTTP_5XX: u8 = 7;
 }
 
 /// `reason` of a `CONNECT_FAILED` event: how the connect ended.
@@ -437,7 +450,7 @@ pub struct NotableEvent {
     /// Process id (tgid) for SIGNAL and EXIT events.
     pub pid: u32,
     /// `sk_rst_reason` of a reset sent, where the kernel gives one (6.10+); 0 otherwise. For
-    /// `CONNECT_FAILED`, one of [`connect_failure`].
+    /// `CONNECT_FAILED`, one of [`connect_failure`]; for `HTTP_5XX`, the status.
     pub reason: u32,
     pub kind: u8,
     /// TCP state of the socket at the time, 0 when there was no socket.
@@ -492,7 +505,7 @@ pub mod tcp_state {
 }
 
 const _: () = assert!(size_of::<AddrKey>() == 16);
-const _: () = assert!(size_of::<SlotCounters>() == 144);
+const _: () = assert!(size_of::<SlotCounters>() == 184);
 const _: () = assert!(size_of::<LossCounters>() == 32);
 const _: () = assert!(SOCKET_PROBE_BUCKETS <= SOCKET_BUCKETS);
 const _: () = assert!(size_of::<SocketBucket>() == 64);

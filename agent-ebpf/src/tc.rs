@@ -1,27 +1,40 @@
-//! The TC classifier `pod_egress`: the resets a pod sends, read from its packets, for kernels
-//! whose `tcp:tcp_send_reset` misses refusals.
+//! The TC classifier `pod_egress`: what a pod sends, read from its packets: the status of
+//! each HTTP/1.x response (every kernel), and the resets it sends (kernels whose
+//! `tcp:tcp_send_reset` misses refusals).
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use draingate_common::{AddrKey, ConnKey};
+use draingate_common::{AddrKey, ConnKey, NotableEvent, event_kind};
 
-use crate::{addr::pod_of, count::loss, tcp_reset::reset_sent};
+use crate::{
+    addr::{is_node, pod_of},
+    count::{count, loss, now, w},
+    event::{Wake, emit},
+    record::global,
+    tcp_reset::reset_sent,
+};
 
 /// `TC_ACT_UNSPEC` (and tcx's `TCX_NEXT`): the packet goes on to the next program or filter
 /// on the interface (a CNI's) exactly as it came.
 const TC_ACT_UNSPEC: i32 = -1;
 
-/// Every reset a pod sends, seen as a packet leaving it, for kernels whose `tcp:tcp_send_reset`
-/// misses some (before 6.10 it fires only for resets of a socket's own, never for a refusal:
-/// a SYN to a closed port). The loader attaches it instead of that tracepoint's program, so
-/// each reset has one source. Attached where the pod's packets leave it: on the pod's side of
-/// its interface (egress) or on the node's side (ingress). It never changes or drops a packet.
+/// Set by user space at load time: non-zero where the resets a pod sends are counted from its
+/// packets (kernels before 6.10, whose `tcp:tcp_send_reset` misses refusals), so that each
+/// reset has one source.
+#[unsafe(no_mangle)]
+static RESETS_FROM_PACKETS: u64 = 0;
+
+/// Every packet leaving a pod: the HTTP/1.x responses it sends, by status, and, where the
+/// kernel's `tcp:tcp_send_reset` misses some (before 6.10 it fires only for resets of a
+/// socket's own, never for a refusal: a SYN to a closed port), every reset it sends. Attached
+/// where the pod's packets leave it: on the pod's side of its interface (egress) or on the
+/// node's side (ingress). It never changes or drops a packet.
 #[classifier]
 #[expect(
     clippy::needless_pass_by_value,
     reason = "the classifier macro fixes the signature"
 )]
 fn pod_egress(ctx: TcContext) -> i32 {
-    if pod_packet_reset(&ctx).is_err() {
+    if pod_packet(&ctx).is_err() {
         loss(|l| l.read_errors += 1);
     }
     TC_ACT_UNSPEC
@@ -34,9 +47,12 @@ const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const IPPROTO_TCP_U8: u8 = 6;
+/// Bytes of a response's status line read: `HTTP/1.1 503`.
+const STATUS_LINE: usize = 12;
 
-fn pod_packet_reset(ctx: &TcContext) -> Result<(), i64> {
-    // Most packets are not TCP resets: they cost the loads up to the TCP flags.
+fn pod_packet(ctx: &TcContext) -> Result<(), i64> {
+    // Most packets are neither resets nor the start of a response: they cost the loads up to
+    // the TCP header, and a segment with data the first bytes of its data.
     let ethertype = u16::from_be(ctx.load::<u16>(12)?);
     let tcp_at = match ethertype {
         ETH_P_IP => {
@@ -47,14 +63,30 @@ fn pod_packet_reset(ctx: &TcContext) -> Result<(), i64> {
             }
             ETH_HLEN + usize::from(vihl & 0x0f) * 4
         }
-        // Extension headers before TCP are not followed: resets carry none.
+        // Extension headers before TCP are not followed: resets and responses carry none.
         ETH_P_IPV6 if ctx.load::<u8>(ETH_HLEN + 6)? == IPPROTO_TCP_U8 => ETH_HLEN + 40,
         _ => return Ok(()),
     };
-    let flags: u8 = ctx.load(tcp_at + 13)?;
-    if flags & TCP_RST == 0 {
-        return Ok(());
-    }
+    // Ports, sequence number, acknowledgement number, data offset and flags.
+    let head: [u8; 14] = ctx.load(tcp_at)?;
+    let flags = head[13];
+    let reset = flags & TCP_RST != 0;
+    let status = if reset {
+        if global(&RESETS_FROM_PACKETS) == 0 {
+            return Ok(());
+        }
+        0
+    } else {
+        let data_at = tcp_at + usize::from(head[12] >> 4) * 4;
+        if (ctx.len() as usize) < data_at + STATUS_LINE {
+            return Ok(());
+        }
+        let line: [u8; STATUS_LINE] = ctx.load(data_at)?;
+        match status(&line) {
+            Some(status) => status,
+            None => return Ok(()),
+        }
+    };
     let (local, remote) = if ethertype == ETH_P_IP {
         let addrs: [u8; 8] = ctx.load(ETH_HLEN + 12)?;
         (
@@ -71,18 +103,66 @@ fn pod_packet_reset(ctx: &TcContext) -> Result<(), i64> {
     let Some(slot) = pod_of(&local) else {
         return Ok(());
     };
-    // Ports, then the sequence number.
-    let head: [u8; 8] = ctx.load(tcp_at)?;
     let conn = ConnKey {
         local,
         remote,
         local_port: u16::from_be_bytes([head[0], head[1]]),
         remote_port: u16::from_be_bytes([head[2], head[3]]),
     };
-    // The kernel answers a segment that matched no socket and carried no ACK (a SYN) with a
-    // reset that acknowledges it and has sequence number 0; a connection's own reset carries
-    // its sequence number, and the answer to any other stray segment carries no ACK.
-    let refused = flags & TCP_ACK != 0 && head[4..8] == [0, 0, 0, 0];
-    reset_sent(slot, 0, 0, &conn, refused);
+    if reset {
+        // The kernel answers a segment that matched no socket and carried no ACK (a SYN) with
+        // a reset that acknowledges it and has sequence number 0; a connection's own reset
+        // carries its sequence number, and the answer to any other stray segment carries no
+        // ACK.
+        let refused = flags & TCP_ACK != 0 && head[4..8] == [0, 0, 0, 0];
+        reset_sent(slot, 0, 0, &conn, refused);
+    } else {
+        http_response(slot, status, &conn);
+    }
     Ok(())
+}
+
+/// The status of an HTTP/1.x status line (`HTTP/1.1 503 ...`), or `None` for anything else:
+/// a request, a response's body, another protocol.
+fn status(line: &[u8; STATUS_LINE]) -> Option<u32> {
+    if line[..7] != *b"HTTP/1." || line[8] != b' ' {
+        return None;
+    }
+    let digit = |b: u8| b.is_ascii_digit().then(|| u32::from(b - b'0'));
+    let status = digit(line[9])? * 100 + digit(line[10])? * 10 + digit(line[11])?;
+    (100..600).contains(&status).then_some(status)
+}
+
+/// Counts a response with `status` that pod `slot` sent on `conn`: by class, a 5xx with its
+/// event; responses to the node's own addresses (kubelet probes) apart, never errors.
+#[inline(never)]
+fn http_response(slot: u32, status: u32, conn: &ConnKey) {
+    if is_node(&conn.remote) {
+        count(slot, |c, _| c.http_from_node += 1);
+        return;
+    }
+    count(slot, |c, win| match status / 100 {
+        5 => {
+            c.http_5xx += 1;
+            c.win_http_5xx += w(win);
+        }
+        4 => c.http_4xx += 1,
+        _ => c.http_ok += 1,
+    });
+    if status >= 500 {
+        emit(
+            &NotableEvent {
+                time_ns: now(),
+                slot,
+                reason: status,
+                kind: event_kind::HTTP_5XX,
+                local_port: conn.local_port,
+                remote_port: conn.remote_port,
+                local: conn.local,
+                remote: conn.remote,
+                ..NotableEvent::default()
+            },
+            Wake::Batched,
+        );
+    }
 }

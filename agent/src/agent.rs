@@ -442,12 +442,12 @@ impl Agent {
             );
         }
 
-        // Kubernetes mode on kernels that need the reset program: the node's side of every
-        // pod interface (new ones appear with new pods).
+        // Kubernetes mode: the packet program on the node's side of every pod interface (new
+        // ones appear with new pods).
         let node_attach_error = if observed.iter().any(|pod| pod.netns.is_none()) {
             self.probes.watch_node_interfaces().err().map(|err| {
                 let reason = crate::telemetry::chain(&err);
-                tracing::warn!(error = %reason, "the reset program is not on every pod interface: resets pods send may be missed");
+                tracing::warn!(error = %reason, "the packet program is not on every pod interface: HTTP responses (and before 6.10 resets) pods send may be missed");
                 reason
             })
         } else {
@@ -504,8 +504,9 @@ impl Agent {
                 && drain.lost.is_none()
             {
                 drain.lost = Some(format!(
-                    "the reset program could not be attached to every pod interface of the \
-                     node, so resets this pod sends may not be counted: {reason}"
+                    "the packet program could not be attached to every pod interface of the \
+                     node, so HTTP responses (and before 6.10 resets) this pod sends may not be \
+                     counted: {reason}"
                 ));
             }
             self.sync_pod(drain, &pod, now)?;
@@ -688,8 +689,8 @@ impl Agent {
             && drain.lost.is_none()
         {
             let reason = format!(
-                "the reset program could not be attached to the pod's interfaces, so resets it \
-                 sends are not counted: {}",
+                "the packet program could not be attached to the pod's interfaces, so HTTP \
+                 responses (and before 6.10 resets) it sends are not counted: {}",
                 crate::telemetry::chain(&err)
             );
             tracing::warn!(pod = %pod.id.name, "{reason}");
@@ -870,6 +871,7 @@ impl Agent {
                     event_kind::RESET_RECEIVED => EventKind::ResetReceived,
                     event_kind::REFUSED => EventKind::Refused,
                     event_kind::CONNECT_FAILED => EventKind::ConnectFailed,
+                    event_kind::HTTP_5XX => EventKind::Http5xx,
                     _ => return,
                 };
                 let Some(pod) = state

@@ -145,6 +145,9 @@ fn counters(t: &crate::loader::SlotTotals) -> pb::Counters {
         resets_received: t.resets_received,
         refused: t.refused,
         failed_connects: t.failed_connects,
+        http_ok: t.http_ok,
+        http_4xx: t.http_4xx,
+        http_5xx: t.http_5xx,
     }
 }
 
@@ -211,6 +214,7 @@ pub fn pod_message(pod: &PodDrain, node: &str) -> pb::Pod {
             }
         }),
         from_node: pod.totals.from_node,
+        http_from_node: pod.totals.http_from_node,
     }
 }
 
@@ -229,6 +233,7 @@ pub fn event_message(event: &PodEvent) -> pb::Event {
             EventKind::Refused => pb::EventKind::Refused,
             EventKind::ConnectFailed => pb::EventKind::ConnectFailed,
             EventKind::PeerConnectFailed => pb::EventKind::PeerConnectFailed,
+            EventKind::Http5xx => pb::EventKind::Http5xx,
         }
         .into(),
         time: Some(prost_types::Timestamp::from(event.time)),

@@ -143,12 +143,19 @@ pub fn pod_json(pod: &pb::Pod) -> Value {
         "resets_received": total.resets_received,
         "refused": total.refused,
         "failed_connects": total.failed_connects,
+        "http": {
+            "ok": total.http_ok,
+            "4xx": total.http_4xx,
+            "5xx": total.http_5xx,
+            "from_node": pod.http_from_node,
+        },
         "window": {
             "accepted": window.accepted,
             "resets_sent": window.resets_sent,
             "resets_received": window.resets_received,
             "refused": window.refused,
             "failed_connects": window.failed_connects,
+            "http_5xx": window.http_5xx,
         },
         "peer_failures": pod.peer_failures,
         "from_node": pod.from_node,
@@ -219,6 +226,7 @@ pub fn event_kind_name(kind: i32) -> &'static str {
         pb::EventKind::Refused => EventKind::Refused,
         pb::EventKind::ConnectFailed => EventKind::ConnectFailed,
         pb::EventKind::PeerConnectFailed => EventKind::PeerConnectFailed,
+        pb::EventKind::Http5xx => EventKind::Http5xx,
         pb::EventKind::Unspecified => return "unknown",
     };
     kind.as_str()
@@ -253,6 +261,7 @@ pub fn pods_table(pods: &[pb::Pod], wide: bool) -> String {
             "RST_RECV",
             "REFUSED",
             "FAILED_CONN",
+            "5XX",
             "PROBES",
             "STARTUP",
             "ERRORS",
@@ -293,6 +302,7 @@ pub fn pods_table(pods: &[pb::Pod], wide: bool) -> String {
                 total.resets_received.to_string(),
                 total.refused.to_string(),
                 total.failed_connects.to_string(),
+                total.http_5xx.to_string(),
                 pod.from_node.to_string(),
                 pod.startup.as_ref().map_or(0, |s| s.errors).to_string(),
             ]);

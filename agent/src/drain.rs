@@ -84,6 +84,8 @@ pub enum EventKind {
     ConnectFailed,
     /// A client on this node got no answer connecting to this pod (the peer view).
     PeerConnectFailed,
+    /// The pod answered a client's HTTP/1.x request with a 5xx status (`reason`).
+    Http5xx,
 }
 
 impl EventKind {
@@ -95,6 +97,7 @@ impl EventKind {
             Self::Refused => "refused",
             Self::ConnectFailed => "connect_failed",
             Self::PeerConnectFailed => "peer_connect_failed",
+            Self::Http5xx => "http_5xx",
         }
     }
 }
@@ -123,9 +126,9 @@ pub struct PodEvent {
 }
 
 impl PodEvent {
-    /// A reset or refusal with a client (not the node), or a client's connect that got no
-    /// answer from the pod (the peer view): a failure of the pod's, inside its window or
-    /// outside it.
+    /// A reset or refusal with a client (not the node), a client's connect that got no
+    /// answer from the pod (the peer view), or a 5xx answer to a client: a failure of the
+    /// pod's, inside its window or outside it.
     #[must_use]
     pub const fn is_error(&self) -> bool {
         !self.from_node
@@ -135,6 +138,7 @@ impl PodEvent {
                     | EventKind::ResetReceived
                     | EventKind::Refused
                     | EventKind::PeerConnectFailed
+                    | EventKind::Http5xx
             )
     }
 }
@@ -148,6 +152,8 @@ pub struct Startup {
     /// Clients' connects to it that got no answer (timed out, or unreachable), from the
     /// clients' side: an accept queue that overflowed drops SYNs without a packet back.
     pub no_answer: u64,
+    /// HTTP responses with a 5xx status to clients.
+    pub http_5xx: u64,
     /// Of all of them, the ones before the pod was ready.
     pub before_ready: u64,
     pub first_error_at: Option<SystemTime>,
@@ -159,7 +165,7 @@ pub struct Startup {
 impl Startup {
     #[must_use]
     pub const fn errors(&self) -> u64 {
-        self.resets_sent + self.resets_received + self.refused + self.no_answer
+        self.resets_sent + self.resets_received + self.refused + self.no_answer + self.http_5xx
     }
 
     /// What the errors say, for people (`name` is the pod's): empty when there were none.
@@ -203,6 +209,9 @@ impl Startup {
                 "; {} client connects got no answer (timed out: a full accept queue drops SYNs)",
                 self.no_answer
             );
+        }
+        if self.http_5xx > 0 {
+            let _ = write!(reason, "; {} HTTP 5xx responses", self.http_5xx);
         }
         reason
     }
@@ -252,8 +261,8 @@ pub struct PodDrain {
     /// agent learned of a deletion late): errors between the two are only in the events.
     window_counted_from: Option<SystemTime>,
     /// Errors inside the window from before the kernel counted it (from their events), by
-    /// kind: resets sent, resets received, refusals, connects that got no answer.
-    late: [u64; 4],
+    /// kind: resets sent, resets received, refusals, connects that got no answer, HTTP 5xx.
+    late: [u64; 5],
 }
 
 impl PodDrain {
@@ -284,7 +293,7 @@ impl PodDrain {
             first_startup_error: None,
             last_startup_error: None,
             window_counted_from: None,
-            late: [0; 4],
+            late: [0; 5],
         }
     }
 
@@ -312,13 +321,15 @@ impl PodDrain {
             .saturating_sub(window.resets_received + self.late[1]);
         let refused = t.refused.saturating_sub(window.refused + self.late[2]);
         let no_answer = self.startup_no_answer;
-        let errors = resets_sent + resets_received + refused + no_answer;
+        let http_5xx = t.http_5xx.saturating_sub(window.http_5xx + self.late[4]);
+        let errors = resets_sent + resets_received + refused + no_answer + http_5xx;
         let seen = self.startup_before_ready + self.startup_after_ready;
         Startup {
             resets_sent,
             resets_received,
             refused,
             no_answer,
+            http_5xx,
             before_ready: (self.startup_before_ready + errors.saturating_sub(seen)).min(errors),
             first_error_at: self.first_startup_error,
             last_error_at: self.last_startup_error,
@@ -332,11 +343,12 @@ impl PodDrain {
         self.peer_failures + self.late[3] + self.startup_no_answer
     }
 
-    fn count_late(late: &mut [u64; 4], kind: EventKind) {
+    fn count_late(late: &mut [u64; 5], kind: EventKind) {
         let index = match kind {
             EventKind::ResetSent => 0,
             EventKind::ResetReceived => 1,
             EventKind::Refused => 2,
+            EventKind::Http5xx => 4,
             _ => 3,
         };
         late[index] += 1;
@@ -465,6 +477,7 @@ impl PodDrain {
             resets_received: t.win_resets_received,
             refused: t.win_refused,
             failed_connects: t.win_failed_connects,
+            http_5xx: t.win_http_5xx,
             open: t.open,
             last_accept_ns: t.last_accept_ns,
             ..SlotTotals::default()
@@ -472,14 +485,16 @@ impl PodDrain {
     }
 
     /// Failures inside the window: resets the pod sent or received on its connections,
-    /// connections it refused, and connects to it that got no answer (the peer view). Its own
-    /// failed connects to others are shown but are not its drain's failures.
+    /// connections it refused, connects to it that got no answer (the peer view) and HTTP 5xx
+    /// answers to clients. Its own failed connects to others are shown but are not its drain's
+    /// failures.
     #[must_use]
     pub fn errors(&self) -> u64 {
         let w = self.window();
         w.resets_sent
             + w.resets_received
             + w.refused
+            + w.http_5xx
             + self.peer_failures
             + self.late.iter().sum::<u64>()
     }
@@ -537,6 +552,9 @@ impl PodDrain {
                     ", {} connects to it got no answer",
                     self.peer_failures
                 );
+            }
+            if w.http_5xx > 0 {
+                let _ = write!(reason, ", {} HTTP 5xx responses", w.http_5xx);
             }
             let late: u64 = self.late.iter().sum();
             if late > 0 {

@@ -24,6 +24,14 @@ struct PodLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLabels {
+    namespace: String,
+    pod: String,
+    uid: String,
+    class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VerdictLabels {
     namespace: String,
     pod: String,
@@ -40,7 +48,8 @@ pub fn render_metrics(state: &AgentState) -> String {
     let errors = Family::<PodLabels, Gauge>::default();
     let open_at_exit = Family::<PodLabels, Gauge>::default();
     let verdict = Family::<VerdictLabels, Gauge>::default();
-    let counters: [(&str, &str, Family<PodLabels, Counter>); 9] = [
+    let http = Family::<HttpLabels, Counter>::default();
+    let counters: [(&str, &str, Family<PodLabels, Counter>); 10] = [
         (
             "accepted",
             "Connections the pod accepted",
@@ -79,7 +88,12 @@ pub fn render_metrics(state: &AgentState) -> String {
         ),
         (
             "startup_errors",
-            "Resets and refusals outside the termination window (a new pod's fail a rollout)",
+            "Errors outside the termination window (a new pod's fail a rollout)",
+            Family::default(),
+        ),
+        (
+            "http_from_node",
+            "HTTP responses to the node's own addresses (kubelet probes), any status: not errors",
             Family::default(),
         ),
     ];
@@ -109,8 +123,18 @@ pub fn render_metrics(state: &AgentState) -> String {
             pod.peer_failures,
             t.from_node,
             pod.startup().errors(),
+            t.http_from_node,
         ]) {
             family.get_or_create(&labels).inc_by(value);
+        }
+        for (class, value) in [("ok", t.http_ok), ("4xx", t.http_4xx), ("5xx", t.http_5xx)] {
+            http.get_or_create(&HttpLabels {
+                namespace: labels.namespace.clone(),
+                pod: labels.pod.clone(),
+                uid: labels.uid.clone(),
+                class,
+            })
+            .inc_by(value);
         }
         verdict
             .get_or_create(&VerdictLabels {
@@ -128,8 +152,14 @@ pub fn render_metrics(state: &AgentState) -> String {
     );
     registry.register(
         "pod_drain_errors",
-        "Errors inside the termination window (resets and refusals)",
+        "Errors inside the termination window (resets, refusals, connects without answer, \
+         HTTP 5xx)",
         errors,
+    );
+    registry.register(
+        "pod_http_responses",
+        "HTTP/1.x responses the pod sent to clients, by status class (ok: 1xx to 3xx)",
+        http,
     );
     registry.register(
         "pod_open_at_exit",

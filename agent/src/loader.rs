@@ -53,8 +53,8 @@ use hooks::{ABSENT, HOOKS, Hook, Optional, Required, SEND_RESET, kernel_release}
 pub use hooks::{MIN_KERNEL, ResetSource};
 use pins::{check_pinned_layout, lock_pin_dir};
 use reset_filter::{
-    RESET_PROGRAM, TC_PRIORITY, attach_reset_program, classifier, detach_reset_filters, has_peer,
-    interfaces, tc_handle,
+    PACKET_PROGRAM, TC_PRIORITY, attach_packet_program, classifier, detach_packet_filters,
+    has_peer, interfaces, tc_handle,
 };
 pub use totals::SlotTotals;
 
@@ -119,10 +119,10 @@ impl Default for ProbeConfig {
 pub struct KernelProbes {
     // Owns the programs; the maps were taken out of it below.
     ebpf: Ebpf,
-    /// The interfaces the reset program is attached to, by network namespace inode and
-    /// interface index ([`ResetSource::Packets`] only).
+    /// The interfaces the packet program is attached to, by network namespace inode and
+    /// interface index.
     tc_attached: BTreeSet<(u64, u32)>,
-    /// The reset program's filter handle (see [`tc_handle`]).
+    /// The packet program's filter handle (see [`tc_handle`]).
     tc_handle: TcHandle,
     /// The pin directory, held for this agent's life (see [`lock_pin_dir`]).
     _pin_lock: nix::fcntl::Flock<std::fs::File>,
@@ -262,6 +262,8 @@ impl KernelProbes {
         }
         let socket_mask = u64::from(config.socket_buckets - 1);
         loader.override_global("SOCKET_MASK", &socket_mask, true);
+        let resets_from_packets = u64::from(reset_source == ResetSource::Packets);
+        loader.override_global("RESETS_FROM_PACKETS", &resets_from_packets, true);
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(|err| {
             classify(err, "create eBPF maps", |source| LoaderError::Load {
                 pin_dir: config.pin_dir.clone(),
@@ -312,21 +314,18 @@ impl KernelProbes {
             );
         }
 
-        if reset_source == ResetSource::Packets {
-            classifier(&mut ebpf, RESET_PROGRAM)?
-                .load()
-                .map_err(|err| {
-                    classify(err, "load eBPF programs", |source| {
-                        verifier_error(RESET_PROGRAM, source).unwrap_or_else(|other| {
-                            LoaderError::Tc {
-                                interface: String::new(),
-                                source: Box::new(other),
-                            }
-                        })
+        // On every kernel: it reads the HTTP responses pods send (and, before 6.10, resets).
+        classifier(&mut ebpf, PACKET_PROGRAM)?
+            .load()
+            .map_err(|err| {
+                classify(err, "load eBPF programs", |source| {
+                    verifier_error(PACKET_PROGRAM, source).unwrap_or_else(|other| LoaderError::Tc {
+                        interface: String::new(),
+                        source: Box::new(other),
                     })
-                })?;
-            loaded_programs.push(RESET_PROGRAM);
-        }
+                })
+            })?;
+        loaded_programs.push(PACKET_PROGRAM);
 
         let pod_addrs: HashMap<MapData, AddrKey, u32> = take_map(&mut ebpf, "POD_ADDRS")?;
         let watched = pod_addrs
@@ -361,7 +360,7 @@ impl KernelProbes {
     }
 
     /// Removes what an agent on `pin_dir` leaves behind when it stops, for good (an uninstall):
-    /// its reset program's TC filters (found by their handle, so no one else's) on every
+    /// its packet program's TC filters (found by their handle, so no one else's) on every
     /// interface of the agent's network namespace and of every other one on the host, then its
     /// pinned maps and links, which detaches its tracepoint programs. Refused while an agent
     /// holds the pins. Returns how many filters were removed.
@@ -373,7 +372,7 @@ impl KernelProbes {
             None
         };
         let handle = tc_handle(pin_dir);
-        let mut removed = detach_reset_filters(handle);
+        let mut removed = detach_packet_filters(handle);
         let own = std::fs::metadata("/proc/self/ns/net").map_or(0, |m| m.ino());
         let mut seen = BTreeSet::from([own]);
         let named = std::fs::read_dir("/run/netns")
@@ -394,7 +393,7 @@ impl KernelProbes {
             if !file.metadata().is_ok_and(|m| seen.insert(m.ino())) {
                 continue;
             }
-            removed += crate::netns::run_in(&file, || detach_reset_filters(handle)).unwrap_or(0);
+            removed += crate::netns::run_in(&file, || detach_packet_filters(handle)).unwrap_or(0);
         }
         Self::remove_pins(pin_dir).map_err(|source| LoaderError::PinDir {
             path: pin_dir.to_owned(),
@@ -412,14 +411,11 @@ impl KernelProbes {
         }
     }
 
-    /// Attaches the reset program ([`ResetSource::Packets`]) to every interface but loopback
-    /// of the network namespace at `netns` (a pod's: local mode), on egress, where the pod's
-    /// packets leave it. Interfaces it is on already are skipped; returns how many were new.
-    /// Does nothing where the kernel's tracepoint counts resets.
+    /// Attaches the packet program `pod_egress` (HTTP responses, and resets where
+    /// [`ResetSource::Packets`]) to every interface but loopback of the network namespace at
+    /// `netns` (a pod's: local mode), on egress, where the pod's packets leave it. Interfaces it
+    /// is on already are skipped; returns how many were new.
     pub fn watch_pod_interfaces(&mut self, netns: &Path) -> Result<usize, LoaderError> {
-        if self.reset_source != ResetSource::Packets {
-            return Ok(0);
-        }
         let file = match std::fs::File::open(netns) {
             Ok(file) => file,
             // The namespace went away since the inventory saw it: the pod is gone, and so are
@@ -439,11 +435,11 @@ impl KernelProbes {
             }
         })?);
         let handle = self.tc_handle;
-        let program = classifier(&mut self.ebpf, RESET_PROGRAM)?;
+        let program = classifier(&mut self.ebpf, PACKET_PROGRAM)?;
         let attached = &mut self.tc_attached;
         crate::netns::run_in(&file, || {
             let interfaces = interfaces(|name| name != "lo");
-            attach_reset_program(
+            attach_packet_program(
                 program,
                 handle,
                 inode,
@@ -458,19 +454,16 @@ impl KernelProbes {
         })?
     }
 
-    /// Attaches the reset program ([`ResetSource::Packets`]) to the node's side of every pod
-    /// interface in the agent's own network namespace (Kubernetes mode, `hostNetwork`): each
-    /// interface with a peer (a veth), on ingress, where the pod's packets arrive. The program
-    /// only counts packets from a watched pod address. Returns how many were new.
+    /// Attaches the packet program `pod_egress` to the node's side of every pod interface in
+    /// the agent's own network namespace (Kubernetes mode, `hostNetwork`): each interface with a
+    /// peer (a veth), on ingress, where the pod's packets arrive. The program only counts
+    /// packets from a watched pod address. Returns how many were new.
     pub fn watch_node_interfaces(&mut self) -> Result<usize, LoaderError> {
-        if self.reset_source != ResetSource::Packets {
-            return Ok(0);
-        }
         let inode = std::fs::metadata("/proc/self/ns/net")
             .map_or(0, |meta| std::os::unix::fs::MetadataExt::ino(&meta));
-        let program = classifier(&mut self.ebpf, RESET_PROGRAM)?;
+        let program = classifier(&mut self.ebpf, PACKET_PROGRAM)?;
         let interfaces = interfaces(has_peer);
-        attach_reset_program(
+        attach_packet_program(
             program,
             self.tc_handle,
             inode,

@@ -59,6 +59,14 @@ fn n(value: &Value) -> u64 {
 /// What every rehearsal must show, whatever the scenario: the agent agrees with the clients on
 /// every pod, and every client failure was attributed to a pod.
 fn assert_agent_matches_clients(report: &Value) {
+    let stalled = assert_counts_agree(report);
+    assert_eq!(stalled, 0, "{report:#}");
+}
+
+/// The agent agrees with the clients on every pod, and every client failure but the requests
+/// that stalled on an open connection without a packet of the pod's to show it is on some pod's
+/// account. Returns how many stalled.
+fn assert_counts_agree(report: &Value) -> u64 {
     assert_eq!(
         report["disagreements"],
         Value::Array(vec![]),
@@ -80,24 +88,40 @@ fn assert_agent_matches_clients(report: &Value) {
             n(&pod["client_no_answer"]),
             "{pod:#}"
         );
+        // HTTP 5xx answers: read from the pod's packets, probes left out.
+        assert_eq!(
+            n(&pod["agent_http_5xx"]),
+            n(&pod["client_http_5xx"]),
+            "{pod:#}"
+        );
         agent += n(&pod["agent_connection_errors"])
             + n(&pod["cut_at_exit"])
-            + n(&pod["agent_no_answer"]);
-        clients += n(&pod["client_connection_errors"]) + n(&pod["client_no_answer"]);
+            + n(&pod["agent_no_answer"])
+            + n(&pod["agent_http_5xx"]);
+        clients += n(&pod["client_connection_errors"])
+            + n(&pod["client_no_answer"])
+            + n(&pod["client_http_5xx"]);
     }
     assert_eq!(agent, clients);
     // Every failure the clients saw is counted against some pod: only a request that timed out
-    // on an open connection has no count (none of these servers stalls).
+    // on an open connection the pod never reset has no count.
+    let seen: u64 = report["pods"]
+        .as_array()
+        .expect("pods")
+        .iter()
+        .map(|p| n(&p["client_timeouts_seen_by_pod"]))
+        .sum();
     let stalled = report["clients"]["outcomes"]["timeout"]
         .as_u64()
-        .unwrap_or(0);
+        .unwrap_or(0)
+        - seen;
     assert_eq!(
         n(&report["clients"]["failed"]),
         clients + stalled,
         "{report:#}"
     );
-    assert_eq!(stalled, 0, "{report:#}");
     assert_eq!(old_pods(report).len(), 3);
+    stalled
 }
 
 fn assert_verdicts(report: &Value, verdict: &str) {
@@ -303,7 +327,14 @@ fn a_server_whose_accept_queue_overflows_fails_and_each_dropped_connect_is_count
             "100ms",
         ],
     );
-    assert_agent_matches_clients(&report);
+    // With 16 clients and room for 2, some handshakes pass the SYN check and then meet a full
+    // accept queue at their last ACK: the client sends its request on a connection the server
+    // does not have yet. Those whose answer came after the client gave up are on the pod's
+    // account (its kernel got the client's reset); one the server never took before it stopped
+    // listening is a stall no packet of the pod's shows, left out of the counts (the rollout
+    // fails on the rest anyway, and rehearse calls a pass with such a stall a defect).
+    let stalled = assert_counts_agree(&report);
+    eprintln!("requests stalled in a half-open handshake: {stalled}");
     let no_answer: u64 = report["pods"]
         .as_array()
         .expect("pods")
@@ -464,6 +495,37 @@ fn an_app_that_keeps_accepting_until_the_endpoints_are_gone_passes_without_pre_s
 }
 
 #[test]
+fn a_server_that_answers_503_after_sigterm_fails_and_each_5xx_is_counted() {
+    // The app keeps accepting for 2.5 s after SIGTERM (no preStop: clients still come) but
+    // answers every request 503 meanwhile, then drains cleanly: no reset, no refusal, only
+    // failed requests. Its readiness probe answers 503 too, which is no client's failure: the
+    // agent leaves the node's (the simulated kubelet's) requests out.
+    let (code, report) = rehearse(
+        &[],
+        &[
+            "--mode",
+            "late-close",
+            "--drain-time",
+            "2500ms",
+            "--status-after-term",
+            "503",
+        ],
+    );
+    assert_agent_matches_clients(&report);
+    assert_verdicts(&report, "fail");
+    for pod in old_pods(&report) {
+        assert!(n(&pod["client_http_5xx"]) > 0, "{pod:#}");
+        assert_eq!(n(&pod["client_connection_errors"]), 0, "{pod:#}");
+        assert_eq!(
+            n(&pod["agent"]["errors"]),
+            n(&pod["client_http_5xx"]),
+            "every 5xx in the window is an error: {pod:#}"
+        );
+    }
+    assert_eq!(code, 1, "exit 1: failures, agent and clients agree");
+}
+
+#[test]
 fn a_manifest_drives_the_rollout_and_unsupported_settings_are_named() {
     let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/senior.yaml");
     let (code, report) = rehearse(&["-f", manifest], &["--mode", "graceful"]);
@@ -567,6 +629,36 @@ fn left_by(pid: u32) -> (Vec<String>, Vec<String>) {
     )
 }
 
+/// The processes (pid and command) in the named network namespaces `names` (of /run/netns).
+fn processes_in(names: &[String]) -> Vec<(u32, String)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let inodes: Vec<u64> = names
+        .iter()
+        .filter_map(|name| std::fs::metadata(format!("/run/netns/{name}")).ok())
+        .map(|m| m.ino())
+        .collect();
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::metadata(format!("/proc/{pid}/ns/net"))
+                .is_ok_and(|m| inodes.contains(&m.ino()))
+        })
+        .map(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            (pid, comm.trim().to_owned())
+        })
+        // A zombie waits for its reaper, no longer runs.
+        .filter(|(pid, _)| {
+            !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                stat.rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+            })
+        })
+        .collect()
+}
+
 /// Waits until the rehearsal of `child` has its node, client and three pods, mid-rehearsal.
 fn wait_mid_rehearsal(child: &std::process::Child) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -619,6 +711,20 @@ fn what_a_killed_rehearsal_left_the_next_one_removes() {
         !namespaces.is_empty() && pins.len() == 1,
         "{namespaces:?} {pins:?}"
     );
+    // Its children die with it: no pod server and no `conntrack` keeps running in its
+    // namespaces (they get SIGKILL when it dies).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        let running = processes_in(&namespaces);
+        if running.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running in its namespaces: {running:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     let (code, _) = rehearse(&["--pre-stop", "2s"], &["--mode", "graceful"]);
     assert_eq!(code, 0);
     assert_eq!(left_by(child.id()), (vec![], vec![]), "left behind");

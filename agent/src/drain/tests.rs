@@ -292,3 +292,68 @@ fn a_drained_pod_passes_only_once_it_exited() {
     pod.exited(t(4));
     assert_eq!(pod.verdict(), Verdict::Pass);
 }
+
+fn http_5xx(secs: u64, in_window: bool) -> super::PodEvent {
+    super::PodEvent {
+        kind: super::EventKind::Http5xx,
+        reason: 503,
+        tcp_state: "NONE",
+        ..refusal(secs, false, in_window)
+    }
+}
+
+#[test]
+fn http_5xx_answers_are_errors_in_the_window_and_at_startup_and_late_ones_are_the_windows() {
+    let mut pod = pod();
+    // A new pod's 503 before it was ready, and a 404 (no error: counted by class only).
+    pod.push_event(http_5xx(1, false));
+    pod.update_totals(
+        SlotTotals {
+            http_ok: 40,
+            http_4xx: 1,
+            http_5xx: 1,
+            ..SlotTotals::default()
+        },
+        t(2),
+    );
+    let startup = pod.startup();
+    assert_eq!((startup.errors(), startup.http_5xx), (1, 1));
+    assert!(
+        startup.reason("web").contains("1 HTTP 5xx"),
+        "{}",
+        startup.reason("web")
+    );
+    // Deleted at 10, learned at 12: the 503 at 11 is the window's, from its event; the two at
+    // 13 are in the kernel's window count.
+    pod.push_event(http_5xx(11, false));
+    pod.open_window_late(t(10), t(12));
+    pod.push_event(http_5xx(13, true));
+    pod.push_event(http_5xx(13, true));
+    pod.update_totals(
+        SlotTotals {
+            http_ok: 50,
+            http_5xx: 4,
+            win_http_5xx: 2,
+            ..SlotTotals::default()
+        },
+        t(14),
+    );
+    pod.exited(t(14));
+    let (verdict, reason) = pod.verdict_and_reason();
+    assert_eq!((verdict, pod.errors()), (Verdict::Fail, 3), "{reason}");
+    assert!(reason.contains("2 HTTP 5xx responses"), "{reason}");
+    assert_eq!(pod.startup().http_5xx, 1, "only the one before the window");
+    // The same answers to the node's addresses (probes) are counted apart by the kernel and
+    // are no events: a pod whose only 5xx went to probes passes.
+    let mut probed = self::pod();
+    probed.open_window(t(1));
+    probed.update_totals(
+        SlotTotals {
+            http_from_node: 5,
+            ..SlotTotals::default()
+        },
+        t(2),
+    );
+    probed.exited(t(2));
+    assert_eq!(probed.verdict(), Verdict::Pass);
+}

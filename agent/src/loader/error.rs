@@ -95,7 +95,9 @@ pub enum LoaderError {
         pin_dir: PathBuf,
         holder: Option<u32>,
     },
-    #[error("attaching the reset program to interface {interface} failed")]
+    #[error(
+        "attaching the packet program (HTTP responses, resets) to interface {interface} failed"
+    )]
     Tc {
         interface: String,
         #[source]

@@ -128,7 +128,7 @@ impl KernelProbes {
     }
 
     /// The empty TC program `tc_floor` on every interface but loopback of the network
-    /// namespace at `netns`, on egress, after the reset program (a lower priority), for the
+    /// namespace at `netns`, on egress, after the packet program (a lower priority), for the
     /// benchmark: its kernel time per packet is the fixed cost of any TC program there.
     /// Dropping the returned value detaches it.
     pub fn attach_tc_floor(netns: &Path) -> Result<TcFloor, LoaderError> {

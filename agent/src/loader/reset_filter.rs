@@ -1,5 +1,6 @@
-//! The reset program's TC filters (`pod_egress`, for kernels whose `tcp:tcp_send_reset` misses
-//! refusals): on which interfaces, under which handle, and how an uninstall finds them again.
+//! The packet program's TC filters (`pod_egress`: the HTTP responses pods send, and the resets
+//! on kernels whose `tcp:tcp_send_reset` misses refusals): on which interfaces, under which
+//! handle, and how an uninstall finds them again.
 
 use std::{collections::BTreeSet, io, path::Path};
 
@@ -13,10 +14,10 @@ use aya::{
 
 use super::{LoaderError, classify};
 
-/// The TC program that counts the resets pods send on kernels before 6.10.
-pub(super) const RESET_PROGRAM: &str = "pod_egress";
+/// The TC program that reads what pods send: HTTP responses, and resets on kernels before 6.10.
+pub(super) const PACKET_PROGRAM: &str = "pod_egress";
 
-/// The priority of the reset program's filter: the first, so that it sees every packet before
+/// The priority of the packet program's filter: the first, so that it sees every packet before
 /// a CNI's filters (which may redirect it); it passes each on unchanged.
 pub(super) const TC_PRIORITY: u16 = 1;
 
@@ -80,7 +81,7 @@ pub(super) fn has_peer(name: &str) -> bool {
 /// calling thread is in) not in `attached` yet, replacing an earlier agent's program in place.
 /// The filters are left behind when the agent stops: they keep counting into the pinned maps
 /// until the next agent replaces them, and go with their interface.
-pub(super) fn attach_reset_program(
+pub(super) fn attach_packet_program(
     program: &mut SchedClassifier,
     handle: TcHandle,
     netns_inode: u64,
@@ -132,9 +133,9 @@ pub(super) fn attach_reset_program(
     Ok(new)
 }
 
-/// Deletes the reset program's filter of `handle` from both directions of every interface of
+/// Deletes the packet program's filter of `handle` from both directions of every interface of
 /// the calling thread's network namespace; returns how many there were.
-pub(super) fn detach_reset_filters(handle: TcHandle) -> usize {
+pub(super) fn detach_packet_filters(handle: TcHandle) -> usize {
     use aya::programs::links::Link as _;
     let mut removed = 0;
     for (_, name) in interfaces(|name| name != "lo") {

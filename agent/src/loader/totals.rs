@@ -25,6 +25,13 @@ pub struct SlotTotals {
     /// Resets and refusals with the node's own addresses (kubelet probes): not errors.
     pub from_node: u64,
     pub win_from_node: u64,
+    /// HTTP/1.x responses to clients by status class (1xx to 3xx, 4xx, 5xx), the 5xx inside
+    /// the window, and responses to the node's own addresses (kubelet probes, any status).
+    pub http_ok: u64,
+    pub http_4xx: u64,
+    pub http_5xx: u64,
+    pub win_http_5xx: u64,
+    pub http_from_node: u64,
 }
 
 impl SlotTotals {
@@ -46,6 +53,11 @@ impl SlotTotals {
             totals.win_failed_connects += cpu.win_failed_connects;
             totals.from_node += cpu.from_node;
             totals.win_from_node += cpu.win_from_node;
+            totals.http_ok += cpu.http_ok;
+            totals.http_4xx += cpu.http_4xx;
+            totals.http_5xx += cpu.http_5xx;
+            totals.win_http_5xx += cpu.win_http_5xx;
+            totals.http_from_node += cpu.http_from_node;
             tracked = tracked.wrapping_add(cpu.sockets_tracked);
             // Sockets leave the table untracked, or closed after their process released them.
             gone = gone

@@ -71,7 +71,8 @@ impl ConntrackWatcher {
         client: Ipv4Addr,
         service: Ipv4Addr,
     ) -> Result<Self, NodeError> {
-        let mut child = tokio::process::Command::new("ip")
+        let mut command = tokio::process::Command::new("ip");
+        command
             .args([
                 "netns",
                 "exec",
@@ -94,12 +95,15 @@ impl ConntrackWatcher {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| NodeError::Spawn {
-                program: "conntrack".into(),
-                source,
-            })?;
+            .kill_on_drop(true);
+        // SAFETY: only prctl(2) between fork and exec.
+        unsafe {
+            command.pre_exec(super::node::die_with_parent);
+        }
+        let mut child = command.spawn().map_err(|source| NodeError::Spawn {
+            program: "conntrack".into(),
+            source,
+        })?;
         let backends = Arc::new(Mutex::new(HashMap::new()));
         let overruns = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let stdout = child.stdout.take().expect("piped");

@@ -567,9 +567,10 @@ impl Node {
             .stderr(log_err)
             .process_group(0);
         // SAFETY: between fork and exec only async-signal-safe calls: setns(2) on an fd that
-        // stays open in the parent until spawn returns.
+        // stays open in the parent until spawn returns, and prctl(2).
         unsafe {
             cmd.pre_exec(move || {
+                die_with_parent()?;
                 setns(netns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
             });
         }
@@ -625,3 +626,12 @@ impl Drop for Node {
 
 /// How long the kubelet waits after the last process exits before the sandbox goes.
 pub const SANDBOX_TEARDOWN: Duration = Duration::from_millis(500);
+
+/// In a child between fork and exec: the child gets SIGKILL when the rehearsal's thread that
+/// started it ends, so that a rehearsal killed outright (SIGKILL, which it cannot clean up
+/// after) leaves no pod process or `conntrack` running. The children are started from the
+/// runtime's worker threads, which live as long as the rehearsal. Async-signal-safe: prctl(2)
+/// only.
+pub(super) fn die_with_parent() -> std::io::Result<()> {
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+}

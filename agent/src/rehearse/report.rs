@@ -84,6 +84,15 @@ pub struct PodReport {
     /// agent's (its peer view, through the node's connection tracking).
     pub client_no_answer: u64,
     pub agent_no_answer: u64,
+    /// HTTP 5xx answers: the clients' count, and the agent's (read from the pod's packets,
+    /// probes left out).
+    pub client_http_5xx: u64,
+    pub agent_http_5xx: u64,
+    /// Requests that timed out on a connection the pod's kernel reset or refused (counted in
+    /// `client_connection_errors`): a handshake whose last ACK met a full accept queue, whose
+    /// late answer met the client's closed socket. Other request timeouts are stalls no
+    /// packet of the pod's shows.
+    pub client_timeouts_seen_by_pod: u64,
     pub agrees: bool,
     /// Why it does or does not agree, when there is something to say.
     pub note: String,
@@ -135,15 +144,24 @@ impl PodReport {
         let client_failures_terminating = sim.deleted.map_or(0, |deleted| {
             failures.iter().filter(|f| f.at >= deleted).count() as u64
         });
-        // What a pod's kernel can see: resets and refusals. A timeout or an unreachable
-        // address has no packet from the pod to count.
-        let client_connection_errors =
-            failures.iter().filter(|f| f.outcome.seen_by_pod()).count() as u64;
+        // What a pod's kernel can see: resets and refusals, and requests that timed out on a
+        // connection it then reset. A connect timeout or an unreachable address has no packet
+        // from the pod to count.
+        let client_timeouts_seen_by_pod =
+            agent.map_or(0, |pod| timeouts_seen_by_pod(pod, failures, client));
+        let client_connection_errors = failures.iter().filter(|f| f.outcome.seen_by_pod()).count()
+            as u64
+            + client_timeouts_seen_by_pod;
         // Of those, connects that got no answer: the agent counts them from the client's side.
         let invisible = failures
             .iter()
             .filter(|f| f.outcome.connect_unanswered())
             .count();
+        let client_http_5xx = failures
+            .iter()
+            .filter(|f| f.outcome == Outcome::Http5xx)
+            .count() as u64;
+        let agent_http_5xx = agent.map_or(0, |pod| pod.totals.http_5xx);
         let at = |t: Option<std::time::SystemTime>| t.and_then(|t| since(started, t)).map(secs);
         let agent_view = agent.map(|pod| {
             let (verdict, reason) = pod.verdict_and_reason();
@@ -188,14 +206,26 @@ impl PodReport {
         } else {
             0
         };
-        let (agrees, mut note) = judge(
+        let (mut agrees, mut note) = judge(
             role,
             agent,
             agent_connection_errors + cut_at_exit,
             client_connection_errors,
             client_failures_terminating,
             invisible,
+            client_http_5xx,
         );
+        if agent.is_some() && agent_http_5xx != client_http_5xx {
+            agrees = false;
+            if !note.is_empty() {
+                note.push_str("; ");
+            }
+            let _ = write!(
+                note,
+                "the clients saw {client_http_5xx} HTTP 5xx answers, the agent counted \
+                 {agent_http_5xx}"
+            );
+        }
         if cut_at_exit > 0 {
             if !note.is_empty() {
                 note.push_str("; ");
@@ -239,11 +269,57 @@ impl PodReport {
             cut_at_exit,
             client_no_answer: invisible as u64,
             agent_no_answer: agent.map_or(0, PodDrain::no_answer),
+            client_http_5xx,
+            agent_http_5xx,
+            client_timeouts_seen_by_pod,
             agrees,
             note,
             timeline,
         }
     }
+}
+
+/// Requests that timed out on a connection (by its client port) on which the pod's kernel
+/// then sent or received a reset, or refused a segment: the pod saw that failure too. With a
+/// full accept queue the kernel drops a handshake's last ACK and the request after it; the
+/// client believes it is connected, gives the request up, and when the server answers at
+/// last, the client's kernel resets the connection (or the listener's close resets it, or
+/// refuses the client's late segments). Each agent event explains one failure at most, and
+/// the resets and refusals the clients saw themselves come first. The agent keeps the latest
+/// events only, so this can undercount (never overcount) on a long rehearsal.
+fn timeouts_seen_by_pod(
+    pod: &PodDrain,
+    failures: &[FailureNote],
+    client: std::net::Ipv4Addr,
+) -> u64 {
+    use crate::drain::EventKind;
+    let mut ports: Vec<u16> = pod
+        .events
+        .iter()
+        .filter(|e| {
+            e.remote == std::net::IpAddr::V4(client)
+                && !e.from_node
+                && matches!(
+                    e.kind,
+                    EventKind::ResetSent | EventKind::ResetReceived | EventKind::Refused
+                )
+        })
+        .map(|e| e.remote_port)
+        .collect();
+    let mut take = |port: u16| {
+        ports
+            .iter()
+            .position(|&p| p == port)
+            .map(|i| ports.swap_remove(i))
+            .is_some()
+    };
+    for f in failures.iter().filter(|f| f.outcome.seen_by_pod()) {
+        take(f.client_port);
+    }
+    failures
+        .iter()
+        .filter(|f| f.outcome == Outcome::Timeout && take(f.client_port))
+        .count() as u64
 }
 
 /// Which connections (by client port) only the agent, or only the clients, counted: the
@@ -286,6 +362,7 @@ fn judge(
     client_errors: u64,
     client_terminating: u64,
     invisible: usize,
+    client_http_5xx: u64,
 ) -> (bool, String) {
     let Some(pod) = agent else {
         return (false, "the agent never saw this pod".into());
@@ -316,15 +393,15 @@ fn judge(
         // Its startup errors fail the rollout: they must be the clients' failures.
         PodRole::New => {
             let startup = pod.startup().errors();
-            if startup > 0 && client_errors + invisible == 0 {
+            if startup > 0 && client_errors + invisible + client_http_5xx == 0 {
                 notes.push(format!(
                     "the agent counted {startup} startup errors, but the clients saw none"
                 ));
                 false
-            } else if startup == 0 && client_errors + invisible > 0 {
+            } else if startup == 0 && client_errors + invisible + client_http_5xx > 0 {
                 notes.push(format!(
                     "the clients saw {} failures the agent did not count against the new pod",
-                    client_errors + invisible
+                    client_errors + invisible + client_http_5xx
                 ));
                 false
             } else {
@@ -620,12 +697,13 @@ impl Report {
         let _ = writeln!(out);
         let _ = writeln!(
             out,
-            "{:<18} {:<4} {:<8} {:>6} {:>15} {:>9} {:>9} {:>16}  {:<5}  TIMELINE (s: window opened > drained > exited)",
+            "{:<18} {:<4} {:<8} {:>6} {:>15} {:>6} {:>9} {:>9} {:>16}  {:<5}  TIMELINE (s: window opened > drained > exited)",
             "POD",
             "ROLE",
             "VERDICT",
             "ERRORS",
             "SENT/RECV/REFUS",
+            "5XX",
             "OPEN@EXIT",
             "CLIENT",
             "CLIENT FAILURES",
@@ -667,7 +745,7 @@ impl Report {
             };
             let _ = writeln!(
                 out,
-                "{:<18} {:<4} {:<8} {:>6} {:>15} {:>9} {:>9} {:>16}  {:<5}  {}",
+                "{:<18} {:<4} {:<8} {:>6} {:>15} {:>6} {:>9} {:>9} {:>16}  {:<5}  {}",
                 p.name,
                 match p.role {
                     PodRole::Old => "old",
@@ -676,6 +754,11 @@ impl Report {
                 verdict,
                 errors,
                 counts,
+                if p.agent.is_some() {
+                    p.agent_http_5xx.to_string()
+                } else {
+                    "-".into()
+                },
                 open_at_exit,
                 p.client_connection_errors,
                 failures,

@@ -23,6 +23,17 @@ pub struct Counters {
     pub refused: u64,
     #[prost(uint64, tag = "6")]
     pub failed_connects: u64,
+    /// HTTP/1.x responses the pod sent to clients (the node's own addresses left out), by status
+    /// class, read from the first bytes of each segment it sends: a status line that starts a
+    /// segment. A 5xx is a failed request, and part of `errors` inside the window. `window`
+    /// carries only `http_5xx`. Not seen: TLS, HTTP/2, a status line split across segments, a
+    /// second response in the segment of another (pipelining).
+    #[prost(uint64, tag = "7")]
+    pub http_ok: u64,
+    #[prost(uint64, tag = "8")]
+    pub http_4xx: u64,
+    #[prost(uint64, tag = "9")]
+    pub http_5xx: u64,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Timeline {
@@ -108,12 +119,17 @@ pub struct Pod {
     /// local source: the node namespace given to the agent, none by default).
     #[prost(uint64, tag = "21")]
     pub from_node: u64,
+    /// HTTP responses to the node's own addresses (kubelet probes: a readiness probe that answers
+    /// 503 after SIGTERM is the recommended practice), any status: never errors.
+    #[prost(uint64, tag = "22")]
+    pub http_from_node: u64,
 }
 /// A pod's errors outside its termination window, with the node's own addresses (kubelet
 /// probes) left out.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Startup {
-    /// Resets sent, resets received and refused, outside the window.
+    /// Resets sent, resets received, refused, clients' connects without answer and HTTP 5xx
+    /// responses, outside the window.
     #[prost(uint64, tag = "1")]
     pub errors: u64,
     /// Of those, the ones before the pod was ready (in a Service's endpoints; with the local
@@ -220,7 +236,8 @@ pub struct Event {
     #[prost(string, tag = "8")]
     pub tcp_state: ::prost::alloc::string::String,
     /// Kernel reset reason where the kernel gives one (tcp_send_reset on 6.10+). For a failed
-    /// connect: "reset" (the address refused it) or "no answer" (timeout or unreachable).
+    /// connect: "reset" (the address refused it) or "no answer" (timeout or unreachable). For an
+    /// HTTP 5xx: the status ("503").
     #[prost(string, tag = "9")]
     pub reason: ::prost::alloc::string::String,
     /// Whether the event falls inside the pod's termination window (counts as an error).
@@ -346,6 +363,8 @@ pub enum EventKind {
     /// A client on this node connected to the pod and got no answer (the pod's side of a
     /// CONNECT_FAILED with reason "no answer"); local is the pod's address, remote the client's.
     PeerConnectFailed = 5,
+    /// The pod answered a client's HTTP/1.x request with a 5xx status (`reason`: the status).
+    Http5xx = 6,
 }
 impl EventKind {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -360,6 +379,7 @@ impl EventKind {
             Self::Refused => "EVENT_KIND_REFUSED",
             Self::ConnectFailed => "EVENT_KIND_CONNECT_FAILED",
             Self::PeerConnectFailed => "EVENT_KIND_PEER_CONNECT_FAILED",
+            Self::Http5xx => "EVENT_KIND_HTTP_5XX",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -371,6 +391,7 @@ impl EventKind {
             "EVENT_KIND_REFUSED" => Some(Self::Refused),
             "EVENT_KIND_CONNECT_FAILED" => Some(Self::ConnectFailed),
             "EVENT_KIND_PEER_CONNECT_FAILED" => Some(Self::PeerConnectFailed),
+            "EVENT_KIND_HTTP_5XX" => Some(Self::Http5xx),
             _ => None,
         }
     }

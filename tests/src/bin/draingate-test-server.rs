@@ -13,6 +13,10 @@
 //! - `late-close`: keep accepting and serving for `--drain-time` (the app's own shutdown delay),
 //!   then drain as `graceful` does.
 //!
+//! `--status-after-term 503` answers every request but the probes with that status once SIGTERM
+//! came (a framework that refuses work while it shuts down; with `late-close`, for
+//! `--drain-time`, then it drains).
+//!
 //! `--backlog` and `--accept-pause` make a server that accepts more slowly than clients
 //! connect: its accept queue overflows and the kernel drops their SYNs (their connects time out).
 
@@ -65,6 +69,9 @@ struct Args {
     /// Pause this long after each accept (an application that accepts slowly).
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     accept_pause: Duration,
+    /// The status of every answer but the probes' after SIGTERM (100 to 599).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u16).range(100..600))]
+    status_after_term: u16,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -112,9 +119,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let (draining, terminating) = (Arc::clone(&draining), Arc::clone(&terminating));
                 let open = Arc::clone(&open);
                 let closed = closed_tx.clone();
-                let request_time = args.request_time;
+                let (request_time, status_after_term) = (args.request_time, args.status_after_term);
                 tokio::spawn(async move {
-                    let _ = serve(stream, &draining, &terminating, request_time).await;
+                    let _ = serve(stream, &draining, &terminating, request_time, status_after_term).await;
                     open.fetch_sub(1, Ordering::SeqCst);
                     let _ = closed.send(());
                 });
@@ -156,6 +163,7 @@ async fn serve(
     draining: &AtomicBool,
     terminating: &AtomicBool,
     request_time: Duration,
+    status_after_term: u16,
 ) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
@@ -170,6 +178,7 @@ async fn serve(
         }
         while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let ready_probe = buf.starts_with(b"GET /health/ready ");
+            let probe = buf.starts_with(b"GET /health/");
             let client_closes = buf[..end]
                 .windows(17)
                 .any(|w| w.eq_ignore_ascii_case(b"connection: close"));
@@ -178,10 +187,14 @@ async fn serve(
                 tokio::time::sleep(request_time).await;
             }
             let close = draining.load(Ordering::SeqCst) || client_closes;
-            let status = if ready_probe && terminating.load(Ordering::SeqCst) {
-                "503 Service Unavailable"
+            let status = if !terminating.load(Ordering::SeqCst) {
+                "200 OK".to_owned()
+            } else if ready_probe {
+                "503 Service Unavailable".to_owned()
+            } else if !probe && status_after_term != 200 {
+                format!("{status_after_term} Shutting Down")
             } else {
-                "200 OK"
+                "200 OK".to_owned()
             };
             let connection = if close { "Connection: close\r\n" } else { "" };
             let response = format!("HTTP/1.1 {status}\r\nContent-Length: 2\r\n{connection}\r\nok");

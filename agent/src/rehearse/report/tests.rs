@@ -375,3 +375,50 @@ fn an_old_pods_errors_before_its_termination_after_the_first_deletion_fail_the_r
         "{before:?}"
     );
 }
+
+#[test]
+fn a_request_timeout_on_a_connection_the_pod_reset_is_the_pods_failure_once() {
+    // The agent counted two resets (ports 40000 and 40001). The clients saw a reset on 40000
+    // and a request timeout on 40001 (a handshake whose last ACK met a full accept queue: the
+    // server's late answer met the client's closed socket), and one more timeout on 40002, on
+    // which the pod's kernel sent nothing: a stall, no one's count.
+    let pod = terminated_pod(2, 0, 0);
+    let failures = [
+        failure(Outcome::Reset, 40000, 6),
+        failure(Outcome::Timeout, 40001, 6),
+        failure(Outcome::Timeout, 40002, 6),
+        // A second timeout on 40000: its reset explains the client's reset, not this one too.
+        failure(Outcome::Timeout, 40000, 7),
+    ];
+    let r = report(&pod, &failures);
+    assert_eq!(r.client_timeouts_seen_by_pod, 1);
+    assert_eq!(
+        (r.agent_connection_errors, r.client_connection_errors),
+        (2, 2)
+    );
+    assert!(r.agrees, "{}", r.note);
+}
+
+#[test]
+fn http_5xx_answers_must_match_the_agents_count() {
+    let mut pod = terminated_pod(0, 0, 0);
+    pod.totals.http_5xx = 2;
+    pod.totals.win_http_5xx = 2;
+    let failures = [
+        failure(Outcome::Http5xx, 40000, 6),
+        failure(Outcome::Http5xx, 40000, 6),
+    ];
+    let r = report(&pod, &failures);
+    assert_eq!((r.agent_http_5xx, r.client_http_5xx), (2, 2));
+    assert!(r.agrees, "{}", r.note);
+    assert_eq!(r.agent.as_ref().unwrap().verdict, "fail");
+    // One the agent missed is a disagreement, named.
+    let r = report(&pod, &[failures[0], failures[0], failures[0]]);
+    assert!(!r.agrees);
+    assert!(
+        r.note
+            .contains("saw 3 HTTP 5xx answers, the agent counted 2"),
+        "{}",
+        r.note
+    );
+}
