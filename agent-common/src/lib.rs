@@ -120,7 +120,7 @@ pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 /// 4: `SLOT_IDS`, each slot's pod identity, so that a restarted agent can report a pod that
 /// went away while it was down. 5: `SlotCounters::from_node` (144 bytes), and the node's own
 /// addresses in the address table under [`NODE_SLOT`]. 6: `SlotCounters`' HTTP responses
-/// (184 bytes).
+/// and the SYN-ACKs seen (192 bytes).
 pub const MAP_LAYOUT: u64 = 6;
 
 /// A pod slot's identity as user space keeps it in the pinned `SLOT_IDS` map: its namespace,
@@ -251,6 +251,11 @@ pub struct SlotCounters {
     pub win_http_5xx: u64,
     /// HTTP responses to the node's own addresses (kubelet probes), any status: never errors.
     pub http_from_node: u64,
+    /// SYN-ACKs the pod sent, as the TC program saw them: a pod that accepted connections
+    /// while the program saw none of its SYN-ACKs has packets that bypass it (an agent without
+    /// the node's network namespace, a CNI that redirects them first), so its HTTP answers
+    /// (and before 6.10 its resets) are not counted.
+    pub synacks_seen: u64,
 }
 
 /// Per CPU: events the kernel programs could not account for. Any non-zero field means counts
@@ -505,7 +510,7 @@ pub mod tcp_state {
 }
 
 const _: () = assert!(size_of::<AddrKey>() == 16);
-const _: () = assert!(size_of::<SlotCounters>() == 184);
+const _: () = assert!(size_of::<SlotCounters>() == 192);
 const _: () = assert!(size_of::<LossCounters>() == 32);
 const _: () = assert!(SOCKET_PROBE_BUCKETS <= SOCKET_BUCKETS);
 const _: () = assert!(size_of::<SocketBucket>() == 64);

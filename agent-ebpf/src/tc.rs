@@ -41,6 +41,7 @@ fn pod_egress(ctx: TcContext) -> i32 {
 }
 
 /// TCP flags.
+const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 const ETH_HLEN: usize = 14;
@@ -71,10 +72,14 @@ fn pod_packet(ctx: &TcContext) -> Result<(), i64> {
     let head: [u8; 14] = ctx.load(tcp_at)?;
     let flags = head[13];
     let reset = flags & TCP_RST != 0;
+    // Counted so that user space knows the program sees the pod's packets at all.
+    let synack = flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
     let status = if reset {
         if global(&RESETS_FROM_PACKETS) == 0 {
             return Ok(());
         }
+        0
+    } else if synack {
         0
     } else {
         let data_at = tcp_at + usize::from(head[12] >> 4) * 4;
@@ -116,6 +121,8 @@ fn pod_packet(ctx: &TcContext) -> Result<(), i64> {
         // ACK.
         let refused = flags & TCP_ACK != 0 && head[4..8] == [0, 0, 0, 0];
         reset_sent(slot, 0, 0, &conn, refused);
+    } else if synack {
+        count(slot, |c, _| c.synacks_seen += 1);
     } else {
         http_response(slot, status, &conn);
     }

@@ -536,6 +536,7 @@ impl Agent {
                 }
                 let totals = self.probes.slot_totals(drain.slot)?;
                 drain.update_totals(totals, now);
+                drain.charge_unseen_packets();
                 if totals.last_accept_ns != 0 {
                     drain.timeline.last_accepted = Some(self.wall(totals.last_accept_ns));
                 }

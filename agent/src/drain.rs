@@ -419,6 +419,27 @@ impl PodDrain {
         }
     }
 
+    /// Marks the counts incomplete when the pod accepted connections (the tracepoints count
+    /// them) but the packet program saw none of its SYN-ACKs: its packets bypass the TC filter
+    /// (an agent outside the node's network namespace, a CNI that redirects them before
+    /// `clsact`), so its HTTP answers, and before 6.10 its resets, go uncounted: its verdict is
+    /// `unknown`, never a pass it cannot prove. A few accepted connections first: the per-CPU
+    /// sums are read one CPU after the other, and a first SYN-ACK counted on a CPU already read
+    /// could be missing beside its connection counted on a later one.
+    pub fn charge_unseen_packets(&mut self) {
+        const AT_LEAST: u64 = 4;
+        let t = &self.totals;
+        if self.lost.is_none() && t.accepted >= AT_LEAST && t.synacks_seen == 0 {
+            self.lost = Some(format!(
+                "the packet program saw none of the {} connections it accepted: its packets \
+                 bypass the TC filter (an agent without hostNetwork, or a CNI that redirects \
+                 them before clsact), so its HTTP answers (and before 6.10 its resets) are not \
+                 counted",
+                t.accepted
+            ));
+        }
+    }
+
     /// The last process exited at `at`, noticed late (by a rescan, or from container statuses
     /// without hostPID): the connections still open now stand in for the count at the exit.
     /// Not `held`, which is 0 once no process is left: the exit released every socket, and

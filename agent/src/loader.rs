@@ -318,7 +318,7 @@ impl KernelProbes {
         classifier(&mut ebpf, PACKET_PROGRAM)?
             .load()
             .map_err(|err| {
-                classify(err, "load eBPF programs", |source| {
+                classify(err, "load the TC program (CAP_NET_ADMIN)", |source| {
                     verifier_error(PACKET_PROGRAM, source).unwrap_or_else(|other| LoaderError::Tc {
                         interface: String::new(),
                         source: Box::new(other),

@@ -357,3 +357,35 @@ fn http_5xx_answers_are_errors_in_the_window_and_at_startup_and_late_ones_are_th
     probed.exited(t(2));
     assert_eq!(probed.verdict(), Verdict::Pass);
 }
+
+#[test]
+fn a_pod_whose_packets_the_tc_program_never_saw_is_unknown_not_pass() {
+    let mut pod = pod();
+    pod.open_window(t(1));
+    pod.update_totals(
+        SlotTotals {
+            accepted: 20,
+            ..SlotTotals::default()
+        },
+        t(2),
+    );
+    pod.charge_unseen_packets();
+    pod.exited(t(3));
+    let (verdict, reason) = pod.verdict_and_reason();
+    assert_eq!(verdict, Verdict::Unknown, "{reason}");
+    assert!(reason.contains("bypass the TC filter"), "{reason}");
+    // Seen: nothing to say.
+    let mut seen = self::pod();
+    seen.open_window(t(1));
+    seen.update_totals(
+        SlotTotals {
+            accepted: 20,
+            synacks_seen: 20,
+            ..SlotTotals::default()
+        },
+        t(2),
+    );
+    seen.charge_unseen_packets();
+    seen.exited(t(3));
+    assert_eq!(seen.verdict(), Verdict::Pass);
+}

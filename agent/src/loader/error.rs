@@ -15,7 +15,8 @@ pub enum LoaderError {
     Tracefs(#[from] TracefsError),
     #[error(
         "not permitted to {action}: the agent needs CAP_BPF and CAP_PERFMON (or root) to load, \
-         attach and pin its tracepoint programs, and a seccomp profile that lets bpf() and \
+         attach and pin its tracepoint programs, CAP_NET_ADMIN for its TC program (the HTTP \
+         responses pods send, and their resets before 6.10), and a seccomp profile that lets bpf() and \
          perf_event_open() through (runtime default profiles refuse them without CAP_SYS_ADMIN \
          before containerd 1.6.9, Docker 23.0 and CRI-O 1.35.1: deploy/overlays/seccomp runs the \
          agent under its own profile)"

@@ -32,6 +32,8 @@ pub struct SlotTotals {
     pub http_5xx: u64,
     pub win_http_5xx: u64,
     pub http_from_node: u64,
+    /// SYN-ACKs the pod sent that the packet program saw (see [`SlotCounters::synacks_seen`]).
+    pub synacks_seen: u64,
 }
 
 impl SlotTotals {
@@ -58,6 +60,7 @@ impl SlotTotals {
             totals.http_5xx += cpu.http_5xx;
             totals.win_http_5xx += cpu.win_http_5xx;
             totals.http_from_node += cpu.http_from_node;
+            totals.synacks_seen += cpu.synacks_seen;
             tracked = tracked.wrapping_add(cpu.sockets_tracked);
             // Sockets leave the table untracked, or closed after their process released them.
             gone = gone
