@@ -264,6 +264,144 @@ fn abrupt_exit(family: Family, restart: bool) {
     assert_eq!(agent.http_get("/healthz").0, 200);
 }
 
+/// Sends one GET on a keep-alive connection and returns the response's status and whether the
+/// server closes the connection after it; `None` when the request failed.
+fn request_status(conn: &mut TcpStream) -> Option<(u16, bool)> {
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").ok()?;
+    let mut response = Vec::new();
+    let mut chunk = [0u8; 512];
+    loop {
+        match conn.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => response.extend_from_slice(&chunk[..n]),
+        }
+        if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n")
+            && response.len() >= end + 4 + 2
+        {
+            let head = String::from_utf8_lossy(&response[..end]);
+            let status = head.get(9..12)?.parse().ok()?;
+            return Some((status, head.contains("Connection: close")));
+        }
+    }
+}
+
+#[test]
+fn http_503_answers_after_sigterm_fail_the_pod_and_each_is_counted_ipv6() {
+    // A server that keeps serving for 1.5 s after SIGTERM but answers every request 503 (a
+    // framework refusing work while it shuts down), then drains cleanly: no reset, no refusal,
+    // nothing open at its exit. Only the status lines it sends show the failed requests.
+    require_root();
+    let link = Link::new("http5xx", Family::V6);
+    let agent = TestAgent::start();
+    let (mut server, addr) = start_server_with(
+        &agent,
+        &link,
+        &[
+            "--mode",
+            "late-close",
+            "--drain-time",
+            "1500ms",
+            "--status-after-term",
+            "503",
+        ],
+    );
+    let pod_name = link.b.name().to_owned();
+    wait_for_server(&agent, &pod_name);
+    let statuses = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|_| {
+                let mut conn = connect(&link, addr).expect("connect");
+                scope.spawn(move || {
+                    let mut seen = Vec::new();
+                    while let Some((status, close)) = request_status(&mut conn) {
+                        seen.push(status);
+                        if close {
+                            break;
+                        }
+                        // Some hundreds of requests: each 5xx keeps its event (at most
+                        // `EVENTS_PER_POD` are kept per pod).
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    seen
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        server.signal(Signal::SIGTERM);
+        clients
+            .into_iter()
+            .flat_map(|c| c.join().expect("client"))
+            .collect::<Vec<u16>>()
+    });
+    assert!(server.0.wait().expect("server exit").success());
+    let ok = statuses.iter().filter(|&&s| s == 200).count() as u64;
+    let unavailable = statuses.iter().filter(|&&s| s == 503).count() as u64;
+    assert_eq!(ok + unavailable, statuses.len() as u64, "{statuses:?}");
+    assert!(ok > 0 && unavailable > 0, "{statuses:?}");
+
+    let pod = agent.wait_for_pod(&pod_name, |p| {
+        matches!(verdict(p), Verdict::Pass | Verdict::Fail)
+    });
+    assert_eq!(verdict(&pod), Verdict::Fail, "{pod:#?}");
+    let total = pod.total.expect("totals");
+    let window = pod.window.expect("window counters");
+    assert_eq!(
+        (total.http_ok, total.http_4xx, total.http_5xx),
+        (ok, 0, unavailable),
+        "every answer counted by class: {pod:#?}"
+    );
+    assert_eq!(window.http_5xx, unavailable, "{pod:#?}");
+    assert_eq!(
+        pod.errors, unavailable,
+        "the 503s are its only errors: {pod:#?}"
+    );
+    // (Not the lifetime `refused`: `start_server`'s first connects may come before it listens.)
+    assert_eq!(
+        (window.resets_sent, window.refused, pod.open_at_exit),
+        (0, 0, 0)
+    );
+    assert!(pod.reason.contains("HTTP 5xx"), "{}", pod.reason);
+
+    // Each with its event: the status, the client's port.
+    let events = agent.with_client(async |client| {
+        let mut stream = client
+            .stream_events(draingate_proto::v1::StreamEventsRequest {
+                pod: Some(draingate_proto::v1::PodRef {
+                    name: pod_name.clone(),
+                    ..Default::default()
+                }),
+                follow: false,
+            })
+            .await
+            .expect("stream events")
+            .into_inner();
+        let mut events = Vec::new();
+        while let Some(event) = stream.message().await.expect("event") {
+            events.push(event);
+        }
+        events
+    });
+    let http: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == draingate_proto::v1::EventKind::Http5xx as i32)
+        .collect();
+    assert_eq!(http.len() as u64, unavailable);
+    assert!(
+        http.iter()
+            .all(|e| e.reason == "503" && e.in_window && e.local_port == u32::from(PORT)),
+        "{http:#?}"
+    );
+    let (_, metrics) = agent.http_get("/metrics");
+    let uid = pod.pod.expect("pod ref").uid;
+    let expected = format!(
+        "draingate_pod_http_responses_total{{namespace=\"local\",pod=\"{pod_name}\",uid=\"{uid}\",class=\"5xx\"}} {unavailable}"
+    );
+    assert!(
+        metrics.lines().any(|l| l == expected),
+        "missing {expected:?} in:\n{metrics}"
+    );
+}
+
 /// The kernel gives a new network namespace the inode number of one just destroyed, and local
 /// pods are named by that inode: a new pod must still be a new pod, and the old one keep its
 /// record.

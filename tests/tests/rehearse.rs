@@ -140,6 +140,12 @@ fn graceful_drain_with_a_pre_stop_passes_with_zero_failures() {
             "2s",
             "--requests",
             csv.to_str().expect("utf-8 path"),
+            // The test server's readiness answers 503 once SIGTERM came: the recommended
+            // practice, and no client's failure.
+            "--readiness-path",
+            "/health/ready",
+            "--readiness-period",
+            "200ms",
         ],
         &["--mode", "graceful"],
     );
@@ -164,6 +170,8 @@ fn graceful_drain_with_a_pre_stop_passes_with_zero_failures() {
     for pod in old_pods(&report) {
         let agent = &pod["agent"];
         assert_eq!(agent["open_at_exit"], 0);
+        // The probes' answers are counted apart from the clients'.
+        assert!(n(&agent["http_from_node"]) > 0, "{pod:#}");
         // The window opened at the deletion (as at a deletionTimestamp), 2 s before the SIGTERM
         // that ends the preStop; drained no later than the exit.
         let since = agent["terminating_since"].as_f64().expect("window opened");

@@ -58,6 +58,9 @@ pub struct AgentView {
     pub from_node: u64,
     /// Clients' connects to it that got no answer inside its window (the peer view).
     pub peer_failures: u64,
+    /// HTTP answers to the node's own addresses (the simulated kubelet's probes), any status:
+    /// never errors.
+    pub http_from_node: u64,
 }
 
 /// One pod's line in the report.
@@ -185,6 +188,7 @@ impl PodReport {
                 startup_last_error: at(startup.last_error_at),
                 from_node: pod.totals.from_node,
                 peer_failures: pod.peer_failures,
+                http_from_node: pod.totals.http_from_node,
             }
         });
         // Probes come from the node's addresses, which the agent leaves out of its counts.

@@ -5,8 +5,8 @@
 //!   terminated;
 //! - false fail: the agent said `fail` with errors, the clients saw none (a fail for connections
 //!   still open at exit is the verdict's rule, docs/verdict.md, and is counted apart, as "cut at exit");
-//! - count mismatch: the agent's resets, refusals and unanswered connects (counted from the
-//!   clients' side, through conntrack) differ from the clients' failures.
+//! - count mismatch: the agent's resets, refusals, unanswered connects (counted from the
+//!   clients' side, through conntrack) and HTTP 5xx answers differ from the clients' failures.
 //!
 //! Appends a Markdown section to `--out` (draingate-bench writes the file first).
 #![expect(
@@ -46,7 +46,7 @@ struct Scenario {
     server: &'static [&'static str],
 }
 
-const SCENARIOS: [Scenario; 11] = [
+const SCENARIOS: [Scenario; 12] = [
     Scenario {
         name: "graceful drain, preStop 2s",
         rehearse: &["--pre-stop", "2s"],
@@ -124,6 +124,18 @@ const SCENARIOS: [Scenario; 11] = [
             "100ms",
         ],
     },
+    Scenario {
+        name: "answers 503 for 2.5 s after SIGTERM, then drains (no preStop)",
+        rehearse: &[],
+        server: &[
+            "--mode",
+            "late-close",
+            "--drain-time",
+            "2500ms",
+            "--status-after-term",
+            "503",
+        ],
+    },
 ];
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -173,10 +185,14 @@ fn tally(report: &Value, t: &mut Tally) {
     t.requests += n(&report["clients"]["requests"]);
     t.seconds += report["clients"]["seconds"].as_f64().unwrap_or(0.0);
     for pod in report["pods"].as_array().into_iter().flatten() {
-        // Resets and refusals the pod's kernel saw, and connects that got no answer, which the
-        // agent counts from the clients' side.
-        let client_failures = n(&pod["client_connection_errors"]) + n(&pod["client_no_answer"]);
-        let agent_errors = n(&pod["agent_connection_errors"]) + n(&pod["agent_no_answer"]);
+        // Resets and refusals the pod's kernel saw, connects that got no answer, which the
+        // agent counts from the clients' side, and HTTP 5xx answers, read from its packets.
+        let client_failures = n(&pod["client_connection_errors"])
+            + n(&pod["client_no_answer"])
+            + n(&pod["client_http_5xx"]);
+        let agent_errors = n(&pod["agent_connection_errors"])
+            + n(&pod["agent_no_answer"])
+            + n(&pod["agent_http_5xx"]);
         t.client_failures += client_failures;
         let cut = n(&pod["cut_at_exit"]);
         t.agent_errors += agent_errors;

@@ -61,6 +61,13 @@ struct Args {
     /// Only the packet source's part (the TC program of kernels before 6.10).
     #[arg(long, conflicts_with = "against")]
     only_packets: bool,
+    /// Target requests per second over keep-alive connections for the HTTP part (the TC
+    /// program reading each response's status).
+    #[arg(long, default_value_t = 10_000)]
+    http_rate: u64,
+    /// Only the HTTP part.
+    #[arg(long, conflicts_with_all = ["against", "only_packets"])]
+    only_http: bool,
 }
 
 /// One load run's outcome.
@@ -117,6 +124,85 @@ fn load(link: &Link, target: SocketAddr, rate: u64, seconds: u64) -> Run {
         per_second: latencies.len() as f64 / elapsed,
         p99_us: f64::from(p99),
         failures,
+    }
+}
+
+/// Open-loop load over keep-alive connections: `WORKERS` threads in the client namespace, each
+/// on one connection (a new one after a failure), pacing its share of `rate` requests per
+/// second for `seconds`.
+fn load_keep_alive(link: &Link, target: SocketAddr, rate: u64, seconds: u64) -> Run {
+    let started = Instant::now();
+    let results: Vec<(Vec<u32>, u64)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..WORKERS)
+            .map(|_| {
+                scope.spawn(|| {
+                    link.a.run(|| {
+                        let interval = Duration::from_secs_f64(WORKERS as f64 / rate as f64);
+                        let mut latencies = Vec::new();
+                        let mut conn: Option<TcpStream> = None;
+                        let failures = paced(interval, seconds, || {
+                            let begin = Instant::now();
+                            if conn.is_none() {
+                                conn = TcpStream::connect_timeout(&target, Duration::from_secs(1))
+                                    .ok()
+                                    .inspect(|c| {
+                                        let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
+                                        let _ = c.set_nodelay(true);
+                                    });
+                            }
+                            let ok = conn
+                                .as_mut()
+                                .is_some_and(|c| exchange(c, b"GET / HTTP/1.1\r\nHost: b\r\n\r\n"));
+                            if ok {
+                                latencies.push(begin.elapsed().as_micros() as u32);
+                            } else {
+                                conn = None;
+                            }
+                            !ok
+                        });
+                        (latencies, failures)
+                    })
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("worker"))
+            .collect()
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut latencies: Vec<u32> = results
+        .iter()
+        .flat_map(|(l, _)| l.iter().copied())
+        .collect();
+    let failures = results.iter().map(|(_, f)| f).sum();
+    latencies.sort_unstable();
+    let p99 = latencies
+        .get(latencies.len().saturating_sub(1) * 99 / 100)
+        .copied()
+        .unwrap_or(0);
+    Run {
+        per_second: latencies.len() as f64 / elapsed,
+        p99_us: f64::from(p99),
+        failures,
+    }
+}
+
+/// Sends `request` on `conn` and reads the test server's answer (its body is `ok`).
+fn exchange(conn: &mut TcpStream, request: &[u8]) -> bool {
+    if conn.write_all(request).is_err() {
+        return false;
+    }
+    let mut response = Vec::new();
+    let mut chunk = [0u8; 256];
+    loop {
+        match conn.read(&mut chunk) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => response.extend_from_slice(&chunk[..n]),
+        }
+        if response.ends_with(b"ok") {
+            return true;
+        }
     }
 }
 
@@ -739,7 +825,16 @@ fn main() {
         }
         return;
     }
-    let packets = packets_section(&args, &link, target);
+    if args.only_http {
+        let http = tc_section(&args, &link, target, TcPart::Http);
+        let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
+        print!("{http}");
+        if let Some(out) = &args.out {
+            draingate_tests::write_section(out, HTTP_TITLE, &http);
+        }
+        return;
+    }
+    let packets = tc_section(&args, &link, target, TcPart::Resets);
     if args.only_packets {
         let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
         print!("{packets}");
@@ -748,6 +843,7 @@ fn main() {
         }
         return;
     }
+    let http = tc_section(&args, &link, target, TcPart::Http);
     let (mut baseline, mut with_agent) = (Vec::new(), Vec::new());
     let mut paired: Vec<Paired> = Vec::new();
     let mut agent_cpu = Vec::new();
@@ -964,10 +1060,11 @@ fn main() {
         hwm as f64 / 1024.0
     );
 
-    print!("{report}{packets}");
+    print!("{report}{packets}{http}");
     if let Some(out) = args.out {
         draingate_tests::write_section(&out, "Node agent overhead", &report);
         draingate_tests::write_section(&out, "Resets from packets (TC)", &packets);
+        draingate_tests::write_section(&out, HTTP_TITLE, &http);
     }
 }
 
@@ -988,21 +1085,47 @@ fn since(before: (Duration, u64), after: (Duration, u64)) -> (Duration, u64) {
     )
 }
 
-/// The packet source of kernels before 6.10, on this kernel: an agent with `--reset-source
-/// packets` (its TC program `pod_egress` on every interface of both namespaces, egress) against
-/// the baseline in alternating rounds, and the program's kernel time per packet beside an empty
-/// TC program's (`tc_floor`, attached after it on the same interfaces).
-fn packets_section(args: &Args, link: &Link, target: SocketAddr) -> String {
+/// The title of the HTTP part's section.
+const HTTP_TITLE: &str = "HTTP responses at TC (keep-alive)";
+
+/// Which use of the TC program `pod_egress` a [`tc_section`] measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TcPart {
+    /// The packet source of resets (kernels before 6.10), under new connections.
+    Resets,
+    /// The status of each HTTP response, under requests on keep-alive connections.
+    Http,
+}
+
+/// The TC program `pod_egress` on this kernel: an agent against the baseline in alternating
+/// rounds, and the program's kernel time per packet beside an empty TC program's (`tc_floor`,
+/// attached after it on the same interfaces, egress of both namespaces of the load). `Resets`:
+/// the agent with `--reset-source packets` (what kernels before 6.10 run) under new
+/// connections; `Http`: the default agent under requests on keep-alive connections, each
+/// response a segment whose status line the program reads.
+fn tc_section(args: &Args, link: &Link, target: SocketAddr, part: TcPart) -> String {
+    let (label, rate) = match part {
+        TcPart::Resets => ("packets", args.rate),
+        TcPart::Http => ("http", args.http_rate),
+    };
+    let run = |rate| match part {
+        TcPart::Resets => load(link, target, rate, args.seconds),
+        TcPart::Http => load_keep_alive(link, target, rate, args.seconds),
+    };
     let (mut baseline, mut with_agent) = (Vec::new(), Vec::new());
     let mut paired = Vec::new();
     for round in 0..args.rounds {
         let baseline_first = round % 2 == 0;
         if baseline_first {
-            eprintln!("packets round {}/{}: baseline", round + 1, args.rounds);
-            baseline.push(load(link, target, args.rate, args.seconds));
+            eprintln!("{label} round {}/{}: baseline", round + 1, args.rounds);
+            baseline.push(run(rate));
         }
-        eprintln!("packets round {}/{}: with agent", round + 1, args.rounds);
-        let agent = AgentProcess::start_packets(&format!("tc{round}"));
+        eprintln!("{label} round {}/{}: with agent", round + 1, args.rounds);
+        let tag = format!("{label}{round}");
+        let agent = match part {
+            TcPart::Resets => AgentProcess::start_packets(&tag),
+            TcPart::Http => AgentProcess::start(&tag),
+        };
         // The agent attaches its program at its first resync after it saw the namespaces.
         let deadline = Instant::now() + Duration::from_secs(20);
         while program_ids("pod_egress").is_empty() || agent.pods() < 2 {
@@ -1026,7 +1149,7 @@ fn packets_section(args: &Args, link: &Link, target: SocketAddr) -> String {
             .collect();
         let ids = program_ids("pod_egress");
         let (program_before, floor_before) = (stats_of(&ids), stats_of(&floor_ids));
-        with_agent.push(load(link, target, args.rate, args.seconds));
+        with_agent.push(run(rate));
         paired.push(Paired {
             program: since(program_before, stats_of(&ids)),
             floor: since(floor_before, stats_of(&floor_ids)),
@@ -1034,22 +1157,51 @@ fn packets_section(args: &Args, link: &Link, target: SocketAddr) -> String {
         drop(floors);
         drop(agent);
         if !baseline_first {
-            eprintln!("packets round {}/{}: baseline", round + 1, args.rounds);
-            baseline.push(load(link, target, args.rate, args.seconds));
+            eprintln!("{label} round {}/{}: baseline", round + 1, args.rounds);
+            baseline.push(run(rate));
         }
     }
     let mut report = String::new();
-    let _ = writeln!(
-        report,
-        "## Resets from packets (TC)\n\nReproduce: `sudo cargo xtask bench --only overhead -- \
-         --only-packets` (part of `cargo xtask bench`). Kernels before 6.10 count the resets \
-         pods send from the packets: the TC program `pod_egress` on each pod interface sees \
-         every packet a pod sends. Here `draingate agent --reset-source packets` puts it on \
-         this kernel, on egress of both namespaces of the load (client and server pod), in \
-         {} alternating rounds of {} s against no agent at all; an empty TC program \
-         (`tc_floor`) runs right after it on the same packets as its floor.\n",
-        args.rounds, args.seconds
-    );
+    let (what, unit, agent_label, p99_target) = match part {
+        TcPart::Resets => {
+            let _ = writeln!(
+                report,
+                "## Resets from packets (TC)\n\nReproduce: `sudo cargo xtask bench --only overhead -- \
+                 --only-packets` (part of `cargo xtask bench`). Kernels before 6.10 count the resets \
+                 pods send from the packets: the TC program `pod_egress` on each pod interface sees \
+                 every packet a pod sends. Here `draingate agent --reset-source packets` puts it on \
+                 this kernel, on egress of both namespaces of the load (client and server pod), in \
+                 {} alternating rounds of {} s against no agent at all; an empty TC program \
+                 (`tc_floor`) runs right after it on the same packets as its floor.\n",
+                args.rounds, args.seconds
+            );
+            (
+                "new connections/s",
+                "connections/s",
+                "agent, resets from packets",
+                "0.98",
+            )
+        }
+        TcPart::Http => {
+            let _ = writeln!(
+                report,
+                "## {HTTP_TITLE}\n\nReproduce: `sudo cargo xtask bench --only overhead -- \
+                 --only-http` (part of `cargo xtask bench`). On every kernel the TC program \
+                 `pod_egress` reads the status line that starts each segment a pod sends. Here the \
+                 default agent (resets from the tracepoint) puts it on egress of both namespaces of \
+                 the load, whose {WORKERS} clients each send requests on one keep-alive \
+                 connection, in {} alternating rounds of {} s against no agent at all; an empty TC \
+                 program (`tc_floor`) runs right after it on the same packets as its floor.\n",
+                args.rounds, args.seconds
+            );
+            (
+                "requests/s (keep-alive)",
+                "requests/s",
+                "agent, HTTP from packets",
+                "0.95",
+            )
+        }
+    };
     let Medians {
         b_rate,
         a_rate,
@@ -1059,17 +1211,16 @@ fn packets_section(args: &Args, link: &Link, target: SocketAddr) -> String {
     } = Medians::of(&baseline, &with_agent);
     let _ = writeln!(
         report,
-        "| target {} new connections/s | baseline | agent, resets from packets | ratio | target |\n|---|---|---|---|---|",
-        args.rate
+        "| target {rate} {what} | baseline | {agent_label} | ratio | target |\n|---|---|---|---|---|"
     );
     let _ = writeln!(
         report,
-        "| connections/s | {b_rate:.0} | {a_rate:.0} | {:.3} | >= 0.98 |",
+        "| {unit} | {b_rate:.0} | {a_rate:.0} | {:.3} | >= 0.98 |",
         a_rate / b_rate
     );
     let _ = writeln!(
         report,
-        "| p99 latency | {b_p99:.0} us | {a_p99:.0} us | {:.3} (throughput-equivalent {:.3}) | >= 0.98 |",
+        "| p99 latency | {b_p99:.0} us | {a_p99:.0} us | {:.3} (throughput-equivalent {:.3}) | >= {p99_target} |",
         a_p99 / b_p99,
         b_p99 / a_p99
     );
