@@ -3,7 +3,7 @@
 //! `tcp:tcp_send_reset` misses refusals).
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use draingate_common::{AddrKey, ConnKey, NotableEvent, event_kind};
+use draingate_common::{AddrKey, ConnKey, NotableEvent, addr_words_v4, event_kind};
 
 use crate::{
     addr::{is_node, pod_of},
@@ -71,6 +71,11 @@ fn pod_packet(ctx: &TcContext) -> Result<(), i64> {
     // Ports, sequence number, acknowledgement number, data offset and flags.
     let head: [u8; 14] = ctx.load(tcp_at)?;
     let flags = head[13];
+    // Only these outlive the address lookups below (a byte array kept across a call is spilled
+    // byte by byte, and the verifier of 6.1 adds up a chain of calls' frames: at most 512).
+    let local_port = u16::from_be_bytes([head[0], head[1]]);
+    let remote_port = u16::from_be_bytes([head[2], head[3]]);
+    let seq_zero = head[4..8] == [0, 0, 0, 0];
     let reset = flags & TCP_RST != 0;
     // Counted so that user space knows the program sees the pod's packets at all.
     let synack = flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
@@ -86,47 +91,66 @@ fn pod_packet(ctx: &TcContext) -> Result<(), i64> {
         if (ctx.len() as usize) < data_at + STATUS_LINE {
             return Ok(());
         }
-        let line: [u8; STATUS_LINE] = ctx.load(data_at)?;
-        match status(&line) {
-            Some(status) => status,
-            None => return Ok(()),
+        match read_status(ctx, data_at)? {
+            0 => return Ok(()),
+            status => status,
         }
     };
+    // As words, never byte by byte: bytes kept across a call are spilled one stack slot each.
     let (local, remote) = if ethertype == ETH_P_IP {
-        let addrs: [u8; 8] = ctx.load(ETH_HLEN + 12)?;
-        (
-            AddrKey::v4([addrs[0], addrs[1], addrs[2], addrs[3]]),
-            AddrKey::v4([addrs[4], addrs[5], addrs[6], addrs[7]]),
-        )
+        let raw: [u32; 2] = ctx.load(ETH_HLEN + 12)?;
+        (addr_words_v4(raw[0]), addr_words_v4(raw[1]))
     } else {
-        let addrs: [u8; 32] = ctx.load(ETH_HLEN + 8)?;
-        let (mut local, mut remote) = ([0u8; 16], [0u8; 16]);
-        local.copy_from_slice(&addrs[..16]);
-        remote.copy_from_slice(&addrs[16..]);
-        (AddrKey::v6(local), AddrKey::v6(remote))
+        let raw: [u64; 4] = ctx.load(ETH_HLEN + 8)?;
+        ([raw[0], raw[1]], [raw[2], raw[3]])
     };
+    let (local, remote) = (key(local), key(remote));
     let Some(slot) = pod_of(&local) else {
         return Ok(());
     };
     let conn = ConnKey {
         local,
         remote,
-        local_port: u16::from_be_bytes([head[0], head[1]]),
-        remote_port: u16::from_be_bytes([head[2], head[3]]),
+        local_port,
+        remote_port,
     };
     if reset {
         // The kernel answers a segment that matched no socket and carried no ACK (a SYN) with
         // a reset that acknowledges it and has sequence number 0; a connection's own reset
         // carries its sequence number, and the answer to any other stray segment carries no
         // ACK.
-        let refused = flags & TCP_ACK != 0 && head[4..8] == [0, 0, 0, 0];
+        let refused = flags & TCP_ACK != 0 && seq_zero;
         reset_sent(slot, 0, 0, &conn, refused);
     } else if synack {
-        count(slot, |c, _| c.synacks_seen += 1);
+        count_synack(slot);
     } else {
-        http_response(slot, status, &conn);
+        // Looked up here, not in `http_response`: the verifier of 6.1 adds up the frames of a
+        // chain of calls (at most 512 bytes), and this one's is the largest.
+        http_response(slot, status, &conn, is_node(&conn.remote));
     }
     Ok(())
+}
+
+/// Counts a SYN-ACK of pod `slot`. Not inlined, to keep `pod_packet`'s frame small.
+#[inline(never)]
+fn count_synack(slot: u32) {
+    count(slot, |c, _| c.synacks_seen += 1);
+}
+
+/// The address whose [`draingate_common::addr_words`] are `words`.
+fn key(words: [u64; 2]) -> AddrKey {
+    // SAFETY: two u64 are sixteen bytes, in memory order, as `addr_words` reads them.
+    AddrKey {
+        addr: unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(words) },
+    }
+}
+
+/// The status of the HTTP/1.x status line at `data_at`, 0 for anything else. Not inlined: its
+/// buffer stays out of the caller's frame (see `pod_packet`'s calls).
+#[inline(never)]
+fn read_status(ctx: &TcContext, data_at: usize) -> Result<u32, i64> {
+    let line: [u8; STATUS_LINE] = ctx.load(data_at)?;
+    Ok(status(&line).unwrap_or(0))
 }
 
 /// The status of an HTTP/1.x status line (`HTTP/1.1 503 ...`), or `None` for anything else:
@@ -141,10 +165,11 @@ fn status(line: &[u8; STATUS_LINE]) -> Option<u32> {
 }
 
 /// Counts a response with `status` that pod `slot` sent on `conn`: by class, a 5xx with its
-/// event; responses to the node's own addresses (kubelet probes) apart, never errors.
+/// event; responses to the node's own addresses (`from_node`: kubelet probes) apart, never
+/// errors.
 #[inline(never)]
-fn http_response(slot: u32, status: u32, conn: &ConnKey) {
-    if is_node(&conn.remote) {
+fn http_response(slot: u32, status: u32, conn: &ConnKey, from_node: bool) {
+    if from_node {
         count(slot, |c, _| c.http_from_node += 1);
         return;
     }

@@ -172,6 +172,8 @@ fn counts_connections_per_pod_address(family: Family, fixed: bool) {
         SlotTotals {
             accepted: total,
             last_accept_ns: server.last_accept_ns,
+            // The TC program on the pod's interface saw each connection's SYN-ACK.
+            synacks_seen: total,
             ..SlotTotals::default()
         }
     );

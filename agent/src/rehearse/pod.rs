@@ -319,6 +319,11 @@ async fn run_pre_stop(
     .env("DRAINGATE_AGENT", &shared.config.agent_socket)
     .stdin(std::process::Stdio::null())
     .kill_on_drop(true);
+    // SAFETY: only prctl(2) between fork and exec. `unshare --kill-child` passes the SIGKILL on
+    // to the hook.
+    unsafe {
+        cmd.pre_exec(node::die_with_parent);
+    }
     if let Ok(log) = log
         && let Ok(err) = log.try_clone()
     {
