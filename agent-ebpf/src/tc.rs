@@ -139,10 +139,9 @@ fn count_synack(slot: u32) {
 
 /// The address whose [`draingate_common::addr_words`] are `words`.
 fn key(words: [u64; 2]) -> AddrKey {
-    // SAFETY: two u64 are sixteen bytes, in memory order, as `addr_words` reads them.
-    AddrKey {
-        addr: unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(words) },
-    }
+    // SAFETY: any two u64 are sixteen valid bytes, in memory order, as `addr_words` reads them.
+    let addr = unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(words) };
+    AddrKey { addr }
 }
 
 /// The status of the HTTP/1.x status line at `data_at`, 0 for anything else. Not inlined: its
