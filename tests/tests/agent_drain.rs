@@ -25,28 +25,50 @@ enum Outcome {
 
 /// Sends one GET and reads the response (`Content-Length: 2`).
 fn request(conn: &mut TcpStream) -> Outcome {
-    if conn
-        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        .is_err()
-    {
-        return Outcome::Failed;
-    }
+    request_status(conn).map_or(Outcome::Failed, |(_, close)| Outcome::Ok { close })
+}
+
+/// Sends one GET (`Content-Length: 2` answers) and returns the response's status and whether the
+/// server closes the connection after it; `None` when the request failed.
+fn request_status(conn: &mut TcpStream) -> Option<(u16, bool)> {
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").ok()?;
     let mut response = Vec::new();
     let mut chunk = [0u8; 512];
     loop {
         match conn.read(&mut chunk) {
-            Ok(0) | Err(_) => return Outcome::Failed,
+            Ok(0) | Err(_) => return None,
             Ok(n) => response.extend_from_slice(&chunk[..n]),
         }
         if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n")
             && response.len() >= end + 4 + 2
         {
             let head = String::from_utf8_lossy(&response[..end]);
-            return Outcome::Ok {
-                close: head.contains("Connection: close"),
-            };
+            let status = head.get(9..12)?.parse().ok()?;
+            return Some((status, head.contains("Connection: close")));
         }
     }
+}
+
+/// Every event the agent keeps of the pod named `pod` (of every pod: `None`).
+fn events_of(agent: &TestAgent, pod: Option<&str>) -> Vec<draingate_proto::v1::Event> {
+    agent.with_client(async |client| {
+        let mut stream = client
+            .stream_events(draingate_proto::v1::StreamEventsRequest {
+                pod: pod.map(|name| draingate_proto::v1::PodRef {
+                    name: name.to_owned(),
+                    ..Default::default()
+                }),
+                follow: false,
+            })
+            .await
+            .expect("stream events")
+            .into_inner();
+        let mut events = Vec::new();
+        while let Some(event) = stream.message().await.expect("event") {
+            events.push(event);
+        }
+        events
+    })
 }
 
 fn connect(link: &Link, addr: SocketAddr) -> std::io::Result<TcpStream> {
@@ -223,24 +245,7 @@ fn abrupt_exit(family: Family, restart: bool) {
     assert!(pod.timeline.expect("timeline").sigkill_at.is_some());
 
     // Each error keeps its event.
-    let events = agent.with_client(async |client| {
-        let mut stream = client
-            .stream_events(draingate_proto::v1::StreamEventsRequest {
-                pod: Some(draingate_proto::v1::PodRef {
-                    name: pod_name.clone(),
-                    ..Default::default()
-                }),
-                follow: false,
-            })
-            .await
-            .expect("stream events")
-            .into_inner();
-        let mut events = Vec::new();
-        while let Some(event) = stream.message().await.expect("event") {
-            events.push(event);
-        }
-        events
-    });
+    let events = events_of(&agent, Some(&pod_name));
     let in_window = events.iter().filter(|e| e.in_window).count() as u64;
     assert_eq!(in_window, failures, "{events:#?}");
 
@@ -262,27 +267,6 @@ fn abrupt_exit(family: Family, restart: bool) {
     }
     assert_eq!(agent.http_get("/readyz").0, 200);
     assert_eq!(agent.http_get("/healthz").0, 200);
-}
-
-/// Sends one GET on a keep-alive connection and returns the response's status and whether the
-/// server closes the connection after it; `None` when the request failed.
-fn request_status(conn: &mut TcpStream) -> Option<(u16, bool)> {
-    conn.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").ok()?;
-    let mut response = Vec::new();
-    let mut chunk = [0u8; 512];
-    loop {
-        match conn.read(&mut chunk) {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => response.extend_from_slice(&chunk[..n]),
-        }
-        if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n")
-            && response.len() >= end + 4 + 2
-        {
-            let head = String::from_utf8_lossy(&response[..end]);
-            let status = head.get(9..12)?.parse().ok()?;
-            return Some((status, head.contains("Connection: close")));
-        }
-    }
 }
 
 #[test]
@@ -363,24 +347,7 @@ fn http_503_answers_after_sigterm_fail_the_pod_and_each_is_counted_ipv6() {
     assert!(pod.reason.contains("HTTP 5xx"), "{}", pod.reason);
 
     // Each with its event: the status, the client's port.
-    let events = agent.with_client(async |client| {
-        let mut stream = client
-            .stream_events(draingate_proto::v1::StreamEventsRequest {
-                pod: Some(draingate_proto::v1::PodRef {
-                    name: pod_name.clone(),
-                    ..Default::default()
-                }),
-                follow: false,
-            })
-            .await
-            .expect("stream events")
-            .into_inner();
-        let mut events = Vec::new();
-        while let Some(event) = stream.message().await.expect("event") {
-            events.push(event);
-        }
-        events
-    });
+    let events = events_of(&agent, Some(&pod_name));
     let http: Vec<_> = events
         .iter()
         .filter(|e| e.kind == draingate_proto::v1::EventKind::Http5xx as i32)
@@ -519,18 +486,7 @@ fn a_connect_that_gets_no_answer_from_a_terminated_pod_fails_it_and_a_refusal_co
     let ours = [link.a_addr.to_string(), link.b_addr.to_string()];
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let events = agent.with_client(async |client| {
-            let mut stream = client
-                .stream_events(draingate_proto::v1::StreamEventsRequest::default())
-                .await
-                .expect("events")
-                .into_inner();
-            let mut all = Vec::new();
-            while let Some(event) = stream.message().await.expect("event") {
-                all.push(event);
-            }
-            all
-        });
+        let events = events_of(&agent, None);
         let seen: Vec<(String, String, String)> = events
             .iter()
             .filter(|e| ours.contains(&e.remote_address))

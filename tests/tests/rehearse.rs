@@ -105,12 +105,7 @@ fn assert_counts_agree(report: &Value) -> u64 {
     assert_eq!(agent, clients);
     // Every failure the clients saw is counted against some pod: only a request that timed out
     // on an open connection the pod never reset has no count.
-    let seen: u64 = report["pods"]
-        .as_array()
-        .expect("pods")
-        .iter()
-        .map(|p| n(&p["client_timeouts_seen_by_pod"]))
-        .sum();
+    let seen: u64 = pod_sum(report, "client_timeouts_seen_by_pod");
     let stalled = report["clients"]["outcomes"]["timeout"]
         .as_u64()
         .unwrap_or(0)
@@ -122,6 +117,16 @@ fn assert_counts_agree(report: &Value) -> u64 {
     );
     assert_eq!(old_pods(report).len(), 3);
     stalled
+}
+
+/// `field` summed over every pod of the report.
+fn pod_sum(report: &Value, field: &str) -> u64 {
+    report["pods"]
+        .as_array()
+        .expect("pods")
+        .iter()
+        .map(|p| n(&p[field]))
+        .sum()
 }
 
 fn assert_verdicts(report: &Value, verdict: &str) {
@@ -343,12 +348,7 @@ fn a_server_whose_accept_queue_overflows_fails_and_each_dropped_connect_is_count
     // fails on the rest anyway, and rehearse calls a pass with such a stall a defect).
     let stalled = assert_counts_agree(&report);
     eprintln!("requests stalled in a half-open handshake: {stalled}");
-    let no_answer: u64 = report["pods"]
-        .as_array()
-        .expect("pods")
-        .iter()
-        .map(|p| n(&p["client_no_answer"]))
-        .sum();
+    let no_answer: u64 = pod_sum(&report, "client_no_answer");
     assert!(no_answer > 0, "no connect timed out: {report:#}");
     assert_eq!(report["verdict"], "fail", "{report:#}");
     let reasons = report["reasons"].to_string();

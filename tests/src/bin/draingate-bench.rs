@@ -83,6 +83,41 @@ const WORKERS: u64 = 8;
 /// Open-loop load: `WORKERS` threads in the client namespace, each pacing its share of `rate`
 /// new connections per second for `seconds`.
 fn load(link: &Link, target: SocketAddr, rate: u64, seconds: u64) -> Run {
+    paced_load(link, rate, seconds, || move || one_request(target))
+}
+
+/// Open-loop load over keep-alive connections: `WORKERS` threads in the client namespace, each
+/// on one connection (a new one after a failure), pacing its share of `rate` requests per
+/// second for `seconds`.
+fn load_keep_alive(link: &Link, target: SocketAddr, rate: u64, seconds: u64) -> Run {
+    paced_load(link, rate, seconds, || {
+        let mut conn: Option<TcpStream> = None;
+        move || {
+            if conn.is_none() {
+                conn = connect(target).inspect(|c| {
+                    let _ = c.set_nodelay(true);
+                });
+            }
+            let ok = conn
+                .as_mut()
+                .is_some_and(|c| exchange(c, b"GET / HTTP/1.1\r\nHost: b\r\n\r\n"));
+            if !ok {
+                conn = None;
+            }
+            ok
+        }
+    })
+}
+
+/// `WORKERS` threads in the client namespace, each with its own `request` (made by
+/// `worker`), pacing its share of `rate` calls per second for `seconds`: the rate, the p99
+/// latency of the requests that succeeded, and how many failed.
+fn paced_load<R: FnMut() -> bool>(
+    link: &Link,
+    rate: u64,
+    seconds: u64,
+    worker: impl Fn() -> R + Sync,
+) -> Run {
     let started = Instant::now();
     let results: Vec<(Vec<u32>, u64)> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..WORKERS)
@@ -90,10 +125,11 @@ fn load(link: &Link, target: SocketAddr, rate: u64, seconds: u64) -> Run {
                 scope.spawn(|| {
                     link.a.run(|| {
                         let interval = Duration::from_secs_f64(WORKERS as f64 / rate as f64);
+                        let mut request = worker();
                         let mut latencies = Vec::new();
                         let failures = paced(interval, seconds, || {
                             let begin = Instant::now();
-                            let ok = one_request(target);
+                            let ok = request();
                             if ok {
                                 latencies.push(begin.elapsed().as_micros() as u32);
                             }
@@ -127,65 +163,11 @@ fn load(link: &Link, target: SocketAddr, rate: u64, seconds: u64) -> Run {
     }
 }
 
-/// Open-loop load over keep-alive connections: `WORKERS` threads in the client namespace, each
-/// on one connection (a new one after a failure), pacing its share of `rate` requests per
-/// second for `seconds`.
-fn load_keep_alive(link: &Link, target: SocketAddr, rate: u64, seconds: u64) -> Run {
-    let started = Instant::now();
-    let results: Vec<(Vec<u32>, u64)> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..WORKERS)
-            .map(|_| {
-                scope.spawn(|| {
-                    link.a.run(|| {
-                        let interval = Duration::from_secs_f64(WORKERS as f64 / rate as f64);
-                        let mut latencies = Vec::new();
-                        let mut conn: Option<TcpStream> = None;
-                        let failures = paced(interval, seconds, || {
-                            let begin = Instant::now();
-                            if conn.is_none() {
-                                conn = TcpStream::connect_timeout(&target, Duration::from_secs(1))
-                                    .ok()
-                                    .inspect(|c| {
-                                        let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
-                                        let _ = c.set_nodelay(true);
-                                    });
-                            }
-                            let ok = conn
-                                .as_mut()
-                                .is_some_and(|c| exchange(c, b"GET / HTTP/1.1\r\nHost: b\r\n\r\n"));
-                            if ok {
-                                latencies.push(begin.elapsed().as_micros() as u32);
-                            } else {
-                                conn = None;
-                            }
-                            !ok
-                        });
-                        (latencies, failures)
-                    })
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .map(|w| w.join().expect("worker"))
-            .collect()
-    });
-    let elapsed = started.elapsed().as_secs_f64();
-    let mut latencies: Vec<u32> = results
-        .iter()
-        .flat_map(|(l, _)| l.iter().copied())
-        .collect();
-    let failures = results.iter().map(|(_, f)| f).sum();
-    latencies.sort_unstable();
-    let p99 = latencies
-        .get(latencies.len().saturating_sub(1) * 99 / 100)
-        .copied()
-        .unwrap_or(0);
-    Run {
-        per_second: latencies.len() as f64 / elapsed,
-        p99_us: f64::from(p99),
-        failures,
-    }
+/// A connection to `target` with a 1 s read timeout, or `None` when the connect failed.
+fn connect(target: SocketAddr) -> Option<TcpStream> {
+    let conn = TcpStream::connect_timeout(&target, Duration::from_secs(1)).ok()?;
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
+    Some(conn)
 }
 
 /// Sends `request` on `conn` and reads the test server's answer (its body is `ok`).
@@ -206,28 +188,14 @@ fn exchange(conn: &mut TcpStream, request: &[u8]) -> bool {
     }
 }
 
+/// One request on a new connection.
 fn one_request(target: SocketAddr) -> bool {
-    let Ok(mut conn) = TcpStream::connect_timeout(&target, Duration::from_secs(1)) else {
-        return false;
-    };
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
-    if conn
-        .write_all(b"GET / HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
-    let mut response = Vec::new();
-    let mut chunk = [0u8; 256];
-    loop {
-        match conn.read(&mut chunk) {
-            Ok(0) | Err(_) => return false,
-            Ok(n) => response.extend_from_slice(&chunk[..n]),
-        }
-        if response.ends_with(b"ok") {
-            return true;
-        }
-    }
+    connect(target).is_some_and(|mut conn| {
+        exchange(
+            &mut conn,
+            b"GET / HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n",
+        )
+    })
 }
 
 /// A `draingate agent` process on its own pins and ports; stopped and its pins removed on drop,
