@@ -120,8 +120,9 @@ pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 /// 4: `SLOT_IDS`, each slot's pod identity, so that a restarted agent can report a pod that
 /// went away while it was down. 5: `SlotCounters::from_node` (144 bytes), and the node's own
 /// addresses in the address table under [`NODE_SLOT`]. 6: `SlotCounters`' HTTP responses
-/// and the SYN-ACKs seen (192 bytes).
-pub const MAP_LAYOUT: u64 = 6;
+/// and the SYN-ACKs seen (192 bytes). 7: `SlotCounters::requests_cut` (208 bytes) and the
+/// HTTP connection table (`HTTP_CONNS`).
+pub const MAP_LAYOUT: u64 = 7;
 
 /// A pod slot's identity as user space keeps it in the pinned `SLOT_IDS` map: its namespace,
 /// name and uid, each NUL-padded (longer ones cut). The kernel programs never read it; it lets
@@ -256,6 +257,12 @@ pub struct SlotCounters {
     /// the node's network namespace, a CNI that redirects them first), so its HTTP answers
     /// (and before 6.10 its resets) are not counted.
     pub synacks_seen: u64,
+    /// HTTP/1.x requests cut: a client's request (a request line starting a segment to the
+    /// pod) still unanswered when the pod closed the connection (its FIN: the process closed
+    /// it, or its exit did). A request cut by a reset is counted as that reset, not here, so
+    /// that one failed request is one count.
+    pub requests_cut: u64,
+    pub win_requests_cut: u64,
 }
 
 /// Per CPU: events the kernel programs could not account for. Any non-zero field means counts
@@ -303,6 +310,28 @@ pub struct ConnKey {
     pub remote: AddrKey,
     pub local_port: u16,
     pub remote_port: u16,
+}
+
+/// HTTP/1.x connections whose requests the packet programs follow (an LRU table: the least
+/// recently used is forgotten first, which can only miss a cut request, never invent one).
+pub const MAX_HTTP_CONNS: u32 = 65_536;
+
+/// An HTTP/1.x connection of a pod, by [`ConnKey`], as the packet programs follow it: the
+/// last request that started a segment to the pod, and whether it is still unanswered.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct HttpConn {
+    /// TCP sequence number of the segment that carried the last request (a retransmission of
+    /// it is not a new request).
+    pub request_seq: u32,
+    /// TCP sequence number of the segment that carried the last response (a retransmission
+    /// of it is not counted again).
+    pub response_seq: u32,
+    /// 1 while the last request is unanswered (no final response, status 200 or more, has
+    /// started a segment from the pod since).
+    pub outstanding: u32,
+    /// 0 (the value stays 16 bytes, without padding).
+    pub reserved: u32,
 }
 
 /// Connections recently reset, remembered so that later resets of the same connection (the peer
@@ -422,6 +451,8 @@ pub mod event_kind {
     pub const EXIT: u8 = 6;
     /// The pod answered a client's HTTP/1.x request with a 5xx status (`reason` holds it).
     pub const HTTP_5XX: u8 = 7;
+    /// The pod closed a connection (FIN) with a client's HTTP/1.x request unanswered.
+    pub const REQUEST_CUT: u8 = 8;
 }
 
 /// `reason` of a `CONNECT_FAILED` event: how the connect ended.
@@ -510,7 +541,7 @@ pub mod tcp_state {
 }
 
 const _: () = assert!(size_of::<AddrKey>() == 16);
-const _: () = assert!(size_of::<SlotCounters>() == 192);
+const _: () = assert!(size_of::<SlotCounters>() == 208);
 const _: () = assert!(size_of::<LossCounters>() == 32);
 const _: () = assert!(SOCKET_PROBE_BUCKETS <= SOCKET_BUCKETS);
 const _: () = assert!(size_of::<SocketBucket>() == 64);
@@ -522,6 +553,7 @@ const _: () = assert!(ADDR_BUCKETS.is_power_of_two());
 const _: () = assert!(ADDR_PROBE_BUCKETS <= ADDR_BUCKETS);
 const _: () = assert!(size_of::<NotableEvent>() == 64);
 const _: () = assert!(size_of::<ConnKey>() == 36);
+const _: () = assert!(size_of::<HttpConn>() == 16);
 
 #[cfg(test)]
 mod tests {
@@ -580,6 +612,8 @@ mod user {
     unsafe impl aya::Pod for super::NotableEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ConnKey {}
+    // SAFETY: plain old data, no padding.
+    unsafe impl aya::Pod for super::HttpConn {}
     // SAFETY: as above (byte arrays only).
     unsafe impl aya::Pod for super::SlotId {}
 }

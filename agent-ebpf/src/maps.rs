@@ -3,11 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use draingate_common::{
-    AddrKey, AddrTable, EVENTS_RING_BYTES, LossCounters, MAX_ADDRS, MAX_SLOTS, MAX_TASKS,
-    RESET_BUCKETS, ResetBucket, SOCKET_BUCKETS, SlotCounters, SlotId, SocketBucket,
+    AddrKey, AddrTable, ConnKey, EVENTS_RING_BYTES, HttpConn, LossCounters, MAX_ADDRS,
+    MAX_HTTP_CONNS, MAX_SLOTS, MAX_TASKS, RESET_BUCKETS, ResetBucket, SOCKET_BUCKETS, SlotCounters,
+    SlotId, SocketBucket,
 };
 
 /// `BPF_F_MMAPABLE`: an array map whose values start on a page boundary, so that each 64-byte
@@ -46,6 +47,13 @@ pub(crate) static SOCKET_TABLE: Array<SocketBucket> = Array::pinned(SOCKET_BUCKE
 /// under a second old is counted (`LossCounters::reset_table_full`).
 #[map]
 pub(crate) static RESET_TABLE: Array<ResetBucket> = Array::pinned(RESET_BUCKETS, BPF_F_MMAPABLE);
+
+/// The HTTP/1.x connections of pods whose requests the packet programs follow, by 4-tuple as
+/// the pod sees it: a request line to the pod marks its request outstanding, a final response
+/// from it answers it, and the pod's FIN with one outstanding cuts it. An LRU table: only
+/// connections that carried a request enter it, and forgetting one can only miss a cut.
+#[map]
+pub(crate) static HTTP_CONNS: LruHashMap<ConnKey, HttpConn> = LruHashMap::pinned(MAX_HTTP_CONNS, 0);
 
 /// Per pod slot, its pod's identity, kept by user space for its successors (see [`SlotId`]);
 /// no program reads it.

@@ -1,14 +1,15 @@
-//! The TC classifier `pod_egress`: what a pod sends, read from its packets: the status of
-//! each HTTP/1.x response (every kernel), and the resets it sends (kernels whose
-//! `tcp:tcp_send_reset` misses refusals).
+//! The TC classifiers `pod_egress` and `pod_ingress`: what a pod sends and receives, read from
+//! its packets: the status of each HTTP/1.x response and the requests its closes cut (every
+//! kernel), and the resets it sends (kernels whose `tcp:tcp_send_reset` misses refusals).
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use draingate_common::{AddrKey, ConnKey, NotableEvent, addr_words_v4, event_kind};
+use draingate_common::{AddrKey, ConnKey, HttpConn, NotableEvent, addr_words_v4, event_kind};
 
 use crate::{
     addr::{is_node, pod_of},
     count::{count, loss, now, w},
     event::{Wake, emit},
+    maps::HTTP_CONNS,
     record::global,
     tcp_reset::reset_sent,
 };
@@ -23,11 +24,12 @@ const TC_ACT_UNSPEC: i32 = -1;
 #[unsafe(no_mangle)]
 static RESETS_FROM_PACKETS: u64 = 0;
 
-/// Every packet leaving a pod: the HTTP/1.x responses it sends, by status, and, where the
-/// kernel's `tcp:tcp_send_reset` misses some (before 6.10 it fires only for resets of a
-/// socket's own, never for a refusal: a SYN to a closed port), every reset it sends. Attached
-/// where the pod's packets leave it: on the pod's side of its interface (egress) or on the
-/// node's side (ingress). It never changes or drops a packet.
+/// Every packet leaving a pod: the HTTP/1.x responses it sends, by status, the requests its
+/// FINs leave unanswered (cut), and, where the kernel's `tcp:tcp_send_reset` misses some
+/// (before 6.10 it fires only for resets of a socket's own, never for a refusal: a SYN to a
+/// closed port), every reset it sends. Attached where the pod's packets leave it: on the pod's
+/// side of its interface (egress) or on the node's side (ingress). It never changes or drops a
+/// packet.
 #[classifier]
 #[expect(
     clippy::needless_pass_by_value,
@@ -40,7 +42,24 @@ fn pod_egress(ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
+/// Every packet reaching a pod: the HTTP/1.x requests clients send it (a request line that
+/// starts a segment), which `pod_egress` then sees answered or cut, and the resets clients
+/// send (which end a connection's requests). Attached opposite `pod_egress`. It never changes
+/// or drops a packet.
+#[classifier]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the classifier macro fixes the signature"
+)]
+fn pod_ingress(ctx: TcContext) -> i32 {
+    if client_packet(&ctx).is_err() {
+        loss(|l| l.read_errors += 1);
+    }
+    TC_ACT_UNSPEC
+}
+
 /// TCP flags.
+const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
@@ -51,22 +70,55 @@ const IPPROTO_TCP_U8: u8 = 6;
 /// Bytes of a response's status line read: `HTTP/1.1 503`.
 const STATUS_LINE: usize = 12;
 
-fn pod_packet(ctx: &TcContext) -> Result<(), i64> {
-    // Most packets are neither resets nor the start of a response: they cost the loads up to
-    // the TCP header, and a segment with data the first bytes of its data.
+/// Where the TCP header of an IPv4 or IPv6 TCP packet starts, with its ethertype; `None` for
+/// anything else.
+#[inline(always)]
+#[expect(
+    clippy::inline_always,
+    reason = "one copy per program: its two values stay in registers"
+)]
+fn tcp_at(ctx: &TcContext) -> Result<Option<(u16, usize)>, i64> {
     let ethertype = u16::from_be(ctx.load::<u16>(12)?);
-    let tcp_at = match ethertype {
+    Ok(match ethertype {
         ETH_P_IP => {
             // Version and header length, then the protocol.
             let [vihl, _]: [u8; 2] = ctx.load(ETH_HLEN)?;
             if ctx.load::<u8>(ETH_HLEN + 9)? != IPPROTO_TCP_U8 {
-                return Ok(());
+                return Ok(None);
             }
-            ETH_HLEN + usize::from(vihl & 0x0f) * 4
+            Some((ethertype, ETH_HLEN + usize::from(vihl & 0x0f) * 4))
         }
-        // Extension headers before TCP are not followed: resets and responses carry none.
-        ETH_P_IPV6 if ctx.load::<u8>(ETH_HLEN + 6)? == IPPROTO_TCP_U8 => ETH_HLEN + 40,
-        _ => return Ok(()),
+        // Extension headers before TCP are not followed: HTTP and resets carry none.
+        ETH_P_IPV6 if ctx.load::<u8>(ETH_HLEN + 6)? == IPPROTO_TCP_U8 => {
+            Some((ethertype, ETH_HLEN + 40))
+        }
+        _ => None,
+    })
+}
+
+/// The packet's source and destination addresses, as words (see [`key`]).
+#[inline(always)]
+#[expect(
+    clippy::inline_always,
+    reason = "one copy per program, after its cheap tests"
+)]
+fn addresses(ctx: &TcContext, ethertype: u16) -> Result<(AddrKey, AddrKey), i64> {
+    // As words, never byte by byte: bytes kept across a call are spilled one stack slot each.
+    let (source, destination) = if ethertype == ETH_P_IP {
+        let raw: [u32; 2] = ctx.load(ETH_HLEN + 12)?;
+        (addr_words_v4(raw[0]), addr_words_v4(raw[1]))
+    } else {
+        let raw: [u64; 4] = ctx.load(ETH_HLEN + 8)?;
+        ([raw[0], raw[1]], [raw[2], raw[3]])
+    };
+    Ok((key(source), key(destination)))
+}
+
+fn pod_packet(ctx: &TcContext) -> Result<(), i64> {
+    // Most packets are neither resets, FINs nor the start of a response: they cost the loads
+    // up to the TCP header, and a segment with data the first bytes of its data.
+    let Some((ethertype, tcp_at)) = tcp_at(ctx)? else {
+        return Ok(());
     };
     // Ports, sequence number, acknowledgement number, data offset and flags.
     let head: [u8; 14] = ctx.load(tcp_at)?;
@@ -75,36 +127,27 @@ fn pod_packet(ctx: &TcContext) -> Result<(), i64> {
     // byte by byte, and the verifier of 6.1 adds up a chain of calls' frames: at most 512).
     let local_port = u16::from_be_bytes([head[0], head[1]]);
     let remote_port = u16::from_be_bytes([head[2], head[3]]);
-    let seq_zero = head[4..8] == [0, 0, 0, 0];
+    let seq = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
     let reset = flags & TCP_RST != 0;
+    let fin = flags & TCP_FIN != 0;
     // Counted so that user space knows the program sees the pod's packets at all.
     let synack = flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
-    let status = if reset {
-        if global(&RESETS_FROM_PACKETS) == 0 {
-            return Ok(());
-        }
-        0
-    } else if synack {
+    let status = if reset || synack {
         0
     } else {
         let data_at = tcp_at + usize::from(head[12] >> 4) * 4;
-        if (ctx.len() as usize) < data_at + STATUS_LINE {
+        let status = if (ctx.len() as usize) < data_at + STATUS_LINE {
+            0
+        } else {
+            read_status(ctx, data_at)?
+        };
+        // A FIN may cut a request even without a response.
+        if status == 0 && !fin {
             return Ok(());
         }
-        match read_status(ctx, data_at)? {
-            0 => return Ok(()),
-            status => status,
-        }
+        status
     };
-    // As words, never byte by byte: bytes kept across a call are spilled one stack slot each.
-    let (local, remote) = if ethertype == ETH_P_IP {
-        let raw: [u32; 2] = ctx.load(ETH_HLEN + 12)?;
-        (addr_words_v4(raw[0]), addr_words_v4(raw[1]))
-    } else {
-        let raw: [u64; 4] = ctx.load(ETH_HLEN + 8)?;
-        ([raw[0], raw[1]], [raw[2], raw[3]])
-    };
-    let (local, remote) = (key(local), key(remote));
+    let (local, remote) = addresses(ctx, ethertype)?;
     let Some(slot) = pod_of(&local) else {
         return Ok(());
     };
@@ -115,20 +158,169 @@ fn pod_packet(ctx: &TcContext) -> Result<(), i64> {
         remote_port,
     };
     if reset {
+        // The connection's requests end with it: one cut by a reset is counted as the reset.
+        forget_conn(&conn);
+        if global(&RESETS_FROM_PACKETS) == 0 {
+            return Ok(());
+        }
         // The kernel answers a segment that matched no socket and carried no ACK (a SYN) with
         // a reset that acknowledges it and has sequence number 0; a connection's own reset
         // carries its sequence number, and the answer to any other stray segment carries no
         // ACK.
-        let refused = flags & TCP_ACK != 0 && seq_zero;
+        let refused = flags & TCP_ACK != 0 && seq == 0;
         reset_sent(slot, 0, 0, &conn, refused);
     } else if synack {
         count_synack(slot);
     } else {
         // Looked up here, not in `http_response`: the verifier of 6.1 adds up the frames of a
         // chain of calls (at most 512 bytes), and this one's is the largest.
-        http_response(slot, status, &conn, is_node(&conn.remote));
+        let from_node = is_node(&conn.remote);
+        if status != 0 && answer(&conn, seq, status) {
+            http_response(slot, status, &conn, from_node);
+        }
+        if fin {
+            closed_by_pod(slot, &conn);
+        }
     }
     Ok(())
+}
+
+/// Requests begin with a method and a space: the methods of RFC 9110 and `PATCH`, by their
+/// first four bytes (`GET ` and `PUT ` include the space).
+const METHODS: [[u8; 4]; 8] = [
+    *b"GET ", *b"POST", *b"PUT ", *b"HEAD", *b"DELE", *b"PATC", *b"OPTI", *b"CONN",
+];
+
+fn client_packet(ctx: &TcContext) -> Result<(), i64> {
+    let Some((ethertype, tcp_at)) = tcp_at(ctx)? else {
+        return Ok(());
+    };
+    let head: [u8; 14] = ctx.load(tcp_at)?;
+    let flags = head[13];
+    let reset = flags & TCP_RST != 0;
+    if !reset {
+        // Pure ACKs, the bulk of what clients send while they download, stop here.
+        let data_at = tcp_at + usize::from(head[12] >> 4) * 4;
+        if flags & TCP_SYN != 0 || (ctx.len() as usize) < data_at + 4 {
+            return Ok(());
+        }
+        let first: [u8; 4] = ctx.load(data_at)?;
+        if !METHODS.contains(&first) {
+            return Ok(());
+        }
+    }
+    let (remote, local) = addresses(ctx, ethertype)?;
+    if pod_of(&local).is_none() {
+        return Ok(());
+    }
+    let conn = ConnKey {
+        local,
+        remote,
+        local_port: u16::from_be_bytes([head[2], head[3]]),
+        remote_port: u16::from_be_bytes([head[0], head[1]]),
+    };
+    if reset {
+        // The client gave up the connection, and any request on it.
+        forget_conn(&conn);
+    } else if !is_node(&conn.remote) {
+        // Probes from the node are not clients' requests: never cut.
+        request(
+            &conn,
+            u32::from_be_bytes([head[4], head[5], head[6], head[7]]),
+        );
+    }
+    Ok(())
+}
+
+/// A request on `conn` in the segment with sequence number `seq`: outstanding until answered.
+/// A retransmission of the last request's segment is not a new request. Not inlined, to keep
+/// the map's key and value out of the caller's frame.
+#[inline(never)]
+fn request(conn: &ConnKey, seq: u32) {
+    if let Some(known) = HTTP_CONNS.get_ptr_mut(conn) {
+        // SAFETY: a hash map value, which the kernel keeps alive while the program runs; only
+        // this connection's packets write it, and they do not race.
+        unsafe {
+            if (*known).request_seq != seq {
+                (*known).request_seq = seq;
+                (*known).outstanding = 1;
+            }
+        }
+        return;
+    }
+    let state = HttpConn {
+        request_seq: seq,
+        response_seq: 0,
+        outstanding: 1,
+        reserved: 0,
+    };
+    // A full table forgets its least recently used connection (the insert does not fail).
+    let _ = HTTP_CONNS.insert(conn, state, 0);
+}
+
+/// A response with `status` starting the segment with sequence number `seq` that the pod sent
+/// on `conn`: a final one (200 or more) answers the outstanding request. False for a
+/// retransmission of the last response, which is not counted again. Not inlined (see
+/// [`request`]).
+#[inline(never)]
+fn answer(conn: &ConnKey, seq: u32, status: u32) -> bool {
+    let Some(known) = HTTP_CONNS.get_ptr_mut(conn) else {
+        return true;
+    };
+    // SAFETY: as in `request`.
+    unsafe {
+        if (*known).response_seq == seq && (*known).outstanding == 0 {
+            return false;
+        }
+        (*known).response_seq = seq;
+        if status >= 200 {
+            (*known).outstanding = 0;
+        }
+    }
+    if status == 101 {
+        // Switching protocols: what follows is not HTTP/1.x.
+        forget_conn(conn);
+    }
+    true
+}
+
+/// The pod closed `conn` (its FIN): a request still outstanding is cut, counted with its
+/// event. Not inlined (see [`request`]).
+#[inline(never)]
+fn closed_by_pod(slot: u32, conn: &ConnKey) {
+    let Some(known) = HTTP_CONNS.get_ptr_mut(conn) else {
+        return;
+    };
+    // SAFETY: as in `request`; read before the entry is removed.
+    let outstanding = unsafe { (*known).outstanding } != 0;
+    // Closed either way: its requests end here.
+    forget_conn(conn);
+    if !outstanding {
+        return;
+    }
+    count(slot, |c, win| {
+        c.requests_cut += 1;
+        c.win_requests_cut += w(win);
+    });
+    emit(
+        &NotableEvent {
+            time_ns: now(),
+            slot,
+            kind: event_kind::REQUEST_CUT,
+            local_port: conn.local_port,
+            remote_port: conn.remote_port,
+            local: conn.local,
+            remote: conn.remote,
+            ..NotableEvent::default()
+        },
+        Wake::Batched,
+    );
+}
+
+/// Forgets `conn`'s requests (the connection ended). Not inlined (see [`request`]).
+#[inline(never)]
+fn forget_conn(conn: &ConnKey) {
+    let _ = HTTP_CONNS.remove(conn);
 }
 
 /// Counts a SYN-ACK of pod `slot`. Not inlined, to keep `pod_packet`'s frame small.

@@ -873,6 +873,7 @@ impl Agent {
                     event_kind::REFUSED => EventKind::Refused,
                     event_kind::CONNECT_FAILED => EventKind::ConnectFailed,
                     event_kind::HTTP_5XX => EventKind::Http5xx,
+                    event_kind::REQUEST_CUT => EventKind::RequestCut,
                     _ => return,
                 };
                 let Some(pod) = state

@@ -148,6 +148,7 @@ fn counters(t: &crate::loader::SlotTotals) -> pb::Counters {
         http_ok: t.http_ok,
         http_4xx: t.http_4xx,
         http_5xx: t.http_5xx,
+        requests_cut: t.requests_cut,
     }
 }
 
@@ -234,6 +235,7 @@ pub fn event_message(event: &PodEvent) -> pb::Event {
             EventKind::ConnectFailed => pb::EventKind::ConnectFailed,
             EventKind::PeerConnectFailed => pb::EventKind::PeerConnectFailed,
             EventKind::Http5xx => pb::EventKind::Http5xx,
+            EventKind::RequestCut => pb::EventKind::RequestCut,
         }
         .into(),
         time: Some(prost_types::Timestamp::from(event.time)),

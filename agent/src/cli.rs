@@ -148,6 +148,7 @@ pub fn pod_json(pod: &pb::Pod) -> Value {
             "4xx": total.http_4xx,
             "5xx": total.http_5xx,
             "from_node": pod.http_from_node,
+            "requests_cut": total.requests_cut,
         },
         "window": {
             "accepted": window.accepted,
@@ -156,6 +157,7 @@ pub fn pod_json(pod: &pb::Pod) -> Value {
             "refused": window.refused,
             "failed_connects": window.failed_connects,
             "http_5xx": window.http_5xx,
+            "requests_cut": window.requests_cut,
         },
         "peer_failures": pod.peer_failures,
         "from_node": pod.from_node,
@@ -227,6 +229,7 @@ pub fn event_kind_name(kind: i32) -> &'static str {
         pb::EventKind::ConnectFailed => EventKind::ConnectFailed,
         pb::EventKind::PeerConnectFailed => EventKind::PeerConnectFailed,
         pb::EventKind::Http5xx => EventKind::Http5xx,
+        pb::EventKind::RequestCut => EventKind::RequestCut,
         pb::EventKind::Unspecified => return "unknown",
     };
     kind.as_str()

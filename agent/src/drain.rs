@@ -86,6 +86,8 @@ pub enum EventKind {
     PeerConnectFailed,
     /// The pod answered a client's HTTP/1.x request with a 5xx status (`reason`).
     Http5xx,
+    /// The pod closed a connection (FIN) with a client's HTTP/1.x request unanswered.
+    RequestCut,
 }
 
 impl EventKind {
@@ -98,6 +100,7 @@ impl EventKind {
             Self::ConnectFailed => "connect_failed",
             Self::PeerConnectFailed => "peer_connect_failed",
             Self::Http5xx => "http_5xx",
+            Self::RequestCut => "request_cut",
         }
     }
 }
@@ -139,6 +142,7 @@ impl PodEvent {
                     | EventKind::Refused
                     | EventKind::PeerConnectFailed
                     | EventKind::Http5xx
+                    | EventKind::RequestCut
             )
     }
 }
@@ -154,6 +158,8 @@ pub struct Startup {
     pub no_answer: u64,
     /// HTTP responses with a 5xx status to clients.
     pub http_5xx: u64,
+    /// Clients' HTTP requests it closed connections on without answering.
+    pub requests_cut: u64,
     /// Of all of them, the ones before the pod was ready.
     pub before_ready: u64,
     pub first_error_at: Option<SystemTime>,
@@ -165,7 +171,12 @@ pub struct Startup {
 impl Startup {
     #[must_use]
     pub const fn errors(&self) -> u64 {
-        self.resets_sent + self.resets_received + self.refused + self.no_answer + self.http_5xx
+        self.resets_sent
+            + self.resets_received
+            + self.refused
+            + self.no_answer
+            + self.http_5xx
+            + self.requests_cut
     }
 
     /// What the errors say, for people (`name` is the pod's): empty when there were none.
@@ -209,6 +220,9 @@ impl Startup {
                 "; {} client connects got no answer (timed out: a full accept queue drops SYNs)",
                 self.no_answer
             );
+        }
+        if self.requests_cut > 0 {
+            let _ = write!(reason, "; {} HTTP requests cut", self.requests_cut);
         }
         if self.http_5xx > 0 {
             let _ = write!(reason, "; {} HTTP 5xx responses", self.http_5xx);
@@ -262,7 +276,7 @@ pub struct PodDrain {
     window_counted_from: Option<SystemTime>,
     /// Errors inside the window from before the kernel counted it (from their events), by
     /// kind: resets sent, resets received, refusals, connects that got no answer, HTTP 5xx.
-    late: [u64; 5],
+    late: [u64; 6],
 }
 
 impl PodDrain {
@@ -293,7 +307,7 @@ impl PodDrain {
             first_startup_error: None,
             last_startup_error: None,
             window_counted_from: None,
-            late: [0; 5],
+            late: [0; 6],
         }
     }
 
@@ -322,7 +336,10 @@ impl PodDrain {
         let refused = t.refused.saturating_sub(window.refused + self.late[2]);
         let no_answer = self.startup_no_answer;
         let http_5xx = t.http_5xx.saturating_sub(window.http_5xx + self.late[4]);
-        let errors = resets_sent + resets_received + refused + no_answer + http_5xx;
+        let requests_cut = t
+            .requests_cut
+            .saturating_sub(window.requests_cut + self.late[5]);
+        let errors = resets_sent + resets_received + refused + no_answer + http_5xx + requests_cut;
         let seen = self.startup_before_ready + self.startup_after_ready;
         Startup {
             resets_sent,
@@ -330,6 +347,7 @@ impl PodDrain {
             refused,
             no_answer,
             http_5xx,
+            requests_cut,
             before_ready: (self.startup_before_ready + errors.saturating_sub(seen)).min(errors),
             first_error_at: self.first_startup_error,
             last_error_at: self.last_startup_error,
@@ -343,12 +361,13 @@ impl PodDrain {
         self.peer_failures + self.late[3] + self.startup_no_answer
     }
 
-    fn count_late(late: &mut [u64; 5], kind: EventKind) {
+    fn count_late(late: &mut [u64; 6], kind: EventKind) {
         let index = match kind {
             EventKind::ResetSent => 0,
             EventKind::ResetReceived => 1,
             EventKind::Refused => 2,
             EventKind::Http5xx => 4,
+            EventKind::RequestCut => 5,
             _ => 3,
         };
         late[index] += 1;
@@ -499,6 +518,7 @@ impl PodDrain {
             refused: t.win_refused,
             failed_connects: t.win_failed_connects,
             http_5xx: t.win_http_5xx,
+            requests_cut: t.win_requests_cut,
             open: t.open,
             last_accept_ns: t.last_accept_ns,
             ..SlotTotals::default()
@@ -506,9 +526,9 @@ impl PodDrain {
     }
 
     /// Failures inside the window: resets the pod sent or received on its connections,
-    /// connections it refused, connects to it that got no answer (the peer view) and HTTP 5xx
-    /// answers to clients. Its own failed connects to others are shown but are not its drain's
-    /// failures.
+    /// connections it refused, connects to it that got no answer (the peer view), HTTP 5xx
+    /// answers to clients and HTTP requests it cut. Its own failed connects to others are shown
+    /// but are not its drain's failures.
     #[must_use]
     pub fn errors(&self) -> u64 {
         let w = self.window();
@@ -516,6 +536,7 @@ impl PodDrain {
             + w.resets_received
             + w.refused
             + w.http_5xx
+            + w.requests_cut
             + self.peer_failures
             + self.late.iter().sum::<u64>()
     }
@@ -576,6 +597,13 @@ impl PodDrain {
             }
             if w.http_5xx > 0 {
                 let _ = write!(reason, ", {} HTTP 5xx responses", w.http_5xx);
+            }
+            if w.requests_cut > 0 {
+                let _ = write!(
+                    reason,
+                    ", {} HTTP requests cut (the pod closed their connections unanswered)",
+                    w.requests_cut
+                );
             }
             let late: u64 = self.late.iter().sum();
             if late > 0 {

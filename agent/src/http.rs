@@ -49,7 +49,7 @@ pub fn render_metrics(state: &AgentState) -> String {
     let open_at_exit = Family::<PodLabels, Gauge>::default();
     let verdict = Family::<VerdictLabels, Gauge>::default();
     let http = Family::<HttpLabels, Counter>::default();
-    let counters: [(&str, &str, Family<PodLabels, Counter>); 10] = [
+    let counters: [(&str, &str, Family<PodLabels, Counter>); 11] = [
         (
             "accepted",
             "Connections the pod accepted",
@@ -96,6 +96,12 @@ pub fn render_metrics(state: &AgentState) -> String {
             "HTTP responses to the node's own addresses (kubelet probes), any status: not errors",
             Family::default(),
         ),
+        (
+            "requests_cut",
+            "HTTP/1.x requests the pod closed connections on without answering (a FIN with the \
+             request outstanding): errors inside the window",
+            Family::default(),
+        ),
     ];
     for pod in state.pods.values() {
         let labels = PodLabels {
@@ -124,6 +130,7 @@ pub fn render_metrics(state: &AgentState) -> String {
             t.from_node,
             pod.startup().errors(),
             t.http_from_node,
+            t.requests_cut,
         ]) {
             family.get_or_create(&labels).inc_by(value);
         }

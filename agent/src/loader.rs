@@ -53,8 +53,8 @@ use hooks::{ABSENT, HOOKS, Hook, Optional, Required, SEND_RESET, kernel_release}
 pub use hooks::{MIN_KERNEL, ResetSource};
 use pins::{check_pinned_layout, lock_pin_dir};
 use reset_filter::{
-    PACKET_PROGRAM, TC_PRIORITY, attach_packet_program, classifier, detach_packet_filters,
-    has_peer, interfaces, tc_handle,
+    CLIENT_PROGRAM, PACKET_PROGRAM, TC_PRIORITY, attach_packet_program, classifier,
+    detach_packet_filters, has_peer, interfaces, tc_handle,
 };
 pub use totals::SlotTotals;
 
@@ -121,7 +121,7 @@ pub struct KernelProbes {
     ebpf: Ebpf,
     /// The interfaces the packet program is attached to, by network namespace inode and
     /// interface index.
-    tc_attached: BTreeSet<(u64, u32)>,
+    tc_attached: BTreeSet<(u64, u32, bool)>,
     /// The packet program's filter handle (see [`tc_handle`]).
     tc_handle: TcHandle,
     /// The pin directory, held for this agent's life (see [`lock_pin_dir`]).
@@ -314,18 +314,19 @@ impl KernelProbes {
             );
         }
 
-        // On every kernel: it reads the HTTP responses pods send (and, before 6.10, resets).
-        classifier(&mut ebpf, PACKET_PROGRAM)?
-            .load()
-            .map_err(|err| {
-                classify(err, "load the TC program (CAP_NET_ADMIN)", |source| {
-                    verifier_error(PACKET_PROGRAM, source).unwrap_or_else(|other| LoaderError::Tc {
+        // On every kernel: they read the HTTP responses pods send and the requests clients send
+        // them (and, before 6.10, the resets pods send).
+        for name in [PACKET_PROGRAM, CLIENT_PROGRAM] {
+            classifier(&mut ebpf, name)?.load().map_err(|err| {
+                classify(err, "load the TC programs (CAP_NET_ADMIN)", |source| {
+                    verifier_error(name, source).unwrap_or_else(|other| LoaderError::Tc {
                         interface: String::new(),
                         source: Box::new(other),
                     })
                 })
             })?;
-        loaded_programs.push(PACKET_PROGRAM);
+            loaded_programs.push(name);
+        }
 
         let pod_addrs: HashMap<MapData, AddrKey, u32> = take_map(&mut ebpf, "POD_ADDRS")?;
         let watched = pod_addrs
@@ -435,18 +436,27 @@ impl KernelProbes {
             }
         })?);
         let handle = self.tc_handle;
-        let program = classifier(&mut self.ebpf, PACKET_PROGRAM)?;
+        let ebpf = &mut self.ebpf;
         let attached = &mut self.tc_attached;
         crate::netns::run_in(&file, || {
             let interfaces = interfaces(|name| name != "lo");
-            attach_packet_program(
-                program,
+            let new = attach_packet_program(
+                classifier(ebpf, PACKET_PROGRAM)?,
                 handle,
                 inode,
                 &interfaces,
                 TcAttachType::Egress,
                 attached,
-            )
+            )?;
+            attach_packet_program(
+                classifier(ebpf, CLIENT_PROGRAM)?,
+                handle,
+                inode,
+                &interfaces,
+                TcAttachType::Ingress,
+                attached,
+            )?;
+            Ok(new)
         })
         .map_err(|source| LoaderError::Netns {
             path: netns.to_owned(),
@@ -461,16 +471,25 @@ impl KernelProbes {
     pub fn watch_node_interfaces(&mut self) -> Result<usize, LoaderError> {
         let inode = std::fs::metadata("/proc/self/ns/net")
             .map_or(0, |meta| std::os::unix::fs::MetadataExt::ino(&meta));
-        let program = classifier(&mut self.ebpf, PACKET_PROGRAM)?;
         let interfaces = interfaces(has_peer);
-        attach_packet_program(
-            program,
+        let new = attach_packet_program(
+            classifier(&mut self.ebpf, PACKET_PROGRAM)?,
             self.tc_handle,
             inode,
             &interfaces,
             TcAttachType::Ingress,
             &mut self.tc_attached,
-        )
+        )?;
+        // What reaches the pod leaves the node's side of its interface.
+        attach_packet_program(
+            classifier(&mut self.ebpf, CLIENT_PROGRAM)?,
+            self.tc_handle,
+            inode,
+            &interfaces,
+            TcAttachType::Egress,
+            &mut self.tc_attached,
+        )?;
+        Ok(new)
     }
 
     /// Counts sockets whose local address is `addr` under pod `slot`, from the next

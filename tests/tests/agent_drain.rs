@@ -17,7 +17,7 @@ const PORT: u16 = 8080;
 const CLIENTS: usize = 4;
 
 /// What one request on a keep-alive connection came to.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
     Ok { close: bool },
     Failed,
@@ -267,6 +267,90 @@ fn abrupt_exit(family: Family, restart: bool) {
     }
     assert_eq!(agent.http_get("/readyz").0, 200);
     assert_eq!(agent.http_get("/healthz").0, 200);
+}
+
+/// A server that exits on SIGTERM while requests are in flight (read, not yet answered) closes
+/// their keep-alive connections with a FIN: no reset, and the clients read end of file where
+/// their answer should be. Each such request is cut, counted one by one with its event; the
+/// idle connections closed the same way carried no request and are not.
+#[test]
+fn requests_in_flight_when_the_server_closes_are_cut_and_each_is_counted() {
+    require_root();
+    let link = Link::new("cut", Family::V4);
+    let agent = TestAgent::start();
+    let (mut server, addr) = start_server_with(
+        &agent,
+        &link,
+        &["--mode", "abrupt", "--request-time", "800ms"],
+    );
+    let pod_name = link.b.name().to_owned();
+    wait_for_server(&agent, &pod_name);
+    // Two idle keep-alive connections (one answered request each), three with a request in
+    // flight.
+    let mut idle: Vec<TcpStream> = (0..2)
+        .map(|_| connect(&link, addr).expect("connect"))
+        .collect();
+    for conn in &mut idle {
+        assert_eq!(request(conn), Outcome::Ok { close: false });
+    }
+    let (ports, outcomes): (Vec<u16>, Vec<Outcome>) = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..3)
+            .map(|_| {
+                let mut conn = connect(&link, addr).expect("connect");
+                let port = conn.local_addr().expect("client address").port();
+                (port, scope.spawn(move || request(&mut conn)))
+            })
+            .collect();
+        // Long enough for the server to have read each request; well inside its 800 ms.
+        std::thread::sleep(Duration::from_millis(300));
+        server.signal(Signal::SIGTERM);
+        clients
+            .into_iter()
+            .map(|(port, client)| (port, client.join().expect("client")))
+            .unzip()
+    });
+    let _ = server.0.wait();
+    assert_eq!(
+        outcomes,
+        vec![Outcome::Failed; 3],
+        "every in-flight request failed"
+    );
+    // The exit closes the connections after the agent saw it: wait for their FINs' counts.
+    let pod = agent.wait_for_pod(&pod_name, |p| {
+        verdict(p) == Verdict::Fail
+            && p.errors >= 3
+            && p.window.is_some_and(|w| w.requests_cut >= 3)
+    });
+    let total = pod.total.expect("totals");
+    let window = pod.window.expect("window counters");
+    assert_eq!(total.requests_cut, 3, "each cut request counted: {pod:#?}");
+    assert_eq!(window.requests_cut, 3, "{pod:#?}");
+    assert_eq!(
+        (window.resets_sent, window.refused),
+        (0, 0),
+        "closed, not reset: {pod:#?}"
+    );
+    assert_eq!(pod.errors, 3, "the cut requests are its errors: {pod:#?}");
+    assert!(pod.reason.contains("requests cut"), "{}", pod.reason);
+    let mut cut: Vec<u16> = events_of(&agent, Some(&pod_name))
+        .iter()
+        .filter(|e| e.kind == draingate_proto::v1::EventKind::RequestCut as i32)
+        .map(|e| e.remote_port as u16)
+        .collect();
+    cut.sort_unstable();
+    let mut expected = ports.clone();
+    expected.sort_unstable();
+    assert_eq!(cut, expected, "one request_cut event per in-flight client");
+    let (_, metrics) = agent.http_get("/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("draingate_pod_requests_cut_total{")
+                && l.contains(&pod_name)
+                && l.ends_with(" 3")),
+        "{metrics}"
+    );
+    drop(idle);
 }
 
 #[test]
@@ -519,10 +603,30 @@ fn a_connect_that_gets_no_answer_from_a_terminated_pod_fails_it_and_a_refusal_co
 /// open until the handshake ends, but it is not open at exit, and the pod passes once the ACK
 /// gets through. The peer's ACKs are held back by a real iptables rule for as long as it takes
 /// to see that, so the race is not left to timing.
+///
+/// Known on 6.1 (about 1 run in 15 under QEMU, never on 6.12 or 6.18): the kernel now and then
+/// skips the tracepoint program at the server's close (a tracing program does not run while
+/// another holds the CPU's `bpf_prog_active`, and 6.1 does not count such misses), so the
+/// agent reports the connection held at the exit: a false fail, never a false pass. The test
+/// tries three times and prints each such run, so that a regression (every run) still fails.
 #[test]
 fn a_connection_closed_by_the_server_but_not_yet_acked_at_its_exit_is_not_cut() {
     require_root();
-    let link = Link::new("lack", Family::V4);
+    for attempt in 1..=3 {
+        match closed_but_not_acked_at_exit(attempt) {
+            Ok(()) => return,
+            Err(pod) => eprintln!(
+                "attempt {attempt}: the server's close was not seen before its exit \
+                 (open_at_exit {}): {pod:#?}",
+                pod.open_at_exit
+            ),
+        }
+    }
+    panic!("3 of 3 runs held a connection the server had closed at its exit");
+}
+
+fn closed_but_not_acked_at_exit(attempt: u32) -> Result<(), Box<Pod>> {
+    let link = Link::new(&format!("lack{attempt}"), Family::V4);
     let agent = TestAgent::start();
     let (mut server, addr) = start_server(&agent, &link, "graceful");
     let pod_name = link.b.name().to_owned();
@@ -556,7 +660,10 @@ fn a_connection_closed_by_the_server_but_not_yet_acked_at_its_exit_is_not_cut() 
     let pod = agent.wait_for_pod(&pod_name, |p| {
         p.timeline.as_ref().is_some_and(|t| t.exited_at.is_some())
     });
-    assert_eq!(pod.open_at_exit, 0, "nothing held at the exit: {pod:#?}");
+    if pod.open_at_exit != 0 {
+        link.b.iptables(&[&["-D"], &rule[..]].concat());
+        return Err(Box::new(pod));
+    }
     assert_eq!(pod.open, 1, "still in the closing handshake: {pod:#?}");
     assert_eq!(verdict(&pod), Verdict::Pending, "{pod:#?}");
 
@@ -564,6 +671,7 @@ fn a_connection_closed_by_the_server_but_not_yet_acked_at_its_exit_is_not_cut() 
     let pod = agent.wait_for_pod(&pod_name, |p| verdict(p) != Verdict::Pending);
     assert_eq!(verdict(&pod), Verdict::Pass, "{pod:#?}");
     assert_eq!((pod.open, pod.errors, pod.open_at_exit), (0, 0, 0));
+    Ok(())
 }
 
 /// The converse: connections the process still holds when it exits are cut, and counted.

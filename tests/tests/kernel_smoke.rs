@@ -478,7 +478,8 @@ fn an_uninstall_removes_the_filters_and_the_pins_and_nothing_else() {
     drop(probes);
     assert_eq!(filters(), 2, "the filters outlive the agent");
     let removed = KernelProbes::uninstall(&pins.config.pin_dir).expect("uninstall");
-    assert_eq!(removed, 1);
+    // Its two filters on the interface: `pod_egress` on egress, `pod_ingress` on ingress.
+    assert_eq!(removed, 2);
     assert_eq!(filters(), 1, "the other agent's filter stays");
     assert!(!pins.config.pin_dir.exists(), "the pins are gone");
     drop(other);

@@ -358,6 +358,60 @@ fn http_5xx_answers_are_errors_in_the_window_and_at_startup_and_late_ones_are_th
     assert_eq!(probed.verdict(), Verdict::Pass);
 }
 
+fn request_cut(secs: u64, in_window: bool) -> super::PodEvent {
+    super::PodEvent {
+        kind: super::EventKind::RequestCut,
+        reason: 0,
+        tcp_state: "NONE",
+        ..refusal(secs, false, in_window)
+    }
+}
+
+#[test]
+fn requests_cut_are_errors_in_the_window_and_at_startup_and_late_ones_are_the_windows() {
+    let mut pod = pod();
+    // Before the window: a startup error.
+    pod.push_event(request_cut(1, false));
+    pod.update_totals(
+        SlotTotals {
+            http_ok: 10,
+            requests_cut: 1,
+            ..SlotTotals::default()
+        },
+        t(2),
+    );
+    let startup = pod.startup();
+    assert_eq!((startup.errors(), startup.requests_cut), (1, 1));
+    assert!(
+        startup.reason("web").contains("1 HTTP requests cut"),
+        "{}",
+        startup.reason("web")
+    );
+    // Deleted at 10, learned at 12: the cut at 11 is the window's, from its event; the one at
+    // 13 is in the kernel's window count.
+    pod.push_event(request_cut(11, false));
+    pod.open_window_late(t(10), t(12));
+    pod.push_event(request_cut(13, true));
+    pod.update_totals(
+        SlotTotals {
+            http_ok: 12,
+            requests_cut: 3,
+            win_requests_cut: 1,
+            ..SlotTotals::default()
+        },
+        t(14),
+    );
+    pod.exited(t(14));
+    let (verdict, reason) = pod.verdict_and_reason();
+    assert_eq!((verdict, pod.errors()), (Verdict::Fail, 2), "{reason}");
+    assert!(reason.contains("1 HTTP requests cut"), "{reason}");
+    assert_eq!(
+        pod.startup().requests_cut,
+        1,
+        "only the one before the window"
+    );
+}
+
 #[test]
 fn a_pod_whose_packets_the_tc_program_never_saw_is_unknown_not_pass() {
     let mut pod = pod();

@@ -14,8 +14,12 @@ use aya::{
 
 use super::{LoaderError, classify};
 
-/// The TC program that reads what pods send: HTTP responses, and resets on kernels before 6.10.
+/// The TC program that reads what pods send: HTTP responses, the requests their FINs cut, and
+/// resets on kernels before 6.10.
 pub(super) const PACKET_PROGRAM: &str = "pod_egress";
+
+/// The TC program that reads what clients send pods: HTTP requests, and clients' resets.
+pub(super) const CLIENT_PROGRAM: &str = "pod_ingress";
 
 /// The priority of the packet program's filter: the first, so that it sees every packet before
 /// a CNI's filters (which may redirect it); it passes each on unchanged.
@@ -87,11 +91,12 @@ pub(super) fn attach_packet_program(
     netns_inode: u64,
     interfaces: &[(u32, String)],
     direction: TcAttachType,
-    attached: &mut BTreeSet<(u64, u32)>,
+    attached: &mut BTreeSet<(u64, u32, bool)>,
 ) -> Result<usize, LoaderError> {
     let mut new = 0;
+    let ingress = matches!(direction, TcAttachType::Ingress);
     for (index, name) in interfaces {
-        if attached.contains(&(netns_inode, *index)) {
+        if attached.contains(&(netns_inode, *index, ingress)) {
             continue;
         }
         let tc_error = |source: ProgramError| LoaderError::Tc {
@@ -127,7 +132,7 @@ pub(super) fn attach_packet_program(
         };
         // Detached only with the interface or by the next agent: see above.
         std::mem::forget(program.take_link(link_id).map_err(tc_error)?);
-        attached.insert((netns_inode, *index));
+        attached.insert((netns_inode, *index, ingress));
         new += 1;
     }
     Ok(new)

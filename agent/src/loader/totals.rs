@@ -34,6 +34,10 @@ pub struct SlotTotals {
     pub http_from_node: u64,
     /// SYN-ACKs the pod sent that the packet program saw (see [`SlotCounters::synacks_seen`]).
     pub synacks_seen: u64,
+    /// HTTP/1.x requests the pod's FIN left unanswered (see [`SlotCounters::requests_cut`]),
+    /// and of those inside the window.
+    pub requests_cut: u64,
+    pub win_requests_cut: u64,
 }
 
 impl SlotTotals {
@@ -61,6 +65,8 @@ impl SlotTotals {
             totals.win_http_5xx += cpu.win_http_5xx;
             totals.http_from_node += cpu.http_from_node;
             totals.synacks_seen += cpu.synacks_seen;
+            totals.requests_cut += cpu.requests_cut;
+            totals.win_requests_cut += cpu.win_requests_cut;
             tracked = tracked.wrapping_add(cpu.sockets_tracked);
             // Sockets leave the table untracked, or closed after their process released them.
             gone = gone

@@ -192,8 +192,12 @@ impl PodReport {
             }
         });
         // Probes come from the node's addresses, which the agent leaves out of its counts.
+        // A request cut by the pod's FIN is a client's `closed`, as a reset is its `reset`.
         let agent_connection_errors = agent.map_or(0, |pod| {
-            pod.totals.resets_sent + pod.totals.resets_received + pod.totals.refused
+            pod.totals.resets_sent
+                + pod.totals.resets_received
+                + pod.totals.refused
+                + pod.totals.requests_cut
         });
         // Requests cut by the exit without a reset: closed (EOF) in the termination window,
         // at most as many as connections were open at the exit.

@@ -34,6 +34,11 @@ pub struct Counters {
     pub http_4xx: u64,
     #[prost(uint64, tag = "9")]
     pub http_5xx: u64,
+    /// HTTP/1.x requests cut: a client's request (a request line starting a segment to the pod)
+    /// still unanswered when the pod closed the connection (FIN, by its process or at its exit).
+    /// Part of `errors` inside the window. A request cut by a reset counts as that reset.
+    #[prost(uint64, tag = "10")]
+    pub requests_cut: u64,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Timeline {
@@ -365,6 +370,8 @@ pub enum EventKind {
     PeerConnectFailed = 5,
     /// The pod answered a client's HTTP/1.x request with a 5xx status (`reason`: the status).
     Http5xx = 6,
+    /// The pod closed a connection (FIN) with a client's HTTP/1.x request unanswered.
+    RequestCut = 7,
 }
 impl EventKind {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -380,6 +387,7 @@ impl EventKind {
             Self::ConnectFailed => "EVENT_KIND_CONNECT_FAILED",
             Self::PeerConnectFailed => "EVENT_KIND_PEER_CONNECT_FAILED",
             Self::Http5xx => "EVENT_KIND_HTTP_5XX",
+            Self::RequestCut => "EVENT_KIND_REQUEST_CUT",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -392,6 +400,7 @@ impl EventKind {
             "EVENT_KIND_CONNECT_FAILED" => Some(Self::ConnectFailed),
             "EVENT_KIND_PEER_CONNECT_FAILED" => Some(Self::PeerConnectFailed),
             "EVENT_KIND_HTTP_5XX" => Some(Self::Http5xx),
+            "EVENT_KIND_REQUEST_CUT" => Some(Self::RequestCut),
             _ => None,
         }
     }
