@@ -120,8 +120,8 @@ pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 /// 4: `SLOT_IDS`, each slot's pod identity, so that a restarted agent can report a pod that
 /// went away while it was down. 5: `SlotCounters::from_node` (144 bytes), and the node's own
 /// addresses in the address table under [`NODE_SLOT`]. 6: `SlotCounters`' HTTP responses
-/// and the SYN-ACKs seen (192 bytes). 7: `SlotCounters::requests_cut` (208 bytes) and the
-/// HTTP connection table (`HTTP_CONNS`).
+/// and the SYN-ACKs seen (192 bytes). 7: `SlotCounters::requests_cut` and the HTTP/2 frames
+/// (240 bytes), and the HTTP connection table (`HTTP_CONNS`).
 pub const MAP_LAYOUT: u64 = 7;
 
 /// A pod slot's identity as user space keeps it in the pinned `SLOT_IDS` map: its namespace,
@@ -263,6 +263,14 @@ pub struct SlotCounters {
     /// that one failed request is one count.
     pub requests_cut: u64,
     pub win_requests_cut: u64,
+    /// HTTP/2 (cleartext, prior knowledge: the connection began with the client preface)
+    /// frames the pod sent that start a segment: GOAWAY (the pod's drain signal, never an
+    /// error), `RST_STREAM` with `REFUSED_STREAM` (the client may retry it: not an error) and
+    /// `RST_STREAM` with any other code but `NO_ERROR` (a failed request: an error in the window).
+    pub h2_goaways: u64,
+    pub h2_resets_refused: u64,
+    pub h2_resets: u64,
+    pub win_h2_resets: u64,
 }
 
 /// Per CPU: events the kernel programs could not account for. Any non-zero field means counts
@@ -330,9 +338,12 @@ pub struct HttpConn {
     /// 1 while the last request is unanswered (no final response, status 200 or more, has
     /// started a segment from the pod since).
     pub outstanding: u32,
-    /// 0 (the value stays 16 bytes, without padding).
-    pub reserved: u32,
+    /// [`HTTP2`] once the client's first segment was the HTTP/2 preface, else 0.
+    pub protocol: u32,
 }
+
+/// [`HttpConn::protocol`] of a connection that began with the HTTP/2 client preface.
+pub const HTTP2: u32 = 2;
 
 /// Connections recently reset, remembered so that later resets of the same connection (the peer
 /// still sending, or closing, after the first reset destroyed the socket) count once: the reset
@@ -453,6 +464,11 @@ pub mod event_kind {
     pub const HTTP_5XX: u8 = 7;
     /// The pod closed a connection (FIN) with a client's HTTP/1.x request unanswered.
     pub const REQUEST_CUT: u8 = 8;
+    /// The pod sent an HTTP/2 GOAWAY frame (`reason`: its error code): its drain signal.
+    pub const H2_GOAWAY: u8 = 9;
+    /// The pod reset an HTTP/2 stream with an error (`reason`: the `RST_STREAM` error code, any
+    /// but `NO_ERROR` and `REFUSED_STREAM`).
+    pub const H2_RESET: u8 = 10;
 }
 
 /// `reason` of a `CONNECT_FAILED` event: how the connect ended.
@@ -541,7 +557,7 @@ pub mod tcp_state {
 }
 
 const _: () = assert!(size_of::<AddrKey>() == 16);
-const _: () = assert!(size_of::<SlotCounters>() == 208);
+const _: () = assert!(size_of::<SlotCounters>() == 240);
 const _: () = assert!(size_of::<LossCounters>() == 32);
 const _: () = assert!(SOCKET_PROBE_BUCKETS <= SOCKET_BUCKETS);
 const _: () = assert!(size_of::<SocketBucket>() == 64);

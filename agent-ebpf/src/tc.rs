@@ -3,7 +3,9 @@
 //! kernel), and the resets it sends (kernels whose `tcp:tcp_send_reset` misses refusals).
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use draingate_common::{AddrKey, ConnKey, HttpConn, NotableEvent, addr_words_v4, event_kind};
+use draingate_common::{
+    AddrKey, ConnKey, HTTP2, HttpConn, NotableEvent, addr_words_v4, event_kind,
+};
 
 use crate::{
     addr::{is_node, pod_of},
@@ -69,6 +71,13 @@ const ETH_P_IPV6: u16 = 0x86DD;
 const IPPROTO_TCP_U8: u8 = 6;
 /// Bytes of a response's status line read: `HTTP/1.1 503`.
 const STATUS_LINE: usize = 12;
+/// [`read_status`]'s tag of an HTTP/2 `RST_STREAM` frame (its error code in the low 16 bits).
+const H2_RST_TAG: u32 = 1 << 31;
+/// [`read_status`]'s tag of an HTTP/2 GOAWAY frame (its error code in the low 16 bits).
+const H2_GOAWAY_TAG: u32 = 1 << 30;
+/// HTTP/2 error codes (RFC 9113, section 7).
+const H2_NO_ERROR: u32 = 0;
+const H2_REFUSED_STREAM: u32 = 7;
 
 /// Where the TCP header of an IPv4 or IPv6 TCP packet starts, with its ethertype; `None` for
 /// anything else.
@@ -175,7 +184,9 @@ fn pod_packet(ctx: &TcContext) -> Result<(), i64> {
         // Looked up here, not in `http_response`: the verifier of 6.1 adds up the frames of a
         // chain of calls (at most 512 bytes), and this one's is the largest.
         let from_node = is_node(&conn.remote);
-        if status != 0 && answer(&conn, seq, status) {
+        if status >= H2_GOAWAY_TAG {
+            h2_frame(slot, &conn, status);
+        } else if status != 0 && answer(&conn, seq, status) {
             http_response(slot, status, &conn, from_node);
         }
         if fin {
@@ -205,7 +216,7 @@ fn client_packet(ctx: &TcContext) -> Result<(), i64> {
             return Ok(());
         }
         let first: [u8; 4] = ctx.load(data_at)?;
-        if !METHODS.contains(&first) {
+        if !METHODS.contains(&first) && first != *PREFACE {
             return Ok(());
         }
     }
@@ -224,12 +235,83 @@ fn client_packet(ctx: &TcContext) -> Result<(), i64> {
         forget_conn(&conn);
     } else if !is_node(&conn.remote) {
         // Probes from the node are not clients' requests: never cut.
-        request(
-            &conn,
-            u32::from_be_bytes([head[4], head[5], head[6], head[7]]),
-        );
+        let seq = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+        // The first bytes again (a byte array kept across the calls above would be spilled
+        // byte by byte): a method, or the HTTP/2 preface.
+        let first: [u8; 4] = ctx.load(tcp_at + usize::from(head[12] >> 4) * 4)?;
+        if first == *PREFACE {
+            http2(&conn);
+        } else {
+            request(&conn, seq);
+        }
     }
     Ok(())
+}
+
+/// The first four bytes of the HTTP/2 client preface (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`),
+/// with which a cleartext HTTP/2 connection with prior knowledge (gRPC's) begins.
+const PREFACE: &[u8; 4] = b"PRI ";
+
+/// `conn` began with the HTTP/2 preface: its frames are HTTP/2's, its requests are never
+/// outstanding (a segment that starts with a method inside it is data). Not inlined (see
+/// [`request`]).
+#[inline(never)]
+fn http2(conn: &ConnKey) {
+    let state = HttpConn {
+        request_seq: 0,
+        response_seq: 0,
+        outstanding: 0,
+        protocol: HTTP2,
+    };
+    let _ = HTTP_CONNS.insert(conn, state, 0);
+}
+
+/// An HTTP/2 frame that starts a segment pod `slot` sent on `conn` ([`read_status`]'s tag and
+/// error code), if `conn` began with the HTTP/2 preface: a GOAWAY, or a `RST_STREAM` by its
+/// error code. Not inlined (see [`request`]).
+#[inline(never)]
+fn h2_frame(slot: u32, conn: &ConnKey, frame: u32) {
+    // SAFETY: as in `request`.
+    let http2 = HTTP_CONNS
+        .get_ptr_mut(conn)
+        .is_some_and(|known| unsafe { (*known).protocol } == HTTP2);
+    if !http2 {
+        return;
+    }
+    let code = frame & 0xffff;
+    let kind = if frame & H2_RST_TAG != 0 {
+        match code {
+            H2_NO_ERROR => return,
+            H2_REFUSED_STREAM => {
+                count(slot, |c, _| c.h2_resets_refused += 1);
+                return;
+            }
+            _ => {
+                count(slot, |c, win| {
+                    c.h2_resets += 1;
+                    c.win_h2_resets += w(win);
+                });
+                event_kind::H2_RESET
+            }
+        }
+    } else {
+        count(slot, |c, _| c.h2_goaways += 1);
+        event_kind::H2_GOAWAY
+    };
+    emit(
+        &NotableEvent {
+            time_ns: now(),
+            slot,
+            reason: code,
+            kind,
+            local_port: conn.local_port,
+            remote_port: conn.remote_port,
+            local: conn.local,
+            remote: conn.remote,
+            ..NotableEvent::default()
+        },
+        Wake::Batched,
+    );
 }
 
 /// A request on `conn` in the segment with sequence number `seq`: outstanding until answered.
@@ -241,7 +323,7 @@ fn request(conn: &ConnKey, seq: u32) {
         // SAFETY: a hash map value, which the kernel keeps alive while the program runs; only
         // this connection's packets write it, and they do not race.
         unsafe {
-            if (*known).request_seq != seq {
+            if (*known).protocol != HTTP2 && (*known).request_seq != seq {
                 (*known).request_seq = seq;
                 (*known).outstanding = 1;
             }
@@ -252,7 +334,7 @@ fn request(conn: &ConnKey, seq: u32) {
         request_seq: seq,
         response_seq: 0,
         outstanding: 1,
-        reserved: 0,
+        protocol: 0,
     };
     // A full table forgets its least recently used connection (the insert does not fail).
     let _ = HTTP_CONNS.insert(conn, state, 0);
@@ -336,12 +418,32 @@ fn key(words: [u64; 2]) -> AddrKey {
     AddrKey { addr }
 }
 
-/// The status of the HTTP/1.x status line at `data_at`, 0 for anything else. Not inlined: its
-/// buffer stays out of the caller's frame (see `pod_packet`'s calls).
+/// The status of the HTTP/1.x status line at `data_at`; for an HTTP/2 `RST_STREAM` or GOAWAY
+/// frame header there, [`H2_RST_TAG`] or [`H2_GOAWAY_TAG`] with the frame's error code; 0 for
+/// anything else. Not inlined: its buffer stays out of the caller's frame (see `pod_packet`'s
+/// calls).
 #[inline(never)]
 fn read_status(ctx: &TcContext, data_at: usize) -> Result<u32, i64> {
     let line: [u8; STATUS_LINE] = ctx.load(data_at)?;
-    Ok(status(&line).unwrap_or(0))
+    if let Some(status) = status(&line) {
+        return Ok(status);
+    }
+    // A frame header: a 24-bit length, type, flags, a 31-bit stream id. Only shapes no text
+    // begins with: RST_STREAM (3) of length 4 on a stream, GOAWAY (7) of 8 or more on stream 0.
+    if line[0] != 0 || line[4] != 0 {
+        return Ok(0);
+    }
+    let stream = u32::from_be_bytes([line[5], line[6], line[7], line[8]]) & 0x7fff_ffff;
+    let (tag, code_at) = match line[3] {
+        3 if line[1] == 0 && line[2] == 4 && stream != 0 => (H2_RST_TAG, 9),
+        7 if (line[1] != 0 || line[2] >= 8) && stream == 0 => (H2_GOAWAY_TAG, 13),
+        _ => return Ok(0),
+    };
+    // A segment too short for the code is no such frame: not a read error.
+    let Ok(code) = ctx.load::<[u8; 4]>(data_at + code_at) else {
+        return Ok(0);
+    };
+    Ok(tag | (u32::from_be_bytes(code) & 0xffff))
 }
 
 /// The status of an HTTP/1.x status line (`HTTP/1.1 503 ...`), or `None` for anything else:

@@ -874,6 +874,8 @@ impl Agent {
                     event_kind::CONNECT_FAILED => EventKind::ConnectFailed,
                     event_kind::HTTP_5XX => EventKind::Http5xx,
                     event_kind::REQUEST_CUT => EventKind::RequestCut,
+                    event_kind::H2_GOAWAY => EventKind::H2Goaway,
+                    event_kind::H2_RESET => EventKind::H2Reset,
                     _ => return,
                 };
                 let Some(pod) = state

@@ -149,6 +149,9 @@ fn counters(t: &crate::loader::SlotTotals) -> pb::Counters {
         http_4xx: t.http_4xx,
         http_5xx: t.http_5xx,
         requests_cut: t.requests_cut,
+        http2_goaways: t.h2_goaways,
+        http2_refused_streams: t.h2_resets_refused,
+        http2_resets: t.h2_resets,
     }
 }
 
@@ -236,6 +239,8 @@ pub fn event_message(event: &PodEvent) -> pb::Event {
             EventKind::PeerConnectFailed => pb::EventKind::PeerConnectFailed,
             EventKind::Http5xx => pb::EventKind::Http5xx,
             EventKind::RequestCut => pb::EventKind::RequestCut,
+            EventKind::H2Goaway => pb::EventKind::Http2Goaway,
+            EventKind::H2Reset => pb::EventKind::Http2Reset,
         }
         .into(),
         time: Some(prost_types::Timestamp::from(event.time)),

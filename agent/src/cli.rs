@@ -149,6 +149,9 @@ pub fn pod_json(pod: &pb::Pod) -> Value {
             "5xx": total.http_5xx,
             "from_node": pod.http_from_node,
             "requests_cut": total.requests_cut,
+            "http2_goaways": total.http2_goaways,
+            "http2_refused_streams": total.http2_refused_streams,
+            "http2_resets": total.http2_resets,
         },
         "window": {
             "accepted": window.accepted,
@@ -158,6 +161,7 @@ pub fn pod_json(pod: &pb::Pod) -> Value {
             "failed_connects": window.failed_connects,
             "http_5xx": window.http_5xx,
             "requests_cut": window.requests_cut,
+            "http2_resets": window.http2_resets,
         },
         "peer_failures": pod.peer_failures,
         "from_node": pod.from_node,
@@ -230,6 +234,8 @@ pub fn event_kind_name(kind: i32) -> &'static str {
         pb::EventKind::PeerConnectFailed => EventKind::PeerConnectFailed,
         pb::EventKind::Http5xx => EventKind::Http5xx,
         pb::EventKind::RequestCut => EventKind::RequestCut,
+        pb::EventKind::Http2Goaway => EventKind::H2Goaway,
+        pb::EventKind::Http2Reset => EventKind::H2Reset,
         pb::EventKind::Unspecified => return "unknown",
     };
     kind.as_str()

@@ -88,6 +88,10 @@ pub enum EventKind {
     Http5xx,
     /// The pod closed a connection (FIN) with a client's HTTP/1.x request unanswered.
     RequestCut,
+    /// The pod sent an HTTP/2 GOAWAY (`reason`: its error code): its drain signal, no error.
+    H2Goaway,
+    /// The pod reset an HTTP/2 stream with an error (`reason`: the error code).
+    H2Reset,
 }
 
 impl EventKind {
@@ -101,6 +105,8 @@ impl EventKind {
             Self::PeerConnectFailed => "peer_connect_failed",
             Self::Http5xx => "http_5xx",
             Self::RequestCut => "request_cut",
+            Self::H2Goaway => "http2_goaway",
+            Self::H2Reset => "http2_reset",
         }
     }
 }
@@ -143,6 +149,7 @@ impl PodEvent {
                     | EventKind::PeerConnectFailed
                     | EventKind::Http5xx
                     | EventKind::RequestCut
+                    | EventKind::H2Reset
             )
     }
 }
@@ -160,6 +167,8 @@ pub struct Startup {
     pub http_5xx: u64,
     /// Clients' HTTP requests it closed connections on without answering.
     pub requests_cut: u64,
+    /// HTTP/2 streams it reset with an error.
+    pub h2_resets: u64,
     /// Of all of them, the ones before the pod was ready.
     pub before_ready: u64,
     pub first_error_at: Option<SystemTime>,
@@ -177,6 +186,7 @@ impl Startup {
             + self.no_answer
             + self.http_5xx
             + self.requests_cut
+            + self.h2_resets
     }
 
     /// What the errors say, for people (`name` is the pod's): empty when there were none.
@@ -223,6 +233,9 @@ impl Startup {
         }
         if self.requests_cut > 0 {
             let _ = write!(reason, "; {} HTTP requests cut", self.requests_cut);
+        }
+        if self.h2_resets > 0 {
+            let _ = write!(reason, "; {} HTTP/2 streams reset", self.h2_resets);
         }
         if self.http_5xx > 0 {
             let _ = write!(reason, "; {} HTTP 5xx responses", self.http_5xx);
@@ -276,7 +289,7 @@ pub struct PodDrain {
     window_counted_from: Option<SystemTime>,
     /// Errors inside the window from before the kernel counted it (from their events), by
     /// kind: resets sent, resets received, refusals, connects that got no answer, HTTP 5xx.
-    late: [u64; 6],
+    late: [u64; 7],
 }
 
 impl PodDrain {
@@ -307,7 +320,7 @@ impl PodDrain {
             first_startup_error: None,
             last_startup_error: None,
             window_counted_from: None,
-            late: [0; 6],
+            late: [0; 7],
         }
     }
 
@@ -339,7 +352,14 @@ impl PodDrain {
         let requests_cut = t
             .requests_cut
             .saturating_sub(window.requests_cut + self.late[5]);
-        let errors = resets_sent + resets_received + refused + no_answer + http_5xx + requests_cut;
+        let h2_resets = t.h2_resets.saturating_sub(window.h2_resets + self.late[6]);
+        let errors = resets_sent
+            + resets_received
+            + refused
+            + no_answer
+            + http_5xx
+            + requests_cut
+            + h2_resets;
         let seen = self.startup_before_ready + self.startup_after_ready;
         Startup {
             resets_sent,
@@ -348,6 +368,7 @@ impl PodDrain {
             no_answer,
             http_5xx,
             requests_cut,
+            h2_resets,
             before_ready: (self.startup_before_ready + errors.saturating_sub(seen)).min(errors),
             first_error_at: self.first_startup_error,
             last_error_at: self.last_startup_error,
@@ -361,13 +382,14 @@ impl PodDrain {
         self.peer_failures + self.late[3] + self.startup_no_answer
     }
 
-    fn count_late(late: &mut [u64; 6], kind: EventKind) {
+    fn count_late(late: &mut [u64; 7], kind: EventKind) {
         let index = match kind {
             EventKind::ResetSent => 0,
             EventKind::ResetReceived => 1,
             EventKind::Refused => 2,
             EventKind::Http5xx => 4,
             EventKind::RequestCut => 5,
+            EventKind::H2Reset => 6,
             _ => 3,
         };
         late[index] += 1;
@@ -519,6 +541,7 @@ impl PodDrain {
             failed_connects: t.win_failed_connects,
             http_5xx: t.win_http_5xx,
             requests_cut: t.win_requests_cut,
+            h2_resets: t.win_h2_resets,
             open: t.open,
             last_accept_ns: t.last_accept_ns,
             ..SlotTotals::default()
@@ -537,6 +560,7 @@ impl PodDrain {
             + w.refused
             + w.http_5xx
             + w.requests_cut
+            + w.h2_resets
             + self.peer_failures
             + self.late.iter().sum::<u64>()
     }
@@ -597,6 +621,9 @@ impl PodDrain {
             }
             if w.http_5xx > 0 {
                 let _ = write!(reason, ", {} HTTP 5xx responses", w.http_5xx);
+            }
+            if w.h2_resets > 0 {
+                let _ = write!(reason, ", {} HTTP/2 streams reset", w.h2_resets);
             }
             if w.requests_cut > 0 {
                 let _ = write!(

@@ -49,7 +49,7 @@ pub fn render_metrics(state: &AgentState) -> String {
     let open_at_exit = Family::<PodLabels, Gauge>::default();
     let verdict = Family::<VerdictLabels, Gauge>::default();
     let http = Family::<HttpLabels, Counter>::default();
-    let counters: [(&str, &str, Family<PodLabels, Counter>); 11] = [
+    let counters: [(&str, &str, Family<PodLabels, Counter>); 14] = [
         (
             "accepted",
             "Connections the pod accepted",
@@ -102,6 +102,22 @@ pub fn render_metrics(state: &AgentState) -> String {
              request outstanding): errors inside the window",
             Family::default(),
         ),
+        (
+            "http2_goaways",
+            "HTTP/2 GOAWAY frames the pod sent (its drain signal): not errors",
+            Family::default(),
+        ),
+        (
+            "http2_refused_streams",
+            "HTTP/2 streams the pod reset with REFUSED_STREAM (the client may retry): not errors",
+            Family::default(),
+        ),
+        (
+            "http2_resets",
+            "HTTP/2 streams the pod reset with an error (not NO_ERROR, not REFUSED_STREAM): \
+             errors inside the window",
+            Family::default(),
+        ),
     ];
     for pod in state.pods.values() {
         let labels = PodLabels {
@@ -131,6 +147,9 @@ pub fn render_metrics(state: &AgentState) -> String {
             pod.startup().errors(),
             t.http_from_node,
             t.requests_cut,
+            t.h2_goaways,
+            t.h2_resets_refused,
+            t.h2_resets,
         ]) {
             family.get_or_create(&labels).inc_by(value);
         }

@@ -353,6 +353,130 @@ fn requests_in_flight_when_the_server_closes_are_cut_and_each_is_counted() {
     drop(idle);
 }
 
+/// An HTTP/2 frame: its header (length, type, flags, stream) and payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = (payload.len() as u32).to_be_bytes();
+    let mut frame = vec![len[1], len[2], len[3], kind, flags];
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// Reads HTTP/2 frames until one of type `kind` (its stream and payload); `None` at the end.
+fn h2_read_until(conn: &mut TcpStream, kind: u8) -> Option<(u32, Vec<u8>)> {
+    loop {
+        let mut head = [0u8; 9];
+        conn.read_exact(&mut head).ok()?;
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        conn.read_exact(&mut payload).ok()?;
+        if head[3] == kind {
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]);
+            return Some((stream, payload));
+        }
+    }
+}
+
+/// A gRPC-like HTTP/2 server (cleartext, prior knowledge) that sends GOAWAY on SIGTERM and
+/// resets the streams that come after it with `code`: the GOAWAY is counted (never an error),
+/// each reset by its code; returns the pod once its verdict is in.
+fn h2_rollout(prefix: &str, code: u32) -> Pod {
+    const HEADERS: u8 = 1;
+    const RST_STREAM: u8 = 3;
+    const SETTINGS: u8 = 4;
+    const GOAWAY: u8 = 7;
+    let link = Link::new(prefix, Family::V4);
+    let agent = TestAgent::start();
+    let code_arg = code.to_string();
+    let (mut server, addr) = start_server_with(
+        &agent,
+        &link,
+        &["--mode", "graceful", "--h2-reset-code", &code_arg],
+    );
+    let pod_name = link.b.name().to_owned();
+    wait_for_server(&agent, &pod_name);
+    let mut conn = connect(&link, addr).expect("connect");
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(h2_frame(SETTINGS, 0, 0, &[]));
+    conn.write_all(&hello).expect("preface");
+    // HPACK-encoded `GET / http` (static table entries): the server does not decode it.
+    let request = |stream: u32| h2_frame(HEADERS, 0x5, stream, &[0x82, 0x84, 0x86]);
+    conn.write_all(&request(1)).expect("request");
+    assert_eq!(h2_read_until(&mut conn, HEADERS).map(|f| f.0), Some(1));
+    server.signal(Signal::SIGTERM);
+    let (_, goaway) = h2_read_until(&mut conn, GOAWAY).expect("GOAWAY");
+    assert_eq!(goaway[..4], 1u32.to_be_bytes(), "last stream 1");
+    for stream in [3, 5] {
+        conn.write_all(&request(stream)).expect("request");
+        let (id, payload) = h2_read_until(&mut conn, RST_STREAM).expect("RST_STREAM");
+        assert_eq!((id, payload), (stream, code.to_be_bytes().to_vec()));
+    }
+    drop(conn);
+    assert!(server.0.wait().expect("server exit").success());
+    let pod = agent.wait_for_pod(&pod_name, |p| {
+        matches!(verdict(p), Verdict::Pass | Verdict::Fail)
+            && p.total.is_some_and(|t| t.http2_goaways == 1)
+    });
+    let events = events_of(&agent, Some(&pod_name));
+    let kinds = |kind: draingate_proto::v1::EventKind| {
+        events
+            .iter()
+            .filter(|e| e.kind == kind as i32)
+            .map(|e| e.reason.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        kinds(draingate_proto::v1::EventKind::Http2Goaway).len(),
+        1,
+        "the GOAWAY is on the timeline: {events:#?}"
+    );
+    let resets = kinds(draingate_proto::v1::EventKind::Http2Reset);
+    if code == 7 {
+        assert!(resets.is_empty(), "{events:#?}");
+    } else {
+        assert_eq!(resets.len(), 2, "{events:#?}");
+    }
+    pod
+}
+
+#[test]
+fn http2_goaway_is_counted_and_streams_reset_with_an_error_fail_the_pod() {
+    require_root();
+    // INTERNAL_ERROR: the two streams after the GOAWAY failed.
+    let pod = h2_rollout("h2err", 2);
+    let (total, window) = (pod.total.expect("totals"), pod.window.expect("window"));
+    assert_eq!(verdict(&pod), Verdict::Fail, "{pod:#?}");
+    assert_eq!(
+        (
+            total.http2_goaways,
+            total.http2_resets,
+            total.http2_refused_streams
+        ),
+        (1, 2, 0),
+        "{pod:#?}"
+    );
+    assert_eq!((window.http2_resets, pod.errors), (2, 2), "{pod:#?}");
+    assert!(
+        pod.reason.contains("HTTP/2 streams reset"),
+        "{}",
+        pod.reason
+    );
+    // REFUSED_STREAM: the client may retry them elsewhere; the pod drained cleanly.
+    let pod = h2_rollout("h2ref", 7);
+    let total = pod.total.expect("totals");
+    assert_eq!(verdict(&pod), Verdict::Pass, "{pod:#?}");
+    assert_eq!(
+        (
+            total.http2_goaways,
+            total.http2_resets,
+            total.http2_refused_streams
+        ),
+        (1, 0, 2),
+        "{pod:#?}"
+    );
+    assert_eq!(pod.errors, 0);
+}
+
 #[test]
 fn http_503_answers_after_sigterm_fail_the_pod_and_each_is_counted_ipv6() {
     // A server that keeps serving for 1.5 s after SIGTERM but answers every request 503 (a

@@ -38,6 +38,12 @@ pub struct SlotTotals {
     /// and of those inside the window.
     pub requests_cut: u64,
     pub win_requests_cut: u64,
+    /// HTTP/2 frames the pod sent (see [`SlotCounters::h2_goaways`]): GOAWAYs, streams
+    /// refused (`REFUSED_STREAM`), streams reset with an error, and of those inside the window.
+    pub h2_goaways: u64,
+    pub h2_resets_refused: u64,
+    pub h2_resets: u64,
+    pub win_h2_resets: u64,
 }
 
 impl SlotTotals {
@@ -67,6 +73,10 @@ impl SlotTotals {
             totals.synacks_seen += cpu.synacks_seen;
             totals.requests_cut += cpu.requests_cut;
             totals.win_requests_cut += cpu.win_requests_cut;
+            totals.h2_goaways += cpu.h2_goaways;
+            totals.h2_resets_refused += cpu.h2_resets_refused;
+            totals.h2_resets += cpu.h2_resets;
+            totals.win_h2_resets += cpu.win_h2_resets;
             tracked = tracked.wrapping_add(cpu.sockets_tracked);
             // Sockets leave the table untracked, or closed after their process released them.
             gone = gone

@@ -39,6 +39,17 @@ pub struct Counters {
     /// Part of `errors` inside the window. A request cut by a reset counts as that reset.
     #[prost(uint64, tag = "10")]
     pub requests_cut: u64,
+    /// HTTP/2 frames the pod sent on cleartext connections that began with the client preface
+    /// (prior knowledge, as gRPC's), when a frame starts a segment: GOAWAY (its drain signal, never
+    /// an error), RST_STREAM with REFUSED_STREAM (the client may retry: not an error), RST_STREAM
+    /// with another code but NO_ERROR (a failed request: part of `errors` inside the window, which
+    /// carries only `http2_resets`). Not seen: TLS, h2c by upgrade, a frame inside a segment.
+    #[prost(uint64, tag = "11")]
+    pub http2_goaways: u64,
+    #[prost(uint64, tag = "12")]
+    pub http2_refused_streams: u64,
+    #[prost(uint64, tag = "13")]
+    pub http2_resets: u64,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Timeline {
@@ -372,6 +383,10 @@ pub enum EventKind {
     Http5xx = 6,
     /// The pod closed a connection (FIN) with a client's HTTP/1.x request unanswered.
     RequestCut = 7,
+    /// The pod sent an HTTP/2 GOAWAY (`reason`: its error code): its drain signal, not an error.
+    Http2Goaway = 8,
+    /// The pod reset an HTTP/2 stream with an error (`reason`: the RST_STREAM error code).
+    Http2Reset = 9,
 }
 impl EventKind {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -388,6 +403,8 @@ impl EventKind {
             Self::PeerConnectFailed => "EVENT_KIND_PEER_CONNECT_FAILED",
             Self::Http5xx => "EVENT_KIND_HTTP_5XX",
             Self::RequestCut => "EVENT_KIND_REQUEST_CUT",
+            Self::Http2Goaway => "EVENT_KIND_HTTP2_GOAWAY",
+            Self::Http2Reset => "EVENT_KIND_HTTP2_RESET",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -401,6 +418,8 @@ impl EventKind {
             "EVENT_KIND_PEER_CONNECT_FAILED" => Some(Self::PeerConnectFailed),
             "EVENT_KIND_HTTP_5XX" => Some(Self::Http5xx),
             "EVENT_KIND_REQUEST_CUT" => Some(Self::RequestCut),
+            "EVENT_KIND_HTTP2_GOAWAY" => Some(Self::Http2Goaway),
+            "EVENT_KIND_HTTP2_RESET" => Some(Self::Http2Reset),
             _ => None,
         }
     }

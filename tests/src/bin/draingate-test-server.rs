@@ -17,6 +17,12 @@
 //! came (a framework that refuses work while it shuts down; with `late-close`, for
 //! `--drain-time`, then it drains).
 //!
+//! A connection that begins with the HTTP/2 preface (cleartext, prior knowledge) is served as
+//! HTTP/2, just enough for tests: each request (a HEADERS frame) gets `:status 200`; on
+//! SIGTERM the server sends GOAWAY, and resets each later stream with `RST_STREAM` and
+//! `--h2-reset-code` (7, `REFUSED_STREAM`, by default). Every frame is written on its own
+//! (`TCP_NODELAY`), so each starts a segment.
+//!
 //! `--backlog` and `--accept-pause` make a server that accepts more slowly than clients
 //! connect: its accept queue overflows and the kernel drops their SYNs (their connects time out).
 
@@ -72,6 +78,9 @@ struct Args {
     /// The status of every answer but the probes' after SIGTERM (100 to 599).
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u16).range(100..600))]
     status_after_term: u16,
+    /// The `RST_STREAM` error code for HTTP/2 requests after SIGTERM (7: `REFUSED_STREAM`).
+    #[arg(long, default_value_t = 7)]
+    h2_reset_code: u32,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -119,9 +128,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let (draining, terminating) = (Arc::clone(&draining), Arc::clone(&terminating));
                 let open = Arc::clone(&open);
                 let closed = closed_tx.clone();
-                let (request_time, status_after_term) = (args.request_time, args.status_after_term);
+                let answers = Answers {
+                    request_time: args.request_time,
+                    status_after_term: args.status_after_term,
+                    h2_reset_code: args.h2_reset_code,
+                };
                 tokio::spawn(async move {
-                    let _ = serve(stream, &draining, &terminating, request_time, status_after_term).await;
+                    let _ = serve(stream, &draining, &terminating, answers).await;
                     open.fetch_sub(1, Ordering::SeqCst);
                     let _ = closed.send(());
                 });
@@ -156,15 +169,30 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// How requests are answered.
+#[derive(Debug, Clone, Copy)]
+struct Answers {
+    request_time: Duration,
+    status_after_term: u16,
+    h2_reset_code: u32,
+}
+
+/// The HTTP/2 client preface.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 /// Serves requests on one connection until the client closes it, or until draining (the
 /// response to the next request then says `Connection: close`).
 async fn serve(
     mut stream: TcpStream,
     draining: &AtomicBool,
     terminating: &AtomicBool,
-    request_time: Duration,
-    status_after_term: u16,
+    answers: Answers,
 ) -> std::io::Result<()> {
+    let Answers {
+        request_time,
+        status_after_term,
+        h2_reset_code,
+    } = answers;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
@@ -175,6 +203,13 @@ async fn serve(
         buf.extend_from_slice(&chunk[..n]);
         if buf.len() > 64 * 1024 {
             return Ok(());
+        }
+        if buf.starts_with(PREFACE) {
+            buf.drain(..PREFACE.len());
+            return serve_h2(stream, buf, terminating, h2_reset_code).await;
+        }
+        if PREFACE.starts_with(&buf) {
+            continue;
         }
         while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let ready_probe = buf.starts_with(b"GET /health/ready ");
@@ -206,6 +241,77 @@ async fn serve(
                 let _ = stream.read(&mut chunk).await;
                 return Ok(());
             }
+        }
+    }
+}
+
+/// An HTTP/2 frame: its header (length, type, flags, stream) and payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap_or(0).to_be_bytes();
+    let mut frame = vec![len[1], len[2], len[3], kind, flags];
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// Serves an HTTP/2 connection (after its preface, `buf` holding what followed): just enough
+/// for tests (see the module documentation). HPACK is not decoded: a HEADERS frame is a request.
+async fn serve_h2(
+    mut stream: TcpStream,
+    mut buf: Vec<u8>,
+    terminating: &AtomicBool,
+    reset_code: u32,
+) -> std::io::Result<()> {
+    const HEADERS: u8 = 1;
+    const RST_STREAM: u8 = 3;
+    const SETTINGS: u8 = 4;
+    const GOAWAY: u8 = 7;
+    // Each frame its own segment, as the agent reads only frames that start one.
+    stream.set_nodelay(true)?;
+    stream.write_all(&h2_frame(SETTINGS, 0, 0, &[])).await?;
+    let (mut last_stream, mut goaway_sent) = (0u32, false);
+    let mut chunk = [0u8; 1024];
+    loop {
+        while buf.len() >= 9 {
+            let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+            if buf.len() < 9 + len {
+                break;
+            }
+            let (kind, flags) = (buf[3], buf[4]);
+            let id = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
+            buf.drain(..9 + len);
+            match kind {
+                HEADERS if terminating.load(Ordering::SeqCst) => {
+                    let frame = h2_frame(RST_STREAM, 0, id, &reset_code.to_be_bytes());
+                    stream.write_all(&frame).await?;
+                }
+                HEADERS => {
+                    last_stream = id;
+                    // `:status: 200` (HPACK static table index 8); END_HEADERS | END_STREAM.
+                    stream
+                        .write_all(&h2_frame(HEADERS, 0x5, id, &[0x88]))
+                        .await?;
+                }
+                SETTINGS if flags & 1 == 0 => {
+                    stream.write_all(&h2_frame(SETTINGS, 1, 0, &[])).await?;
+                }
+                _ => {}
+            }
+        }
+        if terminating.load(Ordering::SeqCst) && !goaway_sent {
+            goaway_sent = true;
+            let mut payload = last_stream.to_be_bytes().to_vec();
+            payload.extend_from_slice(&0u32.to_be_bytes());
+            stream.write_all(&h2_frame(GOAWAY, 0, 0, &payload)).await?;
+        }
+        match tokio::time::timeout(Duration::from_millis(50), stream.read(&mut chunk)).await {
+            Err(_) => {}
+            Ok(Ok(0)) => return Ok(()),
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Err(err)) => return Err(err),
+        }
+        if buf.len() > 64 * 1024 {
+            return Ok(());
         }
     }
 }
