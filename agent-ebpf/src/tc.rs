@@ -185,7 +185,7 @@ fn pod_packet(ctx: &TcContext) -> Result<(), i64> {
         // chain of calls (at most 512 bytes), and this one's is the largest.
         let from_node = is_node(&conn.remote);
         if status >= H2_GOAWAY_TAG {
-            h2_frame(slot, &conn, status);
+            h2_frame(slot, &conn, status, seq);
         } else if status != 0 && answer(&conn, seq, status) {
             http_response(slot, status, &conn, from_node);
         }
@@ -268,15 +268,19 @@ fn http2(conn: &ConnKey) {
 
 /// An HTTP/2 frame that starts a segment pod `slot` sent on `conn` ([`read_status`]'s tag and
 /// error code), if `conn` began with the HTTP/2 preface: a GOAWAY, or a `RST_STREAM` by its
-/// error code. Not inlined (see [`request`]).
+/// error code, in the segment with sequence number `seq`. Not inlined (see [`request`]).
 #[inline(never)]
-fn h2_frame(slot: u32, conn: &ConnKey, frame: u32) {
-    // SAFETY: as in `request`.
-    let http2 = HTTP_CONNS
-        .get_ptr_mut(conn)
-        .is_some_and(|known| unsafe { (*known).protocol } == HTTP2);
-    if !http2 {
+fn h2_frame(slot: u32, conn: &ConnKey, frame: u32, seq: u32) {
+    let Some(known) = HTTP_CONNS.get_ptr_mut(conn) else {
         return;
+    };
+    // SAFETY: as in `request`. A retransmission of the segment (its sequence number again) is
+    // not counted again.
+    unsafe {
+        if (*known).protocol != HTTP2 || (*known).response_seq == seq {
+            return;
+        }
+        (*known).response_seq = seq;
     }
     let code = frame & 0xffff;
     let kind = if frame & H2_RST_TAG != 0 {

@@ -257,6 +257,7 @@ pub fn event_message(event: &PodEvent) -> pb::Event {
                     "no answer".into()
                 }
             }
+            EventKind::H2Goaway | EventKind::H2Reset => h2_error_name(event.reason),
             _ if event.reason == 0 => String::new(),
             _ => event.reason.to_string(),
         },
@@ -627,4 +628,29 @@ pub async fn serve(
     a?;
     b?;
     Ok(())
+}
+
+/// An HTTP/2 error code's name (RFC 9113, section 7), or its number for codes it does not
+/// define.
+fn h2_error_name(code: u32) -> String {
+    const NAMES: [&str; 14] = [
+        "NO_ERROR",
+        "PROTOCOL_ERROR",
+        "INTERNAL_ERROR",
+        "FLOW_CONTROL_ERROR",
+        "SETTINGS_TIMEOUT",
+        "STREAM_CLOSED",
+        "FRAME_SIZE_ERROR",
+        "REFUSED_STREAM",
+        "CANCEL",
+        "COMPRESSION_ERROR",
+        "CONNECT_ERROR",
+        "ENHANCE_YOUR_CALM",
+        "INADEQUATE_SECURITY",
+        "HTTP_1_1_REQUIRED",
+    ];
+    usize::try_from(code)
+        .ok()
+        .and_then(|i| NAMES.get(i))
+        .map_or_else(|| code.to_string(), |name| (*name).to_owned())
 }
