@@ -483,8 +483,23 @@ fn http_503_answers_after_sigterm_fail_the_pod_and_each_is_counted_ipv6() {
     // framework refusing work while it shuts down), then drains cleanly: no reset, no refusal,
     // nothing open at its exit. Only the status lines it sends show the failed requests.
     require_root();
-    let link = Link::new("http5xx", Family::V6);
+    http_5xx_after_sigterm("http5xx", Family::V6, 503);
+}
+
+#[test]
+fn http_502_answers_of_a_proxy_whose_upstream_is_gone_fail_the_pod_and_each_is_counted() {
+    // A proxy pod (nginx, Envoy) whose upstream went away first answers 502 Bad Gateway while it
+    // still serves: the same status path, another class member.
+    require_root();
+    http_5xx_after_sigterm("http502", Family::V4, 502);
+}
+
+/// A server that answers `status` for 1.5 s after SIGTERM, then drains: the pod fails, and each
+/// answer is counted by class, with its event and in the metric.
+fn http_5xx_after_sigterm(prefix: &str, family: Family, status: u16) {
+    let link = Link::new(prefix, family);
     let agent = TestAgent::start();
+    let status_arg = status.to_string();
     let (mut server, addr) = start_server_with(
         &agent,
         &link,
@@ -494,7 +509,7 @@ fn http_503_answers_after_sigterm_fail_the_pod_and_each_is_counted_ipv6() {
             "--drain-time",
             "1500ms",
             "--status-after-term",
-            "503",
+            &status_arg,
         ],
     );
     let pod_name = link.b.name().to_owned();
@@ -527,7 +542,7 @@ fn http_503_answers_after_sigterm_fail_the_pod_and_each_is_counted_ipv6() {
     });
     assert!(server.0.wait().expect("server exit").success());
     let ok = statuses.iter().filter(|&&s| s == 200).count() as u64;
-    let unavailable = statuses.iter().filter(|&&s| s == 503).count() as u64;
+    let unavailable = statuses.iter().filter(|&&s| s == status).count() as u64;
     assert_eq!(ok + unavailable, statuses.len() as u64, "{statuses:?}");
     assert!(ok > 0 && unavailable > 0, "{statuses:?}");
 
@@ -545,7 +560,7 @@ fn http_503_answers_after_sigterm_fail_the_pod_and_each_is_counted_ipv6() {
     assert_eq!(window.http_5xx, unavailable, "{pod:#?}");
     assert_eq!(
         pod.errors, unavailable,
-        "the 503s are its only errors: {pod:#?}"
+        "the 5xx answers are its only errors: {pod:#?}"
     );
     // (Not the lifetime `refused`: `start_server`'s first connects may come before it listens.)
     assert_eq!(
@@ -563,7 +578,7 @@ fn http_503_answers_after_sigterm_fail_the_pod_and_each_is_counted_ipv6() {
     assert_eq!(http.len() as u64, unavailable);
     assert!(
         http.iter()
-            .all(|e| e.reason == "503" && e.in_window && e.local_port == u32::from(PORT)),
+            .all(|e| e.reason == status_arg && e.in_window && e.local_port == u32::from(PORT)),
         "{http:#?}"
     );
     let (_, metrics) = agent.http_get("/metrics");

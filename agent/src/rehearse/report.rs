@@ -37,6 +37,8 @@ pub struct AgentView {
     pub resets_sent: u64,
     pub resets_received: u64,
     pub refused: u64,
+    /// HTTP requests the pod closed connections on without answering (a client's `closed`).
+    pub requests_cut: u64,
     pub accepted: u64,
     pub open_at_exit: Option<u64>,
     /// Seconds since the rehearsal started.
@@ -176,6 +178,7 @@ impl PodReport {
                 resets_sent: pod.totals.resets_sent,
                 resets_received: pod.totals.resets_received,
                 refused: pod.totals.refused,
+                requests_cut: pod.totals.requests_cut,
                 accepted: pod.totals.accepted,
                 open_at_exit: pod.open_at_exit,
                 terminating_since: at(pod.timeline.terminating_since),
@@ -705,12 +708,12 @@ impl Report {
         let _ = writeln!(out);
         let _ = writeln!(
             out,
-            "{:<18} {:<4} {:<8} {:>6} {:>15} {:>6} {:>9} {:>9} {:>16}  {:<5}  TIMELINE (s: window opened > drained > exited)",
+            "{:<18} {:<4} {:<8} {:>6} {:>19} {:>6} {:>9} {:>9} {:>16}  {:<5}  TIMELINE (s: window opened > drained > exited)",
             "POD",
             "ROLE",
             "VERDICT",
             "ERRORS",
-            "SENT/RECV/REFUS",
+            "SENT/RECV/REFUS/CUT",
             "5XX",
             "OPEN@EXIT",
             "CLIENT",
@@ -722,7 +725,10 @@ impl Report {
                 Some(a) => (
                     a.verdict,
                     a.errors.to_string(),
-                    format!("{}/{}/{}", a.resets_sent, a.resets_received, a.refused),
+                    format!(
+                        "{}/{}/{}/{}",
+                        a.resets_sent, a.resets_received, a.refused, a.requests_cut
+                    ),
                     a.open_at_exit.map_or_else(|| "-".into(), |o| o.to_string()),
                     if p.role == PodRole::Old {
                         format!(
@@ -753,7 +759,7 @@ impl Report {
             };
             let _ = writeln!(
                 out,
-                "{:<18} {:<4} {:<8} {:>6} {:>15} {:>6} {:>9} {:>9} {:>16}  {:<5}  {}",
+                "{:<18} {:<4} {:<8} {:>6} {:>19} {:>6} {:>9} {:>9} {:>16}  {:<5}  {}",
                 p.name,
                 match p.role {
                     PodRole::Old => "old",

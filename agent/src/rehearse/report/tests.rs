@@ -157,6 +157,28 @@ fn requests_cut_at_exit_without_a_reset_are_bounded_by_open_at_exit() {
 }
 
 #[test]
+fn requests_the_pod_cut_match_the_clients_closed_ones_one_by_one() {
+    // The agent counted both FIN-cut requests: no connection open at the exit is needed to
+    // explain them, and the report's column shows them.
+    let mut pod = terminated_pod(1, 0, 0);
+    pod.totals.requests_cut = 2;
+    pod.totals.win_requests_cut = 2;
+    let failures = [
+        failure(Outcome::Reset, 40000, 6),
+        failure(Outcome::Closed, 40001, 6),
+        failure(Outcome::Closed, 40002, 6),
+    ];
+    let r = report(&pod, &failures);
+    assert!(r.agrees, "{}", r.note);
+    assert_eq!((r.cut_at_exit, r.client_connection_errors), (0, 3));
+    assert_eq!(r.agent.as_ref().map(|a| a.requests_cut), Some(2));
+    // One cut the agent did not see is a disagreement.
+    pod.totals.requests_cut = 1;
+    pod.totals.win_requests_cut = 1;
+    assert!(!report(&pod, &failures).agrees);
+}
+
+#[test]
 fn unanswered_connects_must_be_counted_from_the_clients_side() {
     // A connect to the pod's address timed out after its deletion: no packet of the pod's.
     let failures = [failure(Outcome::ConnectTimeout, 40000, 6)];
