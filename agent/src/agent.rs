@@ -232,6 +232,8 @@ pub struct Agent {
     /// Whether a failed lookup was logged (once).
     services_warned: bool,
     last_loss: u64,
+    /// [`KernelProbes::skipped_runs`] at the last resync.
+    last_skipped: u64,
 }
 
 impl std::fmt::Debug for Agent {
@@ -310,6 +312,7 @@ impl Agent {
             services,
             services_warned: false,
             last_loss: 0,
+            last_skipped: 0,
         };
         Ok((agent, handle))
     }
@@ -421,7 +424,9 @@ impl Agent {
         self.handle_events(&batch);
         let now = SystemTime::now();
         let loss = self.probes.loss()?;
-        let lost_total = loss.read_errors + loss.socket_table_full + loss.ring_full;
+        // Program runs the kernel skipped are events lost as surely as a full ring's.
+        let skipped = self.probes.skipped_runs();
+        let lost_total = loss.read_errors + loss.socket_table_full + loss.ring_full + skipped;
         let shared = Arc::clone(&self.state);
         let mut state = shared
             .lock()
@@ -432,7 +437,11 @@ impl Agent {
         state.inventory_problem = self.source.problem();
         let new_loss = lost_total > self.last_loss;
         if new_loss {
-            tracing::warn!(?loss, "the kernel programs lost events");
+            tracing::warn!(
+                ?loss,
+                skipped_runs = skipped,
+                "the kernel programs lost events"
+            );
         }
         if loss.reset_table_full > forgotten_before {
             tracing::warn!(
@@ -541,9 +550,15 @@ impl Agent {
                     drain.timeline.last_accepted = Some(self.wall(totals.last_accept_ns));
                 }
                 if new_loss && drain.timeline.terminating_since.is_some() {
-                    drain.lost = Some(format!(
-                        "the kernel lost events while the pod terminated ({loss:?})"
-                    ));
+                    drain.lost = Some(if skipped > self.last_skipped {
+                        format!(
+                            "the kernel skipped {} program runs while the pod terminated (another \
+                             BPF program or a bpf() map syscall held the CPU)",
+                            skipped - self.last_skipped
+                        )
+                    } else {
+                        format!("the kernel lost events while the pod terminated ({loss:?})")
+                    });
                 }
                 // Sockets the full table could not track since the pod appeared, before its
                 // window too: they may be its connections, missing from what its exit cut.
@@ -569,6 +584,7 @@ impl Agent {
             state.peer_failures.expire(before);
         }
         self.last_loss = lost_total;
+        self.last_skipped = skipped;
         // After the first resync of a complete inventory, what no pod claimed back is stale
         // (pods gone while no agent ran were restored above): stop watching those addresses
         // and free their slots (they are zeroed when given out again).

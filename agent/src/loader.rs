@@ -706,6 +706,30 @@ impl KernelProbes {
         Ok(total)
     }
 
+    /// Runs of this agent's programs the kernel skipped: a tracing program does not run while
+    /// another BPF program, or a `bpf()` map syscall (user space reading the counters), holds
+    /// the CPU's `bpf_prog_active`, which interrupts on that CPU (the receive path's TCP
+    /// transitions and resets) meet. Kernels count the skips from 6.7 on (`recursion_misses`
+    /// in each program's fdinfo); before, this is 0 and such skips go unseen.
+    #[must_use]
+    pub fn skipped_runs(&self) -> u64 {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        self.ebpf
+            .programs()
+            .filter_map(|(_, program)| program.fd().ok())
+            .filter_map(|fd| {
+                let raw = fd.as_fd().as_raw_fd();
+                std::fs::read_to_string(format!("/proc/self/fdinfo/{raw}")).ok()
+            })
+            .map(|info| {
+                info.lines()
+                    .find_map(|line| line.strip_prefix("recursion_misses:"))
+                    .and_then(|value| value.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
     /// The ring buffer of notable events, for one reader. `None` after the first call.
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
         self.events.take()
