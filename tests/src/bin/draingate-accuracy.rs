@@ -340,9 +340,10 @@ fn main() {
         "\nTargets: zero false passes, zero false fails. \"Cut at exit\": the agent failed the pod \
          because connections were still open when its last process exited (SIGKILL), while the \
          clients on them happened to be idle; the verdict (docs/verdict.md) counts that as fail. \
-         \"Requests cut at exit\": requests the process had read and died before answering; the \
-         kernel closes such a connection with a FIN, not a reset, so they show in open_at_exit \
-         rather than as resets. Took {:.0} s.",
+         \"Requests cut at exit\": client failures explained only by connections open at the \
+         exit (requests the process had read and died before answering, which the kernel closes \
+         with a FIN); the agent counts those it followed as requests_cut, among its errors, so \
+         this is what it missed. Took {:.0} s.",
         started.elapsed().as_secs_f64()
     );
     print!("{report}");

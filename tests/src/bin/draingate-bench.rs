@@ -1081,7 +1081,7 @@ fn tc_section(args: &Args, link: &Link, target: SocketAddr, part: TcPart) -> Str
         TcPart::Http => load_keep_alive(link, target, rate, args.seconds),
     };
     let (mut baseline, mut with_agent) = (Vec::new(), Vec::new());
-    let mut paired = Vec::new();
+    let (mut paired, mut paired_in) = (Vec::new(), Vec::new());
     for round in 0..args.rounds {
         let baseline_first = round % 2 == 0;
         if baseline_first {
@@ -1116,11 +1116,19 @@ fn tc_section(args: &Args, link: &Link, target: SocketAddr, part: TcPart) -> Str
             .map(draingate::loader::TcFloor::program_id)
             .collect();
         let ids = program_ids("pod_egress");
+        let ids_in = program_ids("pod_ingress");
         let (program_before, floor_before) = (stats_of(&ids), stats_of(&floor_ids));
+        let ingress_before = stats_of(&ids_in);
         with_agent.push(run(rate));
+        let floor = since(floor_before, stats_of(&floor_ids));
         paired.push(Paired {
             program: since(program_before, stats_of(&ids)),
-            floor: since(floor_before, stats_of(&floor_ids)),
+            floor,
+        });
+        // The empty program runs on egress only; an empty program costs the same either way.
+        paired_in.push(Paired {
+            program: since(ingress_before, stats_of(&ids_in)),
+            floor,
         });
         drop(floors);
         drop(agent);
@@ -1155,9 +1163,10 @@ fn tc_section(args: &Args, link: &Link, target: SocketAddr, part: TcPart) -> Str
                 report,
                 "## {HTTP_TITLE}\n\nReproduce: `sudo cargo xtask bench --only overhead -- \
                  --only-http` (part of `cargo xtask bench`). On every kernel the TC program \
-                 `pod_egress` reads the status line that starts each segment a pod sends. Here the \
-                 default agent (resets from the tracepoint) puts it on egress of both namespaces of \
-                 the load, whose {WORKERS} clients each send requests on one keep-alive \
+                 `pod_egress` reads the status line that starts each segment a pod sends, and \
+                 `pod_ingress` the request line that starts each segment sent to it (a hash \
+                 table update per request). Here the default agent (resets from the tracepoint) \
+                 puts them on both namespaces of the load, whose {WORKERS} clients each send requests on one keep-alive \
                  connection, in {} alternating rounds of {} s against no agent at all; an empty TC \
                  program (`tc_floor`) runs right after it on the same packets as its floor.\n",
                 args.rounds, args.seconds
@@ -1201,14 +1210,26 @@ fn tc_section(args: &Args, link: &Link, target: SocketAddr, part: TcPart) -> Str
         program: total(paired.iter().map(|p| p.program)),
         floor: total(paired.iter().map(|p| p.floor)),
     };
+    let all_in = Paired {
+        program: total(paired_in.iter().map(|p| p.program)),
+        floor: total(paired_in.iter().map(|p| p.floor)),
+    };
+    for (name, all) in [("pod_egress", all), ("pod_ingress", all_in)] {
+        let _ = writeln!(
+            report,
+            "| {name} | {} | {:.0} | {:.0} | {:.0} | {:.2} |",
+            all.program.1,
+            all.program_ns(),
+            all.floor_ns(),
+            all.own_ns(),
+            all.ratio()
+        );
+    }
     let _ = writeln!(
         report,
-        "| pod_egress | {} | {:.0} | {:.0} | {:.0} | {:.2} |",
-        all.program.1,
-        all.program_ns(),
-        all.floor_ns(),
-        all.own_ns(),
-        all.ratio()
+        "
+`pod_ingress` (the requests clients send, opposite `pod_egress`) is beside the same \
+         floor: the empty program runs on egress only, and costs the same on ingress."
     );
     report
 }
