@@ -121,7 +121,8 @@ pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 /// went away while it was down. 5: `SlotCounters::from_node` (144 bytes), and the node's own
 /// addresses in the address table under [`NODE_SLOT`]. 6: `SlotCounters`' HTTP responses
 /// and the SYN-ACKs seen (192 bytes). 7: `SlotCounters::requests_cut` and the HTTP/2 frames
-/// (240 bytes), and the HTTP connection table (`HTTP_CONNS`).
+/// (240 bytes), the HTTP connection table (`HTTP_CONNS`), and the request line in
+/// `NotableEvent` (72 bytes).
 pub const MAP_LAYOUT: u64 = 7;
 
 /// A pod slot's identity as user space keeps it in the pinned `SLOT_IDS` map: its namespace,
@@ -340,6 +341,9 @@ pub struct HttpConn {
     pub outstanding: u32,
     /// [`HTTP2`] once the client's first segment was the HTTP/2 preface, else 0.
     pub protocol: u32,
+    /// The first 8 bytes of the last request (its method and the start of its path, e.g.
+    /// `GET /api`), as loaded from the packet (memory order in a native `u64`).
+    pub request: u64,
 }
 
 /// [`HttpConn::protocol`] of a connection that began with the HTTP/2 client preface.
@@ -518,6 +522,9 @@ pub struct NotableEvent {
     pub held: u32,
     pub local: AddrKey,
     pub remote: AddrKey,
+    /// `HTTP_5XX` and `REQUEST_CUT`: the first 8 bytes of the request it answered or cut (the
+    /// method and the start of the path), zeros when the request was not seen.
+    pub request: [u8; 8],
 }
 
 /// Kernel TCP state numbers (`include/net/tcp_states.h`), stable kernel ABI.
@@ -567,9 +574,9 @@ const _: () = assert!(size_of::<ResetBucket>() == 64);
 const _: () = assert!(RESET_BUCKETS.is_power_of_two());
 const _: () = assert!(ADDR_BUCKETS.is_power_of_two());
 const _: () = assert!(ADDR_PROBE_BUCKETS <= ADDR_BUCKETS);
-const _: () = assert!(size_of::<NotableEvent>() == 64);
+const _: () = assert!(size_of::<NotableEvent>() == 72);
 const _: () = assert!(size_of::<ConnKey>() == 36);
-const _: () = assert!(size_of::<HttpConn>() == 16);
+const _: () = assert!(size_of::<HttpConn>() == 24);
 
 #[cfg(test)]
 mod tests {

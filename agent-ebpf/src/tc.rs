@@ -186,8 +186,11 @@ fn pod_packet(ctx: &TcContext) -> Result<(), i64> {
         let from_node = is_node(&conn.remote);
         if status >= H2_GOAWAY_TAG {
             h2_frame(slot, &conn, status, seq);
-        } else if status != 0 && answer(&conn, seq, status) {
-            http_response(slot, status, &conn, from_node);
+        } else if status != 0 {
+            let mut request = 0u64;
+            if answer(&conn, seq, status, &mut request) {
+                http_response(slot, status, &conn, from_node, request);
+            }
         }
         if fin {
             closed_by_pod(slot, &conn);
@@ -236,13 +239,18 @@ fn client_packet(ctx: &TcContext) -> Result<(), i64> {
     } else if !is_node(&conn.remote) {
         // Probes from the node are not clients' requests: never cut.
         let seq = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
-        // The first bytes again (a byte array kept across the calls above would be spilled
-        // byte by byte): a method, or the HTTP/2 preface.
-        let first: [u8; 4] = ctx.load(tcp_at + usize::from(head[12] >> 4) * 4)?;
-        if first == *PREFACE {
+        // The first bytes again, as a word (a byte array kept across the calls above would be
+        // spilled byte by byte): a method and the start of the path, or the HTTP/2 preface.
+        let data_at = tcp_at + usize::from(head[12] >> 4) * 4;
+        let line: u64 = if (ctx.len() as usize) >= data_at + 8 {
+            ctx.load(data_at)?
+        } else {
+            u64::from(ctx.load::<u32>(data_at)?)
+        };
+        if line as u32 == u32::from_ne_bytes(*PREFACE) {
             http2(&conn);
         } else {
-            request(&conn, seq);
+            request(&conn, seq, line);
         }
     }
     Ok(())
@@ -262,6 +270,7 @@ fn http2(conn: &ConnKey) {
         response_seq: 0,
         outstanding: 0,
         protocol: HTTP2,
+        request: 0,
     };
     let _ = HTTP_CONNS.insert(conn, state, 0);
 }
@@ -318,11 +327,12 @@ fn h2_frame(slot: u32, conn: &ConnKey, frame: u32, seq: u32) {
     );
 }
 
-/// A request on `conn` in the segment with sequence number `seq`: outstanding until answered.
-/// A retransmission of the last request's segment is not a new request. Not inlined, to keep
-/// the map's key and value out of the caller's frame.
+/// A request on `conn` in the segment with sequence number `seq`, whose first 8 bytes are
+/// `line` (memory order): outstanding until answered. A retransmission of the last request's
+/// segment is not a new request. Not inlined, to keep the map's key and value out of the
+/// caller's frame.
 #[inline(never)]
-fn request(conn: &ConnKey, seq: u32) {
+fn request(conn: &ConnKey, seq: u32, line: u64) {
     if let Some(known) = HTTP_CONNS.get_ptr_mut(conn) {
         // SAFETY: a hash map value, which the kernel keeps alive while the program runs; only
         // this connection's packets write it, and they do not race.
@@ -330,6 +340,7 @@ fn request(conn: &ConnKey, seq: u32) {
             if (*known).protocol != HTTP2 && (*known).request_seq != seq {
                 (*known).request_seq = seq;
                 (*known).outstanding = 1;
+                (*known).request = line;
             }
         }
         return;
@@ -339,17 +350,18 @@ fn request(conn: &ConnKey, seq: u32) {
         response_seq: 0,
         outstanding: 1,
         protocol: 0,
+        request: line,
     };
     // A full table forgets its least recently used connection (the insert does not fail).
     let _ = HTTP_CONNS.insert(conn, state, 0);
 }
 
 /// A response with `status` starting the segment with sequence number `seq` that the pod sent
-/// on `conn`: a final one (200 or more) answers the outstanding request. False for a
-/// retransmission of the last response, which is not counted again. Not inlined (see
-/// [`request`]).
+/// on `conn`: a final one (200 or more) answers the outstanding request, whose first bytes it
+/// leaves in `request` (0 when no request was seen). False for a retransmission of the last
+/// response, which is not counted again. Not inlined (see [`request`]).
 #[inline(never)]
-fn answer(conn: &ConnKey, seq: u32, status: u32) -> bool {
+fn answer(conn: &ConnKey, seq: u32, status: u32, request: &mut u64) -> bool {
     let Some(known) = HTTP_CONNS.get_ptr_mut(conn) else {
         return true;
     };
@@ -357,6 +369,9 @@ fn answer(conn: &ConnKey, seq: u32, status: u32) -> bool {
     unsafe {
         if (*known).response_seq == seq && (*known).outstanding == 0 {
             return false;
+        }
+        if (*known).outstanding != 0 {
+            *request = (*known).request;
         }
         (*known).response_seq = seq;
         if status >= 200 {
@@ -378,7 +393,7 @@ fn closed_by_pod(slot: u32, conn: &ConnKey) {
         return;
     };
     // SAFETY: as in `request`; read before the entry is removed.
-    let outstanding = unsafe { (*known).outstanding } != 0;
+    let (outstanding, request) = unsafe { ((*known).outstanding != 0, (*known).request) };
     // Closed either way: its requests end here.
     forget_conn(conn);
     if !outstanding {
@@ -397,6 +412,7 @@ fn closed_by_pod(slot: u32, conn: &ConnKey) {
             remote_port: conn.remote_port,
             local: conn.local,
             remote: conn.remote,
+            request: request.to_ne_bytes(),
             ..NotableEvent::default()
         },
         Wake::Batched,
@@ -462,10 +478,10 @@ fn status(line: &[u8; STATUS_LINE]) -> Option<u32> {
 }
 
 /// Counts a response with `status` that pod `slot` sent on `conn`: by class, a 5xx with its
-/// event; responses to the node's own addresses (`from_node`: kubelet probes) apart, never
-/// errors.
+/// event (with `request`, the first bytes of the request it answered, 0 if unseen); responses
+/// to the node's own addresses (`from_node`: kubelet probes) apart, never errors.
 #[inline(never)]
-fn http_response(slot: u32, status: u32, conn: &ConnKey, from_node: bool) {
+fn http_response(slot: u32, status: u32, conn: &ConnKey, from_node: bool, request: u64) {
     if from_node {
         count(slot, |c, _| c.http_from_node += 1);
         return;
@@ -489,6 +505,7 @@ fn http_response(slot: u32, status: u32, conn: &ConnKey, from_node: bool) {
                 remote_port: conn.remote_port,
                 local: conn.local,
                 remote: conn.remote,
+                request: request.to_ne_bytes(),
                 ..NotableEvent::default()
             },
             Wake::Batched,

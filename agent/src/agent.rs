@@ -922,6 +922,7 @@ impl Agent {
                     reason: event.reason,
                     in_window,
                     from_node: event.flags & draingate_common::EVENT_FROM_NODE != 0,
+                    request: crate::drain::request_line(event.request),
                 };
                 pod.push_event(pod_event.clone());
                 let peer = (kind == EventKind::ConnectFailed

@@ -267,6 +267,7 @@ pub fn event_message(event: &PodEvent) -> pb::Event {
             .map(|s| s.ip().to_string())
             .unwrap_or_default(),
         service_port: event.service.map_or(0, |s| s.port().into()),
+        request: event.request.clone().unwrap_or_default(),
     }
 }
 

@@ -211,6 +211,7 @@ pub fn event_json(event: &pb::Event) -> Value {
         "tcp_state": event.tcp_state,
         "reason": event.reason,
         "in_window": event.in_window,
+        "request": (!event.request.is_empty()).then_some(&event.request),
         "service": (!event.service_address.is_empty())
             .then(|| format!("{}:{}", bracket(&event.service_address), event.service_port)),
     })
@@ -333,7 +334,7 @@ pub fn event_line(event: &pb::Event) -> String {
     let id = event.pod.clone().unwrap_or_default();
     let time = rfc3339(event.time.as_ref());
     format!(
-        "{}  {}/{}  {:<14} {}:{} -> {}{}:{}  state={}{}{}",
+        "{}  {}/{}  {:<14} {}:{} -> {}{}:{}  state={}{}{}{}",
         time.as_str().unwrap_or("-"),
         id.namespace,
         id.name,
@@ -356,6 +357,11 @@ pub fn event_line(event: &pb::Event) -> String {
             String::new()
         } else {
             format!(" reason={}", event.reason)
+        },
+        if event.request.is_empty() {
+            String::new()
+        } else {
+            format!(" request={:?}", event.request)
         },
         if event.in_window {
             "  [terminating]"

@@ -132,6 +132,35 @@ pub struct PodEvent {
     /// For a failed connect to a Service IP: that address, which the node's connection
     /// tracking translated to `remote` (the backend pod's).
     pub service: Option<std::net::SocketAddr>,
+    /// For an HTTP 5xx or a cut request: the start of the request line (see
+    /// [`request_line`]), when the kernel saw the request.
+    pub request: Option<String>,
+}
+
+/// The start of a request line from the first bytes the kernel kept of it: printable ASCII up
+/// to the end of the line, cut at the space before the version (`GET /api`, `POST /v`);
+/// `None` when none were kept.
+#[must_use]
+pub fn request_line(bytes: [u8; 8]) -> Option<String> {
+    let end = bytes
+        .iter()
+        .position(|&b| b == 0 || b == b'\r' || b == b'\n')
+        .unwrap_or(bytes.len());
+    let text: String = bytes[..end]
+        .iter()
+        .map(|&b| {
+            if b.is_ascii_graphic() || b == b' ' {
+                char::from(b)
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    let text = match text.match_indices(' ').nth(1) {
+        Some((second_space, _)) => text[..second_space].to_owned(),
+        None => text,
+    };
+    (!text.is_empty()).then_some(text)
 }
 
 impl PodEvent {

@@ -332,11 +332,15 @@ fn requests_in_flight_when_the_server_closes_are_cut_and_each_is_counted() {
     );
     assert_eq!(pod.errors, 3, "the cut requests are its errors: {pod:#?}");
     assert!(pod.reason.contains("requests cut"), "{}", pod.reason);
-    let mut cut: Vec<u16> = events_of(&agent, Some(&pod_name))
-        .iter()
+    let cut_events: Vec<_> = events_of(&agent, Some(&pod_name))
+        .into_iter()
         .filter(|e| e.kind == draingate_proto::v1::EventKind::RequestCut as i32)
-        .map(|e| e.remote_port as u16)
         .collect();
+    assert!(
+        cut_events.iter().all(|e| e.request == "GET /"),
+        "each names its request: {cut_events:#?}"
+    );
+    let mut cut: Vec<u16> = cut_events.iter().map(|e| e.remote_port as u16).collect();
     cut.sort_unstable();
     let mut expected = ports.clone();
     expected.sort_unstable();
@@ -577,8 +581,10 @@ fn http_5xx_after_sigterm(prefix: &str, family: Family, status: u16) {
         .collect();
     assert_eq!(http.len() as u64, unavailable);
     assert!(
-        http.iter()
-            .all(|e| e.reason == status_arg && e.in_window && e.local_port == u32::from(PORT)),
+        http.iter().all(|e| e.reason == status_arg
+            && e.request == "GET /"
+            && e.in_window
+            && e.local_port == u32::from(PORT)),
         "{http:#?}"
     );
     let (_, metrics) = agent.http_get("/metrics");

@@ -36,6 +36,7 @@ fn no_answer(to: &str, secs: u64) -> PodEvent {
         in_window: false,
         from_node: false,
         service: None,
+        request: None,
     }
 }
 

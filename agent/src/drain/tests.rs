@@ -119,6 +119,7 @@ fn the_event_log_is_bounded() {
         in_window: false,
         from_node: false,
         service: None,
+        request: None,
     };
     for _ in 0..super::EVENTS_PER_POD + 5 {
         pod.push_event(event.clone());
@@ -141,6 +142,7 @@ fn refusal(secs: u64, from_node: bool, in_window: bool) -> super::PodEvent {
         in_window,
         from_node,
         service: None,
+        request: None,
     }
 }
 
@@ -442,4 +444,18 @@ fn a_pod_whose_packets_the_tc_program_never_saw_is_unknown_not_pass() {
     seen.charge_unseen_packets();
     seen.exited(t(3));
     assert_eq!(seen.verdict(), Verdict::Pass);
+}
+
+#[test]
+fn a_request_line_is_cut_at_its_version_and_kept_printable() {
+    use super::request_line;
+    assert_eq!(request_line(*b"GET / HT").as_deref(), Some("GET /"));
+    assert_eq!(request_line(*b"GET /api").as_deref(), Some("GET /api"));
+    assert_eq!(request_line(*b"POST /v1").as_deref(), Some("POST /v1"));
+    assert_eq!(request_line(*b"GET\r\n\0\0\0").as_deref(), Some("GET"));
+    assert_eq!(
+        request_line(*b"GET /\x01\xff\0").as_deref(),
+        Some("GET /??")
+    );
+    assert_eq!(request_line([0; 8]), None);
 }

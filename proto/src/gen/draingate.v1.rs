@@ -266,6 +266,11 @@ pub struct Event {
     pub service_address: ::prost::alloc::string::String,
     #[prost(uint32, tag = "12")]
     pub service_port: u32,
+    /// For an HTTP 5xx or a cut request: the first 8 bytes of the request line it answered or
+    /// cut (the method and the start of the path, e.g. "GET /api", printable ASCII, cut at the
+    /// space before the version); empty when the agent did not see the request.
+    #[prost(string, tag = "13")]
+    pub request: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct StreamEventsRequest {

@@ -44,6 +44,7 @@ fn terminated_pod(resets_sent: u64, refused: u64, open_at_exit: u64) -> PodDrain
             in_window: true,
             from_node: false,
             service: None,
+            request: None,
         });
     }
     pod
@@ -342,6 +343,7 @@ fn an_old_pods_errors_before_its_termination_after_the_first_deletion_fail_the_r
             in_window: false,
             from_node: false,
             service: None,
+            request: None,
         });
         // Deleted at 9 s, it drained clean and exited.
         pod.open_window(SystemTime::now() + Duration::from_secs(9));
