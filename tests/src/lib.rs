@@ -539,13 +539,32 @@ impl Drop for ChildGuard {
     }
 }
 
-/// A loopback port free now (for a process this test starts to listen on).
+/// A loopback port free now, for a process this test starts to listen on.
+///
+/// Taken below the kernel's ephemeral range (32768 and up by default): a port the kernel
+/// handed out could be given again, between this check and the child's `bind`, to any
+/// outgoing connection (the API server's, a client's), and the child would then fail with
+/// "address in use" (seen in CI: 3 agents in 209 hold-test runs). Below the range only
+/// another `free_port` could take it: each process walks its own stretch, from an offset
+/// its pid chooses, and skips ports that are bound now.
 #[must_use]
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 10_000;
+    const SPAN: u32 = 22_000; // up to 31,999
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
+    for _ in 0..SPAN {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN;
+        let port = u16::try_from(FIRST + offset).expect("below 32,000");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!(
+        "no free loopback port between {FIRST} and {}",
+        FIRST + SPAN - 1
+    )
 }
 
 /// One HTTP/1.1 request (`body` sent as JSON when not empty) on a new connection: the status

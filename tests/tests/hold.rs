@@ -459,6 +459,15 @@ struct Rig {
     logs: std::path::PathBuf,
 }
 
+/// The logs stay for a failed test, to read; a passed one's go.
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.logs);
+        }
+    }
+}
+
 impl Rig {
     fn start(test: &str, setup: &Setup) -> Self {
         require_root();
@@ -509,15 +518,24 @@ impl Rig {
             })
             .collect();
         let deadline = Instant::now() + Duration::from_secs(30);
-        let mut faces = vec![(agent_http.clone(), "/readyz")];
-        faces.extend(gates.iter().map(|g| (g.http.clone(), "/healthz")));
-        for (addr, path) in faces {
-            while http_request(addr.as_str(), "GET", path, "")
-                .map(|r| r.0)
-                .ok()
-                != Some(200)
-            {
-                assert!(Instant::now() < deadline, "{addr}{path} never answered 200");
+        let mut faces = vec![(agent_http.clone(), "/readyz", logs.join("agent.log"))];
+        faces.extend(
+            gates
+                .iter()
+                .map(|g| (g.http.clone(), "/healthz", g.log.clone())),
+        );
+        for (addr, path, log) in faces {
+            loop {
+                let answer = http_request(addr.as_str(), "GET", path, "");
+                if answer.as_ref().is_ok_and(|r| r.0 == 200) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{addr}{path} never answered 200 (last: {answer:?}); {}:\n{}",
+                    log.display(),
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
