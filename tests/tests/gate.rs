@@ -650,7 +650,7 @@ fn a_failed_connect_seen_only_on_another_node_fails_the_rollout_through_the_gate
         )
     });
     let err = unanswered.expect_err("no answer from the pod");
-    assert_eq!(err.raw_os_error(), Some(nix::libc::EHOSTUNREACH), "{err}");
+    assert_eq!(err.raw_os_error(), Some(libc::EHOSTUNREACH), "{err}");
 
     let deadline = Instant::now() + Duration::from_secs(20);
     let answer = loop {
