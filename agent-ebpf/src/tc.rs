@@ -9,8 +9,8 @@ use draingate_common::{
 
 use crate::{
     addr::{is_node, pod_of},
-    count::{count, loss, now, w},
-    event::{Wake, emit},
+    count::{count, loss, w},
+    event::{Wake, conn_event, emit},
     maps::HTTP_CONNS,
     record::global,
     tcp_reset::reset_sent,
@@ -181,12 +181,12 @@ fn pod_packet(ctx: &TcContext) -> Result<(), i64> {
     } else if synack {
         count_synack(slot);
     } else {
-        // Looked up here, not in `http_response`: the verifier of 6.1 adds up the frames of a
-        // chain of calls (at most 512 bytes), and this one's is the largest.
-        let from_node = is_node(&conn.remote);
         if status >= H2_GOAWAY_TAG {
             h2_frame(slot, &conn, status, seq);
         } else if status != 0 {
+            // Looked up here, not in `http_response`: the verifier of 6.1 adds up the frames
+            // of a chain of calls (at most 512 bytes), and that one's is the largest.
+            let from_node = is_node(&conn.remote);
             let mut request = 0u64;
             if answer(&conn, seq, status, &mut request) {
                 http_response(slot, status, &conn, from_node, request);
@@ -311,20 +311,7 @@ fn h2_frame(slot: u32, conn: &ConnKey, frame: u32, seq: u32) {
         count(slot, |c, _| c.h2_goaways += 1);
         event_kind::H2_GOAWAY
     };
-    emit(
-        &NotableEvent {
-            time_ns: now(),
-            slot,
-            reason: code,
-            kind,
-            local_port: conn.local_port,
-            remote_port: conn.remote_port,
-            local: conn.local,
-            remote: conn.remote,
-            ..NotableEvent::default()
-        },
-        Wake::Batched,
-    );
+    emit(&conn_event(slot, kind, code, conn), Wake::Batched);
 }
 
 /// A request on `conn` in the segment with sequence number `seq`, whose first 8 bytes are
@@ -405,15 +392,8 @@ fn closed_by_pod(slot: u32, conn: &ConnKey) {
     });
     emit(
         &NotableEvent {
-            time_ns: now(),
-            slot,
-            kind: event_kind::REQUEST_CUT,
-            local_port: conn.local_port,
-            remote_port: conn.remote_port,
-            local: conn.local,
-            remote: conn.remote,
             request: request.to_ne_bytes(),
-            ..NotableEvent::default()
+            ..conn_event(slot, event_kind::REQUEST_CUT, 0, conn)
         },
         Wake::Batched,
     );
@@ -497,16 +477,8 @@ fn http_response(slot: u32, status: u32, conn: &ConnKey, from_node: bool, reques
     if status >= 500 {
         emit(
             &NotableEvent {
-                time_ns: now(),
-                slot,
-                reason: status,
-                kind: event_kind::HTTP_5XX,
-                local_port: conn.local_port,
-                remote_port: conn.remote_port,
-                local: conn.local,
-                remote: conn.remote,
                 request: request.to_ne_bytes(),
-                ..NotableEvent::default()
+                ..conn_event(slot, event_kind::HTTP_5XX, status, conn)
             },
             Wake::Batched,
         );

@@ -7,7 +7,7 @@ use draingate_common::{AddrKey, ConnKey, EVENT_FROM_NODE, NotableEvent, event_ki
 use crate::{
     addr::{is_node, pod_of},
     count::{count, now, run, w},
-    event::{Wake, emit},
+    event::{Wake, conn_event, emit},
     record::{
         ABSENT, AF_INET, AF_INET6, RCV_DADDR, RCV_DADDR_V6, RCV_DPORT, RCV_FAMILY, RCV_SADDR,
         RCV_SADDR_V6, RCV_SKADDR, RCV_SPORT, RST_DADDR, RST_REASON, RST_SADDR, RST_SKADDR,
@@ -149,17 +149,9 @@ fn emit_reset(tag: u16, slot: u32, state: u32, reason: u32, conn: &ConnKey) {
     let [kind, flags] = tag.to_le_bytes();
     emit(
         &NotableEvent {
-            time_ns: now(),
-            slot,
-            reason,
-            kind,
             tcp_state: state as u8,
             flags,
-            local_port: conn.local_port,
-            remote_port: conn.remote_port,
-            local: conn.local,
-            remote: conn.remote,
-            ..NotableEvent::default()
+            ..conn_event(slot, kind, reason, conn)
         },
         Wake::Batched,
     );
