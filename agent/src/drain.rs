@@ -489,6 +489,22 @@ impl PodDrain {
         }
     }
 
+    /// Something on the node removed `interfaces` of the packet programs' filters, which the
+    /// agent put back: packets in between were not seen. A pod whose window is open is
+    /// `unknown` (which interface is whose is not known in Kubernetes mode, so every such pod
+    /// of the node); before its window, only requests outstanding across the gap are at stake.
+    pub fn filters_restored(&mut self, interfaces: usize) {
+        if self.lost.is_none() && self.timeline.terminating_since.is_some() && !self.window_closed()
+        {
+            self.lost = Some(format!(
+                "something on the node removed the packet programs' TC filters from {interfaces} \
+                 pod interfaces while the pod terminated (the agent put them back): its HTTP \
+                 answers, cut requests and HTTP/2 frames (and before 6.10 its resets) in \
+                 between were not seen"
+            ));
+        }
+    }
+
     /// Marks the counts incomplete when the pod accepted connections (the tracepoints count
     /// them) but the packet program saw none of its SYN-ACKs: its packets bypass the TC filter
     /// (an agent outside the node's network namespace, a CNI that redirects them before

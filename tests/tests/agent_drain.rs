@@ -678,7 +678,7 @@ fn a_connect_that_gets_no_answer_from_a_terminated_pod_fails_it_and_a_refusal_co
     let unanswered = connect(&link, addr).expect_err("no answer from the pod");
     assert_eq!(
         unanswered.raw_os_error(),
-        Some(nix::libc::EHOSTUNREACH),
+        Some(libc::EHOSTUNREACH),
         "{unanswered}"
     );
     let refused = connect(&link, SocketAddr::new(link.b_addr, 9)).expect_err("refused");
@@ -945,4 +945,76 @@ fn pods_that_went_away_while_no_agent_ran_are_reported_fail_or_unknown() {
     });
     assert_eq!(verdict(&pod), Verdict::Unknown, "{pod:#?}");
     assert!(pod.reason.contains("while no agent ran"), "{}", pod.reason);
+}
+
+/// Something on the node deletes the agent's TC filters (Cilium removes every filter of an
+/// interface it takes over): the agent puts them back at its next resync, counts what the pod
+/// answers from then on, and a pod whose window was open meanwhile is `unknown`, never a pass
+/// (its HTTP answers in between were not seen).
+#[test]
+fn tc_filters_something_else_removed_are_put_back_and_the_pod_in_its_window_is_unknown() {
+    require_root();
+    let link = Link::new("tcdel", Family::V4);
+    let agent = TestAgent::start();
+    let (mut server, addr) = start_server(&agent, &link, "ignore");
+    let pod_name = link.b.name().to_owned();
+    wait_for_server(&agent, &pod_name);
+    let tc = |args: &[&str]| {
+        let output = std::process::Command::new("ip")
+            .args(["netns", "exec", link.b.name(), "tc", "filter"])
+            .args(args)
+            .output()
+            .expect("run tc");
+        assert!(output.status.success(), "tc filter {args:?}: {output:?}");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let ours = || {
+        tc(&["show", "dev", "eth0", "egress"]).contains("pod_egress")
+            && tc(&["show", "dev", "eth0", "ingress"]).contains("pod_ingress")
+    };
+    let wait_for_ours = || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ours() {
+            assert!(
+                Instant::now() < deadline,
+                "the agent never put its filters back"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for_ours();
+
+    server.signal(Signal::SIGTERM);
+    agent.wait_for_pod(&pod_name, |p| verdict(p) == Verdict::Pending);
+    // What a CNI does when it takes the interface over: every filter goes.
+    tc(&["del", "dev", "eth0", "egress"]);
+    tc(&["del", "dev", "eth0", "ingress"]);
+    // (Not checked gone here: the agent's next resync may already have put them back.)
+    wait_for_ours();
+    // Counted again from then on: each response the server sends.
+    let before = agent
+        .wait_for_pod(&pod_name, |_| true)
+        .total
+        .expect("totals")
+        .http_ok;
+    let mut conn = connect(&link, addr).expect("connect");
+    for _ in 0..3 {
+        assert!(matches!(request(&mut conn), Outcome::Ok { .. }));
+    }
+    agent.wait_for_pod(&pod_name, |p| {
+        p.total.as_ref().is_some_and(|t| t.http_ok >= before + 3)
+    });
+    drop(conn);
+    server.signal(Signal::SIGKILL);
+    let _ = server.0.wait();
+    let pod = agent.wait_for_pod(&pod_name, |p| {
+        !matches!(verdict(p), Verdict::None | Verdict::Pending)
+    });
+    assert_eq!(verdict(&pod), Verdict::Unknown, "{pod:#?}");
+    assert!(
+        pod.reason
+            .contains("removed the packet programs' TC filters"),
+        "{}",
+        pod.reason
+    );
 }

@@ -81,10 +81,32 @@ pub(super) fn has_peer(name: &str) -> bool {
     name != "lo" && matches!((read("ifindex"), read("iflink")), (Some(a), Some(b)) if a != b)
 }
 
-/// Attaches `program` to each of `interfaces` (of the namespace `netns_inode`, which the
-/// calling thread is in) not in `attached` yet, replacing an earlier agent's program in place.
-/// The filters are left behind when the agent stops: they keep counting into the pinned maps
-/// until the next agent replaces them, and go with their interface.
+/// What [`attach_packet_program`] did on a pass over a namespace's interfaces.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Attached {
+    /// Filters attached where this agent had none: new interfaces, or an earlier agent's
+    /// filter whose program was replaced in place.
+    pub new: usize,
+    /// Filters this agent had attached that were gone from an interface that is still there
+    /// (deleted by something else on the node: a CNI that removes every filter of an
+    /// interface it takes over), attached again. The interface's packets in between were not
+    /// seen.
+    pub restored: usize,
+}
+
+impl std::ops::AddAssign for Attached {
+    fn add_assign(&mut self, other: Self) {
+        self.new += other.new;
+        self.restored += other.restored;
+    }
+}
+
+/// Makes sure `program` is on each of `interfaces` (of the namespace `netns_inode`, which the
+/// calling thread is in): attaches it where it is not, replacing an earlier agent's program in
+/// place, and puts back a filter of this agent's (one in `attached`) that something removed.
+/// One netlink request per interface where the filter is there (its create is refused). The
+/// filters are left behind when the agent stops: they keep counting into the pinned maps until
+/// the next agent replaces them, and go with their interface.
 pub(super) fn attach_packet_program(
     program: &mut SchedClassifier,
     handle: TcHandle,
@@ -92,13 +114,16 @@ pub(super) fn attach_packet_program(
     interfaces: &[(u32, String)],
     direction: TcAttachType,
     attached: &mut BTreeSet<(u64, u32, bool)>,
-) -> Result<usize, LoaderError> {
-    let mut new = 0;
+) -> Result<Attached, LoaderError> {
+    let mut done = Attached::default();
     let ingress = matches!(direction, TcAttachType::Ingress);
+    // Interfaces of this namespace that went away take their filters with them.
+    attached.retain(|&(inode, index, side)| {
+        inode != netns_inode || side != ingress || interfaces.iter().any(|(i, _)| *i == index)
+    });
     for (index, name) in interfaces {
-        if attached.contains(&(netns_inode, *index, ingress)) {
-            continue;
-        }
+        let key = (netns_inode, *index, ingress);
+        let ours = attached.contains(&key);
         let tc_error = |source: ProgramError| LoaderError::Tc {
             interface: name.clone(),
             source: Box::new(source),
@@ -107,7 +132,10 @@ pub(super) fn attach_packet_program(
             Ok(()) | Err(tc::TcError::AlreadyAttached) => {}
             Err(err) if is_exists(&err) => {}
             // The interface went away since it was listed (its pod is going): nothing to do.
-            Err(err) if is_gone(&err) => continue,
+            Err(err) if is_gone(&err) => {
+                attached.remove(&key);
+                continue;
+            }
             Err(err) => return Err(tc_error(ProgramError::from(err))),
         }
         let options = TcAttachOptions::Netlink(NlOptions {
@@ -117,13 +145,18 @@ pub(super) fn attach_packet_program(
         });
         let link_id = match program.attach_with_options(name, direction, options) {
             Ok(link_id) => link_id,
+            // This agent's filter is still there.
+            Err(err) if ours && is_exists(&err) => continue,
             Err(err) if is_exists(&err) => {
                 let link =
                     SchedClassifierLink::attached(name, direction, TC_PRIORITY, handle, None)
                         .map_err(|err| tc_error(err.into()))?;
                 program.attach_to_link(link).map_err(tc_error)?
             }
-            Err(err) if is_gone(&err) => continue,
+            Err(err) if is_gone(&err) => {
+                attached.remove(&key);
+                continue;
+            }
             Err(err) => {
                 return Err(classify(err, "attach TC programs", |source| {
                     tc_error(source)
@@ -132,10 +165,14 @@ pub(super) fn attach_packet_program(
         };
         // Detached only with the interface or by the next agent: see above.
         std::mem::forget(program.take_link(link_id).map_err(tc_error)?);
-        attached.insert((netns_inode, *index, ingress));
-        new += 1;
+        attached.insert(key);
+        if ours {
+            done.restored += 1;
+        } else {
+            done.new += 1;
+        }
     }
-    Ok(new)
+    Ok(done)
 }
 
 /// Deletes the packet program's filter of `handle` from both directions of every interface of
