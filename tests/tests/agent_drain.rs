@@ -989,14 +989,16 @@ fn tc_filters_something_else_removed_are_put_back_and_the_pod_in_its_window_is_u
     // What a CNI does when it takes the interface over: every filter goes.
     tc(&["del", "dev", "eth0", "egress"]);
     tc(&["del", "dev", "eth0", "ingress"]);
-    // (Not checked gone here: the agent's next resync may already have put them back.)
-    wait_for_ours();
+    // The agent's next resync puts its filters back and says so at once. (Not checked with
+    // `tc`: the agents of tests running beside this one watch this pod too, and put their own
+    // filters back.)
+    let restored = agent.wait_for_pod(&pod_name, |p| {
+        p.reason.contains("removed the packet programs' TC filters")
+    });
+    assert_eq!(verdict(&restored), Verdict::Unknown, "{restored:#?}");
+    assert!(ours(), "the filters are back");
     // Counted again from then on: each response the server sends.
-    let before = agent
-        .wait_for_pod(&pod_name, |_| true)
-        .total
-        .expect("totals")
-        .http_ok;
+    let before = restored.total.expect("totals").http_ok;
     let mut conn = connect(&link, addr).expect("connect");
     for _ in 0..3 {
         assert!(matches!(request(&mut conn), Outcome::Ok { .. }));
