@@ -537,7 +537,7 @@ impl Agent {
                 ));
             }
             if node_filters_restored > 0 {
-                drain.filters_restored(node_filters_restored);
+                drain.filters_restored(node_filters_restored, now);
             }
             self.sync_pod(drain, &pod, now)?;
         }
@@ -567,6 +567,7 @@ impl Agent {
                 let totals = self.probes.slot_totals(drain.slot)?;
                 drain.update_totals(totals, now);
                 drain.charge_unseen_packets();
+                drain.charge_filters_gap();
                 if totals.last_accept_ns != 0 {
                     drain.timeline.last_accepted = Some(self.wall(totals.last_accept_ns));
                 }
@@ -727,7 +728,7 @@ impl Agent {
             match self.probes.watch_pod_interfaces(netns) {
                 Ok(done) if done.restored > 0 => {
                     tracing::warn!(pod = %pod.id.name, interfaces = done.restored, "something removed the packet programs' TC filters from the pod's interfaces; put back");
-                    drain.filters_restored(done.restored);
+                    drain.filters_restored(done.restored, now);
                 }
                 Err(err) if drain.lost.is_none() => {
                     let reason = format!(

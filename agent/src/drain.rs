@@ -296,6 +296,9 @@ pub struct PodDrain {
     pub open_at_exit: Option<u64>,
     /// Why the counts are incomplete, when they are.
     pub lost: Option<String>,
+    /// The last time the agent found the packet programs' filters removed from this pod's
+    /// interfaces (and how many), for [`Self::charge_filters_gap`].
+    filters_gap: Option<(usize, SystemTime)>,
     /// The kernel's count of sockets it could not track (node-wide, socket table full) when
     /// the pod was first seen: any more since may be this pod's connections, missing from its
     /// open count, so a window that sees more cannot pass.
@@ -339,6 +342,7 @@ impl PodDrain {
             },
             open_at_exit: None,
             lost: None,
+            filters_gap: None,
             untracked_at_start: 0,
             peer_failures: 0,
             events: VecDeque::new(),
@@ -489,12 +493,26 @@ impl PodDrain {
         }
     }
 
-    /// Something on the node removed `interfaces` of the packet programs' filters, which the
-    /// agent put back: packets in between were not seen. A pod whose window is open is
-    /// `unknown` (which interface is whose is not known in Kubernetes mode, so every such pod
-    /// of the node); before its window, only requests outstanding across the gap are at stake.
-    pub fn filters_restored(&mut self, interfaces: usize) {
-        if self.lost.is_none() && self.timeline.terminating_since.is_some() && !self.window_closed()
+    /// Something removed `interfaces` of the packet programs' filters from the pod's
+    /// interfaces, which the agent found at `now` and put back: packets in between were not
+    /// seen. Judged by [`Self::charge_filters_gap`] once the window is known.
+    pub fn filters_restored(&mut self, interfaces: usize, now: SystemTime) {
+        if !self.window_closed() {
+            self.filters_gap = Some((interfaces, now));
+        }
+    }
+
+    /// Marks the counts incomplete when a gap in the packet programs' filters (see
+    /// [`Self::filters_restored`]) ended inside the window: a window that opened later (even
+    /// in the same resync, dated back to the signal) did not miss it. Before the window only
+    /// requests outstanding across the gap were at stake.
+    pub fn charge_filters_gap(&mut self) {
+        if let Some((interfaces, found_at)) = self.filters_gap
+            && self.lost.is_none()
+            && self
+                .timeline
+                .terminating_since
+                .is_some_and(|since| since <= found_at)
         {
             self.lost = Some(format!(
                 "something on the node removed the packet programs' TC filters from {interfaces} \

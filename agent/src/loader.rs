@@ -449,6 +449,7 @@ impl KernelProbes {
                 &interfaces,
                 TcAttachType::Egress,
                 attached,
+                true,
             )?;
             done += attach_packet_program(
                 classifier(ebpf, CLIENT_PROGRAM)?,
@@ -457,6 +458,7 @@ impl KernelProbes {
                 &interfaces,
                 TcAttachType::Ingress,
                 attached,
+                true,
             )?;
             Ok(done)
         })
@@ -469,8 +471,8 @@ impl KernelProbes {
     /// Attaches the packet programs to the node's side of every pod interface in the agent's
     /// own network namespace (Kubernetes mode, `hostNetwork`): each interface with a peer (a
     /// veth), `pod_egress` on ingress, where the pod's packets arrive, `pod_ingress` on egress.
-    /// The programs only count packets of a watched pod address. As
-    /// [`Self::watch_pod_interfaces`], filters something removed are put back and counted.
+    /// The programs only count packets of a watched pod address. Interfaces attached already
+    /// are skipped (not rechecked, unlike [`Self::watch_pod_interfaces`]).
     pub fn watch_node_interfaces(&mut self) -> Result<Attached, LoaderError> {
         let inode = std::fs::metadata("/proc/self/ns/net")
             .map_or(0, |meta| std::os::unix::fs::MetadataExt::ino(&meta));
@@ -482,6 +484,9 @@ impl KernelProbes {
             &interfaces,
             TcAttachType::Ingress,
             &mut self.tc_attached,
+            // Not rechecked: which interface is whose is not known here, so a filter a CNI
+            // removes while it sets up a new pod would make every terminating pod unknown.
+            false,
         )?;
         // What reaches the pod leaves the node's side of its interface.
         done += attach_packet_program(
@@ -491,6 +496,9 @@ impl KernelProbes {
             &interfaces,
             TcAttachType::Egress,
             &mut self.tc_attached,
+            // Not rechecked: which interface is whose is not known here, so a filter a CNI
+            // removes while it sets up a new pod would make every terminating pod unknown.
+            false,
         )?;
         Ok(done)
     }

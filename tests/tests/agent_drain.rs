@@ -987,8 +987,13 @@ fn tc_filters_something_else_removed_are_put_back_and_the_pod_in_its_window_is_u
     server.signal(Signal::SIGTERM);
     agent.wait_for_pod(&pod_name, |p| verdict(p) == Verdict::Pending);
     // What a CNI does when it takes the interface over: every filter goes.
-    tc(&["del", "dev", "eth0", "egress"]);
-    tc(&["del", "dev", "eth0", "ingress"]);
+    // Both directions at once: the qdisc, and every filter with it.
+    let output = std::process::Command::new("ip")
+        .args(["netns", "exec", link.b.name()])
+        .args(["tc", "qdisc", "del", "dev", "eth0", "clsact"])
+        .output()
+        .expect("run tc");
+    assert!(output.status.success(), "tc qdisc del: {output:?}");
     // The agent's next resync puts its filters back and says so at once. (Not checked with
     // `tc`: the agents of tests running beside this one watch this pod too, and put their own
     // filters back.)

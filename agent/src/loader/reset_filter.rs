@@ -103,8 +103,9 @@ impl std::ops::AddAssign for Attached {
 
 /// Makes sure `program` is on each of `interfaces` (of the namespace `netns_inode`, which the
 /// calling thread is in): attaches it where it is not, replacing an earlier agent's program in
-/// place, and puts back a filter of this agent's (one in `attached`) that something removed.
-/// One netlink request per interface where the filter is there (its create is refused). The
+/// place, and, with `recheck`, puts back a filter of this agent's (one in `attached`) that
+/// something removed: one netlink request per interface where the filter is there (its create
+/// is refused). Without `recheck` the interfaces in `attached` are skipped. The
 /// filters are left behind when the agent stops: they keep counting into the pinned maps until
 /// the next agent replaces them, and go with their interface.
 pub(super) fn attach_packet_program(
@@ -114,6 +115,7 @@ pub(super) fn attach_packet_program(
     interfaces: &[(u32, String)],
     direction: TcAttachType,
     attached: &mut BTreeSet<(u64, u32, bool)>,
+    recheck: bool,
 ) -> Result<Attached, LoaderError> {
     let mut done = Attached::default();
     let ingress = matches!(direction, TcAttachType::Ingress);
@@ -124,6 +126,12 @@ pub(super) fn attach_packet_program(
     for (index, name) in interfaces {
         let key = (netns_inode, *index, ingress);
         let ours = attached.contains(&key);
+        if ours && !recheck {
+            continue;
+        }
+        // An interface deleted since it was listed (its pod is going) fails in ways that do
+        // not all carry ENODEV (aya looks the name up first): checked again by name.
+        let gone = || nix::net::if_::if_nametoindex(name.as_str()).ok() != Some(*index);
         let tc_error = |source: ProgramError| LoaderError::Tc {
             interface: name.clone(),
             source: Box::new(source),
@@ -132,7 +140,7 @@ pub(super) fn attach_packet_program(
             Ok(()) | Err(tc::TcError::AlreadyAttached) => {}
             Err(err) if is_exists(&err) => {}
             // The interface went away since it was listed (its pod is going): nothing to do.
-            Err(err) if is_gone(&err) => {
+            Err(err) if is_gone(&err) || gone() => {
                 attached.remove(&key);
                 continue;
             }
@@ -153,7 +161,7 @@ pub(super) fn attach_packet_program(
                         .map_err(|err| tc_error(err.into()))?;
                 program.attach_to_link(link).map_err(tc_error)?
             }
-            Err(err) if is_gone(&err) => {
+            Err(err) if is_gone(&err) || gone() => {
                 attached.remove(&key);
                 continue;
             }
