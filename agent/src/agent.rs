@@ -453,29 +453,15 @@ impl Agent {
 
         // Kubernetes mode: the packet program on the node's side of every pod interface (new
         // ones appear with new pods).
-        let mut node_filters_restored = 0;
         let node_attach_error = if observed.iter().any(|pod| pod.netns.is_none()) {
-            match self.probes.watch_node_interfaces() {
-                Ok(done) => {
-                    node_filters_restored = done.restored;
-                    None
-                }
-                Err(err) => {
-                    let reason = crate::telemetry::chain(&err);
-                    tracing::warn!(error = %reason, "the packet program is not on every pod interface: HTTP responses (and before 6.10 resets) pods send may be missed");
-                    Some(reason)
-                }
-            }
+            self.probes.watch_node_interfaces().err().map(|err| {
+                let reason = crate::telemetry::chain(&err);
+                tracing::warn!(error = %reason, "the packet program is not on every pod interface: HTTP responses (and before 6.10 resets) pods send may be missed");
+                reason
+            })
         } else {
             None
         };
-        if node_filters_restored > 0 {
-            tracing::warn!(
-                interfaces = node_filters_restored,
-                "something on the node removed the packet programs' TC filters (a CNI that \
-                 takes interfaces over?); put back: pods terminating meanwhile are unknown"
-            );
-        }
         let mut seen = BTreeSet::new();
         for pod in observed {
             seen.insert(pod.id.uid.clone());
@@ -505,10 +491,6 @@ impl Agent {
                 tracing::info!(pod = %pod.id.name, uid = %pod.id.uid, slot, addresses = ?pod.addresses, "new pod");
                 self.probes
                     .set_slot_id(slot, &pod.id.namespace, &pod.id.name, &pod.id.uid)?;
-                // Filters of a gone pod whose namespace inode this one reuses went with it.
-                if let Some(netns) = &pod.netns {
-                    self.probes.forget_pod_interfaces(netns);
-                }
                 let mut drain = PodDrain::new(pod.id.clone(), slot, now);
                 drain.untracked_at_start = loss.socket_table_full;
                 // First seen already deleted (it lived less than a resync, or its deletion came
@@ -535,9 +517,6 @@ impl Agent {
                      node, so HTTP responses (and before 6.10 resets) this pod sends may not be \
                      counted: {reason}"
                 ));
-            }
-            if node_filters_restored > 0 {
-                drain.filters_restored(node_filters_restored, now);
             }
             self.sync_pod(drain, &pod, now)?;
         }
@@ -567,7 +546,6 @@ impl Agent {
                 let totals = self.probes.slot_totals(drain.slot)?;
                 drain.update_totals(totals, now);
                 drain.charge_unseen_packets();
-                drain.charge_filters_gap();
                 if totals.last_accept_ns != 0 {
                     drain.timeline.last_accepted = Some(self.wall(totals.last_accept_ns));
                 }
@@ -720,28 +698,20 @@ impl Agent {
         pod: &ObservedPod,
         now: SystemTime,
     ) -> Result<(), AgentError> {
-        // Local mode: the pod's interfaces, checked at each resync until its window closes
-        // (new ones come with its addresses; a filter something removed is put back).
-        if let Some(netns) = &pod.netns
-            && !drain.window_closed()
+        // The pod's interfaces come with its addresses: attach when they change (a new pod,
+        // a restart), not at every resync.
+        if pod.addresses != drain.addresses
+            && let Some(netns) = &pod.netns
+            && let Err(err) = self.probes.watch_pod_interfaces(netns)
+            && drain.lost.is_none()
         {
-            match self.probes.watch_pod_interfaces(netns) {
-                Ok(done) if done.restored > 0 => {
-                    tracing::warn!(pod = %pod.id.name, interfaces = done.restored, "something removed the packet programs' TC filters from the pod's interfaces; put back");
-                    drain.filters_restored(done.restored, now);
-                }
-                Err(err) if drain.lost.is_none() => {
-                    let reason = format!(
-                        "the packet program could not be attached to the pod's interfaces, so \
-                         HTTP responses (and before 6.10 resets) it sends are not counted: {}",
-                        crate::telemetry::chain(&err)
-                    );
-                    tracing::warn!(pod = %pod.id.name, "{reason}");
-                    drain.lost = Some(reason);
-                }
-                // Nothing new, or a failure already said.
-                Ok(_) | Err(_) => {}
-            }
+            let reason = format!(
+                "the packet program could not be attached to the pod's interfaces, so HTTP \
+                 responses (and before 6.10 resets) it sends are not counted: {}",
+                crate::telemetry::chain(&err)
+            );
+            tracing::warn!(pod = %pod.id.name, "{reason}");
+            drain.lost = Some(reason);
         }
         for addr in &pod.addresses {
             if !drain.addresses.contains(addr) {

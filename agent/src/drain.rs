@@ -296,9 +296,6 @@ pub struct PodDrain {
     pub open_at_exit: Option<u64>,
     /// Why the counts are incomplete, when they are.
     pub lost: Option<String>,
-    /// The last time the agent found the packet programs' filters removed from this pod's
-    /// interfaces (and how many), for [`Self::charge_filters_gap`].
-    filters_gap: Option<(usize, SystemTime)>,
     /// The kernel's count of sockets it could not track (node-wide, socket table full) when
     /// the pod was first seen: any more since may be this pod's connections, missing from its
     /// open count, so a window that sees more cannot pass.
@@ -342,7 +339,6 @@ impl PodDrain {
             },
             open_at_exit: None,
             lost: None,
-            filters_gap: None,
             untracked_at_start: 0,
             peer_failures: 0,
             events: VecDeque::new(),
@@ -490,36 +486,6 @@ impl PodDrain {
             && self.timeline.drained_at.is_none()
         {
             self.timeline.drained_at = Some(now);
-        }
-    }
-
-    /// Something removed `interfaces` of the packet programs' filters from the pod's
-    /// interfaces, which the agent found at `now` and put back: packets in between were not
-    /// seen. Judged by [`Self::charge_filters_gap`] once the window is known.
-    pub fn filters_restored(&mut self, interfaces: usize, now: SystemTime) {
-        if !self.window_closed() {
-            self.filters_gap = Some((interfaces, now));
-        }
-    }
-
-    /// Marks the counts incomplete when a gap in the packet programs' filters (see
-    /// [`Self::filters_restored`]) ended inside the window: a window that opened later (even
-    /// in the same resync, dated back to the signal) did not miss it. Before the window only
-    /// requests outstanding across the gap were at stake.
-    pub fn charge_filters_gap(&mut self) {
-        if let Some((interfaces, found_at)) = self.filters_gap
-            && self.lost.is_none()
-            && self
-                .timeline
-                .terminating_since
-                .is_some_and(|since| since <= found_at)
-        {
-            self.lost = Some(format!(
-                "something on the node removed the packet programs' TC filters from {interfaces} \
-                 pod interfaces while the pod terminated (the agent put them back): its HTTP \
-                 answers, cut requests and HTTP/2 frames (and before 6.10 its resets) in \
-                 between were not seen"
-            ));
         }
     }
 

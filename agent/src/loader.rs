@@ -52,7 +52,6 @@ pub use floor::{FLOOR_OBJECT, FloorProbe, TcFloor};
 use hooks::{ABSENT, HOOKS, Hook, Optional, Required, SEND_RESET, kernel_release};
 pub use hooks::{MIN_KERNEL, ResetSource};
 use pins::{check_pinned_layout, lock_pin_dir};
-pub use reset_filter::Attached;
 use reset_filter::{
     CLIENT_PROGRAM, PACKET_PROGRAM, TC_PRIORITY, attach_packet_program, classifier,
     detach_packet_filters, has_peer, interfaces, tc_handle,
@@ -413,17 +412,16 @@ impl KernelProbes {
         }
     }
 
-    /// Attaches the packet programs, `pod_egress` (HTTP responses, cut requests, and resets
-    /// where [`ResetSource::Packets`]) on egress and `pod_ingress` (requests) on ingress, to
-    /// every interface but loopback of the network namespace at `netns` (a pod's: local mode).
-    /// Interfaces they are on already cost one refused netlink request each; filters of this
-    /// agent's that something removed are put back (and counted in [`Attached::restored`]).
-    pub fn watch_pod_interfaces(&mut self, netns: &Path) -> Result<Attached, LoaderError> {
+    /// Attaches the packet program `pod_egress` (HTTP responses, and resets where
+    /// [`ResetSource::Packets`]) to every interface but loopback of the network namespace at
+    /// `netns` (a pod's: local mode), on egress, where the pod's packets leave it. Interfaces it
+    /// is on already are skipped; returns how many were new.
+    pub fn watch_pod_interfaces(&mut self, netns: &Path) -> Result<usize, LoaderError> {
         let file = match std::fs::File::open(netns) {
             Ok(file) => file,
             // The namespace went away since the inventory saw it: the pod is gone, and so are
             // its interfaces; nothing to attach to.
-            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Attached::default()),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(0),
             Err(source) => {
                 return Err(LoaderError::Netns {
                     path: netns.to_owned(),
@@ -442,25 +440,23 @@ impl KernelProbes {
         let attached = &mut self.tc_attached;
         crate::netns::run_in(&file, || {
             let interfaces = interfaces(|name| name != "lo");
-            let mut done = attach_packet_program(
+            let new = attach_packet_program(
                 classifier(ebpf, PACKET_PROGRAM)?,
                 handle,
                 inode,
                 &interfaces,
                 TcAttachType::Egress,
                 attached,
-                true,
             )?;
-            done += attach_packet_program(
+            attach_packet_program(
                 classifier(ebpf, CLIENT_PROGRAM)?,
                 handle,
                 inode,
                 &interfaces,
                 TcAttachType::Ingress,
                 attached,
-                true,
             )?;
-            Ok(done)
+            Ok(new)
         })
         .map_err(|source| LoaderError::Netns {
             path: netns.to_owned(),
@@ -468,50 +464,32 @@ impl KernelProbes {
         })?
     }
 
-    /// Attaches the packet programs to the node's side of every pod interface in the agent's
-    /// own network namespace (Kubernetes mode, `hostNetwork`): each interface with a peer (a
-    /// veth), `pod_egress` on ingress, where the pod's packets arrive, `pod_ingress` on egress.
-    /// The programs only count packets of a watched pod address. Interfaces attached already
-    /// are skipped (not rechecked, unlike [`Self::watch_pod_interfaces`]).
-    pub fn watch_node_interfaces(&mut self) -> Result<Attached, LoaderError> {
+    /// Attaches the packet program `pod_egress` to the node's side of every pod interface in
+    /// the agent's own network namespace (Kubernetes mode, `hostNetwork`): each interface with a
+    /// peer (a veth), on ingress, where the pod's packets arrive. The program only counts
+    /// packets from a watched pod address. Returns how many were new.
+    pub fn watch_node_interfaces(&mut self) -> Result<usize, LoaderError> {
         let inode = std::fs::metadata("/proc/self/ns/net")
             .map_or(0, |meta| std::os::unix::fs::MetadataExt::ino(&meta));
         let interfaces = interfaces(has_peer);
-        let mut done = attach_packet_program(
+        let new = attach_packet_program(
             classifier(&mut self.ebpf, PACKET_PROGRAM)?,
             self.tc_handle,
             inode,
             &interfaces,
             TcAttachType::Ingress,
             &mut self.tc_attached,
-            // Not rechecked: which interface is whose is not known here, so a filter a CNI
-            // removes while it sets up a new pod would make every terminating pod unknown.
-            false,
         )?;
         // What reaches the pod leaves the node's side of its interface.
-        done += attach_packet_program(
+        attach_packet_program(
             classifier(&mut self.ebpf, CLIENT_PROGRAM)?,
             self.tc_handle,
             inode,
             &interfaces,
             TcAttachType::Egress,
             &mut self.tc_attached,
-            // Not rechecked: which interface is whose is not known here, so a filter a CNI
-            // removes while it sets up a new pod would make every terminating pod unknown.
-            false,
         )?;
-        Ok(done)
-    }
-
-    /// Forgets the filters this agent attached in the network namespace at `netns`, before a
-    /// new pod's first [`Self::watch_pod_interfaces`]: the kernel gives a destroyed
-    /// namespace's inode to the next one at once, and its interfaces the same indexes, so a
-    /// new pod's interfaces could pass for a gone one's (whose filters went with them).
-    pub fn forget_pod_interfaces(&mut self, netns: &Path) {
-        if let Ok(meta) = std::fs::metadata(netns) {
-            let inode = std::os::unix::fs::MetadataExt::ino(&meta);
-            self.tc_attached.retain(|&(ns, ..)| ns != inode);
-        }
+        Ok(new)
     }
 
     /// Counts sockets whose local address is `addr` under pod `slot`, from the next

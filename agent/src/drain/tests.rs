@@ -459,31 +459,3 @@ fn a_request_line_is_cut_at_its_version_and_kept_printable() {
     );
     assert_eq!(request_line([0; 8]), None);
 }
-
-/// A gap in the packet filters found in the resync whose window opens (dated back to the
-/// signal) counts; one found before the window opened does not.
-#[test]
-fn a_filter_gap_found_inside_the_window_is_unknown_one_before_it_is_not() {
-    let mut pod = pod();
-    pod.filters_restored(2, t(5));
-    pod.charge_filters_gap();
-    assert!(pod.lost.is_none(), "no window yet");
-    pod.open_window(t(4));
-    pod.charge_filters_gap();
-    assert!(
-        pod.lost
-            .as_deref()
-            .is_some_and(|l| l.contains("from 2 pod interfaces")),
-        "{:?}",
-        pod.lost
-    );
-    pod.pids.clear();
-    pod.exited(t(6));
-    assert_eq!(pod.verdict(), Verdict::Unknown);
-
-    let mut earlier = self::pod();
-    earlier.filters_restored(1, t(3));
-    earlier.open_window(t(4));
-    earlier.charge_filters_gap();
-    assert!(earlier.lost.is_none(), "{:?}", earlier.lost);
-}

@@ -81,33 +81,10 @@ pub(super) fn has_peer(name: &str) -> bool {
     name != "lo" && matches!((read("ifindex"), read("iflink")), (Some(a), Some(b)) if a != b)
 }
 
-/// What [`attach_packet_program`] did on a pass over a namespace's interfaces.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Attached {
-    /// Filters attached where this agent had none: new interfaces, or an earlier agent's
-    /// filter whose program was replaced in place.
-    pub new: usize,
-    /// Filters this agent had attached that were gone from an interface that is still there
-    /// (deleted by something else on the node: a CNI that removes every filter of an
-    /// interface it takes over), attached again. The interface's packets in between were not
-    /// seen.
-    pub restored: usize,
-}
-
-impl std::ops::AddAssign for Attached {
-    fn add_assign(&mut self, other: Self) {
-        self.new += other.new;
-        self.restored += other.restored;
-    }
-}
-
-/// Makes sure `program` is on each of `interfaces` (of the namespace `netns_inode`, which the
-/// calling thread is in): attaches it where it is not, replacing an earlier agent's program in
-/// place, and, with `recheck`, puts back a filter of this agent's (one in `attached`) that
-/// something removed: one netlink request per interface where the filter is there (its create
-/// is refused). Without `recheck` the interfaces in `attached` are skipped. The
-/// filters are left behind when the agent stops: they keep counting into the pinned maps until
-/// the next agent replaces them, and go with their interface.
+/// Attaches `program` to each of `interfaces` (of the namespace `netns_inode`, which the
+/// calling thread is in) not in `attached` yet, replacing an earlier agent's program in place.
+/// The filters are left behind when the agent stops: they keep counting into the pinned maps
+/// until the next agent replaces them, and go with their interface.
 pub(super) fn attach_packet_program(
     program: &mut SchedClassifier,
     handle: TcHandle,
@@ -115,23 +92,13 @@ pub(super) fn attach_packet_program(
     interfaces: &[(u32, String)],
     direction: TcAttachType,
     attached: &mut BTreeSet<(u64, u32, bool)>,
-    recheck: bool,
-) -> Result<Attached, LoaderError> {
-    let mut done = Attached::default();
+) -> Result<usize, LoaderError> {
+    let mut new = 0;
     let ingress = matches!(direction, TcAttachType::Ingress);
-    // Interfaces of this namespace that went away take their filters with them.
-    attached.retain(|&(inode, index, side)| {
-        inode != netns_inode || side != ingress || interfaces.iter().any(|(i, _)| *i == index)
-    });
     for (index, name) in interfaces {
-        let key = (netns_inode, *index, ingress);
-        let ours = attached.contains(&key);
-        if ours && !recheck {
+        if attached.contains(&(netns_inode, *index, ingress)) {
             continue;
         }
-        // An interface deleted since it was listed (its pod is going) fails in ways that do
-        // not all carry ENODEV (aya looks the name up first): checked again by name.
-        let gone = || nix::net::if_::if_nametoindex(name.as_str()).ok() != Some(*index);
         let tc_error = |source: ProgramError| LoaderError::Tc {
             interface: name.clone(),
             source: Box::new(source),
@@ -140,10 +107,7 @@ pub(super) fn attach_packet_program(
             Ok(()) | Err(tc::TcError::AlreadyAttached) => {}
             Err(err) if is_exists(&err) => {}
             // The interface went away since it was listed (its pod is going): nothing to do.
-            Err(err) if is_gone(&err) || gone() => {
-                attached.remove(&key);
-                continue;
-            }
+            Err(err) if is_gone(&err) => continue,
             Err(err) => return Err(tc_error(ProgramError::from(err))),
         }
         let options = TcAttachOptions::Netlink(NlOptions {
@@ -153,18 +117,13 @@ pub(super) fn attach_packet_program(
         });
         let link_id = match program.attach_with_options(name, direction, options) {
             Ok(link_id) => link_id,
-            // This agent's filter is still there.
-            Err(err) if ours && is_exists(&err) => continue,
             Err(err) if is_exists(&err) => {
                 let link =
                     SchedClassifierLink::attached(name, direction, TC_PRIORITY, handle, None)
                         .map_err(|err| tc_error(err.into()))?;
                 program.attach_to_link(link).map_err(tc_error)?
             }
-            Err(err) if is_gone(&err) || gone() => {
-                attached.remove(&key);
-                continue;
-            }
+            Err(err) if is_gone(&err) => continue,
             Err(err) => {
                 return Err(classify(err, "attach TC programs", |source| {
                     tc_error(source)
@@ -173,14 +132,10 @@ pub(super) fn attach_packet_program(
         };
         // Detached only with the interface or by the next agent: see above.
         std::mem::forget(program.take_link(link_id).map_err(tc_error)?);
-        attached.insert(key);
-        if ours {
-            done.restored += 1;
-        } else {
-            done.new += 1;
-        }
+        attached.insert((netns_inode, *index, ingress));
+        new += 1;
     }
-    Ok(done)
+    Ok(new)
 }
 
 /// Deletes the packet program's filter of `handle` from both directions of every interface of
