@@ -143,10 +143,24 @@ impl SignalOnGetppid {
         }
     }
 
-    /// Whether the kernel counts skipped runs (`recursion_misses` in a program's fdinfo: 6.7+).
+    /// Whether the kernel counts skipped runs of tracepoint programs: from 6.7 on
+    /// (`recursion_misses` is in a program's fdinfo from 5.12, but counts only other program
+    /// types' skips before 6.7).
     fn kernel_counts_skips(&self) -> bool {
-        std::fs::read_to_string(format!("/proc/self/fdinfo/{}", self.program.as_raw_fd()))
-            .is_ok_and(|info| info.contains("recursion_misses:"))
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let mut numbers = release
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|n| n.parse::<u32>().ok());
+        let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+        let counted = version >= (6, 7);
+        if counted {
+            // Where it counts them, the program's fdinfo has the field.
+            let info =
+                std::fs::read_to_string(format!("/proc/self/fdinfo/{}", self.program.as_raw_fd()))
+                    .unwrap_or_default();
+            assert!(info.contains("recursion_misses:"), "{release}: {info}");
+        }
+        counted
     }
 
     /// Runs the program `n` times (it is attached while `self` lives): each run generates a
